@@ -1,0 +1,1 @@
+"""TCSS stylesheets and colour themes, shipped as package data."""
