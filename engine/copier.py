@@ -1,21 +1,53 @@
 """Copy disk files extent by extent, hashing with BLAKE3 on the way.
 
-Work in progress: ``hash_file`` is a simple correct first version.
+One copy runs as a small pipeline (DESIGN.md, "Copier")::
+
+    reader thread --batch--> writer thread --bytes written--> caller's thread
+                  \\-batch--> hasher thread                    (progress, cancel)
+
+A batch is one 16 MiB page-aligned buffer holding one or more data extents.
+A buffer goes back to the pool once both the writer and the hasher are done
+with it, so memory stays at ``NBUF`` buffers whatever the size of the disk.
+
+Only data extents (SEEK_DATA/SEEK_HOLE) are read and written: holes stay
+holes. The hasher feeds zeros for the holes, so the digest equals ``b3sum``.
+I/O is O_DIRECT where the kernel accepts it: buffered readahead into holes and
+dirty-page writeback cost more than the disk itself, and a hypervisor's RAM
+belongs to its guests. Where O_DIRECT is refused, buffered I/O is kept out of
+the page cache with ``sync_file_range`` and ``posix_fadvise(DONTNEED)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import fcntl
+import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
+from guestsafe.engine import failpoints
 from guestsafe.engine.errors import CopyError
 
-CHUNK = 16 * 1024 * 1024
+MiB = 1024 * 1024
+CHUNK = 16 * MiB
+NBUF = 4
+# O_DIRECT needs offsets and lengths aligned to the device's logical block;
+# 4096 satisfies both 512-byte and 4Kn devices.
+ALIGN = 4096
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+_POLL = 0.1  # seconds between cancel checks while waiting on the pipeline
+
+_SFR_WAIT_BEFORE = 1
+_SFR_WRITE = 2
+_SFR_WAIT_AFTER = 4
 
 ProgressFn = Callable[[int, int], None]
 
@@ -28,7 +60,51 @@ class CopyResult:
     cloned: bool
 
 
-_ZEROS = bytes(CHUNK)
+# --------------------------------------------------------------------------- helpers
+
+
+def _align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_sync_file_range_fn = _load_sync_file_range()
+
+
+def _sync_file_range(fd: int, offset: int, length: int, flags: int) -> None:
+    """Start (or wait for) writeback of a range; a no-op where libc lacks it."""
+    if _sync_file_range_fn is None:
+        return
+    if _sync_file_range_fn(fd, offset, length, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    # Advice only: a filesystem that ignores it costs us nothing.
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+_ZEROS = mmap.mmap(-1, CHUNK, prot=mmap.PROT_READ)  # never written: maps the zero page
 
 
 def _hash_zeros(hasher: blake3.blake3, count: int) -> None:
@@ -40,19 +116,462 @@ def _hash_zeros(hasher: blake3.blake3, count: int) -> None:
         count -= step
 
 
-def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield (offset, length) of each data extent."""
+def _raw_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     pos = 0
     while pos < size:
         try:
             start = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:
+            if exc.errno == errno.ENXIO:  # no data after pos
                 return
             raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, min(end, size) - start
+        if start >= size:
+            return
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
         pos = end
+
+
+def _extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """Data extents as (start, end), widened to ALIGN (capped at EOF) and merged.
+
+    Widening lets O_DIRECT read them; the extra bytes are hole, so read as zeros.
+    A generator, not a list, so a badly fragmented file costs no memory.
+    """
+    cur: tuple[int, int] | None = None
+    for raw_start, raw_end in _raw_extents(fd, size):
+        start = raw_start // ALIGN * ALIGN
+        end = min(_align_up(raw_end), size)
+        if cur is not None and start <= cur[1]:
+            cur = (cur[0], max(cur[1], end))
+            continue
+        if cur is not None:
+            yield cur
+        cur = (start, end)
+    if cur is not None:
+        yield cur
+
+
+def _data_bytes(fd: int, size: int) -> int:
+    return sum(end - start for start, end in _extents(fd, size))
+
+
+# --------------------------------------------------------------------------- files
+
+
+class _Shrank(Exception):
+    """The source ended before an extent SEEK_DATA reported."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Source:
+    """A file read with O_DIRECT until the kernel refuses it, then buffered."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.direct = False
+        try:
+            self.fd = os.open(path, os.O_RDONLY | O_DIRECT)
+            self.direct = bool(O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def _go_buffered(self) -> None:
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~O_DIRECT)
+        self.direct = False
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+
+    def read_into(self, view: memoryview, offset: int, length: int) -> None:
+        """Fill ``view[:length]`` from ``offset``; ``view`` may be longer (alignment)."""
+        got = 0
+        while got < length:
+            want = _align_up(length) if self.direct else length
+            try:
+                count = os.preadv(self.fd, [view[got:want]], offset + got)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self.direct:
+                    raise
+                self._go_buffered()
+                continue
+            if count == 0:
+                raise _Shrank
+            got += count
+        if not self.direct:
+            _drop_cache(self.fd, offset, length)
+
+    def close(self) -> None:
+        _drop_cache(self.fd)
+        os.close(self.fd)
+
+
+class _Dest:
+    """The new file: O_DIRECT writes of aligned blocks, a buffered fd for the rest."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.dfd = -1
+        # Reopen through /proc so we reach the file we created, not whatever
+        # the name points to now.
+        with contextlib.suppress(OSError):
+            self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | O_DIRECT)
+        self.direct = self.dfd >= 0 and bool(O_DIRECT)
+        self._pending: tuple[int, int] | None = None
+
+    def write(self, view: memoryview, offset: int, length: int) -> None:
+        if self.direct:
+            head = length // ALIGN * ALIGN
+            if head and self._write_direct(view[:head], offset):
+                view, offset, length = view[head:], offset + head, length - head
+        if length:
+            # The unaligned tail of the file goes through the page cache.
+            _pwrite_all(self.fd, view[:length], offset)
+            if not self.direct:
+                self._throttle(offset, length)
+
+    def _write_direct(self, view: memoryview, offset: int) -> bool:
+        """Write with O_DIRECT; False when the kernel refuses it (buffered from now on)."""
+        try:
+            _pwrite_all(self.dfd, view, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            return False
+        return True
+
+    def _throttle(self, offset: int, length: int) -> None:
+        """Keep at most two chunks dirty, then drop them from the page cache.
+
+        Start writeback of this chunk now; wait for the previous one, which has
+        had a whole chunk's time to reach the disk, and drop its clean pages.
+        """
+        _sync_file_range(self.fd, offset, length, _SFR_WRITE)
+        if self._pending is not None:
+            prev_off, prev_len = self._pending
+            flags = _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
+            _sync_file_range(self.fd, prev_off, prev_len, flags)
+            _drop_cache(self.fd, prev_off, prev_len)
+        self._pending = (offset, length)
+
+    def finish(self) -> None:
+        os.fsync(self.fd)
+        _drop_cache(self.fd)
+
+    def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+        os.close(self.fd)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass(frozen=True)
+class _Segment:
+    offset: int  # in the file
+    start: int  # in the buffer
+    length: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    buf: int
+    segments: tuple[_Segment, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(seg.length for seg in self.segments)
+
+
+class _Pipeline:
+    """Reader, writer (optional) and hasher threads sharing NBUF buffers."""
+
+    def __init__(self, src: _Source, dst: _Dest | None, cancel: threading.Event | None) -> None:
+        self.src = src
+        self.dst = dst
+        self.cancel = cancel
+        self.bufs = [mmap.mmap(-1, CHUNK) for _ in range(NBUF)]
+        self.views = [memoryview(buf) for buf in self.bufs]
+        self.free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        for index in range(NBUF):
+            self.free.put(index)
+        self.to_write: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self.to_hash: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.refs = [0] * NBUF
+        self.lock = threading.Lock()
+        self.abort = threading.Event()
+        self.error: BaseException | None = None
+        self.error_side = ""
+        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.done = 0
+
+    # -- coordination
+
+    def fail(self, side: str, exc: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error, self.error_side = exc, side
+        self.abort.set()
+        # Wake every thread blocked on a queue so it can see the abort.
+        for q in (self.free, self.to_write, self.to_hash):
+            q.put(None)
+
+    def _release(self, index: int) -> None:
+        with self.lock:
+            self.refs[index] -= 1
+            last = self.refs[index] == 0
+        if last:
+            self.free.put(index)
+
+    def _thread(self, side: str, body: Callable[[], None]) -> threading.Thread:
+        def run() -> None:
+            try:
+                body()
+            except BaseException as exc:
+                self.fail(side, exc)
+            finally:
+                self.events.put(None)
+
+        return threading.Thread(target=run, name=f"guestsafe-copy-{side}", daemon=True)
+
+    def run(self, total: int, progress: ProgressFn | None) -> None:
+        """Run all stages; return when every thread has exited."""
+        threads = [self._thread("read", self._read_loop), self._thread("hash", self._hash_loop)]
+        if self.dst is not None:
+            threads.append(self._thread("write", self._write_loop))
+        for thread in threads:
+            thread.start()
+        try:
+            self._supervise(len(threads), total, progress)
+        except BaseException as exc:
+            self.fail("caller", exc)
+            raise
+        finally:
+            for thread in threads:
+                thread.join()
+            for view in self.views:
+                view.release()
+            for buf in self.bufs:
+                with contextlib.suppress(BufferError):  # a slice still alive: GC frees it
+                    buf.close()
+
+    def _supervise(self, running: int, total: int, progress: ProgressFn | None) -> None:
+        while running:
+            if self.cancel is not None and self.cancel.is_set() and not self.abort.is_set():
+                self.fail("cancel", _Cancelled())
+            try:
+                event = self.events.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            if event is None:
+                running -= 1
+                continue
+            self.done += event
+            if progress is not None and not self.abort.is_set():
+                progress(self.done, total)
+        if self.error is None and progress is not None and total == 0:
+            progress(0, 0)
+
+    # -- stages
+
+    def _take_buffer(self) -> int | None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise _Cancelled
+        index = self.free.get()
+        if index is None or self.abort.is_set():
+            return None
+        return index
+
+    def _emit(self, index: int, segments: list[_Segment]) -> None:
+        consumers = [self.to_hash] if self.dst is None else [self.to_hash, self.to_write]
+        self.refs[index] = len(consumers)
+        batch = _Batch(index, tuple(segments))
+        for q in consumers:
+            q.put(batch)
+
+    def _read_loop(self) -> None:
+        index: int | None = None
+        used = 0
+        segments: list[_Segment] = []
+        for start, end in _extents(self.src.fd, self.src.size):
+            while start < end:
+                if index is None:
+                    index, used, segments = self._take_buffer(), 0, []
+                    if index is None:
+                        return
+                length = min(end - start, CHUNK - used)
+                view = self.views[index][used : used + _align_up(length)]
+                self.src.read_into(view, start, length)
+                segments.append(_Segment(start, used, length))
+                used += _align_up(length)
+                start += length
+                if used >= CHUNK:
+                    self._emit(index, segments)
+                    index = None
+        if index is not None and segments:
+            self._emit(index, segments)
+        self.to_hash.put(None)
+        self.to_write.put(None)
+
+    def _write_loop(self) -> None:
+        assert self.dst is not None
+        while (batch := self.to_write.get()) is not None and not self.abort.is_set():
+            view = self.views[batch.buf]
+            for seg in batch.segments:
+                self.dst.write(view[seg.start : seg.start + seg.length], seg.offset, seg.length)
+            failpoints.hit("copy.chunk")
+            self._release(batch.buf)
+            self.events.put(batch.nbytes)
+
+    def _hash_loop(self) -> None:
+        pos = 0
+        while (batch := self.to_hash.get()) is not None and not self.abort.is_set():
+            view = self.views[batch.buf]
+            for seg in batch.segments:
+                _hash_zeros(self.hasher, seg.offset - pos)
+                self.hasher.update(view[seg.start : seg.start + seg.length])
+                pos = seg.offset + seg.length
+            self._release(batch.buf)
+            if self.dst is None:
+                self.events.put(batch.nbytes)
+        if not self.abort.is_set():
+            _hash_zeros(self.hasher, self.src.size - pos)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _copy_error(pipe: _Pipeline, src: Path, dst: Path, total: int) -> CopyError:
+    exc, side = pipe.error, pipe.error_side
+    if isinstance(exc, _Cancelled):
+        return CopyError("copy cancelled")
+    if isinstance(exc, _Shrank):
+        return CopyError(f"{src} shrank while being copied; is something still writing it?")
+    if isinstance(exc, OSError):
+        if side == "read":
+            return CopyError(f"cannot read {src}: {exc.strerror}")
+        return _write_error(exc, dst, total - pipe.done, total)
+    return CopyError(f"copying {src} to {dst} failed: {exc}")
+
+
+def _write_error(exc: OSError, dst: Path, remaining: int, total: int) -> CopyError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CopyError(
+            f"no space left on {dst.parent} for {dst.name}: "
+            f"{_human(remaining)} of {_human(total)} still needed"
+        )
+    return CopyError(f"cannot write {dst}: {exc.strerror}")
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _open_source(path: Path) -> _Source:
+    try:
+        return _Source(path)
+    except OSError as exc:
+        raise CopyError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _create_dest(dst: Path) -> int:
+    try:
+        return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError as exc:
+        raise CopyError(f"{dst} already exists; refusing to overwrite it") from exc
+    except OSError as exc:
+        raise CopyError(f"cannot create {dst}: {exc.strerror}") from exc
+
+
+def _try_clone(dst_fd: int, src_fd: int) -> bool:
+    """Reflink the whole file; False where the filesystem cannot (EXDEV, EOPNOTSUPP...)."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    except OSError:
+        # Undo anything a failed clone may have left before copying.
+        os.ftruncate(dst_fd, 0)
+        return False
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def copy_file(
+    src: Path,
+    dst: Path,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> CopyResult:
+    """Copy ``src`` to the new file ``dst`` (0600), holes kept, hashed, fsynced.
+
+    Raises CopyError, with ``dst`` removed, on any failure or cancel.
+    """
+    source = _open_source(src)
+    try:
+        fd = _create_dest(dst)
+        try:
+            return _copy_into(source, src, dst, fd, progress, cancel)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+            raise
+    finally:
+        source.close()
+
+
+def _copy_into(
+    source: _Source,
+    src: Path,
+    dst: Path,
+    fd: int,
+    progress: ProgressFn | None,
+    cancel: threading.Event | None,
+) -> CopyResult:
+    try:
+        total = _data_bytes(source.fd, source.size)
+        cloned = source.size > 0 and _try_clone(fd, source.fd)
+        if not cloned:
+            os.ftruncate(fd, source.size)
+    except OSError as exc:
+        os.close(fd)
+        raise _write_error(exc, dst, source.size, source.size) from exc
+    dest = _Dest(dst, fd)
+    try:
+        pipe = _Pipeline(source, None if cloned else dest, cancel)
+        pipe.run(total, progress)
+        if pipe.error is not None:
+            raise _copy_error(pipe, src, dst, total) from pipe.error
+        try:
+            dest.finish()
+        except OSError as exc:
+            raise _write_error(exc, dst, 0, total) from exc
+    finally:
+        dest.close()
+    _fsync_dir(dst.parent)
+    return CopyResult(source.size, total, str(pipe.hasher.hexdigest()), cloned)
 
 
 def hash_file(
@@ -61,37 +580,26 @@ def hash_file(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
 ) -> str:
-    """BLAKE3 hex digest of ``path``, holes read as zeros (equals ``b3sum``)."""
+    """BLAKE3 hex digest of ``path``, holes read as zeros (equals ``b3sum``).
+
+    A cold read-back: O_DIRECT where possible, so it checks the disk, not RAM.
+    Only data extents are read.
+    """
+    source = _open_source(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise CopyError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        size = os.fstat(fd).st_size
-        extents = list(_extents(fd, size))
-        total = sum(length for _, length in extents)
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        done = pos = 0
-        for start, length in extents:
-            if start > pos:
-                _hash_zeros(hasher, start - pos)
-            end = start + length
-            while start < end:
-                if cancel is not None and cancel.is_set():
-                    raise CopyError("copy cancelled")
-                data = os.pread(fd, min(CHUNK, end - start), start)
-                if not data:
-                    raise CopyError(f"{path} shrank while being read")
-                hasher.update(data)
-                start += len(data)
-                done += len(data)
-                if progress is not None:
-                    progress(done, total)
-            pos = end
-        if size > pos:
-            _hash_zeros(hasher, size - pos)
-        return str(hasher.hexdigest())
+        total = _data_bytes(source.fd, source.size)
+        pipe = _Pipeline(source, None, cancel)
+        pipe.run(total, progress)
     except OSError as exc:
         raise CopyError(f"cannot read {path}: {exc.strerror}") from exc
     finally:
-        os.close(fd)
+        source.close()
+    if isinstance(pipe.error, _Cancelled):
+        raise CopyError("verify cancelled") from None
+    if isinstance(pipe.error, _Shrank):
+        raise CopyError(f"{path} shrank while being read") from None
+    if isinstance(pipe.error, OSError):
+        raise CopyError(f"cannot read {path}: {pipe.error.strerror}") from pipe.error
+    if pipe.error is not None:
+        raise CopyError(f"reading {path} failed: {pipe.error}") from pipe.error
+    return str(pipe.hasher.hexdigest())
