@@ -1,10 +1,264 @@
-"""The ``guestsafe`` command."""
+"""The ``guestsafe`` command: a thin, headless client of the engine.
+
+Exit codes: 0 success; the engine error's ``exit_code`` otherwise (2 bad
+configuration, 3 not found, 4 hypervisor, 5 refused, 6 copy, 7 archive,
+8 verification, 9 restore, 11 a backup failed); 130 interrupted.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import humanize
+
+from ..engine import __version__
+from ..engine.api import Engine
+from ..engine.errors import GuestsafeError, RestoreError
+from ..engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
+from ..engine.paths import Paths
+from ..engine.restore import KEEP, NEW
+from ..engine.runlog import escape
+
+EXIT_INTERRUPTED = 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("guestsafe: not built yet", file=sys.stderr)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guestsafe",
+        description="Cold backups of libvirt/KVM guests. Without a command, opens the console.",
+    )
+    parser.add_argument("--version", action="version", version=f"guestsafe {__version__}")
+    parser.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default qemu:///system)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="jobs file to use")
+    parser.add_argument(
+        "--demo", action="store_true", help="use a throwaway sandbox with sample guests"
+    )
+    parser.add_argument("--theme", help="console colour theme")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("jobs", help="list the jobs")
+    run = sub.add_parser("run", help="run a job now")
+    run.add_argument("job")
+    lst = sub.add_parser("list", help="list backed-up versions")
+    lst.add_argument("guest", nargs="?")
+    lst.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
+    restore = sub.add_parser("restore", help="restore a version as a new guest")
+    restore.add_argument("guest")
+    restore.add_argument("version", type=int)
+    restore.add_argument("new_name", nargs="?", metavar="NEWNAME")
+    restore.add_argument("--mac", choices=(NEW, KEEP), default=NEW,
+                         help="new (default): new MACs where they clash; keep: keep them all")
+    restore.add_argument("--start", action="store_true", help="start the restored guest")
+    restore.add_argument("--target-dir", type=Path, help="where the disk files go")
+    restore.add_argument("--overwrite", action="store_true",
+                         help="restore over the original guest (it must be shut off)")
+    restore.add_argument("--force", action="store_true", help="restore a version that fails its checks")
+    restore.add_argument("--dest", type=Path, help="archive directory")
+    verify = sub.add_parser("verify", help="re-read and check versions")
+    verify.add_argument("guest", nargs="?")
+    verify.add_argument("version", nargs="?", type=int)
+    verify.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
+    sub.add_parser("recover", help="finish the clean-up of an interrupted run")
+    sub.add_parser("guests", help="list the hypervisor's guests")
+    return parser
+
+
+class ConsoleReporter:
+    """Prints engine events; on a TTY, progress is one line redrawn in place."""
+
+    def __init__(self, out: TextIO = sys.stderr) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self._progress_shown = False
+        self._lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            if isinstance(event, Progress):
+                self._progress(event)
+                return
+            self._clear_progress()
+            if isinstance(event, LogLine):
+                level = "" if event.level <= logging.INFO else logging.getLevelName(event.level) + ": "
+                self._print(event.guest, level + event.message)
+            elif isinstance(event, PhaseChanged):
+                self._print(event.guest, f"-- {event.phase}")
+            elif isinstance(event, GuestOutcome):
+                self._print(event.guest, event.message)
+
+    def _print(self, guest: str | None, text: str) -> None:
+        prefix = f"{escape(guest)}: " if guest else ""
+        print(prefix + escape(text), file=self.out, flush=True)
+
+    def _progress(self, event: Progress) -> None:
+        if not self.tty or event.total <= 0:
+            return
+        pct = 100 * event.done / event.total
+        done = humanize.naturalsize(event.done, binary=True)
+        total = humanize.naturalsize(event.total, binary=True)
+        self.out.write(f"\r{escape(event.guest)}: {event.item} {pct:5.1f}% ({done} of {total})\x1b[K")
+        self.out.flush()
+        self._progress_shown = True
+
+    def _clear_progress(self) -> None:
+        if self._progress_shown:
+            self.out.write("\r\x1b[K")
+            self._progress_shown = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except GuestsafeError as exc:
+        print(f"guestsafe: {exc.title}: {escape(exc.message)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("guestsafe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.demo:
+        from ..engine import demo
+
+        engine = Engine.demo(demo.ensure_sandbox())
+    else:
+        engine = Engine(uri=args.connect, paths=Paths.default(args.config))
+    if args.command is None:
+        return _open_console(engine, args)
+    reporter = ConsoleReporter()
+    try:
+        engine.recover(reporter)
+        handler = _COMMANDS[args.command]
+        return handler(engine, args, reporter)
+    finally:
+        engine.close()
+
+
+def _open_console(engine: Engine, args: argparse.Namespace) -> int:
+    try:
+        from .app import run_console
+    except ImportError:
+        build_parser().print_help()
+        return 0
+    return run_console(engine, theme=args.theme)
+
+
+def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    jobs = engine.jobs()
+    if not jobs:
+        print(f"no jobs yet in {engine.paths.config_file}")
+        return 0
+    results = engine.last_results()
+    rows = [("JOB", "GUESTS", "DESTINATION", "KEEP", "MODE", "TIME", "LAST RESULT")]
+    for job in jobs:
+        last = results.get(job.name)
+        outcome = "-" if last is None else ("ok " if last.ok else "FAILED ") + last.finished
+        where = job.device + " -> " + str(job.destination) if job.device else str(job.destination)
+        rows.append((job.name, ",".join(job.guests), where, str(job.keep), job.mode,
+                     job.schedule.time or "manual", outcome))
+    _table(rows)
     return 0
+
+
+def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    result = engine.run_job(args.job, reporter)
+    print(f"log: {result.log_path}", file=sys.stderr)
+    result.raise_for_failure()
+    return 0
+
+
+def _archives(engine: Engine, dest: Path | None) -> list[Path]:
+    return [dest] if dest is not None else engine.destinations()
+
+
+def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    rows = [("GUEST", "VERSION", "DATE", "MODE", "SIZE", "VERIFIED", "ARCHIVE")]
+    for dest in _archives(engine, args.dest):
+        for v in engine.versions(dest, args.guest):
+            verified = {True: "ok", False: "FAILED", None: "-"}[v.verified]
+            rows.append((v.guest, str(v.number), v.date, v.mode,
+                         humanize.naturalsize(v.size, binary=True), verified, str(dest)))
+    if len(rows) == 1:
+        print("no versions found")
+        return 0
+    _table(rows)
+    return 0
+
+
+def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    failed = 0
+    checked = 0
+    for dest in _archives(engine, args.dest):
+        archive = engine.archive(dest)
+        if args.guest is not None and args.guest not in archive.guests():
+            continue
+        for report in archive.verify(args.guest, args.version):
+            checked += 1
+            status = "ok" if report.ok else "FAILED: " + "; ".join(report.problems)
+            print(f"{escape(report.guest)} version {report.number}: {escape(status)}")
+            failed += not report.ok
+    if checked == 0:
+        print("nothing to verify", file=sys.stderr)
+        return 3
+    return 8 if failed else 0
+
+
+def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    archive = engine.find_archive(args.guest, args.dest)
+    if args.overwrite:
+        if args.new_name not in (None, args.guest):
+            raise RestoreError("--overwrite restores over the original; give no new name")
+        engine.restore_over(archive, args.guest, args.version, force=args.force, reporter=reporter)
+        return 0
+    if args.new_name is None:
+        raise RestoreError("give a new name for the restored guest, or --overwrite")
+    plan = engine.plan_restore(archive, args.guest, args.version, args.new_name,
+                               target_dir=args.target_dir)
+    for iface in plan.clashes:
+        action = "keeping it (--mac keep)" if args.mac == KEEP else f"using {iface.new_mac}"
+        print(f"interface {iface.index}: MAC {iface.mac} is already used by guest "
+              f"{escape(iface.clash_with or '')}; {action}", file=sys.stderr)
+    result = engine.restore(plan, mac_policy=args.mac, start=args.start, force=args.force,
+                            reporter=reporter)
+    print(f"restored {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})")
+    return 0
+
+
+def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    # The automatic recovery in _dispatch already ran; say what state things are in.
+    print("nothing left to recover" if not engine.recover(reporter) else "recovered")
+    return 0
+
+
+def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    rows = [("GUEST", "STATE", "DISKS", "MACS")]
+    for guest in engine.guests():
+        disks = ",".join(d.target for d in guest.disks if d.backs_up)
+        rows.append((guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-"))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    rows = [tuple(escape(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+_COMMANDS = {
+    "jobs": cmd_jobs,
+    "run": cmd_run,
+    "list": cmd_list,
+    "verify": cmd_verify,
+    "restore": cmd_restore,
+    "recover": cmd_recover,
+    "guests": cmd_guests,
+}

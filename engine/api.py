@@ -1,0 +1,228 @@
+"""The engine's front door: what the CLI and the console call.
+
+Both front-ends are thin clients of this class. It owns the paths, the jobs
+file and one hypervisor connection, and runs crash recovery before the first
+real command.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import demo, events, jobs, runner
+from .archive import Archive, VerifyReport, VersionInfo
+from .errors import NotFoundError
+from .events import Reporter
+from .fsutil import atomic_write_bytes
+from .hypervisor import GuestInfo, Hypervisor, resolve_uri
+from .jobs import Job
+from .paths import Paths, ensure_dir
+from .restore import NEW, RestorePlan, RestoreResult, plan_restore, restore_clone, restore_over_original
+from .runner import RunResult
+
+RESULTS_DIR = "results"
+
+
+@dataclass(frozen=True)
+class LastResult:
+    job: str
+    ok: bool
+    finished: str
+    log_path: str
+    summary: list[str]
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        uri: str | None = None,
+        paths: Paths | None = None,
+        sandbox: demo.Sandbox | None = None,
+    ) -> None:
+        self.uri = resolve_uri(uri)
+        self.paths = paths or Paths.default()
+        self.sandbox = sandbox
+        self._hv: Hypervisor | None = None
+        self._hv_lock = threading.Lock()
+
+    @classmethod
+    def demo(cls, sandbox: demo.Sandbox) -> Engine:
+        """An engine on the demo sandbox's test-driver guests and its own config."""
+        paths = Paths(
+            config_file=sandbox.home / "config" / "jobs.toml",
+            state_dir=sandbox.home / "state",
+            log_dir=sandbox.home / "log",
+            cache_dir=sandbox.home / "cache",
+        )
+        return cls(uri=sandbox.uri, paths=paths, sandbox=sandbox)
+
+    # --- connection --------------------------------------------------------
+
+    @property
+    def hv(self) -> Hypervisor:
+        with self._hv_lock:
+            if self._hv is None:
+                self._hv = Hypervisor(self.uri)
+            return self._hv
+
+    def close(self) -> None:
+        if self._hv is not None:
+            if self.sandbox is not None:
+                demo.save_state(self.sandbox, self._hv.connection)
+            self._hv.close()
+            self._hv = None
+
+    def recover(self, reporter: Reporter = events.null_reporter) -> list[str]:
+        return runner.recover(self.paths, reporter)
+
+    def guests(self) -> list[GuestInfo]:
+        return self.hv.guests()
+
+    # --- jobs --------------------------------------------------------------
+
+    def jobs(self) -> list[Job]:
+        return jobs.load_jobs(self.paths.config_file)
+
+    def job(self, name: str) -> Job:
+        for job in self.jobs():
+            if job.name == name:
+                return job
+        raise jobs.JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
+
+    def save_job(self, job: Job, *, previous_name: str | None = None) -> None:
+        ensure_dir(self.paths.config_file.parent)
+        jobs.upsert_job(self.paths.config_file, job, previous_name=previous_name)
+
+    def delete_job(self, name: str) -> None:
+        jobs.delete_job(self.paths.config_file, name)
+
+    def run_job(
+        self,
+        name: str,
+        reporter: Reporter = events.null_reporter,
+        *,
+        cancel: threading.Event | None = None,
+        on_log_path: runner.Callable[[Path], None] | None = None,
+    ) -> RunResult:
+        job = self.job(name)
+        result = runner.run_job(
+            job, self.hv, self.paths, reporter, cancel=cancel, on_log_path=on_log_path
+        )
+        self._save_result(result)
+        return result
+
+    def _save_result(self, result: RunResult) -> None:
+        directory = self.paths.state_dir / RESULTS_DIR
+        ensure_dir(directory)
+        last = LastResult(
+            result.job,
+            result.ok,
+            runner._now_iso(),
+            str(result.log_path),
+            [f"{o.guest}: {o.message}" for o in result.outcomes],
+        )
+        atomic_write_bytes(directory / f"{result.job}.json", json.dumps(asdict(last)).encode())
+
+    def last_results(self) -> dict[str, LastResult]:
+        directory = self.paths.state_dir / RESULTS_DIR
+        found: dict[str, LastResult] = {}
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                last = LastResult(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            found[last.job] = last
+        return found
+
+    def log_files(self) -> list[Path]:
+        """Past runs' logs, newest first."""
+        if not self.paths.log_dir.is_dir():
+            return []
+        return sorted(self.paths.log_dir.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+    # --- archives ----------------------------------------------------------
+
+    def destinations(self) -> list[Path]:
+        """Every destination a job writes to, in job order, each once."""
+        seen: dict[Path, None] = {}
+        for job in self.jobs():
+            seen.setdefault(job.destination, None)
+        return list(seen)
+
+    def archive(self, destination: Path) -> Archive:
+        return Archive.open(destination)
+
+    def versions(self, destination: Path, guest: str | None = None) -> list[VersionInfo]:
+        return self.archive(destination).versions(guest)
+
+    def find_archive(self, guest: str, destination: Path | None = None) -> Archive:
+        """The archive holding ``guest``: the one given, or the first job destination with it."""
+        if destination is not None:
+            return self.archive(destination)
+        for dest in self.destinations():
+            try:
+                archive = self.archive(dest)
+            except Exception:  # noqa: BLE001 - an unplugged destination just is not it
+                continue
+            if guest in archive.guests():
+                return archive
+        raise NotFoundError(f"no job destination holds backups of {guest!r}; name one with --dest")
+
+    def verify(
+        self, destination: Path, guest: str | None = None, number: int | None = None
+    ) -> list[VerifyReport]:
+        return self.archive(destination).verify(guest, number)
+
+    # --- restore -----------------------------------------------------------
+
+    def plan_restore(
+        self,
+        archive: Archive,
+        guest: str,
+        number: int,
+        new_name: str,
+        *,
+        target_dir: Path | None = None,
+    ) -> RestorePlan:
+        return plan_restore(archive, guest, number, new_name, self.hv, target_dir=target_dir)
+
+    def restore(
+        self,
+        plan: RestorePlan,
+        *,
+        mac_policy: str = NEW,
+        mac_choices: Mapping[int, str] | None = None,
+        start: bool = False,
+        force: bool = False,
+        reporter: Reporter = events.null_reporter,
+        cancel: threading.Event | None = None,
+    ) -> RestoreResult:
+        return restore_clone(
+            plan,
+            self.hv,
+            self.paths,
+            mac_policy=mac_policy,
+            mac_choices=mac_choices,
+            start=start,
+            force=force,
+            reporter=reporter,
+            cancel=cancel,
+        )
+
+    def restore_over(
+        self,
+        archive: Archive,
+        guest: str,
+        number: int,
+        *,
+        force: bool = False,
+        reporter: Reporter = events.null_reporter,
+    ) -> RestoreResult:
+        return restore_over_original(
+            archive, guest, number, self.hv, self.paths, force=force, reporter=reporter
+        )

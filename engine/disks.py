@@ -1,0 +1,72 @@
+"""Facts about a guest's disk files that preflight needs before anything stops."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from .errors import PreflightError
+from .hypervisor import GuestInfo
+
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def archive_file_name(target: str, fmt: str | None) -> str:
+    """The file name a disk gets inside a version: ``vda.qcow2``, ``vdb.raw``, ``nvram.fd``."""
+    return f"{target}.{fmt or 'raw'}"
+
+
+def qcow2_backing_file(path: Path) -> str | None:
+    """The backing file a qcow2 header names, read without qemu-img."""
+    with path.open("rb") as f:
+        header = f.read(20)
+    if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+        return None
+    offset, size = struct.unpack(">QI", header[8:20])
+    if offset == 0 or size == 0:
+        return None
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(size).decode("utf-8", "replace")
+
+
+def check_backup_disks(info: GuestInfo) -> None:
+    """Refuse disks a file copy cannot save whole, before the guest is stopped."""
+    for disk in info.disks:
+        if not disk.backs_up:
+            continue
+        if disk.kind != "file":
+            raise PreflightError(
+                f"guest {info.name!r}: disk {disk.target} is a {disk.kind} disk ({disk.source}); "
+                "this version backs up file disks only"
+            )
+        assert disk.source is not None
+        path = Path(disk.source)
+        if not path.is_file():
+            raise PreflightError(f"guest {info.name!r}: disk {disk.target} file {path} is missing")
+        backing = qcow2_backing_file(path)
+        if backing is not None:
+            raise PreflightError(
+                f"guest {info.name!r}: disk {disk.target} ({path}) is an overlay on {backing}; "
+                "saving the overlay alone would not restore, so guestsafe refuses it "
+                "(flatten it with 'qemu-img convert' or 'virsh blockpull' first)"
+            )
+    if info.nvram and not Path(info.nvram).is_file():
+        raise PreflightError(f"guest {info.name!r}: NVRAM file {info.nvram} is missing")
+
+
+def allocated_bytes(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def allocated_total(info: GuestInfo) -> int:
+    paths = [Path(d.source) for d in info.disks if d.backs_up and d.source]
+    if info.nvram:
+        paths.append(Path(info.nvram))
+    return sum(allocated_bytes(p) for p in paths if p.exists())
+
+
+def free_space(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize

@@ -1,0 +1,398 @@
+"""The hypervisor adapter: everything guestsafe asks of libvirt.
+
+Shutdown waits on libvirt's lifecycle events, delivered by libvirt's default
+event loop running in a daemon thread, instead of polling in a sleep loop. A
+coarse state check backs the events up, because an event can be lost when a
+connection drops or when the guest stops before the callback is registered.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import libvirt
+
+from .errors import HypervisorError, NotFoundError, ShutdownTimeout
+
+DEFAULT_URI = "qemu:///system"
+
+RUNNING = "running"
+PAUSED = "paused"
+SHUTOFF = "shutoff"
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
+    libvirt.VIR_DOMAIN_RUNNING: RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
+    libvirt.VIR_DOMAIN_SHUTOFF: SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+# How often the state is re-read while waiting, in case an event went missing.
+_STATE_RECHECK_SECONDS = 1.0
+
+
+def resolve_uri(uri: str | None) -> str:
+    """--connect wins, then LIBVIRT_DEFAULT_URI, then qemu:///system."""
+    return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    target: str
+    source: str | None
+    kind: str  # "file", "block", "network", ...
+    device: str  # "disk", "cdrom", "floppy", "lun"
+    format: str | None
+    readonly: bool
+    shareable: bool
+
+    @property
+    def backs_up(self) -> bool:
+        """Whether a cold backup copies this disk: writable disks with a source."""
+        return self.device in ("disk", "lun") and not self.readonly and self.source is not None
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    mac: str | None
+    kind: str
+    source: str | None
+    model: str | None
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    name: str
+    uuid: str
+    state: str
+    persistent: bool
+    disks: list[DiskInfo] = field(default_factory=list)
+    interfaces: list[InterfaceInfo] = field(default_factory=list)
+    nvram: str | None = None
+
+    @property
+    def macs(self) -> list[str]:
+        return [i.mac for i in self.interfaces if i.mac]
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    forced: bool
+    seconds: float
+
+
+def parse_domain_xml(xml: str, state: str = SHUTOFF, persistent: bool = True) -> GuestInfo:
+    """Read name, UUID, disks, interfaces and NVRAM out of a domain XML."""
+    root = ET.fromstring(xml)
+    return GuestInfo(
+        name=root.findtext("name", ""),
+        uuid=root.findtext("uuid", ""),
+        state=state,
+        persistent=persistent,
+        disks=[_parse_disk(d) for d in root.findall("./devices/disk")],
+        interfaces=[_parse_interface(i) for i in root.findall("./devices/interface")],
+        nvram=(root.findtext("./os/nvram") or None),
+    )
+
+
+def _parse_disk(disk: ET.Element) -> DiskInfo:
+    source = disk.find("source")
+    path = None
+    if source is not None:
+        path = source.get("file") or source.get("dev") or source.get("name") or source.get("volume")
+    driver = disk.find("driver")
+    target = disk.find("target")
+    return DiskInfo(
+        target=target.get("dev", "") if target is not None else "",
+        source=path,
+        kind=disk.get("type", "file"),
+        device=disk.get("device", "disk"),
+        format=driver.get("type") if driver is not None else None,
+        readonly=disk.find("readonly") is not None,
+        shareable=disk.find("shareable") is not None,
+    )
+
+
+def _parse_interface(iface: ET.Element) -> InterfaceInfo:
+    mac = iface.find("mac")
+    source = iface.find("source")
+    model = iface.find("model")
+    src = None
+    if source is not None:
+        src = source.get("network") or source.get("bridge") or source.get("dev")
+    return InterfaceInfo(
+        mac=mac.get("address", "").lower() or None if mac is not None else None,
+        kind=iface.get("type", ""),
+        source=src,
+        model=model.get("type") if model is not None else None,
+    )
+
+
+class _EventLoop:
+    """libvirt's default event loop, started once per process."""
+
+    _lock = threading.Lock()
+    _started = False
+
+    @classmethod
+    def ensure(cls) -> None:
+        with cls._lock:
+            if cls._started:
+                return
+            libvirt.virEventRegisterDefaultImpl()
+            thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
+            thread.start()
+            cls._started = True
+
+    @staticmethod
+    def _run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+
+class _LifecycleBoard:
+    """Remembers lifecycle events per domain UUID and wakes up waiters."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._events: dict[str, list[tuple[float, int, int]]] = {}
+
+    def record(self, uuid: str, event: int, detail: int) -> None:
+        with self._cond:
+            self._events.setdefault(uuid, []).append((time.monotonic(), event, detail))
+            self._cond.notify_all()
+
+    def since(self, uuid: str, t0: float) -> list[tuple[int, int]]:
+        with self._cond:
+            return [(e, d) for (t, e, d) in self._events.get(uuid, []) if t >= t0]
+
+    def wait(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout)
+
+
+class Hypervisor:
+    """One libvirt connection plus the lifecycle events it delivers."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = resolve_uri(uri)
+        _EventLoop.ensure()
+        self._board = _LifecycleBoard()
+        self._conn = self._open()
+        self._callback_id = self._conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+        )
+
+    def _open(self) -> libvirt.virConnect:
+        try:
+            conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot connect to {self.uri}: {_libvirt_message(exc)} "
+                "(is libvirtd running? use --connect to choose another URI)"
+            ) from exc
+        if conn is None:
+            raise HypervisorError(f"cannot connect to {self.uri}")
+        return conn
+
+    def _on_lifecycle(self, conn: Any, dom: Any, event: int, detail: int, opaque: Any) -> None:
+        self._board.record(dom.UUIDString(), event, detail)
+
+    def close(self) -> None:
+        try:
+            self._conn.domainEventDeregisterAny(self._callback_id)
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
+
+    def __enter__(self) -> Hypervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connection(self) -> libvirt.virConnect:
+        return self._conn
+
+    @property
+    def hostname(self) -> str:
+        try:
+            return str(self._conn.getHostname())
+        except libvirt.libvirtError:
+            return os.uname().nodename
+
+    # --- looking guests up -------------------------------------------------
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFoundError(f"guest {name!r} is not defined on {self.uri}") from exc
+            raise HypervisorError(f"cannot look up guest {name!r}: {_libvirt_message(exc)}") from exc
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._domain(name)
+        except NotFoundError:
+            return False
+        return True
+
+    def guests(self) -> list[GuestInfo]:
+        domains = self._call(self._conn.listAllDomains, 0)
+        infos = [self._info(d) for d in domains]
+        return sorted(infos, key=lambda g: g.name)
+
+    def guest(self, name: str) -> GuestInfo:
+        return self._info(self._domain(name))
+
+    def _info(self, dom: libvirt.virDomain) -> GuestInfo:
+        xml = self._call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
+        return parse_domain_xml(xml, _state_of(dom), bool(dom.isPersistent()))
+
+    def state(self, name: str) -> str:
+        return _state_of(self._domain(name))
+
+    def all_macs(self) -> dict[str, str]:
+        """Every MAC of every defined guest, live and persistent config, mapped to its guest."""
+        macs: dict[str, str] = {}
+        for dom in self._call(self._conn.listAllDomains, 0):
+            for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+                info = parse_domain_xml(self._call(dom.XMLDesc, flags))
+                for mac in info.macs:
+                    macs.setdefault(mac, info.name)
+        return macs
+
+    def xml(self, name: str, *, inactive: bool = True) -> str:
+        """The domain XML with secure info (it may hold console passwords)."""
+        flags = libvirt.VIR_DOMAIN_XML_SECURE
+        if inactive:
+            flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
+        return str(self._call(self._domain(name).XMLDesc, flags))
+
+    # --- changing guests ---------------------------------------------------
+
+    def define(self, xml: str) -> GuestInfo:
+        dom = self._call(self._conn.defineXML, xml)
+        return self._info(dom)
+
+    def undefine(self, name: str) -> None:
+        dom = self._domain(name)
+        flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        try:
+            dom.undefineFlags(flags)
+        except libvirt.libvirtError:
+            self._call(dom.undefine)
+
+    def start(self, name: str, *, paused: bool = False) -> None:
+        dom = self._domain(name)
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        self._call(dom.createWithFlags, flags)
+
+    def resume(self, name: str) -> None:
+        self._call(self._domain(name).resume)
+
+    def destroy(self, name: str) -> None:
+        dom = self._domain(name)
+        if dom.isActive():
+            self._call(dom.destroy)
+
+    def shutdown(
+        self,
+        name: str,
+        *,
+        timeout: float,
+        on_timeout: str = "abort",
+        log: Callable[[str], None] = lambda _msg: None,
+    ) -> ShutdownResult:
+        """Shut a guest down cleanly and wait until libvirt says it stopped.
+
+        Under ``abort`` a guest that ignores the request keeps running and
+        ShutdownTimeout is raised. Under ``force`` it is powered off.
+        """
+        dom = self._domain(name)
+        uuid = dom.UUIDString()
+        t0 = time.monotonic()
+        if _state_of(dom) == SHUTOFF:
+            return ShutdownResult(False, 0.0)
+        self._call(dom.shutdown)
+        if self._wait_stopped(dom, uuid, t0, timeout):
+            return ShutdownResult(False, time.monotonic() - t0)
+        if on_timeout != "force":
+            raise ShutdownTimeout(
+                f"guest {name!r} did not shut down within {timeout:g} s; it is still running "
+                "and no backup was made (set on_timeout = \"force\" to power it off)"
+            )
+        log(f"guest {name} ignored the shutdown request for {timeout:g} s: powering it off")
+        try:
+            dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        except libvirt.libvirtError:
+            if _state_of(dom) != SHUTOFF:
+                self._call(dom.destroy)
+        if not self._wait_stopped(dom, uuid, t0, 30):
+            raise HypervisorError(f"guest {name!r} could not be powered off")
+        return ShutdownResult(True, time.monotonic() - t0)
+
+    def _wait_stopped(self, dom: libvirt.virDomain, uuid: str, t0: float, timeout: float) -> bool:
+        deadline = t0 + timeout
+        while True:
+            stopped = any(e == libvirt.VIR_DOMAIN_EVENT_STOPPED for e, _ in self._board.since(uuid, t0))
+            if stopped or _state_of(dom) == SHUTOFF:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._board.wait(min(remaining, _STATE_RECHECK_SECONDS))
+
+    def started_since(self, name: str, t0: float) -> bool:
+        """Whether libvirt reported the guest starting after monotonic time ``t0``."""
+        uuid = self._domain(name).UUIDString()
+        return any(e == libvirt.VIR_DOMAIN_EVENT_STARTED for e, _ in self._board.since(uuid, t0))
+
+    def wait_state(self, name: str, state: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.state(name) != state:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._board.wait(min(remaining, 0.2))
+        return True
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(_libvirt_message(exc)) from exc
+
+
+@contextmanager
+def connect(uri: str | None = None) -> Iterator[Hypervisor]:
+    hv = Hypervisor(uri)
+    try:
+        yield hv
+    finally:
+        hv.close()
+
+
+def _state_of(dom: libvirt.virDomain) -> str:
+    try:
+        state, _reason = dom.state()
+    except libvirt.libvirtError:
+        return "unknown"
+    return _STATE_NAMES.get(state, "unknown")
+
+
+def _libvirt_message(exc: libvirt.libvirtError) -> str:
+    return str(exc.get_error_message() or exc).strip()

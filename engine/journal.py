@@ -1,0 +1,105 @@
+"""The crash journal: what a runner was doing, so the next command can undo it.
+
+Before each phase of a guest's backup the runner rewrites one small JSON file
+in ``<state_dir>/journal/``. If the process dies (SIGKILL, OOM, power cut of
+the SSH session), the file stays behind. ``recover()``, which every guestsafe
+command runs first, finds entries whose process is gone, starts the guests the
+engine had stopped, and removes their partial versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .fsutil import atomic_write_bytes
+
+JOURNAL_DIR = "journal"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid``, so a recycled PID is not mistaken for ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses; fields follow the last ')'.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19]
+
+
+@dataclass
+class JournalEntry:
+    job: str
+    guest: str
+    guest_uuid: str
+    uri: str
+    was_state: str
+    phase: str = "preflight"
+    partial: str | None = None
+    pid: int = field(default_factory=os.getpid)
+    pid_start: str | None = field(default_factory=lambda: process_start_time(os.getpid()))
+    host: str = field(default_factory=socket.gethostname)
+    entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def owner_alive(self) -> bool:
+        if self.host != socket.gethostname():
+            return True  # not ours to judge
+        return process_start_time(self.pid) == self.pid_start
+
+
+class Journal:
+    """The journal files of one state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / JOURNAL_DIR
+
+    def _path(self, entry: JournalEntry) -> Path:
+        return self.dir / f"{entry.entry_id}.json"
+
+    def write(self, entry: JournalEntry) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        data = json.dumps(asdict(entry), indent=1).encode()
+        atomic_write_bytes(self._path(entry), data, mode=0o600)
+
+    def phase(self, entry: JournalEntry, phase: str, partial: Path | None = None) -> None:
+        entry.phase = phase
+        if partial is not None:
+            entry.partial = str(partial)
+        self.write(entry)
+
+    def remove(self, entry: JournalEntry) -> None:
+        self._path(entry).unlink(missing_ok=True)
+
+    def entries(self) -> list[JournalEntry]:
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                found.append(JournalEntry(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError):
+                continue  # a torn write of the temp file never lands here; skip junk
+        return found
+
+    def orphans(self) -> list[JournalEntry]:
+        return [e for e in self.entries() if not e.owner_alive()]
+
+
+def remove_partial(partial: str | None, log: Callable[[str], None]) -> None:
+    """Remove a ``.partial-N`` folder left by a dead runner, and nothing else."""
+    if not partial:
+        return
+    path = Path(partial)
+    if not path.name.startswith(".partial-") or path.is_symlink():
+        log(f"journal names {path}, which is not a partial version: left alone")
+        return
+    if path.exists():
+        shutil.rmtree(path)
+        log(f"removed unfinished backup {path}")

@@ -1,0 +1,446 @@
+"""The runner: takes a job's guests through a cold backup, one phase at a time.
+
+Phases of one guest: preflight, shutdown, copy, start, commit, verify,
+retention. Whatever fails, ``_settle`` puts the guest back in the power state
+it had before the job, and an uncommitted partial is removed. The journal
+records each phase before it begins, so ``recover()`` can do the same after a
+crash.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import humanize
+
+from . import __version__, disks, events, locks
+from .archive import Archive, PartialVersion, VersionInfo
+from .copier import copy_file
+from .errors import CopyError, GuestsafeError, PreflightError, RunFailed
+from .events import GuestOutcome, PhaseChanged, Progress, Reporter
+from .hypervisor import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
+from .jobs import Job
+from .journal import Journal, JournalEntry, remove_partial
+from .manifest import DiskRecord, Manifest
+from .paths import Paths
+from .runlog import RunLog, new_log_path
+
+# Room left free on the destination beyond the data itself, for the manifest,
+# the domain XML and the filesystem's own metadata.
+SPACE_MARGIN = 64 * 1024 * 1024
+
+
+def naturalsize(n: float) -> str:
+    return humanize.naturalsize(n, binary=True)
+
+
+@dataclass
+class RunResult:
+    job: str
+    log_path: Path
+    outcomes: list[GuestOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes)
+
+    def raise_for_failure(self) -> None:
+        if not self.ok:
+            failed = ", ".join(o.guest for o in self.outcomes if not o.ok)
+            raise RunFailed(f"job {self.job}: backup failed for {failed} (log: {self.log_path})")
+
+
+@dataclass
+class _Context:
+    job: Job
+    hv: Hypervisor
+    paths: Paths
+    report: Reporter
+    journal: Journal
+    cancel: threading.Event
+    archive: Archive | None = None
+
+
+class GuestBackup:
+    """One guest's trip through the phases, and the clean-up whatever happens."""
+
+    def __init__(self, ctx: _Context, name: str) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.info: GuestInfo | None = None
+        self.was_state = "unknown"
+        self.entry: JournalEntry | None = None
+        self.lock: locks.Lock | None = None
+        self.partial: PartialVersion | None = None
+        self.version: VersionInfo | None = None
+        self.records: list[DiskRecord] = []
+        self.stopped_at: float | None = None
+        self.downtime: float | None = None
+        self.bytes_copied = 0
+        self.t0 = time.monotonic()
+        self.started_iso = _now_iso()
+        self.error: GuestsafeError | None = None
+        self.warnings: list[str] = []
+
+    # --- phases ------------------------------------------------------------
+
+    def preflight(self) -> None:
+        self._phase("preflight")
+        hv, job = self.ctx.hv, self.ctx.job
+        self.info = hv.guest(self.name)
+        self.was_state = self.info.state
+        if self.was_state not in (RUNNING, SHUTOFF):
+            raise PreflightError(
+                f"guest {self.name!r} is {self.was_state}; guestsafe backs up running or "
+                "shut-off guests only (resume or stop it first)"
+            )
+        self.lock = locks.acquire(
+            self.ctx.paths.state_dir, f"guest:{self.info.uuid}", f"backup of job {job.name}"
+        )
+        disks.check_backup_disks(self.info)
+        needed = disks.allocated_total(self.info) + SPACE_MARGIN
+        free = disks.free_space(job.destination)
+        if needed > free:
+            raise PreflightError(
+                f"need {naturalsize(needed)} on {job.destination}, {naturalsize(free)} free "
+                f"(guest {self.name})"
+            )
+        self.entry = JournalEntry(job.name, self.name, self.info.uuid, hv.uri, self.was_state)
+        self.ctx.journal.write(self.entry)
+
+    def stop(self) -> None:
+        self._phase("shutdown")
+        if self.was_state != RUNNING:
+            self._info("guest is shut off; backing it up as it is")
+            return
+        self.stopped_at = time.monotonic()
+        job = self.ctx.job
+        self._info(f"shutting down (timeout {job.shutdown_timeout} s, then {job.on_timeout})")
+        result = self.ctx.hv.shutdown(
+            self.name,
+            timeout=job.shutdown_timeout,
+            on_timeout=job.on_timeout,
+            log=lambda m: self._warn(m),
+        )
+        if result.forced:
+            self.warnings.append("powered off after the shutdown timeout")
+        self._info(f"guest is off after {result.seconds:.1f} s")
+
+    def copy(self) -> None:
+        assert self.info is not None and self.ctx.archive is not None
+        self.partial = self.ctx.archive.begin(self.name)
+        self._phase("copy", self.partial.path)
+        self.partial.write_domain_xml(self.ctx.hv.xml(self.name))
+        for disk in self.info.disks:
+            if disk.backs_up:
+                self.records.append(self._copy_disk(disk.target, disk.source, disk.format))
+            elif disk.source:
+                self._info(f"skipping {disk.target} ({disk.device}, read-only or not a disk)")
+        if self.info.nvram:
+            self.records.append(self._copy_disk("nvram", self.info.nvram, "fd"))
+
+    def _copy_disk(self, target: str, source: str | None, fmt: str | None) -> DiskRecord:
+        assert self.partial is not None and source is not None
+        file_name = disks.archive_file_name(target, fmt)
+        dst = self.partial.file_path(file_name)
+        src = Path(source)
+        self._info(f"copying {target} ({source})")
+
+        def progress(done: int, total: int) -> None:
+            self.ctx.report(Progress(self.name, target, done, total))
+
+        result = copy_file(src, dst, progress=progress, cancel=self.ctx.cancel)
+        self._check_still_off()
+        self.bytes_copied += result.data_bytes
+        return DiskRecord(
+            target=target,
+            source=source,
+            format=fmt or "raw",
+            virtual_size=result.size,
+            allocated_size=dst.stat().st_blocks * 512,
+            file=file_name,
+            blake3=result.blake3,
+        )
+
+    def _check_still_off(self) -> None:
+        state = self.ctx.hv.state(self.name)
+        if state != SHUTOFF:
+            raise CopyError(
+                f"guest {self.name!r} was started by someone else during the copy "
+                f"(it is {state}); the copy was discarded"
+            )
+
+    def start(self) -> None:
+        if self.was_state != RUNNING:
+            return
+        self._phase("start")
+        self.ctx.hv.start(self.name)
+        if self.stopped_at is not None:
+            self.downtime = time.monotonic() - self.stopped_at
+        self._info(f"guest is running again (downtime {self.downtime or 0:.1f} s)")
+
+    def commit(self) -> None:
+        assert self.partial is not None and self.info is not None
+        self._phase("commit")
+        manifest = Manifest(
+            format=1,
+            guest=self.name,
+            uuid=self.info.uuid,
+            host=self.ctx.hv.hostname,
+            mode=self.ctx.job.mode,
+            started=self.started_iso,
+            finished=_now_iso(),
+            downtime=self.downtime,
+            tool_version=__version__,
+            disks=[r for r in self.records if r.target != "nvram"],
+            nvram=next((r for r in self.records if r.target == "nvram"), None),
+            notes=list(self.warnings),
+        )
+        self.version = self.partial.commit(manifest)
+        self.partial = None
+        self._info(f"committed version {self.version.number}")
+
+    def verify_and_retain(self) -> None:
+        assert self.version is not None and self.ctx.archive is not None
+        archive, job = self.ctx.archive, self.ctx.job
+        if job.verify:
+            self._phase("verify")
+            report = archive.verify(self.name, self.version.number)[0]
+            if not report.ok:
+                raise CopyError(
+                    f"version {self.version.number} of {self.name} failed verification: "
+                    + "; ".join(report.problems)
+                    + " (retention skipped, older versions kept)"
+                )
+            self._info(f"version {self.version.number} verified")
+        self._phase("retention")
+        deleted = archive.apply_retention(self.name, job.keep)
+        if deleted:
+            self._info(f"retention (keep {job.keep}) removed versions {_numbers(deleted)}")
+
+    # --- whatever happened -------------------------------------------------
+
+    def settle(self) -> None:
+        """Put the guest back as it was and drop anything uncommitted."""
+        if self.partial is not None:
+            try:
+                self.partial.discard()
+                self._info("unfinished copy removed; older versions untouched")
+            except OSError as exc:
+                self._warn(f"could not remove {self.partial.path}: {exc}")
+            self.partial = None
+        self._restore_power_state()
+        if self.entry is not None:
+            self.ctx.journal.remove(self.entry)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _restore_power_state(self) -> None:
+        if self.was_state != RUNNING:
+            return
+        try:
+            state = self.ctx.hv.state(self.name)
+            if state == SHUTOFF:
+                self.ctx.hv.start(self.name)
+                self._info("guest is running again")
+            elif state == PAUSED:
+                self.ctx.hv.resume(self.name)
+                self._info("guest resumed")
+        except GuestsafeError as exc:
+            self._error(f"could not start the guest again: {exc}")
+            self.error = self.error or exc
+
+    def outcome(self) -> GuestOutcome:
+        duration = time.monotonic() - self.t0
+        ok = self.error is None
+        number = self.version.number if self.version else None
+        if ok:
+            message = (
+                f"ok: version {number}, downtime {_seconds(self.downtime)}, "
+                f"{naturalsize(self.bytes_copied)} in {duration:.1f} s"
+            )
+        else:
+            assert self.error is not None
+            message = f"failed: {self.error.message}; {self._aftermath()}"
+        return GuestOutcome(
+            self.name, ok, number, self.downtime, self.bytes_copied, duration, message
+        )
+
+    def _aftermath(self) -> str:
+        try:
+            state = self.ctx.hv.state(self.name)
+        except GuestsafeError:
+            state = "unknown"
+        committed = f"version {self.version.number} committed" if self.version else "no version"
+        return f"guest is {state}, {committed}, previous versions untouched"
+
+    # --- reporting ---------------------------------------------------------
+
+    def _phase(self, phase: str, partial: Path | None = None) -> None:
+        if self.entry is not None:
+            self.ctx.journal.phase(self.entry, phase, partial)
+        self.ctx.report(PhaseChanged(self.name, phase))
+
+    def _info(self, message: str) -> None:
+        events.info(self.ctx.report, message, self.name)
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        events.warn(self.ctx.report, message, self.name)
+
+    def _error(self, message: str) -> None:
+        events.error(self.ctx.report, message, self.name)
+
+
+def run_job(
+    job: Job,
+    hv: Hypervisor,
+    paths: Paths,
+    reporter: Reporter = events.null_reporter,
+    *,
+    cancel: threading.Event | None = None,
+    on_log_path: Callable[[Path], None] | None = None,
+) -> RunResult:
+    """Back up every guest of ``job``; never raises for a guest's failure."""
+    paths.ensure()
+    log_path = new_log_path(paths.log_dir, job.name)
+    if on_log_path is not None:
+        on_log_path(log_path)
+    runlog = RunLog(log_path, reporter)
+    ctx = _Context(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
+    result = RunResult(job.name, log_path)
+    try:
+        events.info(runlog, f"job {job.name}: {', '.join(job.guests)} -> {job.destination}")
+        _open_archive(ctx)
+        backups = [GuestBackup(ctx, name) for name in job.guests]
+        if job.group:
+            _run_group(backups)
+        else:
+            for backup in backups:
+                _run_one(backup)
+        result.outcomes = [b.outcome() for b in backups]
+    except GuestsafeError as exc:
+        events.error(runlog, exc.message)
+        result.outcomes = [
+            GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in job.guests
+        ]
+    finally:
+        for outcome in result.outcomes:
+            runlog(outcome)
+        events.info(runlog, "finished backup" if result.ok else "backup failed")
+        runlog.close()
+    return result
+
+
+def _open_archive(ctx: _Context) -> None:
+    dest = ctx.job.destination
+    if ctx.job.device:
+        raise PreflightError(
+            f"job {ctx.job.name} names device {ctx.job.device}; external devices are not "
+            "supported by this version yet (clear 'device' and mount it yourself)"
+        )
+    if not dest.is_dir():
+        raise PreflightError(f"destination {dest} does not exist or is not a directory")
+    if not os.access(dest, os.W_OK | os.X_OK):
+        raise PreflightError(f"destination {dest} is not writable")
+    ctx.archive = Archive.open(dest, create=True)
+
+
+def _run_one(backup: GuestBackup) -> None:
+    try:
+        backup.preflight()
+        backup.stop()
+        backup.copy()
+        backup.start()
+        backup.commit()
+        backup.verify_and_retain()
+    except GuestsafeError as exc:
+        backup.error = exc
+        backup._error(exc.message)
+    except OSError as exc:
+        backup.error = CopyError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
+        backup._error(backup.error.message)
+    finally:
+        backup.settle()
+
+
+def _run_group(backups: list[GuestBackup]) -> None:
+    """Stop all in order, copy all, start in reverse order: one consistent set."""
+    try:
+        for step in ("preflight", "stop", "copy"):
+            for backup in backups:
+                _step(backup, step)
+        for backup in reversed(backups):
+            _step(backup, "start")
+        for backup in backups:
+            _step(backup, "commit")
+            _step(backup, "verify_and_retain")
+    except GuestsafeError as exc:
+        for backup in backups:
+            backup.error = backup.error or GuestsafeError(f"group aborted: {exc.message}")
+    finally:
+        for backup in reversed(backups):
+            backup.settle()
+
+
+def _step(backup: GuestBackup, step: str) -> None:
+    try:
+        getattr(backup, step)()
+    except OSError as exc:
+        error = CopyError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
+        backup.error = error
+        backup._error(error.message)
+        raise error from exc
+    except GuestsafeError as exc:
+        backup.error = exc
+        backup._error(exc.message)
+        raise
+
+
+def recover(paths: Paths, reporter: Reporter = events.null_reporter) -> list[str]:
+    """Finish what dead runners left: restart guests they stopped, drop partials."""
+    journal = Journal(paths.state_dir)
+    done: list[str] = []
+    for entry in journal.orphans():
+        log = lambda m, g=entry.guest: events.info(reporter, m, g)  # noqa: E731
+        remove_partial(entry.partial, log)
+        if entry.was_state == RUNNING and not _restart(entry, log):
+            continue  # keep the entry: the next command tries again
+        journal.remove(entry)
+        done.append(entry.guest)
+    return done
+
+
+def _restart(entry: JournalEntry, log: Callable[[str], None]) -> bool:
+    try:
+        with Hypervisor(entry.uri) as hv:
+            state = hv.state(entry.guest)
+            if state == SHUTOFF:
+                hv.start(entry.guest)
+                log("recovered: guest started again after an interrupted backup")
+            elif state == PAUSED:
+                hv.resume(entry.guest)
+                log("recovered: guest resumed after an interrupted backup")
+    except GuestsafeError as exc:
+        log(f"recovery could not restart the guest: {exc}")
+        return False
+    return True
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _seconds(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1f} s"
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(str(n) for n in numbers)
