@@ -1,0 +1,347 @@
+"""manifest.json: what a version holds and the BLAKE3 of every file in it.
+
+The JSON layout is archive format v1, specified in FORMAT.md ("manifest.json").
+Reading is strict: unknown format versions, unknown or missing keys, wrong types
+and unsafe file names are refused. A manifest is a safety record; a reader that
+skipped what it did not understand could call a version sound on grounds it never
+checked. ``to_json`` validates too, so guestsafe never writes a manifest it would
+refuse to read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import ArchiveError
+from .names import printable
+
+FORMAT_VERSION = 1
+
+MODES = ("stop", "stop-short", "snapshot")
+
+MANIFEST_FILE = "manifest.json"
+DOMAIN_XML_FILE = "domain.xml"
+VERIFIED_FILE = "verified.json"
+B3SUMS_FILE = "B3SUMS"
+# Files of a version that are not disk images; a disk file may not take these names,
+# compared case-insensitively because exFAT and NTFS fold case.
+RESERVED_FILES = (MANIFEST_FILE, DOMAIN_XML_FILE, VERIFIED_FILE, B3SUMS_FILE)
+
+_RESERVED_LOWER = frozenset(r.lower() for r in RESERVED_FILES)
+_SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_BLAKE3 = re.compile(r"[0-9a-f]{64}")
+_FORMAT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def is_safe_file_name(name: str) -> bool:
+    """A plain file name a version may hold: no path, no hidden file, no reserved name.
+
+    Deliberately narrower than "no '/' and no '..'": these names end up in
+    B3SUMS lines and shell commands people type years later.
+    """
+    return (
+        _SAFE_FILE.fullmatch(name) is not None
+        and not name.endswith(".")
+        and name.lower() not in _RESERVED_LOWER
+    )
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One disk (or the NVRAM) as copied into a version.
+
+    ``size`` is the length in bytes of ``file`` (what ``b3sum`` hashes). The copier
+    may leave it None; ``PartialVersion.commit`` fills it in from the file, and a
+    committed manifest always has it.
+    """
+
+    target: str
+    source: str
+    format: str
+    virtual_size: int
+    allocated_size: int
+    file: str
+    blake3: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a version records about itself (see FORMAT.md).
+
+    ``domain_xml_blake3`` is filled in by ``PartialVersion.commit``, like
+    ``DiskRecord.size``.
+    """
+
+    format: int
+    guest: str
+    uuid: str
+    host: str
+    mode: str
+    started: str
+    finished: str
+    downtime: float | None
+    tool_version: str
+    disks: list[DiskRecord]
+    nvram: DiskRecord | None
+    notes: list[str] = field(default_factory=list)
+    domain_xml_blake3: str | None = None
+
+    @property
+    def records(self) -> list[DiskRecord]:
+        """The disks, then the NVRAM if there is one: every image file of the version."""
+        return [*self.disks, *([self.nvram] if self.nvram is not None else [])]
+
+    def to_json(self) -> str:
+        """The manifest as ASCII JSON; raises ArchiveError if it is not valid."""
+        data = _to_dict(self)
+        _Reader(None, None).manifest(data)
+        return json.dumps(data, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(
+        cls, data: str | bytes, *, version: int | None = None, path: Path | None = None
+    ) -> Manifest:
+        """Parse and validate; ``version`` and ``path`` only make messages precise."""
+        reader = _Reader(version, path)
+        return reader.manifest(reader.load(data))
+
+
+def b3sums_text(manifest: Manifest) -> str:
+    """The B3SUMS file of a version: ``b3sum --check B3SUMS`` checks it without guestsafe."""
+    lines = [f"{r.blake3}  {r.file}\n" for r in manifest.records]
+    lines.append(f"{manifest.domain_xml_blake3}  {DOMAIN_XML_FILE}\n")
+    return "".join(lines)
+
+
+def parse_utc(value: str) -> datetime:
+    """An ISO-8601 UTC timestamp as written in manifests; ValueError otherwise."""
+    stamp = datetime.fromisoformat(value)
+    if stamp.utcoffset() != timedelta(0):
+        raise ValueError(f"{value!r} is not in UTC")
+    return stamp
+
+
+def _record_dict(record: DiskRecord) -> dict[str, Any]:
+    return {
+        "target": record.target,
+        "source": record.source,
+        "format": record.format,
+        "virtual_size": record.virtual_size,
+        "allocated_size": record.allocated_size,
+        "file": record.file,
+        "size": record.size,
+        "blake3": record.blake3,
+    }
+
+
+def _to_dict(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "format": manifest.format,
+        "guest": manifest.guest,
+        "uuid": manifest.uuid,
+        "host": manifest.host,
+        "mode": manifest.mode,
+        "started": manifest.started,
+        "finished": manifest.finished,
+        "downtime": manifest.downtime,
+        "tool_version": manifest.tool_version,
+        "domain_xml_blake3": manifest.domain_xml_blake3,
+        "disks": [_record_dict(d) for d in manifest.disks],
+        "nvram": None if manifest.nvram is None else _record_dict(manifest.nvram),
+        "notes": list(manifest.notes),
+    }
+
+
+_MANIFEST_KEYS = frozenset(
+    _to_dict(Manifest(1, "", "", "", "", "", "", None, "", [], None, [])).keys()
+)
+_RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys())
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two values for one key would let a tool and a person read different manifests.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class _Reader:
+    """Validates one manifest and words its errors with guest, version and file."""
+
+    def __init__(self, version: int | None, path: Path | None) -> None:
+        self.version = version
+        self.path = path
+        self.guest: str | None = None
+
+    def fail(self, problem: str, advice: str = "") -> NoReturn:
+        if self.guest is None:
+            where = f"manifest {self.path}" if self.path else "manifest"
+        else:
+            where = f"manifest of {printable(self.guest)}"
+            if self.version is not None:
+                where += f" version {self.version}"
+        path = f" ({self.path})" if self.path and self.guest is not None else ""
+        raise ArchiveError(f"{where} {problem}{path}" + (f"; {advice}" if advice else ""))
+
+    def load(self, data: str | bytes) -> Any:
+        try:
+            return json.loads(
+                data, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
+            )
+        except (ValueError, RecursionError) as exc:
+            self.fail(f"is not valid JSON: {exc}")
+
+    def manifest(self, data: Any) -> Manifest:
+        if not isinstance(data, dict):
+            self.fail("is not a JSON object")
+        guest = data.get("guest")
+        # Known early so even a format error names the guest.
+        self.guest = guest if isinstance(guest, str) and guest else None
+        self.format(data.get("format"))
+        self.guest = self.text(data, "guest")
+        self.keys(data, _MANIFEST_KEYS, "")
+        started, finished = self.timestamp(data, "started"), self.timestamp(data, "finished")
+        if parse_utc(finished) < parse_utc(started):
+            self.fail(f"finished ({finished}) before it started ({started})")
+        disks = self.list_of(data, "disks", dict)
+        nvram = data["nvram"]
+        manifest = Manifest(
+            format=FORMAT_VERSION,
+            guest=self.guest,
+            uuid=self.uuid(data),
+            host=self.text(data, "host"),
+            mode=self.mode(data),
+            started=started,
+            finished=finished,
+            downtime=self.downtime(data),
+            tool_version=self.text(data, "tool_version"),
+            disks=[self.record(d, f"disks[{i}]") for i, d in enumerate(disks)],
+            nvram=None if nvram is None else self.record(nvram, "nvram"),
+            notes=self.list_of(data, "notes", str),
+            domain_xml_blake3=self.digest(data, "domain_xml_blake3"),
+        )
+        self.unique(manifest.records)
+        return manifest
+
+    def format(self, value: Any) -> None:
+        if type(value) is not int:
+            self.fail(f"has no valid format number (found {value!r})")
+        if value > FORMAT_VERSION:
+            self.fail(
+                f"uses archive format {value}, newer than this guestsafe reads ({FORMAT_VERSION})",
+                f"use a guestsafe release that reads format {value}",
+            )
+        if value != FORMAT_VERSION:
+            self.fail(
+                f"uses unknown archive format {value} (this guestsafe reads {FORMAT_VERSION})"
+            )
+
+    def keys(self, data: dict[str, Any], expected: frozenset[str], where: str) -> None:
+        missing, unknown = expected - data.keys(), data.keys() - expected
+        if missing:
+            self.fail(f"lacks {where}{', '.join(sorted(missing))}")
+        if unknown:
+            self.fail(f"has unknown key {where}{', '.join(sorted(map(repr, unknown)))}")
+
+    def text(self, data: dict[str, Any], key: str, where: str = "") -> str:
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            self.fail(f"has no valid {where}{key} (found {value!r})")
+        return value
+
+    def timestamp(self, data: dict[str, Any], key: str) -> str:
+        value = self.text(data, key)
+        try:
+            parse_utc(value)
+        except ValueError:
+            self.fail(f"has {key} {value!r}, not an ISO-8601 UTC time")
+        return value
+
+    def uuid(self, data: dict[str, Any]) -> str:
+        value = self.text(data, "uuid")
+        try:
+            canonical = str(uuidlib.UUID(value))
+        except ValueError:
+            canonical = ""
+        if canonical != value:
+            self.fail(f"has uuid {value!r}, not a lower-case UUID")
+        return value
+
+    def mode(self, data: dict[str, Any]) -> str:
+        value = self.text(data, "mode")
+        if value not in MODES:
+            self.fail(f"has mode {value!r}, not one of {', '.join(MODES)}")
+        return value
+
+    def downtime(self, data: dict[str, Any]) -> float | None:
+        value = data["downtime"]
+        if value is None:
+            return None
+        if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+            self.fail(f"has downtime {value!r}, not a number of seconds")
+        return float(value)
+
+    def list_of(self, data: dict[str, Any], key: str, kind: type) -> list[Any]:
+        value = data[key]
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            self.fail(f"has {key} that is not a list of {kind.__name__}")
+        return value
+
+    def digest(self, data: dict[str, Any], key: str) -> str:
+        value = data[key]
+        if not isinstance(value, str) or _BLAKE3.fullmatch(value) is None:
+            self.fail(f"has {key} {value!r}, not 64 lower-case hex digits")
+        return value
+
+    def size(self, data: dict[str, Any], key: str, where: str) -> int:
+        value = data[key]
+        if type(value) is not int or value < 0:
+            self.fail(f"has {where}{key} {value!r}, not a byte count")
+        return value
+
+    def record(self, data: Any, where: str) -> DiskRecord:
+        if not isinstance(data, dict):
+            self.fail(f"has {where} that is not a JSON object")
+        self.keys(data, _RECORD_KEYS, f"{where}.")
+        file = data["file"]
+        if not isinstance(file, str) or not is_safe_file_name(file):
+            self.fail(
+                f"names an unsafe file {file!r} in {where}",
+                "disk files are plain names like vda.qcow2, so it was edited or is corrupt",
+            )
+        fmt = self.text(data, "format", f"{where}.")
+        if _FORMAT_NAME.fullmatch(fmt) is None:
+            self.fail(f"has {where}.format {fmt!r}, not a disk format name")
+        return DiskRecord(
+            target=self.text(data, "target", f"{where}."),
+            source=self.text(data, "source", f"{where}."),
+            format=fmt,
+            virtual_size=self.size(data, "virtual_size", f"{where}."),
+            allocated_size=self.size(data, "allocated_size", f"{where}."),
+            file=file,
+            blake3=self.digest(data, "blake3"),
+            size=self.size(data, "size", f"{where}."),
+        )
+
+    def unique(self, records: list[DiskRecord]) -> None:
+        files = [r.file.lower() for r in records]
+        targets = [r.target for r in records]
+        for label, values in (("file", files), ("target", targets)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                self.fail(f"names {label} {twice[0]!r} twice")
