@@ -104,7 +104,9 @@ def _drop_cache(fd: int, offset: int = 0, length: int = 0) -> None:
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-_ZEROS = mmap.mmap(-1, CHUNK, prot=mmap.PROT_READ)  # never written: maps the zero page
+# Private and never written, so every page is the kernel's shared zero page and
+# costs no RSS. (A shared anonymous map would allocate real shmem pages on read.)
+_ZEROS = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
 
 
 def _hash_zeros(hasher: blake3.blake3, count: int) -> None:
@@ -123,6 +125,9 @@ def _raw_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
             start = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as exc:
             if exc.errno == errno.ENXIO:  # no data after pos
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP) and pos == 0:
+                yield 0, size  # no SEEK_DATA here: all of it is data
                 return
             raise
         if start >= size:
@@ -180,7 +185,12 @@ class _Source:
             if exc.errno != errno.EINVAL:
                 raise
             self.fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self.fd).st_size
+        try:
+            self.size = os.fstat(self.fd).st_size
+            self.data_bytes = _data_bytes(self.fd, self.size)
+        except OSError:
+            os.close(self.fd)
+            raise
 
     def _go_buffered(self) -> None:
         flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
@@ -305,7 +315,8 @@ class _Pipeline:
         self.src = src
         self.dst = dst
         self.cancel = cancel
-        self.bufs = [mmap.mmap(-1, CHUNK) for _ in range(NBUF)]
+        # Page-aligned, as O_DIRECT needs; private, so freed as soon as closed.
+        self.bufs = [mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE) for _ in range(NBUF)]
         self.views = [memoryview(buf) for buf in self.bufs]
         self.free: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         for index in range(NBUF):
@@ -533,7 +544,7 @@ def copy_file(
     try:
         fd = _create_dest(dst)
         try:
-            return _copy_into(source, src, dst, fd, progress, cancel)
+            return _copy_into(source, dst, fd, progress, cancel)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(dst)
@@ -544,26 +555,25 @@ def copy_file(
 
 def _copy_into(
     source: _Source,
-    src: Path,
     dst: Path,
     fd: int,
     progress: ProgressFn | None,
     cancel: threading.Event | None,
 ) -> CopyResult:
+    total = source.data_bytes
     try:
-        total = _data_bytes(source.fd, source.size)
         cloned = source.size > 0 and _try_clone(fd, source.fd)
         if not cloned:
             os.ftruncate(fd, source.size)
     except OSError as exc:
         os.close(fd)
-        raise _write_error(exc, dst, source.size, source.size) from exc
+        raise _write_error(exc, dst, total, total) from exc
     dest = _Dest(dst, fd)
     try:
         pipe = _Pipeline(source, None if cloned else dest, cancel)
         pipe.run(total, progress)
         if pipe.error is not None:
-            raise _copy_error(pipe, src, dst, total) from pipe.error
+            raise _copy_error(pipe, source.path, dst, total) from pipe.error
         try:
             dest.finish()
         except OSError as exc:
@@ -587,11 +597,8 @@ def hash_file(
     """
     source = _open_source(path)
     try:
-        total = _data_bytes(source.fd, source.size)
         pipe = _Pipeline(source, None, cancel)
-        pipe.run(total, progress)
-    except OSError as exc:
-        raise CopyError(f"cannot read {path}: {exc.strerror}") from exc
+        pipe.run(source.data_bytes, progress)
     finally:
         source.close()
     if isinstance(pipe.error, _Cancelled):
