@@ -106,8 +106,11 @@ def _now() -> str:
 
 def _read_small(path: Path) -> bytes:
     """Read a metadata file without following a symlink planted in its place."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO in a manifest's place must fail, not hang the open.
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         data = f.read(_MAX_METADATA + 1)
     if len(data) > _MAX_METADATA:
         raise OSError(errno.EFBIG, "larger than any metadata file guestsafe writes")
@@ -162,6 +165,13 @@ def _guest_like(name: str) -> bool:
     except ArchiveError:
         return False
     return True
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        return isinstance(value, str) and str(uuidlib.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def _join(numbers: list[int]) -> str:
@@ -267,22 +277,25 @@ class Archive:
             return None
         except (OSError, ValueError) as exc:
             raise ArchiveError(f"archive marker {marker} is unreadable: {exc}") from exc
-        fmt = data.get("format") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            data = {}
+        fmt = data.get("format")
         if type(fmt) is int and fmt > FORMAT_VERSION:
             raise ArchiveError(
                 f"archive {marker.parent} uses format {fmt}, newer than this guestsafe "
                 f"reads ({FORMAT_VERSION}); use a guestsafe release that reads format {fmt}"
             )
         if not (
-            fmt == FORMAT_VERSION
-            and isinstance(data.get("archive_id"), str)
-            and isinstance(data.get("created"), str)
+            type(fmt) is int
+            and fmt == FORMAT_VERSION
+            and data.keys() == {"format", "archive_id", "created"}
+            and _is_uuid(data["archive_id"])
+            and isinstance(data["created"], str)
         ):
             raise ArchiveError(
-                f"archive marker {marker} is damaged (expected format {FORMAT_VERSION}, "
-                "archive_id and created)"
+                f"archive marker {marker} is damaged: expected exactly format "
+                f"{FORMAT_VERSION}, archive_id (a UUID) and created"
             )
-        assert isinstance(data, dict)
         return data
 
     # --- guests --------------------------------------------------------------
@@ -347,7 +360,10 @@ class Archive:
         if st is None:
             if not create:
                 return None
-            _mkdir_private(path)
+            try:
+                _mkdir_private(path)
+            except FileExistsError:  # made by someone else meanwhile: check it as found
+                return self._guest_dir(guest)
             if is_truncated(name):
                 atomic_write_bytes(
                     path / GUEST_NAME_FILE, guest.encode("utf-8", "surrogatepass"), FILE_MODE
@@ -374,16 +390,18 @@ class Archive:
         # The hash in a truncated name already ties the folder to this guest; only a
         # guest-name file that says otherwise means someone else's folder.
         try:
-            stored = _read_small(folder / GUEST_NAME_FILE).decode("utf-8", "surrogatepass")
+            stored = _read_small(folder / GUEST_NAME_FILE)
         except FileNotFoundError:
             if create:  # lost, or a crash right after the folder was made
                 atomic_write_bytes(
                     folder / GUEST_NAME_FILE, guest.encode("utf-8", "surrogatepass"), FILE_MODE
                 )
             return
-        except (OSError, UnicodeDecodeError):
-            stored = ""
-        if stored != guest:
+        except OSError as exc:
+            raise ArchiveError(
+                f"cannot read {folder / GUEST_NAME_FILE}: {exc.strerror or exc}"
+            ) from exc
+        if stored != guest.encode("utf-8", "surrogatepass"):
             raise ArchiveError(
                 f"{folder} belongs to another guest than {printable(guest)} "
                 f"(its {GUEST_NAME_FILE} file disagrees); move it away"
@@ -431,12 +449,16 @@ class Archive:
         problems: list[str] = []
         for number in self._numbers(folder):
             path = folder / str(number)
-            st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode):
-                problems.append(f"version {number} of {printable(guest)}, {path}, is {_kind(st)}")
-                continue
             try:
+                st = os.lstat(path)
+                if not stat.S_ISDIR(st.st_mode):
+                    problems.append(
+                        f"version {number} of {printable(guest)}, {path}, is {_kind(st)}"
+                    )
+                    continue
                 versions.append(self._read_version(guest, path))
+            except FileNotFoundError:
+                continue  # deleted by retention while we looked
             except ArchiveError as exc:
                 problems.append(exc.message)
         for prefix in (PARTIAL_PREFIX, DELETING_PREFIX):
@@ -583,9 +605,10 @@ class Archive:
     def _check(self, guest: str, folder: Path, number: int) -> _Check:
         """Everything about one version that needs no hashing, and the files to hash."""
         check = _Check(guest, number, folder, [], [])
-        st = os.lstat(folder)
-        if not stat.S_ISDIR(st.st_mode):
-            check.problems.append(f"version folder {folder} is {_kind(st)}")
+        st = _lstat(folder)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            kind = "gone (deleted meanwhile?)" if st is None else _kind(st)
+            check.problems.append(f"version folder {folder} is {kind}")
             check.record = False
             return check
         try:
@@ -613,7 +636,8 @@ class Archive:
         if manifest.domain_xml_blake3 is not None:  # always, in a valid manifest
             expected[DOMAIN_XML_FILE] = (manifest.domain_xml_blake3, None)
         present: dict[str, os.stat_result] = {}
-        for name in sorted(os.listdir(check.folder)):
+        entries = sorted(os.listdir(check.folder))
+        for name in entries:
             st = os.lstat(check.folder / name)
             if not stat.S_ISREG(st.st_mode):
                 check.problems.append(f"{printable(name)} is {_kind(st)}")
@@ -621,7 +645,6 @@ class Archive:
                 check.problems.append(f"{printable(name)}: unexpected file")
             else:
                 present[name] = st
-        entries = set(os.listdir(check.folder))
         for name in [*expected, B3SUMS_FILE]:
             if name not in entries:
                 check.problems.append(f"{name}: missing")
@@ -657,9 +680,13 @@ class Archive:
     ) -> int:
         item = f"version {check.number}: {job.file}"
 
-        def report(file_done: int, _file_total: int) -> None:
-            if progress is not None:
-                progress(Progress(check.guest, item, done + file_done, total))
+        def report(file_done: int, file_total: int) -> None:
+            # hash_file counts data bytes only (holes cost nothing); scale them to the
+            # file's length, which is what the total is made of.
+            if progress is not None and file_total:
+                progress(
+                    Progress(check.guest, item, done + file_done * job.size // file_total, total)
+                )
 
         try:
             actual = hash_file(job.path, progress=report, cancel=cancel)
@@ -690,7 +717,8 @@ class Archive:
             )
         except OSError as exc:
             # A read-only mount can still be verified; there is just nowhere to note it.
-            if exc.errno != errno.EROFS:
+            # A folder deleted meanwhile (retention in another run) needs no note.
+            if exc.errno not in (errno.EROFS, errno.ENOENT):
                 raise ArchiveError(
                     f"verified version {check.number} of {printable(check.guest)} but could "
                     f"not record it in {check.folder / VERIFIED_FILE}: {exc.strerror or exc}"

@@ -136,6 +136,24 @@ def test_newer_archive_format_is_refused(archive: Archive) -> None:
         Archive.open(archive.root)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        "[]",
+        '{"format": 1, "archive_id": "x", "created": "2025-01-01T00:00:00+00:00"}',
+        f'{{"format": 1, "archive_id": "{UUID}"}}',
+        f'{{"format": true, "archive_id": "{UUID}", "created": ""}}',
+        f'{{"format": 1, "archive_id": "{UUID}", "created": "", "extra": 1}}',
+    ],
+)
+def test_a_damaged_marker_is_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / MARKER).write_text(text)
+    with pytest.raises(ArchiveError, match=MARKER):
+        Archive.open(tmp_path, create=True)
+    assert (tmp_path / MARKER).read_text() == text  # never overwritten
+
+
 # --- begin, commit, list -----------------------------------------------------
 
 
@@ -377,6 +395,35 @@ def test_verify_passes_and_records_it(archive: Archive) -> None:
     assert archive.version("web", 1).verified is True
     assert seen and seen[-1].done == seen[-1].total
     assert seen[-1].guest == "web"
+
+
+def test_verify_progress_counts_sparse_files_smoothly(archive: Archive) -> None:
+    partial = archive.begin("web")
+    m = fill(partial, {"vda.qcow2": b"a"})
+    with partial.file_path("vdb.raw").open("wb") as f:
+        f.seek(64 * 2**20)
+        f.write(b"tail")
+    data = b"\0" * (64 * 2**20) + b"tail"
+    partial.commit(manifest_for("web", [*m.disks, record("vdb", "vdb.raw", data)]))
+    seen: list[Progress] = []
+    reports = archive.verify("web", progress=seen.append)
+    assert reports[0].ok
+    total = 1 + len(data) + len(XML)  # every file hashed, domain.xml too
+    done = [p.done for p in seen]
+    assert done == sorted(done) and done[-1] == total
+    assert {p.total for p in seen} == {total}
+    # The hole is skipped, not read, yet progress moves through it in proportion.
+    assert any(0 < d < total for d in done)
+
+
+def test_a_fifo_in_place_of_the_manifest_does_not_hang(archive: Archive) -> None:
+    version = backup(archive)
+    (version.path / "manifest.json").unlink()
+    os.mkfifo(version.path / "manifest.json")
+    assert archive.versions() == []
+    assert any("manifest.json" in p for p in archive.problems())
+    (report,) = archive.verify("web")
+    assert report.problems[0].startswith("manifest.json: unreadable")
 
 
 def test_verify_catches_a_flipped_byte(archive: Archive) -> None:
