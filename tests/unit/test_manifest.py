@@ -71,6 +71,11 @@ def test_round_trip() -> None:
     assert m.records == [*m.disks, m.nvram]
 
 
+def test_a_clock_stepped_back_does_not_spoil_a_version() -> None:
+    m = manifest(finished="2025-03-01T01:59:59+00:00")
+    assert Manifest.from_json(m.to_json()) == m
+
+
 def test_round_trip_without_nvram_or_downtime() -> None:
     m = manifest(nvram=None, downtime=None, notes=[], disks=[])
     assert Manifest.from_json(m.to_json()) == m
@@ -178,7 +183,6 @@ def broken(path: str, value: Any) -> dict[str, Any]:
         ("started", "yesterday", "started"),
         ("started", "2025-03-01T02:00:00", "UTC"),
         ("started", "2025-03-01T02:00:00+01:00", "UTC"),
-        ("finished", "2025-03-01T01:00:00Z", "before it started"),
         ("downtime", -1, "downtime"),
         ("downtime", "12", "downtime"),
         ("downtime", True, "downtime"),
