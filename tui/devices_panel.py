@@ -1,0 +1,67 @@
+"""External devices detected but not mounted.
+
+The device list comes from the engine's device layer in a later issue; until
+then the panel is fed an empty list. ``set_devices`` takes any sequence of
+``DeviceRow`` so the device layer only has to map its records to rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from . import formatting as fmt
+
+COLUMNS = ("Node", "Label", "Filesystem", "Size", "Model", "Bus")
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    node: str
+    label: str
+    filesystem: str
+    size: int
+    model: str
+    bus: str
+
+
+class ExternalDevicesPanel(Vertical):
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.border_title = "External devices"
+        self._devices: list[DeviceRow] = []
+
+    def compose(self) -> ComposeResult:
+        yield Static("no external devices detected", id="devices-empty")
+        yield DataTable(id="devices-table", cursor_type="row", show_cursor=False)
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        for column in COLUMNS:
+            table.add_column(column, key=column)
+        self.set_devices([])
+
+    @property
+    def devices(self) -> list[DeviceRow]:
+        return list(self._devices)
+
+    def set_devices(self, devices: Sequence[DeviceRow]) -> None:
+        self._devices = list(devices)
+        table = self.query_one(DataTable)
+        table.clear()
+        for dev in self._devices:
+            table.add_row(
+                fmt.literal(dev.node),
+                fmt.literal(dev.label or "-"),
+                fmt.literal(dev.filesystem or "-"),
+                fmt.size(dev.size),
+                fmt.literal(dev.model or "-"),
+                fmt.literal(dev.bus or "-"),
+                key=dev.node,
+            )
+        table.display = bool(self._devices)
+        self.query_one("#devices-empty", Static).display = not self._devices

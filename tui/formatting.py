@@ -1,0 +1,94 @@
+"""Turning engine values into cell and label text.
+
+Names come from libvirt and from files an operator or a guest may have chosen,
+so they can hold Rich markup ("[b]x[/b]") or control characters. Everything
+shown here goes through ``literal``: control characters become visible escapes
+and the result is a ``Text``, which is never parsed as markup.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import humanize
+from rich.text import Text
+
+from ..engine.api import LastResult
+from ..engine.jobs import Job
+from ..engine.runlog import escape
+
+
+@dataclass(frozen=True)
+class StatusStyles:
+    """Rich styles for good and bad news, taken from the theme in use."""
+
+    ok: str = "green"
+    bad: str = "bold red"
+    muted: str = "dim"
+
+
+def literal(value: object, style: str = "") -> Text:
+    """``value`` shown exactly as it is, whatever brackets or escapes it holds."""
+    return Text(escape(str(value)), style=style)
+
+
+def size(n: int | float) -> str:
+    return str(humanize.naturalsize(n, binary=True))
+
+
+def rate(bytes_per_second: float) -> str:
+    return f"{size(bytes_per_second)}/s"
+
+
+def duration(seconds: float) -> str:
+    """A short, stable duration: 45s, 3m 05s, 1h 02m."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def schedule(job: Job) -> str:
+    """When a job runs: "02:00 daily", "03:30 sun" or "manual"."""
+    if job.schedule.time is None:
+        return "manual"
+    days = ",".join(job.schedule.weekdays) if job.schedule.weekdays else "daily"
+    return f"{job.schedule.time} {days}"
+
+
+def where(job: Job) -> str:
+    """The destination, or the device and where it is mounted."""
+    if job.device:
+        return f"{job.device} -> {job.destination}"
+    return str(job.destination)
+
+
+def short_time(iso: str) -> str:
+    """An ISO timestamp as local "YYYY-MM-DD HH:MM"; anything else as it is."""
+    try:
+        stamp = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    if stamp.tzinfo is not None:
+        stamp = stamp.astimezone()
+    return stamp.strftime("%Y-%m-%d %H:%M")
+
+
+def last_result(result: LastResult | None, styles: StatusStyles) -> Text:
+    if result is None:
+        return Text("-", style=styles.muted)
+    when = short_time(result.finished)
+    if result.ok:
+        return Text(f"ok {when}", style=styles.ok)
+    return Text(f"FAILED {when}", style=styles.bad)
+
+
+def verified(value: bool | None, styles: StatusStyles) -> Text:
+    if value is None:
+        return Text("-", style=styles.muted)
+    return Text("ok", style=styles.ok) if value else Text("FAILED", style=styles.bad)

@@ -1,0 +1,267 @@
+"""Create or edit a job, with every problem shown at its field.
+
+The form never saves a job the engine's checks refuse: it validates as the
+operator types (fields they have changed; all of them once they try to save),
+and if ``save_job`` still refuses, its ``FieldError``s land at the fields too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widget import Widget
+from textual.widgets import (
+    Button,
+    Checkbox,
+    Footer,
+    Input,
+    Label,
+    RadioButton,
+    RadioSet,
+    Static,
+)
+
+from ..engine.api import Engine
+from ..engine.jobs import MODES, ON_TIMEOUT, FieldError, Hooks, Job, JobConfigError
+from .field_input import FieldInput
+from .formatting import literal
+from .job_form_model import FIELDS, MODE_HELP, JobFormValues, by_field, check_job
+from .worker_errors import ReportsWorkerErrors
+
+FORM_LEVEL = "form"  # problems that belong to no one field, shown at the top
+
+
+class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
+    """Returns the saved job's name, or None when cancelled."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f2", "save", "Save", id="form.save"),
+        Binding("escape", "cancel", "Cancel", id="form.cancel"),
+    ]
+
+    def __init__(
+        self,
+        engine: Engine,
+        job: Job | None,
+        *,
+        jobs: Sequence[Job],
+        known_guests: Sequence[str] | None,
+        guests_problem: str = "",
+    ) -> None:
+        super().__init__(classes="modal")
+        self._engine = engine
+        self._original = job
+        self._others = [j for j in jobs if job is None or j.name != job.name]
+        self._known = list(known_guests) if known_guests is not None else None
+        self._guests_problem = guests_problem
+        self._initial = JobFormValues.from_job(job) if job is not None else JobFormValues()
+        # Editing shows every problem at once (a destination may have gone);
+        # a new form waits until a field is changed or Save is pressed.
+        self._show_all = job is not None
+
+    # --- layout ------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        v = self._initial
+        title = "New job" if self._original is None else f"Edit job {self._original.name}"
+        with Vertical(id="job-form", classes="dialog"):
+            yield Static(literal(title), classes="dialog-title")
+            yield Static("", id="e-form", classes="field-error")
+            with VerticalScroll(id="form-fields"):
+                yield from self._text("name", "Name", v.name, "nightly")
+                yield from self._text("guests", "Guests", v.guests, "web1, db1")
+                yield Static(self._guest_hint(), id="guests-hint", classes="field-hint")
+                yield from self._text("destination", "Destination", v.destination, "/srv/backup")
+                yield from self._text(
+                    "device", "Device", v.device, "optional: /dev/sdb1, UUID=..., LABEL=..."
+                )
+                yield from self._text("keep", "Keep versions", v.keep, "3", integer=True)
+                yield from self._text("time", "Time (HH:MM)", v.time, "empty: manual only")
+                yield from self._text(
+                    "weekdays", "Weekdays", v.weekdays, "mon, fri (empty: every day)"
+                )
+                yield from self._row("mode", "Mode", self._radio_set("mode", MODES, v.mode))
+                yield Static(MODE_HELP.get(v.mode, ""), id="mode-help", classes="field-hint")
+                yield from self._text(
+                    "shutdown_timeout", "Shutdown timeout", v.shutdown_timeout, "seconds",
+                    integer=True,
+                )
+                yield from self._row(
+                    "on_timeout", "On timeout",
+                    self._radio_set("on_timeout", ON_TIMEOUT, v.on_timeout, horizontal=True),
+                )
+                yield from self._row(
+                    "verify", "Verify", Checkbox("read the copy back", v.verify, compact=True)
+                )
+                yield from self._row(
+                    "group", "Group",
+                    Checkbox("stop all, copy, start in reverse", v.group, compact=True),
+                )
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Save (F2)", id="form-save", variant="primary", compact=True)
+                yield Button("Cancel (Esc)", id="form-cancel", compact=True)
+        yield Footer()
+
+    def _text(
+        self, field: str, label: str, value: str, placeholder: str, *, integer: bool = False
+    ) -> ComposeResult:
+        widget = FieldInput(
+            value, placeholder=placeholder, type="integer" if integer else "text", compact=True
+        )
+        yield from self._row(field, label, widget)
+
+    def _row(self, field: str, label: str, widget: Widget) -> ComposeResult:
+        widget.id = f"f-{field}"
+        with Horizontal(classes="form-row"):
+            yield Label(label, classes="form-label")
+            yield widget
+        yield Static("", id=f"e-{field}", classes="field-error")
+
+    @staticmethod
+    def _radio_set(
+        field: str, choices: Sequence[str], value: str, *, horizontal: bool = False
+    ) -> RadioSet:
+        buttons = [
+            RadioButton(choice, value == choice, id=f"{field}-{choice}", compact=True)
+            for choice in choices
+        ]
+        radio_set = RadioSet(*buttons, compact=True)
+        if horizontal:
+            radio_set.add_class("horizontal")
+        return radio_set
+
+    def _guest_hint(self) -> str:
+        if self._known is None:
+            return f"guests could not be listed: {self._guests_problem}"
+        return "defined: " + (", ".join(self._known) or "none")
+
+    def on_mount(self) -> None:
+        self.query_one("#f-name", Input).focus()
+        self._validate()
+
+    # --- reading the fields ------------------------------------------------
+
+    def values(self) -> JobFormValues:
+        def text(field: str) -> str:
+            return self.query_one(f"#f-{field}", Input).value
+
+        def choice(field: str, default: str) -> str:
+            pressed = self.query_one(f"#f-{field}", RadioSet).pressed_button
+            if pressed is None or pressed.id is None:
+                return default
+            return pressed.id.removeprefix(f"{field}-")
+
+        return JobFormValues(
+            name=text("name"),
+            guests=text("guests"),
+            destination=text("destination"),
+            device=text("device"),
+            keep=text("keep"),
+            time=text("time"),
+            weekdays=text("weekdays"),
+            mode=choice("mode", "stop"),
+            shutdown_timeout=text("shutdown_timeout"),
+            on_timeout=choice("on_timeout", "abort"),
+            group=self.query_one("#f-group", Checkbox).value,
+            verify=self.query_one("#f-verify", Checkbox).value,
+        )
+
+    def _check(self) -> tuple[Job, list[FieldError]]:
+        hooks = self._original.hooks if self._original is not None else Hooks()
+        return check_job(
+            self.values(), existing=self._others, known_guests=self._known, hooks=hooks
+        )
+
+    # --- showing problems --------------------------------------------------
+
+    def _validate(self) -> list[FieldError]:
+        _job, problems = self._check()
+        self._show(problems)
+        return problems
+
+    def _show(self, problems: Sequence[FieldError], *, all_fields: bool = False) -> None:
+        messages = by_field(problems)
+        values = self.values()
+        for field in FIELDS:
+            changed = getattr(values, field) != getattr(self._initial, field)
+            shown = all_fields or self._show_all or changed
+            message = messages.get(field, "") if shown else ""
+            self._set_error(field, message)
+        general = [messages[f] for f in messages if f not in FIELDS]
+        show_general = general and (all_fields or self._show_all)
+        self._set_error(FORM_LEVEL, general[0] if show_general else "")
+
+    def _set_error(self, field: str, message: str) -> None:
+        error = self.query_one(f"#e-{field}", Static)
+        error.update(literal(message))
+        error.display = bool(message)
+        if field != FORM_LEVEL:
+            self.query_one(f"#f-{field}").set_class(bool(message), "invalid")
+
+    def show_problems(self, problems: Sequence[FieldError]) -> None:
+        """Put problems found elsewhere (the engine's save) at their fields."""
+        self._show_all = True
+        self._show(problems, all_fields=True)
+
+    # --- events ------------------------------------------------------------
+
+    @on(Input.Changed)
+    @on(Checkbox.Changed)
+    def _field_changed(self) -> None:
+        self._validate()
+
+    @on(RadioSet.Changed)
+    def _choice_changed(self, event: RadioSet.Changed) -> None:
+        if event.radio_set.id == "f-mode":
+            mode = self.values().mode
+            help_text = self.query_one("#mode-help", Static)
+            help_text.update(MODE_HELP.get(mode, ""))
+            help_text.set_class(mode == "snapshot", "warning")
+        self._validate()
+
+    @on(Input.Submitted)
+    def _submitted(self) -> None:
+        self.action_save()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.id == "form-save":
+            self.action_save()
+        else:
+            self.action_cancel()
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+    def action_save(self) -> None:
+        self._show_all = True
+        job, problems = self._check()
+        self._show(problems, all_fields=True)
+        if problems:
+            self._focus_first_error(problems)
+            return
+        previous = self._original.name if self._original is not None else None
+        self._save(job, previous)
+
+    def _focus_first_error(self, problems: Sequence[FieldError]) -> None:
+        messages = by_field(problems)
+        for field in FIELDS:
+            if field in messages:
+                self.query_one(f"#f-{field}").focus()
+                return
+
+    @work(thread=True, exclusive=True, group="save", exit_on_error=False)
+    def _save(self, job: Job, previous: str | None) -> None:
+        try:
+            self._engine.save_job(job, previous_name=previous)
+        except JobConfigError as exc:
+            problems = list(exc.problems) or [FieldError(job.name, FORM_LEVEL, exc.message)]
+            self.app.call_from_thread(self.show_problems, problems)
+            return
+        self.app.call_from_thread(self.dismiss, job.name)

@@ -1,0 +1,79 @@
+"""The restore form: which guest, which version, and the new guest's ID."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Button, Input, Label, Static
+
+from .field_input import FieldInput
+from .formatting import literal
+
+
+class RestoreForm(Vertical):
+    @dataclass
+    class Submitted(Message):
+        guest: str
+        number: int
+        new_name: str
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="restore-fields"):
+            yield Label("ID", classes="restore-label")
+            yield FieldInput(id="r-guest", placeholder="guest", compact=True)
+            yield Label("Version", classes="restore-label")
+            yield FieldInput(id="r-version", placeholder="n", type="integer", compact=True)
+            yield Label("New ID", classes="restore-label")
+            yield FieldInput(id="r-new", placeholder="new guest name", compact=True)
+            yield Button("Restore", id="r-submit", variant="primary", compact=True)
+        yield Static("", id="r-error", classes="field-error")
+
+    def on_mount(self) -> None:
+        self.query_one("#r-error", Static).display = False
+
+    def prefill(self, guest: str, number: int) -> None:
+        """Take ID and version from the archive row, and suggest a new ID naming both."""
+        self._input("r-guest").value = guest
+        self._input("r-version").value = str(number)
+        self._input("r-new").value = f"{guest}-v{number}"
+        self._error("")
+
+    def focus_new_id(self) -> None:
+        new = self._input("r-new")
+        new.focus()
+        new.action_end()
+
+    def _input(self, widget_id: str) -> Input:
+        return self.query_one(f"#{widget_id}", Input)
+
+    def _error(self, message: str) -> None:
+        error = self.query_one("#r-error", Static)
+        error.update(literal(message))
+        error.display = bool(message)
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#r-submit")
+    def submit(self, event: Message | None = None) -> None:
+        if event is not None:
+            event.stop()
+        guest = self._input("r-guest").value
+        version = self._input("r-version").value.strip()
+        new_name = self._input("r-new").value
+        if not guest:
+            self._error("ID: choose a version in the table, or type the guest's name")
+            self._input("r-guest").focus()
+            return
+        if not version.isdigit() or int(version) < 1:
+            self._error("Version must be a version number from the table")
+            self._input("r-version").focus()
+            return
+        if not new_name.strip():
+            self._error("New ID: the restored guest needs a name of its own")
+            self._input("r-new").focus()
+            return
+        self._error("")
+        self.post_message(self.Submitted(guest, int(version), new_name))
