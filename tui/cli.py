@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--demo", action="store_true", help="use a throwaway sandbox with sample guests"
     )
-    parser.add_argument("--theme", help="console colour theme")
+    parser.add_argument(
+        "--theme",
+        metavar="NAME",
+        help="console colours: dark (default), light, high-contrast, or a Textual theme name",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("jobs", help="list the jobs")
     run = sub.add_parser("run", help="run a job now")
@@ -147,7 +151,11 @@ def _open_console(engine: Engine, args: argparse.Namespace) -> int:
     except ImportError:
         build_parser().print_help()
         return 0
-    return run_console(engine, theme=args.theme)
+    try:
+        return run_console(engine, theme=args.theme)
+    finally:
+        # Also writes the demo sandbox's guests back, so a restored clone stays.
+        engine.close()
 
 
 def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
