@@ -31,6 +31,15 @@ def qcow2_backing_file(path: Path) -> str | None:
         return f.read(size).decode("utf-8", "replace")
 
 
+def virtual_size(path: Path) -> int:
+    """The size the guest sees: the qcow2 header's, or the file's length for raw."""
+    with path.open("rb") as f:
+        header = f.read(32)
+    if len(header) == 32 and header[:4] == _QCOW2_MAGIC:
+        return int(struct.unpack(">Q", header[24:32])[0])
+    return path.stat().st_size
+
+
 def check_backup_disks(info: GuestInfo) -> None:
     """Refuse disks a file copy cannot save whole, before the guest is stopped."""
     for disk in info.disks:

@@ -150,6 +150,8 @@ class _EventLoop:
         with cls._lock:
             if cls._started:
                 return
+            # libvirt prints every error to stderr by default; ours become exceptions.
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
             libvirt.virEventRegisterDefaultImpl()
             thread = threading.Thread(target=cls._run, name="libvirt-events", daemon=True)
             thread.start()
@@ -296,10 +298,27 @@ class Hypervisor:
         except libvirt.libvirtError:
             self._call(dom.undefine)
 
-    def start(self, name: str, *, paused: bool = False) -> None:
+    def start(self, name: str, *, paused: bool = False, attempts: int = 5) -> None:
+        """Start a guest; an already running guest counts as started.
+
+        Right after a guest stops, libvirt may still be handing its disk files
+        back to their owner; a start in that moment fails with "Permission
+        denied". Such failures are retried a few times before giving up.
+        """
         dom = self._domain(name)
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
-        self._call(dom.createWithFlags, flags)
+        for attempt in range(attempts):
+            try:
+                dom.createWithFlags(flags)
+                return
+            except libvirt.libvirtError as exc:
+                if dom.isActive():
+                    return
+                if attempt + 1 == attempts or not _transient(exc):
+                    raise HypervisorError(
+                        f"cannot start guest {name!r}: {_libvirt_message(exc)}"
+                    ) from exc
+                time.sleep(0.5 * (attempt + 1))
 
     def resume(self, name: str) -> None:
         self._call(self._domain(name).resume)
@@ -392,6 +411,11 @@ def _state_of(dom: libvirt.virDomain) -> str:
     except libvirt.libvirtError:
         return "unknown"
     return _STATE_NAMES.get(state, "unknown")
+
+
+def _transient(exc: libvirt.libvirtError) -> bool:
+    message = _libvirt_message(exc)
+    return "Permission denied" in message or "Cannot access storage" in message
 
 
 def _libvirt_message(exc: libvirt.libvirtError) -> str:

@@ -112,7 +112,8 @@ def plan_restore(
 
 def _new_path(rec: DiskRecord, new_name: str, target_dir: Path | None, taken: set[Path]) -> Path:
     directory = target_dir or Path(rec.source).parent
-    base = f"{encode_guest_name(new_name)}-{rec.file}"
+    # Long names are cut so the file name stays within NAME_MAX (255 bytes).
+    base = f"{encode_guest_name(new_name)[:160]}-{rec.file}"
     candidate = directory / base
     n = 1
     while candidate.exists() or candidate in taken:
@@ -270,7 +271,7 @@ def _set_mac(iface: ET.Element, mac: str) -> None:
 
 def _rewrite_char_devices(root: ET.Element, new_name: str) -> None:
     """Give file-backed consoles their own log, and let libvirt pick socket paths."""
-    prefix = encode_guest_name(new_name)
+    prefix = encode_guest_name(new_name)[:160]
     for dev in root.findall("./devices/*"):
         if dev.tag not in ("serial", "console", "channel", "parallel"):
             continue

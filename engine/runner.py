@@ -162,7 +162,7 @@ class GuestBackup:
             target=target,
             source=source,
             format=fmt or "raw",
-            virtual_size=result.size,
+            virtual_size=disks.virtual_size(dst),
             allocated_size=dst.stat().st_blocks * 512,
             file=file_name,
             blake3=result.blake3,
@@ -177,10 +177,16 @@ class GuestBackup:
             )
 
     def start(self) -> None:
+        """Start the guest again; a failure here must not cost the finished copy."""
         if self.was_state != RUNNING:
             return
         self._phase("start")
-        self.ctx.hv.start(self.name)
+        try:
+            self.ctx.hv.start(self.name)
+        except GuestsafeError as exc:
+            self.error = exc
+            self._error(exc.message)
+            return
         if self.stopped_at is not None:
             self.downtime = time.monotonic() - self.stopped_at
         self._info(f"guest is running again (downtime {self.downtime or 0:.1f} s)")

@@ -1,0 +1,107 @@
+"""guestsafe on top of the rig: an engine with its own home, jobs, and the CLI.
+
+Every test gets its own GUESTSAFE_HOME (config, state, logs) and archive
+directory under tmp_path, so tests never share locks, journals or versions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+import pytest
+
+from guestsafe.engine.api import Engine
+from guestsafe.engine.archive import VersionInfo
+from guestsafe.engine.jobs import Job, Schedule
+from guestsafe.engine.paths import Paths
+
+from .guest import TestGuest
+from .host import LIBVIRT_URI
+
+POWEROFF = re.compile(r"GS-POWEROFF counter=(\d+)")
+BOOT = re.compile(r"GS-BOOT counter=(\d+)")
+
+
+@dataclass
+class GS:
+    """One test's guestsafe: engine, home and archive."""
+
+    home: Path
+    archive: Path
+    engine: Engine
+    env: dict[str, str] = field(default_factory=dict)
+
+    def job(self, name: str, guests: list[TestGuest] | list[str], **options: object) -> Job:
+        names = [g.name if isinstance(g, TestGuest) else g for g in guests]
+        job = Job(name, names, self.archive, schedule=Schedule(None), **options)  # type: ignore[arg-type]
+        self.engine.save_job(job)
+        return job
+
+    def cli(self, *args: str, extra_env: dict[str, str] | None = None,
+            check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-m", "guestsafe.tui", "--connect", LIBVIRT_URI, *args],
+            env=env, capture_output=True, text=True, timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"guestsafe {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+        return proc
+
+    def popen(self, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        env = {**os.environ, **self.env, **(extra_env or {})}
+        return subprocess.Popen(
+            [sys.executable, "-m", "guestsafe.tui", "--connect", LIBVIRT_URI, *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def versions(self, guest: TestGuest | str) -> list[VersionInfo]:
+        name = guest.name if isinstance(guest, TestGuest) else guest
+        return self.engine.versions(self.archive, name)
+
+    def partials(self) -> list[Path]:
+        return sorted(self.archive.glob("*/.partial-*"))
+
+
+def make_gs(tmp_path: Path) -> Iterator[GS]:
+    home = tmp_path / "gshome"
+    archive = tmp_path / "archive"
+    archive.mkdir(mode=0o700)
+    paths = Paths(home / "config" / "jobs.toml", home / "state", home / "log", home / "cache")
+    engine = Engine(uri=LIBVIRT_URI, paths=paths)
+    gs = GS(home, archive, engine, {"GUESTSAFE_HOME": str(home)})
+    try:
+        yield gs
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def gs(tmp_path: Path) -> Iterator[GS]:
+    yield from make_gs(tmp_path)
+
+
+def shutdown_counter(guest: TestGuest, after: int = 0) -> int:
+    """The counter the guest reported as it powered off (after console offset ``after``)."""
+    values = POWEROFF.findall(guest.console_text(after))
+    assert values, f"{guest.name} never printed GS-POWEROFF"
+    return int(values[-1])
+
+
+def file_digests(version: VersionInfo) -> dict[str, str]:
+    """BLAKE3 of every file in a version folder, computed independently of guestsafe."""
+    digests = {}
+    for path in sorted(version.path.iterdir()):
+        hasher = blake3.blake3()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+        digests[path.name] = hasher.hexdigest()
+    return digests
