@@ -99,6 +99,23 @@ def test_trailing_hole_and_unaligned_tail(tmp_path: Path) -> None:
     assert_copy(src2, dst2, content2, copy_file(src2, dst2))
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_fragmented_file_small_extents_and_gaps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    """Thousands of 4 KiB extents 12 KiB apart: read as merged spans, written as pieces."""
+    if not direct:
+        monkeypatch.setattr(copier, "O_DIRECT", 0)
+    src, dst = tmp_path / "frag", tmp_path / "copy"
+    layout = [(i * 16384, 4096) for i in range(2500)]  # 39 MiB: spans cross buffers
+    layout += [(40 * MiB + 4096, 300 * 1024), (40 * MiB + 400 * 1024, 5)]
+    content = make_sparse(src, 41 * MiB, layout)
+    result = copy_file(src, dst)
+    assert_copy(src, dst, content, result)
+    assert result.data_bytes == 2500 * 4096 + 300 * 1024 + 4096
+    assert data_extents(dst) == data_extents(src)
+
+
 def test_existing_destination_is_refused_and_kept(sparse_src: tuple[Path, bytes],
                                                    tmp_path: Path) -> None:
     src, _ = sparse_src
