@@ -236,11 +236,13 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.jobs_pane.reload()
         self.restore_pane.load_versions()
         self.guests_pane.reload()
+        if self._quit_when_idle:
+            # The operator asked to cancel and quit: no modal to answer now.
+            self.exit(0)
+            return
         result = event.worker.result
         if event.state is WorkerState.SUCCESS and isinstance(result, RunResult):
             self._report_run(name or result.job, result)
-        if self._quit_when_idle:
-            self.exit(0)
 
     def _report_run(self, name: str, result: RunResult) -> None:
         if result.ok:

@@ -46,12 +46,13 @@ class MacClashScreen(ModalScreen[dict[int, str] | None]):
                     line = Text(f"Interface {iface.index}: {iface.mac} is used by ")
                     line.append_text(literal(iface.clash_with or "?"))
                     yield Static(line, classes="mac-clash")
+                    # The safe choice first: the cursor starts on it, and it is pressed.
                     yield RadioSet(
                         RadioButton(
-                            f"keep {iface.mac}", id=f"mac-{iface.index}-keep", compact=True
+                            f"new {iface.new_mac}", True, id=f"mac-{iface.index}-new", compact=True
                         ),
                         RadioButton(
-                            f"new {iface.new_mac}", True, id=f"mac-{iface.index}-new", compact=True
+                            f"keep {iface.mac}", id=f"mac-{iface.index}-keep", compact=True
                         ),
                         id=f"mac-{iface.index}",
                         classes="mac-choice horizontal",

@@ -1,0 +1,26 @@
+"""Fixtures for the console's tests: a demo sandbox and an engine on it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from guestsafe.engine import demo  # noqa: E402
+from guestsafe.engine.api import Engine  # noqa: E402
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> demo.Sandbox:
+    return demo.ensure_sandbox(tmp_path / "demo")
+
+
+@pytest.fixture
+def engine(sandbox: demo.Sandbox) -> Iterator[Engine]:
+    engine = Engine.demo(sandbox)
+    yield engine
+    engine.close()

@@ -1,0 +1,154 @@
+"""Helpers shared by the console's Pilot tests, snapshot tests and screenshot script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from textual.pilot import Pilot
+from textual.widgets import Input
+from textual.worker import WorkerState
+
+from guestsafe.engine import demo, restore
+from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.archive import VersionInfo
+from guestsafe.engine.hypervisor import Hypervisor
+
+# Snapshots show paths, so their sandbox always lives here (recreated per test).
+SNAPSHOT_DEMO_DIR = Path("/tmp/guestsafe-snapshot-demo")
+FIXED_HOST = "demo-host"
+FIXED_DATE = "2025-01-06T02:00:00+00:00"
+# Workers that run until cancelled, so "idle" means all the others are done.
+ENDLESS_GROUPS = frozenset({"tail"})
+
+
+async def wait_for(pilot: Pilot[Any], predicate: Callable[[], object], timeout: float = 30) -> None:
+    """Pause the test (never the app) until ``predicate`` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {predicate}")
+        await pilot.pause(0.05)
+
+
+def busy_workers(pilot: Pilot[Any]) -> list[str]:
+    return [
+        f"{w.group}:{w.name}"
+        for w in pilot.app.workers
+        if w.group not in ENDLESS_GROUPS and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
+    ]
+
+
+async def settle(pilot: Pilot[Any], timeout: float = 30) -> None:
+    """Wait until every worker but the log tail is done, and the UI has caught up."""
+    await pilot.pause()
+    await wait_for(pilot, lambda: not busy_workers(pilot), timeout)
+    await pilot.pause()
+    await pilot.pause()
+
+
+async def type_into(pilot: Pilot[Any], selector: str, text: str) -> None:
+    """Focus an input, clear it with the keyboard, and type ``text`` key by key."""
+    field = pilot.app.screen.query_one(selector, Input)
+    field.focus()
+    await pilot.pause()
+    await pilot.press("home", "ctrl+k", *text)
+
+
+async def fill(pilot: Pilot[Any], selector: str, text: str) -> None:
+    """Set an input's text at once (a paste), for fields a test is not about."""
+    field = pilot.app.screen.query_one(selector, Input)
+    field.focus()
+    field.value = text
+    await pilot.pause()
+
+
+def fresh_sandbox(root: Path = SNAPSHOT_DEMO_DIR) -> demo.Sandbox:
+    shutil.rmtree(root, ignore_errors=True)
+    return demo.ensure_sandbox(root)
+
+
+def fixed_versions(engine: Engine) -> Callable[..., list[VersionInfo]]:
+    """engine.versions with dates and sizes that do not depend on the clock or filesystem."""
+    real = engine.versions
+
+    def versions(destination: Path, guest: str | None = None) -> list[VersionInfo]:
+        found = real(destination, guest)
+        return [
+            replace(v, date=FIXED_DATE, size=(v.number * 7 + len(v.guest)) * 1024 * 1024)
+            for v in found
+        ]
+
+    return versions
+
+
+def counting_macs() -> Callable[[set[str]], str]:
+    """A new_mac that counts up instead of drawing random numbers."""
+    state = {"n": 0}
+
+    def new_mac(taken: set[str]) -> str:
+        while True:
+            state["n"] += 1
+            mac = f"{restore.MAC_PREFIX}:aa:00:{state['n']:02x}"
+            if mac not in taken:
+                taken.add(mac)
+                return mac
+
+    return new_mac
+
+
+def freeze(monkeypatch: Any) -> None:
+    """Make everything a snapshot shows independent of this host and this moment."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    monkeypatch.setattr(Hypervisor, "hostname", property(lambda self: FIXED_HOST))
+    monkeypatch.setattr(restore, "new_mac", counting_macs())
+
+
+def write_fixed_log(engine: Engine, name: str = "20250106-020000-nightly.log") -> Path:
+    """A finished run's log with fixed times, as the runner writes it."""
+    lines = [
+        "2025-01-06T02:00:00+00:00 INFO - job nightly: web1, db1 -> /srv/backup",
+        "2025-01-06T02:00:00+00:00 PHASE web1 preflight",
+        "2025-01-06T02:00:00+00:00 PHASE web1 shutdown",
+        "2025-01-06T02:00:00+00:00 INFO web1 shutting down (timeout 300 s, then abort)",
+        "2025-01-06T02:00:04+00:00 INFO web1 guest is off after 3.9 s",
+        "2025-01-06T02:00:04+00:00 PHASE web1 copy",
+        "2025-01-06T02:00:04+00:00 INFO web1 copying vda (/var/lib/libvirt/images/web1.qcow2)",
+        "2025-01-06T02:00:05+00:00 PROGRESS web1 vda 1073741824 8589934592",
+        "2025-01-06T02:00:06+00:00 PROGRESS web1 vda 2147483648 8589934592",
+        "2025-01-06T02:00:07+00:00 PROGRESS web1 vda 3221225472 8589934592",
+        "2025-01-06T02:00:08+00:00 WARNING web1 [b]markup[/b] in a message stays literal",
+        "2025-01-06T02:00:09+00:00 PROGRESS web1 vda 5368709120 8589934592",
+    ]
+    directory = engine.paths.log_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text("\n".join(lines) + "\n")
+    old = datetime(2025, 1, 6, 2, 0, 9, tzinfo=UTC).timestamp()
+    os.utime(path, (old, old))
+    return path
+
+
+def write_fixed_result(engine: Engine) -> None:
+    """A failed last run of the mail job, as the Jobs tab shows it."""
+    directory = engine.paths.state_dir / "results"
+    directory.mkdir(parents=True, exist_ok=True)
+    result = LastResult(
+        "mail-weekly",
+        False,
+        "2025-01-05T03:30:41+00:00",
+        str(engine.paths.log_dir / "20250105-033000-mail-weekly.log"),
+        [
+            "mail: failed: need 41 GiB on /srv/backup, 12 GiB free; guest is shut off, "
+            "no version, previous versions untouched"
+        ],
+    )
+    (directory / "mail-weekly.json").write_text(json.dumps(asdict(result)))
