@@ -30,7 +30,7 @@ class ConfirmModal(ModalScreen[bool]):
         with Vertical(id="confirm-dialog", classes="dialog"):
             yield Static(literal(self._question), id="confirm-question", classes="dialog-title")
             if self._detail:
-                yield Static(literal(self._detail), classes="dialog-body")
+                yield Static(literal(self._detail, multiline=True), classes="dialog-body")
             with Horizontal(classes="dialog-buttons"):
                 yield Button(f"{self._yes} (y)", id="confirm-yes", variant="primary")
                 yield Button("No (n)", id="confirm-no")

@@ -27,7 +27,9 @@ class ErrorModal(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with Vertical(id="error-dialog", classes="dialog dialog-error"):
             yield Static(literal(self._title), classes="dialog-title")
-            yield Static(literal(self._message), id="error-message", classes="dialog-body")
+            yield Static(
+                literal(self._message, multiline=True), id="error-message", classes="dialog-body"
+            )
             with Horizontal(classes="dialog-buttons"):
                 yield Button("OK", id="error-ok", variant="error")
         yield Footer()

@@ -28,9 +28,16 @@ class StatusStyles:
     muted: str = "dim"
 
 
-def literal(value: object, style: str = "") -> Text:
-    """``value`` shown exactly as it is, whatever brackets or escapes it holds."""
-    return Text(escape(str(value)), style=style)
+def literal(value: object, style: str = "", *, multiline: bool = False) -> Text:
+    """``value`` shown exactly as it is, whatever brackets or escapes it holds.
+
+    With ``multiline`` the line breaks stay line breaks; every other control
+    character is still shown as an escape.
+    """
+    text = str(value)
+    if multiline:
+        return Text("\n".join(escape(line) for line in text.split("\n")), style=style)
+    return Text(escape(text), style=style)
 
 
 def size(n: int | float) -> str:

@@ -21,7 +21,9 @@ from .messages import JobsChanged, StartJobRequested
 from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors
 
-COLUMNS = ("Job", "Guests", "Destination / device", "Keep", "Next run", "Last result")
+# The destination comes last: it is the longest, and on a narrow terminal it is
+# the one to scroll to, not the last result.
+COLUMNS = ("Job", "Guests", "Keep", "Next run", "Last result", "Destination / device")
 
 
 class JobsPane(ReportsWorkerErrors, Vertical):
@@ -93,10 +95,10 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             table.add_row(
                 fmt.literal(job.name),
                 fmt.literal(", ".join(job.guests)),
-                fmt.literal(fmt.where(job)),
-                str(job.keep),
-                fmt.schedule(job),
+                Text(str(job.keep)),
+                Text(fmt.schedule(job)),
                 last,
+                fmt.literal(fmt.where(job)),
                 key=job.name,
             )
         if not self._jobs:

@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guestsafe.engine import demo  # noqa: E402
-from guestsafe.engine.api import Engine  # noqa: E402
+from guestsafe.engine import demo
+from guestsafe.engine.api import Engine
 
 
 @pytest.fixture

@@ -8,10 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable, Static
-from textual.worker import WorkerState
-from tui_support import fill, settle, type_into, wait_for
-
 from guestsafe.engine import demo
 from guestsafe.engine.api import Engine
 from guestsafe.engine.hypervisor import RUNNING
@@ -20,6 +16,9 @@ from guestsafe.tui.confirm_modal import ConfirmModal
 from guestsafe.tui.error_modal import ErrorModal
 from guestsafe.tui.job_form import JobFormScreen
 from guestsafe.tui.mac_modal import MacClashScreen
+from textual.widgets import DataTable, Static
+from textual.worker import WorkerState
+from tui_support import fill, settle, type_into, wait_for
 
 pytestmark = pytest.mark.tui
 
@@ -140,7 +139,7 @@ async def test_restore_to_a_new_id_settling_a_mac_clash(
     assert clone.macs[0] == original[0]
     if expect[1:] == ["new"]:
         assert clone.macs[1] != original[1]
-        assert clone.macs[1] not in engine.hv.all_macs() or engine.hv.all_macs()[clone.macs[1]] == new_name
+        assert engine.hv.all_macs()[clone.macs[1]] == new_name  # unique to the clone
 
 
 @pytest.mark.parametrize(
@@ -227,7 +226,9 @@ async def test_a_job_whose_destination_was_removed_fails_into_the_error_modal(
 
 
 async def test_a_broken_jobs_file_surfaces_as_one_error_modal(engine: Engine) -> None:
-    engine.paths.config_file.write_text('[jobs.x]\nguests = ["web1"]\ndestination = "/srv"\nkepp = 3\n')
+    engine.paths.config_file.write_text(
+        '[jobs.x]\nguests = ["web1"]\ndestination = "/srv"\nkepp = 3\n'
+    )
     app = GuestsafeApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
@@ -313,3 +314,35 @@ async def test_quitting_during_a_run_asks_and_waits_for_the_guest(
         gate.set()
         await wait_for(pilot, lambda: not app.is_running, timeout=60)
     assert engine.hv.state("web1") == RUNNING
+
+
+async def test_the_command_palette_switches_theme_and_starts_a_job(engine: Engine) -> None:
+    app = GuestsafeApp(engine, theme="dark")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Theme: high contrast")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.theme == "guestsafe-high-contrast"
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Start job mail-weekly")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        assert "mail-weekly" in str(app.screen.query_one("#confirm-question", Static).render())
+        await pilot.press("n")
+        await settle(pilot)
+    assert engine.last_results() == {}
+
+
+def test_an_unknown_theme_is_refused_before_the_console_opens(
+    engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from guestsafe.tui.app import run_console
+
+    assert run_console(engine, theme="neon") == 2
+    assert "unknown theme 'neon'" in capsys.readouterr().err
