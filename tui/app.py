@@ -370,7 +370,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         return commands
 
 
-def _quiet_libvirt() -> None:
+def quiet_libvirt() -> None:
     """Stop libvirt printing its errors to the terminal the console draws on.
 
     libvirt's default handler writes every error to fd 2 ("Domain not found"
@@ -387,7 +387,7 @@ def _quiet_libvirt() -> None:
 
 def run_console(engine: Engine, theme: str | None = None) -> int:
     """Run the console until the operator quits; the exit code for the CLI."""
-    _quiet_libvirt()
+    quiet_libvirt()
     try:
         app = GuestsafeApp(engine, theme=theme)
     except ValueError as exc:  # an unknown --theme
