@@ -17,14 +17,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from textual.pilot import Pilot  # noqa: E402
-from tui_support import fresh_sandbox, settle, wait_for  # noqa: E402
-
-from guestsafe.engine.api import Engine  # noqa: E402
-from guestsafe.tui.app import GuestsafeApp, quiet_libvirt  # noqa: E402
-from guestsafe.tui.confirm_modal import ConfirmModal  # noqa: E402
-from guestsafe.tui.job_form import JobFormScreen  # noqa: E402
-from guestsafe.tui.mac_modal import MacClashScreen  # noqa: E402
+from guestsafe.engine.api import Engine
+from guestsafe.tui.app import GuestsafeApp, quiet_libvirt
+from guestsafe.tui.confirm_modal import ConfirmModal
+from guestsafe.tui.job_form import JobFormScreen
+from guestsafe.tui.mac_modal import MacClashScreen
+from textual.pilot import Pilot
+from tui_support import fresh_sandbox, settle, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = Path("/tmp/guestsafe-demo-screenshots")
