@@ -34,6 +34,7 @@ from .jobs_pane import JobsPane
 from .log_pane import LogPane
 from .messages import (
     ActivityStarted,
+    CancelRunRequested,
     EngineEvents,
     GuestsChanged,
     JobsChanged,
@@ -209,6 +210,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.jobs_pane.set_running(name)
         self.action_show_tab("log")
         self.log_pane.start_activity(f"job {name}: starting")
+        self.log_pane.expect_own_run()
         self._run(name, self._cancel_run)
 
     @work(thread=True, exclusive=True, group="run", exit_on_error=False)
@@ -217,6 +219,26 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
             self.post_message(RunLogOpened(path))
 
         return self.engine.run_job(name, cancel=cancel, on_log_path=log_opened)
+
+    def on_cancel_run_requested(self, message: CancelRunRequested) -> None:
+        name, cancel = self.running_job, self._cancel_run
+        if name is None or cancel is None:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes and cancel is self._cancel_run:
+                cancel.set()
+                self.notify(f"Cancelling job {name}...", markup=False)
+
+        self.push_screen(
+            ConfirmModal(
+                f"Cancel the backup of job {name}?",
+                "The unfinished copy is removed, the guest is started again if it was "
+                "running, and older versions stay as they are.",
+                yes="Cancel backup",
+            ),
+            answered,
+        )
 
     def on_run_log_opened(self, message: RunLogOpened) -> None:
         self.log_pane.follow(message.path, own=True)
@@ -233,6 +255,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.running_job = None
         self._cancel_run = None
         self.jobs_pane.set_running(None)
+        self.log_pane.set_run_active(False)
         self.jobs_pane.reload()
         self.restore_pane.load_versions()
         self.guests_pane.reload()

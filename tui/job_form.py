@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -87,7 +88,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                     "weekdays", "Weekdays", v.weekdays, "mon, fri (empty: every day)"
                 )
                 yield from self._row("mode", "Mode", self._radio_set("mode", MODES, v.mode))
-                yield Static(MODE_HELP.get(v.mode, ""), id="mode-help", classes="field-hint")
+                yield Static(id="mode-help", classes="field-hint")
                 yield from self._text(
                     "shutdown_timeout", "Shutdown timeout", v.shutdown_timeout, "seconds",
                     integer=True,
@@ -143,6 +144,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
     def on_mount(self) -> None:
         self.query_one("#f-name", Input).focus()
+        self._show_mode_help()
         self._validate()
 
     # --- reading the fields ------------------------------------------------
@@ -219,11 +221,21 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
     @on(RadioSet.Changed)
     def _choice_changed(self, event: RadioSet.Changed) -> None:
         if event.radio_set.id == "f-mode":
-            mode = self.values().mode
-            help_text = self.query_one("#mode-help", Static)
-            help_text.update(MODE_HELP.get(mode, ""))
-            help_text.set_class(mode == "snapshot", "warning")
+            self._show_mode_help()
         self._validate()
+
+    def _show_mode_help(self) -> None:
+        """One line per mode, the chosen one bold; the crash-consistent one in warning colour."""
+        chosen = self.values().mode
+        warning = self.app.current_theme.warning or "yellow"
+        lines = []
+        for mode, help_line in MODE_HELP.items():
+            style = warning if mode == "snapshot" else ""
+            if mode == chosen:
+                style = f"bold {style}".strip()
+            marker = ">" if mode == chosen else " "
+            lines.append(Text(f"{marker} {mode:<10} {help_line}", style=style))
+        self.query_one("#mode-help", Static).update(Text("\n").join(lines))
 
     @on(Input.Submitted)
     def _submitted(self) -> None:

@@ -26,7 +26,7 @@ from textual.worker import get_current_worker
 from ..engine.api import Engine
 from ..engine.events import Event
 from . import formatting as fmt
-from .messages import LogLines
+from .messages import CancelRunRequested, LogLines
 from .run_progress import RunProgressPanel
 from .run_tracker import DisplayLine, RunTracker
 from .styles import status_styles
@@ -45,6 +45,7 @@ class LogPane(ReportsWorkerErrors, Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f", "follow_latest", "Follow newest", id="log.follow"),
         Binding("p", "toggle_runs", "Past runs", id="log.runs"),
+        Binding("c", "cancel_run", "Cancel run", id="log.cancel"),
     ]
 
     def __init__(self, engine: Engine, *, id: str | None = None) -> None:
@@ -55,6 +56,10 @@ class LogPane(ReportsWorkerErrors, Vertical):
         self._current: Path | None = None
         self._own_runs: set[Path] = set()
         self._offered: set[Path] = set()
+        # Set while a run started here has not yet named its log file, so the
+        # scan does not offer that file as someone else's run.
+        self._expecting_own_run = False
+        self._run_active = False
         self._scanned = False
 
     def compose(self) -> ComposeResult:
@@ -92,10 +97,30 @@ class LogPane(ReportsWorkerErrors, Vertical):
         panel.clear(title)
         panel.show(self._tracker.view)
 
+    def expect_own_run(self) -> None:
+        """A run is starting here; its log file will arrive through ``follow(own=True)``."""
+        self._expecting_own_run = True
+        self.set_run_active(True)
+
+    def set_run_active(self, active: bool) -> None:
+        self._run_active = active
+        if not active:
+            self._expecting_own_run = False
+        self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "cancel_run":
+            return self._run_active
+        return True
+
+    def action_cancel_run(self) -> None:
+        self.post_message(CancelRunRequested())
+
     def follow(self, path: Path, *, own: bool = False) -> None:
         """Show ``path`` from its start (its last 512 KiB) and keep reading as it grows."""
         if own:
             self._own_runs.add(path)
+            self._expecting_own_run = False
         self._offered.add(path)
         self._current = path
         self._begin(path.name)
@@ -179,6 +204,8 @@ class LogPane(ReportsWorkerErrors, Vertical):
             if highlighted is not None and files:
                 runs.highlighted = min(highlighted, len(files) - 1)
         for path in recent:
+            if self._expecting_own_run:
+                continue  # most likely the run just started here
             if path not in self._offered and path != self._current:
                 self._offered.add(path)
                 self.app.notify(

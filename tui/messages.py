@@ -88,3 +88,8 @@ class ActivityStarted(Message):
 @dataclass
 class RestoreEnded(Message):
     """A restore finished, failed or was cancelled."""
+
+
+@dataclass
+class CancelRunRequested(Message):
+    """The operator asked to cancel the run started here; the app confirms."""

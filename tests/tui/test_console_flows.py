@@ -346,3 +346,73 @@ def test_an_unknown_theme_is_refused_before_the_console_opens(
 
     assert run_console(engine, theme="neon") == 2
     assert "unknown theme 'neon'" in capsys.readouterr().err
+
+
+async def test_a_run_started_outside_the_console_is_offered_and_followed(
+    engine: Engine, sandbox: demo.Sandbox
+) -> None:
+    gate = threading.Event()
+    outside = Engine.demo(sandbox)  # as `guestsafe run` from a shell would
+    results: list[Any] = []
+
+    def shell_run() -> None:
+        results.append(outside.run_job("mail-weekly", on_log_path=lambda _path: gate.wait(60)))
+
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        thread = threading.Thread(target=shell_run)
+        thread.start()
+        try:
+            await wait_for(pilot, lambda: engine.log_files())
+            app.log_pane.scan()
+            await wait_for(pilot, lambda: any("A run is writing" in n for n in notifications(app)))
+            await pilot.press("l", "f")
+            newest = engine.log_files()[0]
+            await wait_for(pilot, lambda: app.log_pane.current == newest)
+            gate.set()
+            await wait_for(pilot, lambda: app.log_pane._tracker.view.finished is not None)
+            assert app.log_pane._tracker.view.finished == "finished backup"
+        finally:
+            gate.set()
+            thread.join(60)
+            outside.close()
+    assert results and results[0].ok
+
+
+async def test_cancelling_a_run_from_the_log_tab(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside = threading.Event()
+    real_run_job = engine.run_job
+
+    def slow_run_job(name: str, reporter: Any = None, **kwargs: Any) -> Any:
+        cancel: threading.Event = kwargs["cancel"]
+        opened = kwargs.pop("on_log_path")
+
+        def on_log_path(path: Path) -> None:
+            opened(path)
+            inside.set()
+            cancel.wait(60)  # held until the operator cancels
+
+        return real_run_job(name, on_log_path=on_log_path, **kwargs)
+
+    monkeypatch.setattr(engine, "run_job", slow_run_job)
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("s")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("y")
+        await wait_for(pilot, inside.is_set)
+        assert app.active_tab == "log"
+        await pilot.press("c")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("y")
+        await wait_for(pilot, lambda: app.running_job is None, timeout=60)
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        await settle(pilot)
+    assert not engine.last_results()["nightly"].ok
+    assert engine.hv.state("web1") == RUNNING
+    dest = engine.job("nightly").destination
+    assert not (dest / "guestsafe-archive.json").exists() or engine.versions(dest) == []
