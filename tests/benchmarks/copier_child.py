@@ -1,0 +1,42 @@
+"""Run one copier call in its own process, so the parent can read its peak RSS.
+
+Usage: ``copier_child.py [--wait] copy SRC DST`` or ``copier_child.py [--wait] hash PATH``.
+Prints one line of JSON: the result and the seconds the call itself took.
+
+With ``--wait`` it imports everything, prints ``ready``, and starts only when a
+line arrives on stdin. The parent then times the copy the way the engine runs
+it (in a process that is already up), not the interpreter's start.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from guestsafe.engine.copier import copy_file, hash_file
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--wait"]:
+        argv = argv[1:]
+        print("ready", flush=True)
+        sys.stdin.readline()
+    start = time.perf_counter()
+    if argv[:1] == ["copy"] and len(argv) == 3:
+        result = copy_file(Path(argv[1]), Path(argv[2]))
+        out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
+               "cloned": result.cloned}
+    elif argv[:1] == ["hash"] and len(argv) == 2:
+        out = {"blake3": hash_file(Path(argv[1]))}
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    out["seconds"] = time.perf_counter() - start
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
