@@ -31,6 +31,7 @@ from .confirm_modal import ConfirmModal
 from .error_modal import ErrorModal
 from .guests_pane import GuestsPane
 from .jobs_pane import JobsPane
+from .keymap import keymap_path, load_keymap
 from .log_pane import LogPane
 from .messages import (
     ActivityStarted,
@@ -81,6 +82,11 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
             self.register_theme(palette)
         self.theme = themes.resolve_theme(theme, self.available_themes)
         self.engine = engine
+        # Read once before the console draws: a few bytes, and keys must be
+        # right from the first keypress.
+        self._keymap, self._keymap_problems = load_keymap(
+            keymap_path(engine.paths.config_file)
+        )
         self.running_job: str | None = None
         self._cancel_run: threading.Event | None = None
         self._quit_when_idle = False
@@ -102,6 +108,10 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
 
     def on_mount(self) -> None:
         self.sub_title = escape(self.engine.uri)
+        if self._keymap:
+            self.set_keymap(self._keymap)
+        for problem in self._keymap_problems:
+            self.notify(problem, title="keys.toml", severity="warning", markup=False)
         self._connect()
         self._recover()
         self.jobs_pane.focus_table()

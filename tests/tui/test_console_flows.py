@@ -416,3 +416,18 @@ async def test_cancelling_a_run_from_the_log_tab(
     assert engine.hv.state("web1") == RUNNING
     dest = engine.job("nightly").destination
     assert not (dest / "guestsafe-archive.json").exists() or engine.versions(dest) == []
+
+
+async def test_keys_toml_remaps_a_binding_by_its_id(engine: Engine) -> None:
+    keys = engine.paths.config_file.parent / "keys.toml"
+    keys.write_text('[keys]\n"jobs.start" = "f9"\n')
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
+        await pilot.press("n")
+        await settle(pilot)
+        await pilot.press("s")  # the old key no longer starts a job
+        await pilot.pause()
+        assert not isinstance(app.screen, ConfirmModal)

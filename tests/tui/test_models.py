@@ -216,3 +216,15 @@ def test_every_binding_has_an_id_and_avoids_keys_terminals_eat() -> None:
             keys = set(binding.key.split(","))
             assert not keys & FORBIDDEN_KEYS, f"{owner.__name__}: {binding.key}"
     assert len(ids) == len(set(ids)), "binding ids are unique, so a keymap names one binding"
+
+
+def test_keys_toml_moves_bindings_and_refuses_terminal_keys(tmp_path: Path) -> None:
+    from guestsafe.tui.keymap import load_keymap
+
+    path = tmp_path / "keys.toml"
+    assert load_keymap(path) == ({}, [])
+    path.write_text('[keys]\n"jobs.start" = "f9"\n"app.quit" = "ctrl+s"\n"x" = 3\n')
+    keymap, problems = load_keymap(path)
+    assert keymap == {"jobs.start": "f9"}
+    assert len(problems) == 2
+    assert "ctrl+s is not usable" in problems[0] or "ctrl+s is not usable" in problems[1]
