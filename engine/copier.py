@@ -2,19 +2,22 @@
 
 One copy runs as a small pipeline (DESIGN.md, "Copier")::
 
-    reader thread --batch--> writer thread --bytes written--> caller's thread
-                  \\-batch--> hasher thread                    (progress, cancel)
+    2 reader threads --batch--> 2 writer threads --bytes written--> caller's thread
+                     \\-batch--> 1 hasher thread (in file order)     (progress, cancel)
 
 A batch is one 16 MiB page-aligned buffer holding one or more data extents.
-A buffer goes back to the pool once both the writer and the hasher are done
-with it, so memory stays at ``NBUF`` buffers whatever the size of the disk.
+A buffer goes back to the pool once both a writer and the hasher are done with
+it, so memory stays at ``NBUF`` buffers whatever the size of the disk.
 
-Only data extents (SEEK_DATA/SEEK_HOLE) are read and written: holes stay
-holes. The hasher feeds zeros for the holes, so the digest equals ``b3sum``.
+Only data extents (SEEK_DATA/SEEK_HOLE) are written: holes stay holes. Extents
+a few KiB apart are read as one span, the hole between read as zeros. The
+hasher feeds zeros for the holes, so the digest equals ``b3sum``.
+
 I/O is O_DIRECT where the kernel accepts it: buffered readahead into holes and
 dirty-page writeback cost more than the disk itself, and a hypervisor's RAM
-belongs to its guests. Where O_DIRECT is refused, buffered I/O is kept out of
-the page cache with ``sync_file_range`` and ``posix_fadvise(DONTNEED)``.
+belongs to its guests. Small pieces, and everything where O_DIRECT is refused,
+go through the page cache, kept to two batches with ``sync_file_range`` and
+dropped with ``posix_fadvise(DONTNEED)``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import random
 import shutil
@@ -216,6 +218,50 @@ def test_buffered_fallback_when_o_direct_is_unavailable(
     result = copy_file(src, dst)
     assert_copy(src, dst, content, result)
     assert data_extents(dst) == data_extents(src)
+
+
+def test_o_direct_refused_at_io_time_falls_back(
+    sparse_src: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some filesystems open with O_DIRECT but fail the I/O with EINVAL."""
+    real_preadv, real_pwrite = os.preadv, os.pwrite
+
+    def refuse_direct(fd: int) -> None:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        refuse_direct(fd)
+        return real_preadv(fd, buffers, offset)
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        refuse_direct(fd)
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    src, content = sparse_src
+    dst = tmp_path / "copy"
+    assert_copy(src, dst, content, copy_file(src, dst))
+    assert data_extents(dst) == data_extents(src)
+
+
+def test_read_error_names_source_and_removes_destination(
+    sparse_src: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    src, _ = sparse_src
+    dst = tmp_path / "copy"
+    before = threading.active_count()
+    with pytest.raises(CopyError, match=f"cannot read {src}: Input/output error"):
+        copy_file(src, dst)
+    assert not dst.exists()
+    assert threads_settled(before)
+    with pytest.raises(CopyError, match="Input/output error"):
+        hash_file(src)
 
 
 def test_hash_file_matches_whole_content(sparse_src: tuple[Path, bytes]) -> None:
