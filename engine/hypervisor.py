@@ -38,6 +38,9 @@ _STATE_NAMES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
 
+# How often an unanswered shutdown request is repeated.
+SHUTDOWN_RESEND_SECONDS = 5.0
+
 # How often the state is re-read while waiting, in case an event went missing.
 _STATE_RECHECK_SECONDS = 1.0
 
@@ -253,8 +256,12 @@ class Hypervisor:
         return True
 
     def guests(self) -> list[GuestInfo]:
-        domains = self._call(self._conn.listAllDomains, 0)
-        infos = [self._info(d) for d in domains]
+        infos = []
+        for dom in self._call(self._conn.listAllDomains, 0):
+            try:
+                infos.append(self._info(dom))
+            except HypervisorError:
+                continue  # undefined between the listing and the lookup
         return sorted(infos, key=lambda g: g.name)
 
     def guest(self, name: str) -> GuestInfo:
@@ -272,7 +279,10 @@ class Hypervisor:
         macs: dict[str, str] = {}
         for dom in self._call(self._conn.listAllDomains, 0):
             for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
-                info = parse_domain_xml(self._call(dom.XMLDesc, flags))
+                try:
+                    info = parse_domain_xml(dom.XMLDesc(flags))
+                except libvirt.libvirtError:
+                    continue  # undefined between the listing and the lookup
                 for mac in info.macs:
                     macs.setdefault(mac, info.name)
         return macs
@@ -346,8 +356,7 @@ class Hypervisor:
         t0 = time.monotonic()
         if _state_of(dom) == SHUTOFF:
             return ShutdownResult(False, 0.0)
-        self._call(dom.shutdown)
-        if self._wait_stopped(dom, uuid, t0, timeout):
+        if self._request_shutdown(dom, uuid, t0, timeout):
             return ShutdownResult(False, time.monotonic() - t0)
         if on_timeout != "force":
             raise ShutdownTimeout(
@@ -363,6 +372,28 @@ class Hypervisor:
         if not self._wait_stopped(dom, uuid, t0, 30):
             raise HypervisorError(f"guest {name!r} could not be powered off")
         return ShutdownResult(True, time.monotonic() - t0)
+
+    def _request_shutdown(
+        self, dom: libvirt.virDomain, uuid: str, t0: float, timeout: float
+    ) -> bool:
+        """Ask for a shutdown, and ask again now and then until the timeout.
+
+        A guest that is still booting has no ACPI daemon yet and drops the
+        power-button event; asking again is what an operator would do.
+        """
+        deadline = t0 + timeout
+        while True:
+            try:
+                dom.shutdown()
+            except libvirt.libvirtError:
+                if _state_of(dom) == SHUTOFF:
+                    return True
+                raise
+            window = min(SHUTDOWN_RESEND_SECONDS, deadline - time.monotonic())
+            if self._wait_stopped(dom, uuid, t0, time.monotonic() - t0 + max(window, 0)):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def _wait_stopped(self, dom: libvirt.virDomain, uuid: str, t0: float, timeout: float) -> bool:
         deadline = t0 + timeout

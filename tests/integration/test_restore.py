@@ -1,0 +1,140 @@
+"""Restoring versions of real guests: as a clone, and over the original."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+from rig import GuestFactory, TestGuest
+from rig.gs import BOOT, GS, gs, shutdown_counter  # noqa: F401  (gs is a fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def _console_path(xml: str) -> Path:
+    source = ET.fromstring(xml).find("./devices/serial/source")
+    assert source is not None
+    return Path(source.get("path", ""))
+
+
+def _disk_paths(xml: str) -> list[str]:
+    return [s.get("file", "") for s in ET.fromstring(xml).findall("./devices/disk/source")]
+
+
+def _macs(xml: str) -> list[str]:
+    return [m.get("address", "") for m in ET.fromstring(xml).findall("./devices/interface/mac")]
+
+
+def _wait_boot(console: Path, timeout: float = 60) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        match = BOOT.search(text)
+        if match:
+            return int(match.group(1))
+        time.sleep(0.3)
+    raise AssertionError(f"no GS-BOOT on {console}")
+
+
+def test_cli_restore_as_new_guest_boots_with_the_original_counter(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("orig", interfaces=2)
+    before = original.console_size()
+    gs.job("nightly", [original])
+    gs.cli("run", "nightly", check=True)
+    at_shutdown = shutdown_counter(original, before)
+    original_xml = original.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    clone_name = original.name + "-clone"
+    guest_factory.adopt(clone_name)
+
+    proc = gs.cli("restore", original.name, "1", clone_name, "--start", check=True)
+
+    assert "MAC" in proc.stderr  # both MACs clashed with the running original
+    clone = libvirt_conn.lookupByName(clone_name)
+    clone_xml = clone.XMLDesc(0)
+    assert clone.isActive()
+    assert _wait_boot(_console_path(clone_xml)) == at_shutdown
+    assert clone.UUIDString() != original.dom.UUIDString()
+    clone_macs = _macs(clone_xml)
+    assert len(clone_macs) == 2 and len(set(clone_macs)) == 2
+    assert not set(clone_macs) & set(original.macs)
+    everyone = gs.engine.hv.all_macs()
+    assert all(everyone[mac] == clone_name for mac in clone_macs)
+    assert not set(_disk_paths(clone_xml)) & set(_disk_paths(original_xml))
+    assert _console_path(clone_xml) != _console_path(original_xml)
+    # The original was left exactly as it was defined.
+    assert original.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE) == original_xml
+    assert original.is_running()
+
+
+def test_restore_keeps_macs_when_asked(gs: GS, guest_factory: GuestFactory,
+                                       libvirt_conn: libvirt.virConnect) -> None:
+    original = guest_factory("keepmac", start=False)
+    gs.job("k", [original])
+    assert gs.engine.run_job("k").ok
+    clone_name = original.name + "-k"
+    guest_factory.adopt(clone_name)
+
+    gs.cli("restore", original.name, "1", clone_name, "--mac", "keep", check=True)
+
+    clone = libvirt_conn.lookupByName(clone_name)
+    assert _macs(clone.XMLDesc(0)) == original.macs
+    assert not clone.isActive()
+
+
+def test_restore_refuses_an_existing_name(gs: GS, guest_factory: GuestFactory) -> None:
+    original = guest_factory("dup", start=False)
+    other = guest_factory("other", start=False)
+    gs.job("d", [original])
+    assert gs.engine.run_job("d").ok
+
+    proc = gs.cli("restore", original.name, "1", other.name)
+
+    assert proc.returncode == 9
+    assert "already defined" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_restore_over_the_original_puts_the_old_disk_back(
+    gs: GS, guest_factory: GuestFactory
+) -> None:
+    guest = guest_factory("over")
+    before = guest.console_size()
+    gs.job("over", [guest])
+    assert gs.engine.run_job("over").ok
+    backed_up = shutdown_counter(guest, before)
+    # The guest runs on and counts further; then it is shut off.
+    guest.wait_for_console(r"GS-COUNTER (\d+)", timeout=60, after=guest.console_size())
+    guest.shutdown()
+    assert guest.read_counter() > backed_up
+
+    running = gs.cli("restore", guest.name, "1", "--overwrite")
+    assert running.returncode == 0, running.stderr
+
+    assert guest.read_counter() == backed_up
+    assert not list(guest.directory.glob("*.guestsafe-aside"))
+    offset = guest.start()
+    match = guest.wait_for_console(BOOT, timeout=60, after=offset)
+    assert int(match.group(1)) == backed_up
+
+
+def test_restore_over_a_running_guest_is_refused(gs: GS, guest_factory: GuestFactory) -> None:
+    guest = guest_factory("busy")
+    gs.job("busy", [guest])
+    assert gs.engine.run_job("busy").ok
+    vda = guest.disks["vda"].path
+    before = vda.stat().st_mtime_ns
+
+    proc = gs.cli("restore", guest.name, "1", "--overwrite")
+
+    assert proc.returncode == 9
+    assert re.search(r"is running; shut it off", proc.stderr)
+    assert guest.is_running() and vda.stat().st_mtime_ns >= before
+
+
