@@ -36,6 +36,7 @@ from .worker_errors import ReportsWorkerErrors
 MAX_LINES = 5000
 FLUSH_INTERVAL = 0.2
 POLL_INTERVAL = 0.1
+MAX_BATCH = 500
 SCAN_INTERVAL = 2.0
 # A log written to this recently belongs to a run that may still be going.
 RECENT_SECONDS = 60.0
@@ -148,10 +149,13 @@ class LogPane(ReportsWorkerErrors, Vertical):
             lines = follower.read_new()
             batch.extend(lines)
             now = time.monotonic()
-            if batch and now - last_flush >= FLUSH_INTERVAL:
-                self.post_message(LogLines(path, generation, batch))
-                batch, last_flush = [], now
-            if not lines:
+            flushed = False
+            # Big backlogs (a past log) go in slices, so keys are handled between them.
+            if batch and (now - last_flush >= FLUSH_INTERVAL or len(batch) >= MAX_BATCH):
+                chunk, batch = batch[:MAX_BATCH], batch[MAX_BATCH:]
+                self.post_message(LogLines(path, generation, chunk))
+                last_flush, flushed = now, True
+            if not lines and not flushed:
                 time.sleep(POLL_INTERVAL)
 
     def on_log_lines(self, message: LogLines) -> None:
@@ -162,10 +166,11 @@ class LogPane(ReportsWorkerErrors, Vertical):
     def _write(self, lines: Iterable[DisplayLine | None]) -> None:
         log = self.query_one("#log-view", RichLog)
         styles = self._level_styles()
-        for line in lines:
-            if line is not None:
-                log.write(render_line(line, styles))
-        self.query_one(RunProgressPanel).show(self._tracker.view)
+        with self.app.batch_update():
+            for line in lines:
+                if line is not None:
+                    log.write(render_line(line, styles))
+            self.query_one(RunProgressPanel).show(self._tracker.view)
 
     def _level_styles(self) -> dict[str, str]:
         theme = self.app.current_theme

@@ -431,3 +431,23 @@ async def test_keys_toml_remaps_a_binding_by_its_id(engine: Engine) -> None:
         await pilot.press("s")  # the old key no longer starts a job
         await pilot.pause()
         assert not isinstance(app.screen, ConfirmModal)
+
+
+async def test_a_long_past_log_loads_in_slices_and_is_bounded(engine: Engine) -> None:
+    from guestsafe.tui.log_pane import MAX_LINES
+
+    log_dir = engine.paths.log_dir
+    log_dir.mkdir(parents=True, exist_ok=True)
+    big = log_dir / "20250101-000000-big.log"
+    stamp = "2025-01-01T00:00:00+00:00"
+    big.write_text("".join(f"{stamp} INFO web1 line {i}\n" for i in range(20000)))
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("l", "f")
+        await wait_for(pilot, lambda: app.log_pane.current == big)
+        view = app.query_one("#log-view")
+        await wait_for(pilot, lambda: bool(view.lines) and "line 19999" in view.lines[-1].text)
+        assert len(view.lines) <= MAX_LINES
+        await pilot.press("j")
+        assert app.active_tab == "jobs"
