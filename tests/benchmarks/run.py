@@ -15,13 +15,14 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +40,7 @@ class Run:
     stdout: str
     startup: float = 0.0  # primed runs: spawn to ready, cold (not in seconds)
     page_cache: int = 0  # peak growth of the page cache during the run
+    median: float = 0.0  # median seconds over all runs (set by race)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Row:
     section: str
     what: str
     seconds: float
+    median: float
     data_bytes: int
     peak_rss: int
     page_cache: int
@@ -62,7 +65,7 @@ class Bench:
     files: dict[str, Path] = field(default_factory=dict)
 
     def record(self, section: str, what: str, run: Run, data_bytes: int) -> None:
-        self.rows.append(Row(section, what, run.seconds, data_bytes, run.peak_rss,
+        self.rows.append(Row(section, what, run.seconds, run.median, data_bytes, run.peak_rss,
                              run.page_cache))
 
 
@@ -158,18 +161,22 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
     """Best of ``bench.repeat`` cold runs of each contender, taken in turns.
 
     Turns, in alternating order, so a slow spell of the machine (other work,
-    the host's own writeback) hits every contender alike.
+    the host's own writeback) hits every contender alike. The best run is
+    returned, carrying the median of all runs as well.
     """
-    best: dict[str, Run] = {}
+    runs: dict[str, list[Run]] = {c.name: [] for c in contenders}
     for turn in range(bench.repeat):
         for contender in contenders if turn % 2 == 0 else contenders[::-1]:
             if contender.output is not None:
                 contender.output.unlink(missing_ok=True)
             then_sync = contender.output if contender.sync_output else None
             run = run_timed(contender.argv, bench, then_sync=then_sync, primed=contender.primed)
-            if contender.name not in best or run.seconds < best[contender.name].seconds:
-                best[contender.name] = run
-    return best
+            runs[contender.name].append(run)
+    return {
+        name: replace(min(done, key=lambda r: r.seconds),
+                      median=statistics.median(r.seconds for r in done))
+        for name, done in runs.items()
+    }
 
 
 def ours(name: str, *args: str, output: Path | None = None) -> Contender:
@@ -226,8 +233,9 @@ def prepare(bench: Bench) -> None:
 
 
 def set_ratio(bench: Bench, key: str, theirs: Run, ours_run: Run) -> None:
-    """Their time over ours: above 1 means guestsafe is faster."""
+    """Their time over ours: above 1 means guestsafe is faster. Best runs, and medians."""
     bench.figures[key] = round(theirs.seconds / ours_run.seconds, 3)
+    bench.figures[f"{key}_median"] = round(theirs.median / ours_run.median, 3)
 
 
 def bench_copy(bench: Bench) -> None:
@@ -351,18 +359,21 @@ def print_table(bench: Bench) -> None:
           f"qcow2 {human_bytes(int(str(bench.figures['qcow2_file_bytes'])))}; "
           f"best of {bench.repeat} cold runs"
           + ("" if bench.drop_caches else " (caches NOT dropped: not root)"))
-    header = (f"{'section':<8} {'measurement':<50} {'seconds':>8} {'data MB/s':>10} "
-              f"{'peak RSS':>10} {'page cache':>11}")
+    header = (f"{'section':<8} {'measurement':<50} {'best s':>7} {'median':>7} "
+              f"{'data MB/s':>10} {'peak RSS':>10} {'page cache':>11}")
     print(header)
     print("-" * len(header))
     for row in bench.rows:
         rate = row.data_bytes / row.seconds / 1e6
-        print(f"{row.section:<8} {row.what:<50} {row.seconds:>8.2f} {rate:>10.0f} "
+        print(f"{row.section:<8} {row.what:<50} {row.seconds:>7.2f} {row.median:>7.2f} "
+              f"{rate:>10.0f} "
               f"{human_bytes(row.peak_rss):>10} {human_bytes(row.page_cache):>11}")
     print()
+    print(f"{'ratio (theirs / ours, >1: guestsafe faster)':<44} {'best':>7} {'median':>7}")
     for key, value in bench.figures.items():
-        if "ratio" in key:
-            print(f"{key:<28} {value}x")
+        if "_ratio" in key and not key.endswith("_median"):
+            median = bench.figures.get(f"{key}_median", "")
+            print(f"{key:<44} {value:>7} {median:>7}")
 
 
 def scratch_parent(requested: str | None) -> Path:
