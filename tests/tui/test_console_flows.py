@@ -451,3 +451,45 @@ async def test_a_long_past_log_loads_in_slices_and_is_bounded(engine: Engine) ->
         assert len(view.lines) <= MAX_LINES
         await pilot.press("j")
         assert app.active_tab == "jobs"
+
+
+async def test_recovery_runs_at_start_and_says_what_it_did(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from guestsafe.engine.events import LogLine
+
+    calls: list[str] = []
+
+    def recover(reporter: Any) -> list[str]:
+        calls.append("recover")
+        reporter(LogLine(logging.INFO, "recovered: guest started again after an interrupted backup",
+                         "web1"))
+        return ["web1"]
+
+    monkeypatch.setattr(engine, "recover", recover)
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert calls == ["recover"]
+        assert any("Recovered after an interrupted run: web1" in n for n in notifications(app))
+        assert app.active_tab == "log"
+        shown = " ".join(line.text for line in app.query_one("#log-view").lines)
+        assert "web1: recovered: guest started again" in shown
+
+
+async def test_an_unexpected_exception_is_an_error_modal_not_a_traceback(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> list[Any]:
+        raise RuntimeError("libvirt went away")
+
+    monkeypatch.setattr(engine, "guests", broken)
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorModal)
+        text = str(app.screen.query_one("#error-message", Static).render())
+        assert text == "RuntimeError: libvirt went away"
+        assert app.is_running
