@@ -29,6 +29,7 @@ import fcntl
 import mmap
 import os
 import queue
+import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -184,6 +185,15 @@ class _Cancelled(Exception):
     pass
 
 
+def _source_size(fd: int, path: Path) -> int:
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return os.fstat(fd).st_size
+    if stat.S_ISBLK(mode):  # a disk on LVM or a partition: st_size is 0 there
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise CopyError(f"{path} is not a regular file or block device")
+
+
 class _Source:
     """A file read with O_DIRECT until the kernel refuses it, then buffered."""
 
@@ -198,9 +208,9 @@ class _Source:
                 raise
             self.fd = os.open(path, os.O_RDONLY)
         try:
-            self.size = os.fstat(self.fd).st_size
+            self.size = _source_size(self.fd, path)
             self.data_bytes = _data_bytes(self.fd, self.size)
-        except OSError:
+        except BaseException:
             os.close(self.fd)
             raise
 

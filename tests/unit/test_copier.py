@@ -134,6 +134,29 @@ def test_missing_source(tmp_path: Path) -> None:
     assert not (tmp_path / "copy").exists()
 
 
+def test_directory_source_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CopyError, match="not a regular file or block device"):
+        copy_file(tmp_path, tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_block_device_source(tmp_path: Path) -> None:
+    """A guest disk on LVM or a partition: st_size is 0, the size comes from the device."""
+    need_root_tool("losetup")
+    image = tmp_path / "disk.img"
+    content = make_sparse(image, 8 * MiB, [(MiB, 100 * 1024)])
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    try:
+        dst = tmp_path / "copy"
+        result = copy_file(Path(loop), dst)
+        assert result.size == len(content)
+        assert dst.read_bytes() == content
+        assert result.blake3 == digest(content) == hash_file(Path(loop))
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
 def test_progress_reaches_total(sparse_src: tuple[Path, bytes], tmp_path: Path) -> None:
     src, _ = sparse_src
     calls: list[tuple[int, int]] = []
