@@ -12,7 +12,7 @@ PACKAGES=(
     udev acl
     e2fsprogs xfsprogs btrfs-progs ntfs-3g exfatprogs dosfstools fdisk util-linux
     systemd
-    python3-venv
+    python3-venv python3-dev b3sum
 )
 LIBVIRT_URI=qemu:///system
 WAIT_SECONDS=30

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import demo, events, jobs, runner
 from .archive import Archive, VerifyReport, VersionInfo
-from .errors import NotFoundError
+from .errors import GuestsafeError, NotFoundError
 from .events import Reporter
 from .fsutil import atomic_write_bytes
 from .hypervisor import GuestInfo, Hypervisor, resolve_uri
 from .jobs import Job
 from .paths import Paths, ensure_dir
-from .restore import NEW, RestorePlan, RestoreResult, plan_restore, restore_clone, restore_over_original
+from .restore import (
+    NEW,
+    RestorePlan,
+    RestoreResult,
+    plan_restore,
+    restore_clone,
+    restore_over_original,
+)
 from .runner import RunResult
 
 RESULTS_DIR = "results"
@@ -107,7 +114,7 @@ class Engine:
         reporter: Reporter = events.null_reporter,
         *,
         cancel: threading.Event | None = None,
-        on_log_path: runner.Callable[[Path], None] | None = None,
+        on_log_path: Callable[[Path], None] | None = None,
     ) -> RunResult:
         job = self.job(name)
         result = runner.run_job(
@@ -143,7 +150,9 @@ class Engine:
         """Past runs' logs, newest first."""
         if not self.paths.log_dir.is_dir():
             return []
-        return sorted(self.paths.log_dir.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+        return sorted(
+            self.paths.log_dir.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True
+        )
 
     # --- archives ----------------------------------------------------------
 
@@ -167,8 +176,8 @@ class Engine:
         for dest in self.destinations():
             try:
                 archive = self.archive(dest)
-            except Exception:  # noqa: BLE001 - an unplugged destination just is not it
-                continue
+            except GuestsafeError:
+                continue  # an unplugged or not yet used destination just is not it
             if guest in archive.guests():
                 return archive
         raise NotFoundError(f"no job destination holds backups of {guest!r}; name one with --dest")

@@ -103,8 +103,13 @@ def reset_sandbox(root: Path | None = None) -> Sandbox:
 def _jobs(sandbox: Sandbox) -> list[Job]:
     return [
         Job("nightly", ["web1", "db1"], sandbox.archive_dir, keep=3, schedule=Schedule("02:00")),
-        Job("mail-weekly", ["mail"], sandbox.archive_dir, keep=2,
-            schedule=Schedule("03:30", ["sun"])),
+        Job(
+            "mail-weekly",
+            ["mail"],
+            sandbox.archive_dir,
+            keep=2,
+            schedule=Schedule("03:30", ["sun"]),
+        ),
     ]
 
 
@@ -138,7 +143,9 @@ def _domain_xml(guest: DemoGuest, sandbox: Sandbox) -> ET.Element:
     for target, fmt, _size in guest.disks:
         disk = ET.SubElement(devices, "disk", {"type": "file", "device": "disk"})
         ET.SubElement(disk, "driver", {"name": "qemu", "type": fmt})
-        ET.SubElement(disk, "source", {"file": str(sandbox.disk_dir / f"{guest.name}-{target}.{fmt}")})
+        ET.SubElement(
+            disk, "source", {"file": str(sandbox.disk_dir / f"{guest.name}-{target}.{fmt}")}
+        )
         ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
     for mac in guest.macs:
         iface = ET.SubElement(devices, "interface", {"type": "user"})

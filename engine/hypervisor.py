@@ -246,7 +246,9 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFoundError(f"guest {name!r} is not defined on {self.uri}") from exc
-            raise HypervisorError(f"cannot look up guest {name!r}: {_libvirt_message(exc)}") from exc
+            raise HypervisorError(
+                f"cannot look up guest {name!r}: {_libvirt_message(exc)}"
+            ) from exc
 
     def exists(self, name: str) -> bool:
         try:
@@ -361,7 +363,7 @@ class Hypervisor:
         if on_timeout != "force":
             raise ShutdownTimeout(
                 f"guest {name!r} did not shut down within {timeout:g} s; it is still running "
-                "and no backup was made (set on_timeout = \"force\" to power it off)"
+                'and no backup was made (set on_timeout = "force" to power it off)'
             )
         log(f"guest {name} ignored the shutdown request for {timeout:g} s: powering it off")
         try:
@@ -398,7 +400,9 @@ class Hypervisor:
     def _wait_stopped(self, dom: libvirt.virDomain, uuid: str, t0: float, timeout: float) -> bool:
         deadline = t0 + timeout
         while True:
-            stopped = any(e == libvirt.VIR_DOMAIN_EVENT_STOPPED for e, _ in self._board.since(uuid, t0))
+            stopped = any(
+                e == libvirt.VIR_DOMAIN_EVENT_STOPPED for e, _ in self._board.since(uuid, t0)
+            )
             if stopped or _state_of(dom) == SHUTOFF:
                 return True
             remaining = deadline - time.monotonic()

@@ -14,7 +14,7 @@ import random
 import threading
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,9 +187,7 @@ def _copies(plan: RestorePlan) -> list[tuple[DiskRecord, Path]]:
 
 def _check_verified(version: VersionInfo, force: bool, reporter: Reporter, who: str) -> list[str]:
     if version.verified is False:
-        message = (
-            f"version {version.number} of {version.guest} failed its last verification"
-        )
+        message = f"version {version.number} of {version.guest} failed its last verification"
         if not force:
             raise RestoreError(message + "; restore it anyway with --force")
         events.warn(reporter, message + "; restoring anyway (--force)", who)
@@ -312,7 +310,9 @@ def restore_over_original(
     """
     version = archive.version(guest, number)
     if hv.exists(guest) and hv.state(guest) != SHUTOFF:
-        raise RestoreError(f"guest {guest!r} is {hv.state(guest)}; shut it off before restoring over it")
+        raise RestoreError(
+            f"guest {guest!r} is {hv.state(guest)}; shut it off before restoring over it"
+        )
     warnings = _check_verified(version, force, reporter, guest)
     targets = [(rec, Path(rec.source)) for rec in version.manifest.disks]
     if version.manifest.nvram:
@@ -354,5 +354,3 @@ def _put_back(aside: dict[Path, Path], reporter: Reporter, who: str) -> None:
         original.unlink(missing_ok=True)
         os.rename(moved, original)
         events.warn(reporter, f"restore failed: put {original} back as it was", who)
-
-

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cold backups of libvirt/KVM guests. Without a command, opens the console.",
     )
     parser.add_argument("--version", action="version", version=f"guestsafe {__version__}")
-    parser.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (default qemu:///system)")
+    parser.add_argument(
+        "--connect", "-c", metavar="URI", help="libvirt URI (default qemu:///system)"
+    )
     parser.add_argument("--config", type=Path, metavar="FILE", help="jobs file to use")
     parser.add_argument(
         "--demo", action="store_true", help="use a throwaway sandbox with sample guests"
@@ -55,13 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("guest")
     restore.add_argument("version", type=int)
     restore.add_argument("new_name", nargs="?", metavar="NEWNAME")
-    restore.add_argument("--mac", choices=(NEW, KEEP), default=NEW,
-                         help="new (default): new MACs where they clash; keep: keep them all")
+    restore.add_argument(
+        "--mac",
+        choices=(NEW, KEEP),
+        default=NEW,
+        help="new (default): new MACs where they clash; keep: keep them all",
+    )
     restore.add_argument("--start", action="store_true", help="start the restored guest")
     restore.add_argument("--target-dir", type=Path, help="where the disk files go")
-    restore.add_argument("--overwrite", action="store_true",
-                         help="restore over the original guest (it must be shut off)")
-    restore.add_argument("--force", action="store_true", help="restore a version that fails its checks")
+    restore.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="restore over the original guest (it must be shut off)",
+    )
+    restore.add_argument(
+        "--force", action="store_true", help="restore a version that fails its checks"
+    )
     restore.add_argument("--dest", type=Path, help="archive directory")
     verify = sub.add_parser("verify", help="re-read and check versions")
     verify.add_argument("guest", nargs="?")
@@ -88,7 +99,9 @@ class ConsoleReporter:
                 return
             self._clear_progress()
             if isinstance(event, LogLine):
-                level = "" if event.level <= logging.INFO else logging.getLevelName(event.level) + ": "
+                level = (
+                    "" if event.level <= logging.INFO else logging.getLevelName(event.level) + ": "
+                )
                 self._print(event.guest, level + event.message)
             elif isinstance(event, PhaseChanged):
                 self._print(event.guest, f"-- {event.phase}")
@@ -105,7 +118,9 @@ class ConsoleReporter:
         pct = 100 * event.done / event.total
         done = humanize.naturalsize(event.done, binary=True)
         total = humanize.naturalsize(event.total, binary=True)
-        self.out.write(f"\r{escape(event.guest)}: {event.item} {pct:5.1f}% ({done} of {total})\x1b[K")
+        self.out.write(
+            f"\r{escape(event.guest)}: {event.item} {pct:5.1f}% ({done} of {total})\x1b[K"
+        )
         self.out.flush()
         self._progress_shown = True
 
@@ -169,8 +184,17 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
         last = results.get(job.name)
         outcome = "-" if last is None else ("ok " if last.ok else "FAILED ") + last.finished
         where = job.device + " -> " + str(job.destination) if job.device else str(job.destination)
-        rows.append((job.name, ",".join(job.guests), where, str(job.keep), job.mode,
-                     job.schedule.time or "manual", outcome))
+        rows.append(
+            (
+                job.name,
+                ",".join(job.guests),
+                where,
+                str(job.keep),
+                job.mode,
+                job.schedule.time or "manual",
+                outcome,
+            )
+        )
     _table(rows)
     return 0
 
@@ -191,8 +215,17 @@ def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
     for dest in _archives(engine, args.dest):
         for v in engine.versions(dest, args.guest):
             verified = {True: "ok", False: "FAILED", None: "-"}[v.verified]
-            rows.append((v.guest, str(v.number), v.date, v.mode,
-                         humanize.naturalsize(v.size, binary=True), verified, str(dest)))
+            rows.append(
+                (
+                    v.guest,
+                    str(v.number),
+                    v.date,
+                    v.mode,
+                    humanize.naturalsize(v.size, binary=True),
+                    verified,
+                    str(dest),
+                )
+            )
     if len(rows) == 1:
         print("no versions found")
         return 0
@@ -227,15 +260,22 @@ def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
         return 0
     if args.new_name is None:
         raise RestoreError("give a new name for the restored guest, or --overwrite")
-    plan = engine.plan_restore(archive, args.guest, args.version, args.new_name,
-                               target_dir=args.target_dir)
+    plan = engine.plan_restore(
+        archive, args.guest, args.version, args.new_name, target_dir=args.target_dir
+    )
     for iface in plan.clashes:
         action = "keeping it (--mac keep)" if args.mac == KEEP else f"using {iface.new_mac}"
-        print(f"interface {iface.index}: MAC {iface.mac} is already used by guest "
-              f"{escape(iface.clash_with or '')}; {action}", file=sys.stderr)
-    result = engine.restore(plan, mac_policy=args.mac, start=args.start, force=args.force,
-                            reporter=reporter)
-    print(f"restored {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})")
+        print(
+            f"interface {iface.index}: MAC {iface.mac} is already used by guest "
+            f"{escape(iface.clash_with or '')}; {action}",
+            file=sys.stderr,
+        )
+    result = engine.restore(
+        plan, mac_policy=args.mac, start=args.start, force=args.force, reporter=reporter
+    )
+    print(
+        f"restored {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})"
+    )
     return 0
 
 
@@ -254,8 +294,8 @@ def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
     return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    rows = [tuple(escape(cell) for cell in row) for row in rows]
+def _table(raw_rows: Sequence[Sequence[str]]) -> None:
+    rows = [tuple(escape(cell) for cell in row) for row in raw_rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -76,3 +76,7 @@ def pytest_runtest_makereport(
     if report.failed and isinstance(factory, GuestFactory) and factory.guests:
         report.sections.append(("guest consoles", factory.console_tails()))
     return report
+
+
+# guestsafe's own fixtures for these tests: an engine with a home and an archive of its own.
+from rig.gs import gs  # noqa: E402, F401

@@ -6,10 +6,9 @@ import re
 import subprocess
 
 import pytest
-from rig import DiskSpec, MiB, read_disk_counter, read_first_line
-from rig.gs import GS, gs, shutdown_counter  # noqa: F401  (gs is a fixture)
-
 from guestsafe.engine.manifest import Manifest
+from rig import DiskSpec, MiB, read_disk_counter, read_first_line
+from rig.gs import GS, shutdown_counter
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +60,12 @@ def test_qcow2_and_raw_disks_keep_their_formats(gs: GS, guest_factory) -> None:
     [version] = gs.versions(guest)
     files = {d.target: d.file for d in version.manifest.disks}
     assert files == {"vda": "vda.raw", "vdb": "vdb.qcow2"}
-    info = subprocess.run(["qemu-img", "info", str(version.path / "vdb.qcow2")],
-                          capture_output=True, text=True, check=True).stdout
+    info = subprocess.run(
+        ["qemu-img", "info", str(version.path / "vdb.qcow2")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert re.search(r"file format: qcow2", info)
     assert read_first_line(version.path / "vdb.qcow2", "qcow2") == "second disk says hello"
     # Holes stay holes: the raw copy allocates no more than the original.
@@ -139,8 +142,14 @@ def test_group_stops_in_order_and_starts_in_reverse(gs: GS, guest_factory) -> No
     phases = re.findall(r" PHASE (\S+) (\S+)", result.log_path.read_text())
     order = [(g, p) for g, p in phases if p in ("shutdown", "copy", "start")]
     a, b = first.name, second.name
-    assert order == [(a, "shutdown"), (b, "shutdown"), (a, "copy"), (b, "copy"),
-                     (b, "start"), (a, "start")]
+    assert order == [
+        (a, "shutdown"),
+        (b, "shutdown"),
+        (a, "copy"),
+        (b, "copy"),
+        (b, "start"),
+        (a, "start"),
+    ]
 
 
 def test_overlay_disk_is_refused_before_the_guest_stops(gs: GS, guest_factory) -> None:
@@ -148,8 +157,10 @@ def test_overlay_disk_is_refused_before_the_guest_stops(gs: GS, guest_factory) -
     vda = guest.disks["vda"].path
     base = vda.with_name("base.qcow2")
     vda.rename(base)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
-                    str(vda)], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(vda)],
+        check=True,
+    )
     guest.start()
     gs.job("overlay", [guest])
 

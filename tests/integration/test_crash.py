@@ -6,10 +6,9 @@ import signal
 import time
 
 import pytest
-from rig import GuestFactory
-from rig.gs import GS, file_digests, gs  # noqa: F401  (gs is a fixture)
-
 from guestsafe.engine import locks
+from rig import GuestFactory
+from rig.gs import GS, file_digests
 
 pytestmark = pytest.mark.integration
 

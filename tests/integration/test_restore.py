@@ -8,8 +8,8 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from rig import GuestFactory, TestGuest
-from rig.gs import BOOT, GS, gs, shutdown_counter  # noqa: F401  (gs is a fixture)
+from rig import GuestFactory
+from rig.gs import BOOT, GS, shutdown_counter
 
 pytestmark = pytest.mark.integration
 
@@ -73,8 +73,9 @@ def test_cli_restore_as_new_guest_boots_with_the_original_counter(
     assert original.is_running()
 
 
-def test_restore_keeps_macs_when_asked(gs: GS, guest_factory: GuestFactory,
-                                       libvirt_conn: libvirt.virConnect) -> None:
+def test_restore_keeps_macs_when_asked(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
     original = guest_factory("keepmac", start=False)
     gs.job("k", [original])
     assert gs.engine.run_job("k").ok
@@ -136,5 +137,3 @@ def test_restore_over_a_running_guest_is_refused(gs: GS, guest_factory: GuestFac
     assert proc.returncode == 9
     assert re.search(r"is running; shut it off", proc.stderr)
     assert guest.is_running() and vda.stat().st_mtime_ns >= before
-
-

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import blake3
 import pytest
-
 from guestsafe.engine.api import Engine
 from guestsafe.engine.archive import VersionInfo
 from guestsafe.engine.jobs import Job, Schedule
@@ -44,12 +43,20 @@ class GS:
         self.engine.save_job(job)
         return job
 
-    def cli(self, *args: str, extra_env: dict[str, str] | None = None,
-            check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self,
+        *args: str,
+        extra_env: dict[str, str] | None = None,
+        check: bool = False,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, **self.env, **(extra_env or {})}
         proc = subprocess.run(
             [sys.executable, "-m", "guestsafe.tui", "--connect", LIBVIRT_URI, *args],
-            env=env, capture_output=True, text=True, timeout=timeout,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"guestsafe {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
@@ -59,7 +66,10 @@ class GS:
         env = {**os.environ, **self.env, **(extra_env or {})}
         return subprocess.Popen(
             [sys.executable, "-m", "guestsafe.tui", "--connect", LIBVIRT_URI, *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def versions(self, guest: TestGuest | str) -> list[VersionInfo]:

@@ -35,7 +35,9 @@ def test_engine_sources_never_import_the_ui() -> None:
 
 
 def test_importing_the_whole_engine_loads_no_textual() -> None:
-    modules = [f"guestsafe.engine.{p.stem}" for p in sorted(ENGINE.glob("*.py")) if p.stem != "__init__"]
+    modules = [
+        f"guestsafe.engine.{p.stem}" for p in sorted(ENGINE.glob("*.py")) if p.stem != "__init__"
+    ]
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
