@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import threading
-from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,7 +25,7 @@ from ..engine.api import Engine
 from ..engine.events import Event
 from ..engine.runlog import escape
 from ..engine.runner import RunResult
-from .commands import GuestsafeCommands, PaletteCommand
+from .commands import GuestsafeCommands
 from .confirm_modal import ConfirmModal
 from .error_modal import ErrorModal
 from .guests_pane import GuestsPane
@@ -359,48 +358,9 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.action_show_tab("log")
         self.log_pane.action_follow_latest()
 
-    def palette_commands(self) -> list[PaletteCommand]:
-        commands = [
-            PaletteCommand("New job", "Create a backup job", self.action_new_job),
-            PaletteCommand(
-                "Start selected job", "Back up the job selected on the Jobs tab now",
-                self.action_start_job,
-            ),
-        ]
-        for job in self.jobs_pane.jobs:
-            commands.append(
-                PaletteCommand(
-                    escape(f"Start job {job.name}"),
-                    "Back up this job now (asks first)",
-                    partial(self.action_start_job, job.name),
-                )
-            )
-        commands += [
-            PaletteCommand(
-                "Restore selected version", "Restore the version selected on the Restore tab",
-                self.action_restore_selected,
-            ),
-            PaletteCommand(
-                "Follow latest log", "Tail the newest run's log, whoever started it",
-                self.action_follow_latest,
-            ),
-            PaletteCommand(
-                "Refresh", "Reload jobs, archives, guests and logs", self.action_refresh
-            ),
-        ]
-        for tab, label in (("jobs", "Jobs"), ("restore", "Restore"), ("log", "Log"),
-                           ("guests", "Guests")):
-            commands.append(
-                PaletteCommand(f"Show {label}", f"Switch to the {label} tab",
-                               partial(self.action_show_tab, tab))
-            )
-        for palette in themes.THEMES:
-            label = palette.name.removeprefix("guestsafe-").replace("-", " ")
-            commands.append(
-                PaletteCommand(f"Theme: {label}", f"Switch the colours to {palette.name}",
-                               partial(self.action_use_theme, palette.name))
-            )
-        return commands
+    @property
+    def job_names(self) -> list[str]:
+        return [job.name for job in self.jobs_pane.jobs]
 
 
 def quiet_libvirt() -> None:
