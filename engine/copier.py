@@ -668,7 +668,9 @@ def _copy_into(
         try:
             dest.finish()
         except OSError as exc:
-            raise _write_error(exc, dst, 0, total) from exc
+            # Space runs out at fsync when the filesystem allocates late: all of
+            # it is still needed, since the partial copy is removed.
+            raise _write_error(exc, dst, total, total) from exc
     finally:
         dest.close()
     _fsync_dir(dst.parent)
