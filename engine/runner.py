@@ -13,13 +13,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import humanize
 
-from . import __version__, disks, events, locks
+from . import __version__, disks, events, locks, mounts
 from .archive import Archive, PartialVersion, VersionInfo
 from .copier import copy_file
 from .errors import CopyError, GuestsafeError, PreflightError, RunFailed
@@ -65,6 +66,8 @@ class _Context:
     journal: Journal
     cancel: threading.Event
     archive: Archive | None = None
+    # Closed when the job ends, whatever happened: unmounts the job's device.
+    cleanup: ExitStack = field(default_factory=ExitStack)
 
 
 class GuestBackup:
@@ -241,16 +244,21 @@ class GuestBackup:
             except OSError as exc:
                 self._warn(f"could not remove {self.partial.path}: {exc}")
             self.partial = None
-        self._restore_power_state()
+        restored = self._restore_power_state()
         if self.entry is not None:
-            self.ctx.journal.remove(self.entry)
+            if restored:
+                self.ctx.journal.remove(self.entry)
+            else:
+                # Left for recover(): the next guestsafe command tries again.
+                self.ctx.journal.phase(self.entry, "restart-failed")
         if self.lock is not None:
             self.lock.release()
             self.lock = None
 
-    def _restore_power_state(self) -> None:
+    def _restore_power_state(self) -> bool:
+        """Start or resume a guest that ran before the job; False if that failed."""
         if self.was_state != RUNNING:
-            return
+            return True
         try:
             state = self.ctx.hv.state(self.name)
             if state == SHUTOFF:
@@ -262,6 +270,8 @@ class GuestBackup:
         except GuestsafeError as exc:
             self._error(f"could not start the guest again: {exc}")
             self.error = self.error or exc
+            return False
+        return True
 
     def outcome(self) -> GuestOutcome:
         duration = time.monotonic() - self.t0
@@ -338,6 +348,7 @@ def run_job(
             GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in job.guests
         ]
     finally:
+        ctx.cleanup.close()
         for outcome in result.outcomes:
             runlog(outcome)
         events.info(runlog, "finished backup" if result.ok else "backup failed")
@@ -348,10 +359,9 @@ def run_job(
 def _open_archive(ctx: _Context) -> None:
     dest = ctx.job.destination
     if ctx.job.device:
-        raise PreflightError(
-            f"job {ctx.job.name} names device {ctx.job.device}; external devices are not "
-            "supported by this version yet (clear 'device' and mount it yourself)"
-        )
+        job_archive = mounts.job_archive(ctx.job, ctx.hv, ctx.paths.state_dir, ctx.report)
+        ctx.archive = ctx.cleanup.enter_context(job_archive)
+        return
     if not dest.is_dir():
         raise PreflightError(f"destination {dest} does not exist or is not a directory")
     if not os.access(dest, os.W_OK | os.X_OK):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -18,6 +20,9 @@ from rig import (
     require,
     sweep_orphans,
 )
+
+# Under /var/tmp, not /tmp: some hosts mount /tmp as tmpfs, where O_DIRECT fails.
+GUEST_ROOT = Path("/var/tmp/guestsafe-test-guests")
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +53,19 @@ def guest_assets(libvirt_conn: libvirt.virConnect) -> GuestAssets:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    """A temporary directory QEMU (user libvirt-qemu) can traverse."""
-    path = tmp_path / "guests"
-    path.mkdir(mode=0o755)
-    make_traversable(path)
-    return path
+def workdir() -> Iterator[Path]:
+    """A temporary directory QEMU (user libvirt-qemu) can traverse.
+
+    It is not under pytest's tmp_path: every pytest session that starts chmods
+    /tmp/pytest-of-root to 0700, and chmod resets the ACL mask, so a second
+    session on the host would cut a running test's guests off their disks.
+    """
+    GUEST_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
+    make_traversable(GUEST_ROOT)
+    path = Path(tempfile.mkdtemp(prefix="guests-", dir=GUEST_ROOT))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
