@@ -8,19 +8,21 @@ real command.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from . import demo, events, jobs, runner
+from . import demo, events, jobs, notify, runner, schedule
 from .archive import Archive, VerifyReport, VersionInfo
-from .errors import GuestsafeError, NotFoundError
+from .errors import ConfigError, GuestsafeError, NotFoundError
 from .events import Reporter
 from .fsutil import atomic_write_bytes
 from .hypervisor import GuestInfo, Hypervisor, resolve_uri
 from .jobs import Job
-from .paths import Paths, ensure_dir
+from .paths import HOME_ENV, Paths, ensure_dir
 from .restore import (
     NEW,
     RestorePlan,
@@ -29,6 +31,7 @@ from .restore import (
     restore_clone,
     restore_over_original,
 )
+from .runlog import RunLog
 from .runner import RunResult
 
 RESULTS_DIR = "results"
@@ -50,10 +53,13 @@ class Engine:
         uri: str | None = None,
         paths: Paths | None = None,
         sandbox: demo.Sandbox | None = None,
+        unit_dir: Path | None = None,
     ) -> None:
         self.uri = resolve_uri(uri)
         self.paths = paths or Paths.default()
         self.sandbox = sandbox
+        # Where systemd timers go: /etc/systemd/system unless GUESTSAFE_UNIT_DIR says.
+        self.unit_dir = unit_dir or schedule.default_unit_dir()
         self._hv: Hypervisor | None = None
         self._hv_lock = threading.Lock()
 
@@ -66,7 +72,7 @@ class Engine:
             log_dir=sandbox.home / "log",
             cache_dir=sandbox.home / "cache",
         )
-        return cls(uri=sandbox.uri, paths=paths, sandbox=sandbox)
+        return cls(uri=sandbox.uri, paths=paths, sandbox=sandbox, unit_dir=sandbox.home / "systemd")
 
     # --- connection --------------------------------------------------------
 
@@ -104,9 +110,11 @@ class Engine:
     def save_job(self, job: Job, *, previous_name: str | None = None) -> None:
         ensure_dir(self.paths.config_file.parent)
         jobs.upsert_job(self.paths.config_file, job, previous_name=previous_name)
+        self._update_timers()
 
     def delete_job(self, name: str) -> None:
         jobs.delete_job(self.paths.config_file, name)
+        self._update_timers()
 
     def run_job(
         self,
@@ -117,11 +125,36 @@ class Engine:
         on_log_path: Callable[[Path], None] | None = None,
     ) -> RunResult:
         job = self.job(name)
+        if job.schedule.time is not None:
+            # Whoever starts it (timer, console, cron), this run serves the schedule.
+            schedule.write_state(self.paths.state_dir, job, datetime.now(UTC))
         result = runner.run_job(
             job, self.hv, self.paths, reporter, cancel=cancel, on_log_path=on_log_path
         )
         self._save_result(result)
+        self._notify(result, reporter)
         return result
+
+    def _notify(self, result: RunResult, reporter: Reporter) -> None:
+        """Send the run's report as [notify] says; what happened goes to its log, never up."""
+        try:
+            config = jobs.load_notify(self.paths.config_file)
+        except GuestsafeError as exc:
+            lines = [f"failed: cannot read the notify settings: {exc.message}"]
+        else:
+            report = notify.RunReport(
+                result.job, result.ok, str(result.log_path), result.outcomes, result.problems
+            )
+            lines = notify.send(config, report)
+        if not lines:
+            return
+        log = RunLog(result.log_path, reporter)  # appends below the run's own lines
+        try:
+            for line in lines:
+                say = events.info if line.startswith("ok:") else events.warn
+                say(log, f"notify: {line}")
+        finally:
+            log.close()
 
     def _save_result(self, result: RunResult) -> None:
         directory = self.paths.state_dir / RESULTS_DIR
@@ -131,7 +164,7 @@ class Engine:
             result.ok,
             runner._now_iso(),
             str(result.log_path),
-            [f"{o.guest}: {o.message}" for o in result.outcomes],
+            [f"{o.guest}: {o.message}" for o in result.outcomes] + result.problems,
         )
         atomic_write_bytes(directory / f"{result.job}.json", json.dumps(asdict(last)).encode())
 
@@ -153,6 +186,55 @@ class Engine:
         return sorted(
             self.paths.log_dir.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True
         )
+
+    # --- schedule ----------------------------------------------------------
+
+    def next_run(self, job: Job, now: datetime | None = None) -> datetime | None:
+        """When ``job`` runs next, in the host's zone; None for a manual job."""
+        return schedule.next_run(job, now)
+
+    def unit_settings(self) -> schedule.UnitSettings:
+        home = os.environ.get(HOME_ENV) or None
+        program = schedule.find_program()
+        return schedule.UnitSettings(program, self.paths.config_file, self.uri, home)
+
+    def timer_states(self, job_list: list[Job] | None = None) -> dict[str, str]:
+        """Each job's timer: ``manual``, ``installed``, ``outdated`` or ``missing``."""
+        try:
+            settings: schedule.UnitSettings | None = self.unit_settings()
+        except GuestsafeError:
+            settings = None  # no guestsafe command to compare with: presence only
+        listed = self.jobs() if job_list is None else job_list
+        return {job.name: schedule.timer_state(job, self.unit_dir, settings) for job in listed}
+
+    def install_timers(self, unit_dir: Path | None = None) -> schedule.TimerChanges:
+        """Write a timer and service per scheduled job; drop those of other jobs."""
+        target = unit_dir or self.unit_dir
+        return schedule.install_timers(self.jobs(), self.unit_settings(), target)
+
+    def remove_timers(self, unit_dir: Path | None = None) -> schedule.TimerChanges:
+        return schedule.remove_timers(unit_dir or self.unit_dir)
+
+    def _update_timers(self) -> None:
+        """Keep installed timers in step with the jobs file after an edit."""
+        if not schedule.timers_installed(self.unit_dir):
+            return
+        try:
+            self.install_timers()
+        except GuestsafeError as exc:
+            raise ConfigError(f"the job is saved, but its timer was not updated: {exc}") from exc
+
+    def run_due(self, reporter: Reporter = events.null_reporter) -> list[schedule.DueRun]:
+        """Run each scheduled job whose time came since its last run, once (for cron)."""
+
+        def run(job: Job) -> bool:
+            try:
+                return self.run_job(job.name, reporter).ok
+            except GuestsafeError as exc:
+                events.error(reporter, f"job {job.name}: {exc.message}")
+                return False
+
+        return schedule.run_due(self.jobs(), self.paths.state_dir, run)
 
     # --- archives ----------------------------------------------------------
 

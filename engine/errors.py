@@ -82,3 +82,10 @@ class RunFailed(GuestsafeError):
 
     title = "Backup failed"
     exit_code = 11
+
+
+class HookFailed(GuestsafeError):
+    """An operator's hook failed; from job-start or pre-stop it vetoes the backup."""
+
+    title = "Hook failed"
+    exit_code = 11  # a vetoed backup is a failed backup

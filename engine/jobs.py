@@ -16,10 +16,15 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     on_timeout = "abort"              # abort or force
     group = false                     # stop all, copy, start in reverse order
     verify = true                     # read the copy back after writing it
+    lock_wait = 1800                  # seconds to wait for a busy guest or destination
+    randomized_delay = 0              # timer only: start up to this many seconds late
 
     [jobs.nightly.hooks]              # phase = argv, the program path absolute
     pre-stop = ["/usr/local/sbin/freeze", "--all"]
     timeout = 120                     # seconds per hook, default 300
+
+An optional top-level ``[notify]`` table says who hears about runs; see
+``notify.py`` for its keys.
 
 Job names use ``A-Z a-z 0-9 . _ -`` (1 to 64, not starting with ``.`` or ``-``), as
 they become file and systemd unit names. A name with a dot is quoted in TOML:
@@ -49,6 +54,7 @@ import tomli_w
 
 from .errors import ConfigError, NotFoundError
 from .fsutil import atomic_write_bytes
+from .notify import NotifyConfig, parse_notify
 
 MODES = ("stop", "stop-short", "snapshot")
 ON_TIMEOUT = ("abort", "force")
@@ -66,6 +72,7 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DEFAULT_KEEP = 3
 DEFAULT_SHUTDOWN_TIMEOUT = 300
 DEFAULT_HOOK_TIMEOUT = 300
+DEFAULT_LOCK_WAIT = 1800
 FILE_MODE = 0o600
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -88,7 +95,11 @@ _JOB_KEYS = (
     "group",
     "verify",
     "hooks",
+    "lock_wait",
+    "randomized_delay",
 )
+# Top-level tables other than jobs; save_jobs keeps them as they are.
+_SETTINGS_KEYS = ("notify",)
 _HEADER = b"# guestsafe jobs. guestsafe rewrites this file on save; comments are not kept.\n\n"
 
 
@@ -152,6 +163,7 @@ class Hooks(MutableMapping[str, list[str]]):
 class Schedule:
     time: str | None = None  # "HH:MM"; None: the job runs only when started by hand
     weekdays: list[str] = field(default_factory=list)  # empty: every day
+    randomized_delay: int = 0  # seconds a timer may start late, spreading load
 
 
 @dataclass
@@ -168,6 +180,7 @@ class Job:
     group: bool = False
     verify: bool = True
     hooks: Hooks = field(default_factory=Hooks)
+    lock_wait: int = DEFAULT_LOCK_WAIT  # seconds a run waits for a busy guest or destination
 
 
 # --- validation -------------------------------------------------------------
@@ -192,6 +205,8 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
         _check_choice("on_timeout", job.on_timeout, ON_TIMEOUT),
         _check_bool("group", job.group),
         _check_bool("verify", job.verify),
+        _check_seconds("lock_wait", job.lock_wait),
+        _check_seconds("randomized_delay", job.schedule.randomized_delay),
     )
     problems = [problem for problem in checks if problem is not None]
     problems += _check_hooks(job.hooks)
@@ -266,6 +281,15 @@ def _check_count(name: str, value: object) -> tuple[str, str] | None:
         return (name, f"{name} must be a whole number, not {value!r}")
     if value < 1:
         return (name, f"{name} must be at least 1, not {value}")
+    return None
+
+
+def _check_seconds(name: str, value: object) -> tuple[str, str] | None:
+    # Like _check_count, but 0 is meaningful: no wait, no delay.
+    if not isinstance(value, int) or isinstance(value, bool):
+        return (name, f"{name} must be a whole number of seconds, not {value!r}")
+    if value < 0:
+        return (name, f"{name} must be 0 or more seconds, not {value}")
     return None
 
 
@@ -392,9 +416,11 @@ def _invalid(path: Path, problems: Sequence[FieldError]) -> JobConfigError:
 def _parse_document(document: dict[str, Any]) -> tuple[list[Job], list[FieldError]]:
     problems: list[FieldError] = []
     for key in document:
-        if key != "jobs":
+        if key != "jobs" and key not in _SETTINGS_KEYS:
             message = f"unknown top-level key {key!r}; jobs go in [jobs.<name>] tables"
             problems.append(FieldError("", key, message))
+    _config, notify_problems = parse_notify(document.get("notify", {}))
+    problems += [FieldError("", f, m) for f, m in notify_problems]
     tables = document.get("jobs", {})
     if not isinstance(tables, dict):
         problems.append(FieldError("", "jobs", "jobs must be tables like [jobs.nightly]"))
@@ -422,13 +448,18 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         destination=_as_path(table.get("destination", "")),
         device=table.get("device"),
         keep=table.get("keep", DEFAULT_KEEP),
-        schedule=Schedule(time=table.get("time"), weekdays=table.get("weekdays", [])),
+        schedule=Schedule(
+            time=table.get("time"),
+            weekdays=table.get("weekdays", []),
+            randomized_delay=table.get("randomized_delay", 0),
+        ),
         mode=table.get("mode", "stop"),
         shutdown_timeout=table.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
         on_timeout=table.get("on_timeout", "abort"),
         group=table.get("group", False),
         verify=table.get("verify", True),
         hooks=hooks,
+        lock_wait=table.get("lock_wait", DEFAULT_LOCK_WAIT),
     )
     # A missing or malformed field is reported once, by the parser.
     reported = {problem.field for problem in problems + hook_problems}
@@ -462,13 +493,32 @@ def save_jobs(path: Path, jobs: Sequence[Job]) -> None:
     problems = _validate_all(jobs)
     if problems:
         raise _invalid(path, problems)
-    data = _HEADER + tomli_w.dumps({"jobs": {job.name: _job_table(job) for job in jobs}}).encode()
+    document = {"jobs": {job.name: _job_table(job) for job in jobs}} | _kept_settings(path)
+    data = _HEADER + tomli_w.dumps(document).encode()
     # Write through a symlink to the real file, as config management may link it.
     target = path.resolve()
     try:
         atomic_write_bytes(target, data, mode=FILE_MODE)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _kept_settings(path: Path) -> dict[str, Any]:
+    """The settings tables (``[notify]``) of the file being replaced, unchanged."""
+    try:
+        document = _read_toml(path) or {}
+    except ConfigError:
+        return {}  # nothing readable to keep; load_jobs has refused such a file anyway
+    return {key: document[key] for key in _SETTINGS_KEYS if key in document}
+
+
+def load_notify(path: Path) -> NotifyConfig:
+    """The ``[notify]`` table of ``path``; nothing is sent when there is none."""
+    document = _read_toml(path) or {}
+    config, problems = parse_notify(document.get("notify", {}))
+    if problems:
+        raise _invalid(path, [FieldError("", f, m) for f, m in problems])
+    return config
 
 
 def upsert_job(path: Path, job: Job, *, previous_name: str | None = None) -> None:
@@ -520,12 +570,14 @@ def _job_table(job: Job) -> dict[str, Any]:
     if job.schedule.time is not None:
         table["time"] = job.schedule.time
     table["weekdays"] = list(job.schedule.weekdays)
+    table["randomized_delay"] = job.schedule.randomized_delay
     table |= {
         "mode": job.mode,
         "shutdown_timeout": job.shutdown_timeout,
         "on_timeout": job.on_timeout,
         "group": job.group,
         "verify": job.verify,
+        "lock_wait": job.lock_wait,
     }
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:

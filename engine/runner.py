@@ -23,8 +23,9 @@ import humanize
 from . import __version__, disks, events, locks, mounts
 from .archive import Archive, PartialVersion, VersionInfo
 from .copier import copy_file
-from .errors import CopyError, GuestsafeError, PreflightError, RunFailed
+from .errors import CopyError, GuestsafeError, LockBusy, PreflightError, RunFailed
 from .events import GuestOutcome, PhaseChanged, Progress, Reporter
+from .hooks import HookRunner
 from .hypervisor import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
 from .jobs import Job
 from .journal import Journal, JournalEntry, remove_partial
@@ -46,15 +47,17 @@ class RunResult:
     job: str
     log_path: Path
     outcomes: list[GuestOutcome] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # job-level, e.g. a failed job-end hook
 
     @property
     def ok(self) -> bool:
-        return all(o.ok for o in self.outcomes)
+        return all(o.ok for o in self.outcomes) and not self.problems
 
     def raise_for_failure(self) -> None:
         if not self.ok:
             failed = ", ".join(o.guest for o in self.outcomes if not o.ok)
-            raise RunFailed(f"job {self.job}: backup failed for {failed} (log: {self.log_path})")
+            what = f"backup failed for {failed}" if failed else "; ".join(self.problems)
+            raise RunFailed(f"job {self.job}: {what} (log: {self.log_path})")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _Context:
     archive: Archive | None = None
     # Closed when the job ends, whatever happened: unmounts the job's device.
     cleanup: ExitStack = field(default_factory=ExitStack)
+    hooks: HookRunner | None = None
 
 
 class GuestBackup:
@@ -90,6 +94,7 @@ class GuestBackup:
         self.started_iso = _now_iso()
         self.error: GuestsafeError | None = None
         self.warnings: list[str] = []
+        self.hooks_armed = False  # past pre-stop: backup-end or backup-abort will run
 
     # --- phases ------------------------------------------------------------
 
@@ -97,15 +102,16 @@ class GuestBackup:
         self._phase("preflight")
         hv, job = self.ctx.hv, self.ctx.job
         self.info = hv.guest(self.name)
+        key = locks.guest_key(self.info.uuid)
+        self.lock = _take_lock(self.ctx, key, f"guest {self.name}")
+        # Read again under the lock: a restore we waited for may have changed it.
+        self.info = hv.guest(self.name)
         self.was_state = self.info.state
         if self.was_state not in (RUNNING, SHUTOFF):
             raise PreflightError(
                 f"guest {self.name!r} is {self.was_state}; guestsafe backs up running or "
                 "shut-off guests only (resume or stop it first)"
             )
-        self.lock = locks.acquire(
-            self.ctx.paths.state_dir, f"guest:{self.info.uuid}", f"backup of job {job.name}"
-        )
         disks.check_backup_disks(self.info)
         needed = disks.allocated_total(self.info) + SPACE_MARGIN
         free = disks.free_space(job.destination)
@@ -121,7 +127,11 @@ class GuestBackup:
         self._phase("shutdown")
         if self.was_state != RUNNING:
             self._info("guest is shut off; backing it up as it is")
+            self.hooks_armed = True
             return
+        self.hooks_armed = True
+        if self.ctx.hooks is not None:
+            self.ctx.hooks.veto("pre-stop", guest=self.name)
         self.stopped_at = time.monotonic()
         job = self.ctx.job
         self._info(f"shutting down (timeout {job.shutdown_timeout} s, then {job.on_timeout})")
@@ -134,6 +144,7 @@ class GuestBackup:
         if result.forced:
             self.warnings.append("powered off after the shutdown timeout")
         self._info(f"guest is off after {result.seconds:.1f} s")
+        self._hook("post-stop")
 
     def copy(self) -> None:
         assert self.info is not None and self.ctx.archive is not None
@@ -184,6 +195,7 @@ class GuestBackup:
         if self.was_state != RUNNING:
             return
         self._phase("start")
+        self._hook("pre-start")
         try:
             self.ctx.hv.start(self.name)
         except GuestsafeError as exc:
@@ -193,6 +205,22 @@ class GuestBackup:
         if self.stopped_at is not None:
             self.downtime = time.monotonic() - self.stopped_at
         self._info(f"guest is running again (downtime {self.downtime or 0:.1f} s)")
+        self._hook("post-start")
+
+    def _hook(self, phase: str) -> None:
+        """Run a hook that cannot veto: its failure fails the backup and stops nothing."""
+        if self.ctx.hooks is None:
+            return
+        where = self.version.path if self.version else self.partial.path if self.partial else None
+        failure = self.ctx.hooks.run(
+            phase,
+            guest=self.name,
+            version_path=where,
+            status="ok" if self.error is None else "failed",
+            error=self.error.message if self.error is not None else "",
+        )
+        if failure is not None and self.error is None:
+            self.error = failure
 
     def commit(self) -> None:
         assert self.partial is not None and self.info is not None
@@ -245,6 +273,9 @@ class GuestBackup:
                 self._warn(f"could not remove {self.partial.path}: {exc}")
             self.partial = None
         restored = self._restore_power_state()
+        if self.hooks_armed:
+            self.hooks_armed = False
+            self._hook("backup-end" if self.error is None else "backup-abort")
         if self.entry is not None:
             if restored:
                 self.ctx.journal.remove(self.entry)
@@ -263,6 +294,8 @@ class GuestBackup:
             state = self.ctx.hv.state(self.name)
             if state == SHUTOFF:
                 self.ctx.hv.start(self.name)
+                if self.stopped_at is not None:
+                    self.downtime = time.monotonic() - self.stopped_at
                 self._info("guest is running again")
             elif state == PAUSED:
                 self.ctx.hv.resume(self.name)
@@ -284,7 +317,10 @@ class GuestBackup:
             )
         else:
             assert self.error is not None
-            message = f"failed: {self.error.message}; {self._aftermath()}"
+            message = (
+                f"failed: {self.error.message}; {self._aftermath()}; downtime "
+                f"{_seconds(self.downtime)}, {naturalsize(self.bytes_copied)} in {duration:.1f} s"
+            )
         return GuestOutcome(
             self.name, ok, number, self.downtime, self.bytes_copied, duration, message
         )
@@ -331,9 +367,11 @@ def run_job(
         on_log_path(log_path)
     runlog = RunLog(log_path, reporter)
     ctx = _Context(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
+    ctx.hooks = HookRunner(job, runlog, ctx.cancel)
     result = RunResult(job.name, log_path)
     try:
         events.info(runlog, f"job {job.name}: {', '.join(job.guests)} -> {job.destination}")
+        _begin(ctx, result)
         _open_archive(ctx)
         backups = [GuestBackup(ctx, name) for name in job.guests]
         if job.group:
@@ -354,6 +392,61 @@ def run_job(
         events.info(runlog, "finished backup" if result.ok else "backup failed")
         runlog.close()
     return result
+
+
+def _begin(ctx: _Context, result: RunResult) -> None:
+    """Before any guest: check the hooks, lock the destination, run job-start."""
+    assert ctx.hooks is not None
+    ctx.hooks.check()
+    dest = ctx.job.destination
+    lock = _take_lock(ctx, locks.destination_key(dest), f"destination {dest}")
+    ctx.cleanup.callback(lock.release)
+    # Registered before the device is mounted, so it runs after the unmount:
+    # job-end mirrors job-start, which ran before the mount.
+    ctx.cleanup.callback(_job_end, ctx, result)
+    ctx.hooks.veto("job-start")
+
+
+def _job_end(ctx: _Context, result: RunResult) -> None:
+    assert ctx.hooks is not None
+    failure = ctx.hooks.run("job-end", status="ok" if result.ok else "failed")
+    if failure is not None:
+        result.problems.append(failure.message)
+
+
+def _take_lock(ctx: _Context, key: str, what: str) -> locks.Lock:
+    """The lock on ``key``, waiting up to the job's ``lock_wait`` for its holder.
+
+    Waits in short steps so a cancel is seen; never runs alongside the holder.
+    """
+    state_dir, purpose = ctx.paths.state_dir, f"backup of job {ctx.job.name}"
+    try:
+        return locks.acquire(state_dir, key, purpose)
+    except LockBusy as exc:
+        if ctx.job.lock_wait <= 0:
+            raise _busy(ctx, key, what) from exc
+    held = _held_by(ctx, key)
+    events.info(ctx.report, f"{what} is busy ({held}); waiting up to {ctx.job.lock_wait} s")
+    deadline = time.monotonic() + ctx.job.lock_wait
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return locks.acquire(state_dir, key, purpose, wait=max(0.0, min(1.0, remaining)))
+        except LockBusy as exc:
+            if ctx.cancel.is_set():
+                raise LockBusy(f"cancelled while waiting for {what}") from exc
+            if remaining <= 1.0:
+                raise _busy(ctx, key, what) from exc
+
+
+def _held_by(ctx: _Context, key: str) -> str:
+    current = locks.holder(ctx.paths.state_dir, key)
+    return f"held by {current.describe()}" if current is not None else "locked by another process"
+
+
+def _busy(ctx: _Context, key: str, what: str) -> LockBusy:
+    waited = f"; gave up after {ctx.job.lock_wait} s" if ctx.job.lock_wait > 0 else ""
+    return LockBusy(f"busy: {what} {_held_by(ctx, key)}{waited}")
 
 
 def _open_archive(ctx: _Context) -> None:

@@ -17,10 +17,11 @@ from typing import TextIO
 
 import humanize
 
-from ..engine import __version__
-from ..engine.api import Engine
-from ..engine.errors import GuestsafeError, RestoreError
+from ..engine import __version__, schedule
+from ..engine.api import Engine, LastResult
+from ..engine.errors import GuestsafeError, RestoreError, RunFailed
 from ..engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
+from ..engine.jobs import Job
 from ..engine.paths import Paths
 from ..engine.restore import KEEP, NEW
 from ..engine.runlog import escape
@@ -80,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
     sub.add_parser("recover", help="finish the clean-up of an interrupted run")
     sub.add_parser("guests", help="list the hypervisor's guests")
+    sub.add_parser(
+        "run-due", help="run each job whose scheduled time has come (for a one-minute cron line)"
+    )
+    sched = sub.add_parser("schedule", help="systemd timers for the jobs' schedules")
+    sched.add_argument("action", choices=("install", "remove", "status"))
+    sched.add_argument(
+        "--unit-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the units go (default /etc/systemd/system, or $GUESTSAFE_UNIT_DIR)",
+    )
     return parser
 
 
@@ -179,7 +191,8 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
         print(f"no jobs yet in {engine.paths.config_file}")
         return 0
     results = engine.last_results()
-    rows = [("JOB", "GUESTS", "DESTINATION", "KEEP", "MODE", "TIME", "LAST RESULT")]
+    rows = [("JOB", "GUESTS", "DESTINATION", "KEEP", "MODE", "TIME", "NEXT RUN", "LAST RESULT")]
+    timers = engine.timer_states(jobs)
     for job in jobs:
         last = results.get(job.name)
         outcome = "-" if last is None else ("ok " if last.ok else "FAILED ") + last.finished
@@ -192,11 +205,29 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
                 str(job.keep),
                 job.mode,
                 job.schedule.time or "manual",
+                _next_run(engine, job, timers.get(job.name, "manual")),
                 outcome,
             )
         )
     _table(rows)
+    _print_summaries({j.name: results[j.name] for j in jobs if j.name in results})
     return 0
+
+
+def _next_run(engine: Engine, job: Job, timer: str) -> str:
+    when = engine.next_run(job)
+    if when is None:
+        return "-"
+    # Without an installed timer the time holds only if cron runs run-due.
+    note = "" if timer == "installed" else f" (timer {timer})"
+    return when.strftime("%a %Y-%m-%d %H:%M %Z") + note
+
+
+def _print_summaries(results: dict[str, LastResult]) -> None:
+    """The last run's one line per guest, under the table."""
+    for name, last in results.items():
+        for line in last.summary:
+            print(f"{escape(name)}: {escape(line)}")
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
@@ -294,6 +325,54 @@ def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
     return 0
 
 
+def cmd_run_due(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    # Quiet unless something ran: cron mails whatever a command prints.
+    done = engine.run_due(_OutcomesOnly(reporter))
+    for run in done:
+        status = "ok" if run.ok else "FAILED"
+        print(f"job {escape(run.job)} (due {run.due:%Y-%m-%d %H:%M %Z}): {status}")
+    return 0 if all(run.ok for run in done) else RunFailed.exit_code
+
+
+class _OutcomesOnly:
+    """Passes on the per-guest results and errors, not every step."""
+
+    def __init__(self, reporter: ConsoleReporter) -> None:
+        self.reporter = reporter
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, GuestOutcome) or (
+            isinstance(event, LogLine) and event.level >= logging.ERROR
+        ):
+            self.reporter(event)
+
+
+def cmd_schedule(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    unit_dir: Path = args.unit_dir or engine.unit_dir
+    if args.action == "status":
+        rows = [("JOB", "ON CALENDAR", "NEXT RUN", "TIMER")]
+        states = engine.timer_states()
+        for job in engine.jobs():
+            calendar = schedule.on_calendar(job) or "-"
+            rows.append((job.name, calendar, _next_run(engine, job, "installed"), states[job.name]))
+        _table(rows)
+        print(f"units in {unit_dir}")
+        return 0
+    if args.action == "install":
+        changes = engine.install_timers(unit_dir)
+    else:
+        changes = engine.remove_timers(unit_dir)
+    for name in changes.written:
+        print(f"wrote {escape(str(unit_dir / name))}")
+    for name in changes.removed:
+        print(f"removed {escape(str(unit_dir / name))}")
+    if not changes.written and not changes.removed:
+        print(f"timers in {escape(str(unit_dir))} are up to date")
+    if not changes.reloaded and (changes.written or changes.removed):
+        print("systemd was not reloaded (not running, or not its unit directory)")
+    return 0
+
+
 def _table(raw_rows: Sequence[Sequence[str]]) -> None:
     rows = [tuple(escape(cell) for cell in row) for row in raw_rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -309,4 +388,6 @@ _COMMANDS = {
     "restore": cmd_restore,
     "recover": cmd_recover,
     "guests": cmd_guests,
+    "run-due": cmd_run_due,
+    "schedule": cmd_schedule,
 }

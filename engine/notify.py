@@ -1,0 +1,248 @@
+"""Telling someone how a run went: the host's sendmail, or a webhook.
+
+Configured in the ``[notify]`` table of ``jobs.toml``::
+
+    [notify]
+    mail_to = ["ops@example.org"]        # one address or a list; enables mail
+    sendmail = "/usr/sbin/sendmail"      # the default; any sendmail-compatible program
+    mail_from = "guestsafe@host"         # optional From: header
+    webhook = "https://hooks.example.org/guestsafe"  # POSTs the run as JSON
+    on_success = false                   # failures always; successes only when true
+    timeout = 10                         # seconds for sendmail and for the webhook
+
+Sending never changes a run's outcome: ``send`` returns what went wrong as
+lines for the run's log and raises nothing. sendmail gets an argument list (no
+shell) and the message on stdin; the recipients are checked when the file is
+loaded, so none can pass for an option.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from email.message import EmailMessage
+from email.utils import formatdate
+
+from . import __version__
+from .events import GuestOutcome
+
+DEFAULT_SENDMAIL = "/usr/sbin/sendmail"
+DEFAULT_TIMEOUT = 10
+_KEYS = ("mail_to", "sendmail", "mail_from", "webhook", "on_success", "timeout")
+# Deliberately plain: one local part, one domain, no spaces, no leading dash.
+_ADDRESS = re.compile(r"[A-Za-z0-9._%+=~!#$&'*/?^`{|}-]+@[A-Za-z0-9.-]+")
+_URL = re.compile(r"https?://[^\s\x00-\x1f\x7f]+")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    mail_to: tuple[str, ...] = ()
+    sendmail: str = DEFAULT_SENDMAIL
+    mail_from: str | None = None
+    webhook: str | None = None
+    on_success: bool = False
+    timeout: int = DEFAULT_TIMEOUT
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.mail_to or self.webhook)
+
+    def table(self) -> dict[str, object]:
+        """The ``[notify]`` table that reads back as this config."""
+        table: dict[str, object] = {}
+        if self.mail_to:
+            table |= {"mail_to": list(self.mail_to), "sendmail": self.sendmail}
+        if self.mail_from is not None:
+            table["mail_from"] = self.mail_from
+        if self.webhook is not None:
+            table["webhook"] = self.webhook
+        return table | {"on_success": self.on_success, "timeout": self.timeout}
+
+
+def parse_notify(table: object) -> tuple[NotifyConfig, list[tuple[str, str]]]:
+    """The config in a ``[notify]`` table, and (field, message) for each problem."""
+    if not isinstance(table, dict):
+        return NotifyConfig(), [("notify", "notify must be a table: [notify]")]
+    problems = [(f"notify.{k}", f"notify: unknown key {k!r}") for k in table if k not in _KEYS]
+    mail_to = table.get("mail_to", [])
+    if isinstance(mail_to, str):
+        mail_to = [mail_to]
+    checks = (
+        _check_addresses(mail_to),
+        _check_program(table.get("sendmail", DEFAULT_SENDMAIL)),
+        _check_from(table.get("mail_from")),
+        _check_url(table.get("webhook")),
+        _check_type("on_success", table.get("on_success", False), bool, "true or false"),
+        _check_timeout(table.get("timeout", DEFAULT_TIMEOUT)),
+    )
+    problems += [p for p in checks if p is not None]
+    if problems:
+        return NotifyConfig(), problems
+    config = NotifyConfig(
+        mail_to=tuple(mail_to),
+        sendmail=table.get("sendmail", DEFAULT_SENDMAIL),
+        mail_from=table.get("mail_from"),
+        webhook=table.get("webhook"),
+        on_success=table.get("on_success", False),
+        timeout=table.get("timeout", DEFAULT_TIMEOUT),
+    )
+    return config, []
+
+
+def _check_addresses(value: object) -> tuple[str, str] | None:
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        return ("notify.mail_to", "notify.mail_to must be an address or a list of addresses")
+    for address in value:
+        if not _ADDRESS.fullmatch(address) or address.startswith("-"):
+            return ("notify.mail_to", f"notify.mail_to: {address!r} is not a plain mail address")
+    return None
+
+
+def _check_program(value: object) -> tuple[str, str] | None:
+    if not isinstance(value, str) or not value.startswith("/") or not value.isprintable():
+        return ("notify.sendmail", f"notify.sendmail must be an absolute path, not {value!r}")
+    return None
+
+
+def _check_from(value: object) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ADDRESS.fullmatch(value):
+        return ("notify.mail_from", f"notify.mail_from: {value!r} is not a plain mail address")
+    return None
+
+
+def _check_url(value: object) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _URL.fullmatch(value):
+        return (
+            "notify.webhook",
+            f"notify.webhook must be an http:// or https:// URL, not {value!r}",
+        )
+    return None
+
+
+def _check_type(name: str, value: object, kind: type, wanted: str) -> tuple[str, str] | None:
+    if not isinstance(value, kind):
+        return (f"notify.{name}", f"notify.{name} must be {wanted}, not {value!r}")
+    return None
+
+
+def _check_timeout(value: object) -> tuple[str, str] | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 600:
+        return ("notify.timeout", f"notify.timeout must be 1 to 600 seconds, not {value!r}")
+    return None
+
+
+# --- sending -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a notification says about one run."""
+
+    job: str
+    ok: bool
+    log_path: str
+    outcomes: Sequence[GuestOutcome]
+    problems: Sequence[str] = ()  # job-level failures, such as a failed job-end hook
+    host: str = field(default_factory=socket.gethostname)
+
+    def subject(self) -> str:
+        failed = sum(not o.ok for o in self.outcomes)
+        if self.ok:
+            return f"guestsafe: job {self.job} ok on {self.host}"
+        of = f" ({failed} of {len(self.outcomes)} guests)" if failed else ""
+        return f"guestsafe: job {self.job} FAILED on {self.host}{of}"
+
+    def body(self) -> str:
+        lines = [f"{o.guest}: {o.message}" for o in self.outcomes]
+        lines += list(self.problems)
+        lines += ["", f"log: {self.log_path}", f"guestsafe {__version__} on {self.host}"]
+        return "\n".join(lines) + "\n"
+
+    def payload(self) -> dict[str, object]:
+        return {
+            "tool": "guestsafe",
+            "version": __version__,
+            "host": self.host,
+            "job": self.job,
+            "ok": self.ok,
+            "summary": self.subject(),
+            "log": self.log_path,
+            "problems": list(self.problems),
+            "guests": [asdict(o) for o in self.outcomes],
+        }
+
+
+def wanted(config: NotifyConfig, report: RunReport) -> bool:
+    return config.enabled and (not report.ok or config.on_success)
+
+
+def send(config: NotifyConfig, report: RunReport) -> list[str]:
+    """Send ``report`` where ``config`` says; lines for the log, the failures marked.
+
+    Each line starts with ``ok:`` or ``failed:``. Nothing is raised.
+    """
+    if not wanted(config, report):
+        return []
+    lines: list[str] = []
+    if config.mail_to:
+        lines.append(_mail(config, report))
+    if config.webhook:
+        lines.append(_post(config, config.webhook, report))
+    return lines
+
+
+def _message(config: NotifyConfig, report: RunReport) -> bytes:
+    message = EmailMessage()
+    message["To"] = ", ".join(config.mail_to)
+    if config.mail_from:
+        message["From"] = config.mail_from
+    message["Subject"] = report.subject()
+    message["Date"] = formatdate(localtime=True)
+    message.set_content(report.body())
+    return message.as_bytes()
+
+
+def _mail(config: NotifyConfig, report: RunReport) -> str:
+    to = ", ".join(config.mail_to)
+    # -oi: a line holding only "." does not end the message early.
+    argv = [config.sendmail, "-oi", *config.mail_to]
+    try:
+        proc = subprocess.run(
+            argv,
+            input=_message(config, report),
+            capture_output=True,
+            timeout=config.timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"failed: mail to {to} via {config.sendmail}: {exc}"
+    if proc.returncode != 0:
+        said = " ".join(proc.stderr.decode(errors="replace").split())[:300]
+        return f"failed: mail to {to}: {config.sendmail} exited {proc.returncode}: {said}"
+    return f"ok: mail sent to {to}"
+
+
+def _post(config: NotifyConfig, url: str, report: RunReport) -> str:
+    data = json.dumps(report.payload()).encode()
+    headers = {"Content-Type": "application/json", "User-Agent": f"guestsafe/{__version__}"}
+    # The scheme is checked to be http or https when the config is loaded.
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=config.timeout) as response:  # noqa: S310
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        return f"failed: webhook {url} answered {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return f"failed: webhook {url}: {reason}"
+    return f"ok: webhook {url} answered {status}"

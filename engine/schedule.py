@@ -1,0 +1,498 @@
+"""When jobs run: next-run times, systemd timer units, and ``run-due`` for cron.
+
+Times follow systemd's own reading of ``OnCalendar=`` so that what guestsafe
+shows is what the host's timer does: a job's HH:MM is local wall-clock time in
+the host's zone (``TZ``, else ``/etc/localtime``). On the spring-forward day a
+time that does not exist (02:30 in Europe/Zurich on the last Sunday of March)
+is skipped, and on the fall-back day a time that happens twice runs once, at its
+first occurrence. ``tests/unit/test_schedule.py`` holds this against
+``systemd-analyze calendar``.
+
+``install_timers`` writes one ``guestsafe-<job>.timer`` and ``.service`` pair
+per scheduled job. Every file guestsafe writes starts with ``UNIT_MARKER``, and
+only files carrying it are ever replaced or removed, so an administrator's own
+units named ``guestsafe-*`` are safe.
+
+``run_due`` is the cron route: each job's state file in ``<state>/schedule``
+says since when its schedule has been served (the start of its last run). A job
+is due when one of its scheduled times falls after that and not after now; several
+missed times make one run. A job seen for the first time, or whose schedule was
+edited, only gets a fresh starting point: creating a 02:00 job at noon, or
+adding a weekday, must not stop guests in the middle of the day. systemd's
+``Persistent=true`` catches up the same way after the host was off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from . import locks
+from .errors import ConfigError, LockBusy
+from .fsutil import atomic_write_bytes
+from .jobs import WEEKDAYS, Job, Schedule
+from .paths import HOME_ENV, ensure_dir
+
+DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+UNIT_DIR_ENV = "GUESTSAFE_UNIT_DIR"
+UNIT_PREFIX = "guestsafe-"
+UNIT_MARKER = "# Written by guestsafe schedule install; guestsafe rewrites or removes it.\n"
+WANTS_DIR = "timers.target.wants"
+STATE_DIR = "schedule"
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s own test
+# Far enough back to find a time of any schedule: a weekly time whose day is
+# skipped for DST still comes two weeks back.
+_LOOKBACK_DAYS = 15
+_SYSTEMD_DAYS = {day: day.capitalize() for day in WEEKDAYS}
+
+
+# --- time zone and next run --------------------------------------------------
+
+
+def local_zone() -> tzinfo:
+    """The host's zone as systemd sees it: ``TZ`` if set, else ``/etc/localtime``.
+
+    A fixed offset from ``datetime.now().astimezone()`` would be wrong across a
+    DST change, so this returns a real zone with its rules.
+    """
+    tz = os.environ.get("TZ")
+    if tz is not None:
+        return _zone_from_tz(tz)
+    try:
+        with open("/etc/localtime", "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        return UTC
+
+
+def _zone_from_tz(tz: str) -> tzinfo:
+    name = tz.removeprefix(":")
+    if not name:
+        return UTC  # glibc reads an empty TZ as UTC
+    try:
+        if name.startswith("/"):
+            with open(name, "rb") as f:
+                return ZoneInfo.from_file(f, key=name)
+        return ZoneInfo(name)
+    except (OSError, ValueError, ZoneInfoNotFoundError):
+        return UTC  # glibc, too, falls back to UTC for a TZ it cannot read
+
+
+def _schedule(item: Job | Schedule) -> Schedule:
+    return item.schedule if isinstance(item, Job) else item
+
+
+def _run_at(schedule: Schedule, day: date, zone: tzinfo) -> datetime | None:
+    """The job's time on ``day``, or None if it does not run or the time does not exist."""
+    assert schedule.time is not None
+    if schedule.weekdays and WEEKDAYS[day.weekday()] not in schedule.weekdays:
+        return None
+    hour, minute = (int(part) for part in schedule.time.split(":"))
+    wall = datetime.combine(day, time(hour, minute), tzinfo=zone)  # fold=0: first occurrence
+    # A wall time in the spring-forward gap does not survive the round trip.
+    if wall.astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall.replace(tzinfo=None):
+        return None
+    return wall
+
+
+def _runs_from(schedule: Schedule, first: date, zone: tzinfo, step: int) -> Iterator[datetime]:
+    for offset in range(_LOOKBACK_DAYS * 2):
+        when = _run_at(schedule, first + timedelta(days=offset * step), zone)
+        if when is not None:
+            yield when
+
+
+def _now(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    return now
+
+
+def next_run(
+    item: Job | Schedule, now: datetime | None = None, zone: tzinfo | None = None
+) -> datetime | None:
+    """The first scheduled time strictly after ``now``, in ``zone``; None for manual jobs."""
+    schedule = _schedule(item)
+    if schedule.time is None:
+        return None
+    zone = zone or local_zone()
+    current = _now(now).astimezone(zone)
+    for when in _runs_from(schedule, current.date(), zone, +1):
+        if when > current:
+            return when
+    return None
+
+
+def previous_run(
+    item: Job | Schedule, now: datetime | None = None, zone: tzinfo | None = None
+) -> datetime | None:
+    """The last scheduled time at or before ``now``; None for manual jobs."""
+    schedule = _schedule(item)
+    if schedule.time is None:
+        return None
+    zone = zone or local_zone()
+    current = _now(now).astimezone(zone)
+    for when in _runs_from(schedule, current.date(), zone, -1):
+        if when <= current:
+            return when
+    return None
+
+
+def on_calendar(item: Job | Schedule) -> str | None:
+    """The ``OnCalendar=`` value for a schedule: ``Mon,Fri *-*-* 02:30:00``."""
+    schedule = _schedule(item)
+    if schedule.time is None:
+        return None
+    days = ",".join(_SYSTEMD_DAYS[d] for d in WEEKDAYS if d in schedule.weekdays)
+    spec = f"*-*-* {schedule.time}:00"
+    return f"{days} {spec}" if days else spec
+
+
+# --- unit files ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """What the units need beyond the job: the command to run and its environment."""
+
+    program: Path  # the absolute path of the guestsafe command
+    config_file: Path
+    uri: str
+    home: str | None = None  # GUESTSAFE_HOME to pass on, if this guestsafe uses one
+
+
+def find_program() -> Path:
+    """The absolute path of the ``guestsafe`` command this Python runs.
+
+    The script installed next to this interpreter comes first (a venv's
+    ``bin/``), so a timer runs the same installation that wrote it.
+    """
+    beside = Path(sys.executable).parent / "guestsafe"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside.absolute()
+    found = shutil.which("guestsafe")
+    if found is None:
+        raise ConfigError("cannot find the guestsafe command to put in the timer's service")
+    return Path(found).absolute()
+
+
+def default_unit_dir() -> Path:
+    value = os.environ.get(UNIT_DIR_ENV, "")
+    return Path(value) if value else DEFAULT_UNIT_DIR
+
+
+def unit_names(job_name: str) -> tuple[str, str]:
+    """The timer's and the service's file names."""
+    base = f"{UNIT_PREFIX}{job_name}"
+    return f"{base}.timer", f"{base}.service"
+
+
+def _env_arg(arg: str) -> str:
+    """One quoted Environment= assignment; ``%`` specifiers escaped."""
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return f'"{escaped}"'
+
+
+def _exec_arg(arg: str) -> str:
+    """One ExecStart= word: quoted, with ``$`` kept from variable expansion too."""
+    return _env_arg(arg.replace("$", "$$"))
+
+
+def render_units(job: Job, settings: UnitSettings) -> dict[str, str]:
+    """The timer and service files for ``job``, by file name; {} for a manual job."""
+    calendar = on_calendar(job)
+    if calendar is None:
+        return {}
+    timer, service = unit_names(job.name)
+    argv = [str(settings.program), "--connect", settings.uri]
+    argv += ["--config", str(settings.config_file), "run", job.name]
+    environment = ""
+    if settings.home:
+        environment = f"Environment={_env_arg(f'{HOME_ENV}={settings.home}')}\n"
+    service_text = (
+        f"{UNIT_MARKER}[Unit]\n"
+        f"Description=guestsafe backup job {job.name}\n"
+        # libvirt's daemons, whichever of them this host runs.
+        "After=libvirtd.service virtqemud.service network-online.target local-fs.target\n"
+        "\n[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={' '.join(_exec_arg(a) for a in argv)}\n"
+        f"{environment}"
+        # A backup may take hours; the job's own timeouts bound every wait.
+        "TimeoutStartSec=infinity\n"
+    )
+    timer_text = (
+        f"{UNIT_MARKER}[Unit]\n"
+        f"Description=Schedule of guestsafe backup job {job.name}\n"
+        "\n[Timer]\n"
+        f"OnCalendar={calendar}\n"
+        # A run missed while the host was off happens at boot.
+        "Persistent=true\n"
+        f"RandomizedDelaySec={job.schedule.randomized_delay}\n"
+        # The default of one minute would make the shown next run approximate.
+        "AccuracySec=1s\n"
+        f"Unit={service}\n"
+        "\n[Install]\n"
+        "WantedBy=timers.target\n"
+    )
+    return {timer: timer_text, service: service_text}
+
+
+def _own_units(unit_dir: Path) -> dict[str, Path]:
+    """guestsafe's unit files in ``unit_dir``, by name: only those with the marker."""
+    found: dict[str, Path] = {}
+    if not unit_dir.is_dir():
+        return found
+    for path in sorted(unit_dir.glob(f"{UNIT_PREFIX}*")):
+        if path.suffix in (".timer", ".service") and _has_marker(path):
+            found[path.name] = path
+    return found
+
+
+def _has_marker(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            return f.readline() == UNIT_MARKER
+    except OSError:
+        return False
+
+
+def timers_installed(unit_dir: Path) -> bool:
+    """True once ``install_timers`` has written any timer into ``unit_dir``."""
+    return any(name.endswith(".timer") for name in _own_units(unit_dir))
+
+
+def timer_state(job: Job, unit_dir: Path, settings: UnitSettings | None = None) -> str:
+    """``manual``, ``installed``, ``outdated`` (differs from the job) or ``missing``."""
+    if job.schedule.time is None:
+        return "manual"
+    timer, _service = unit_names(job.name)
+    own = _own_units(unit_dir)
+    if timer not in own:
+        return "missing"
+    if settings is None:
+        return "installed"
+    wanted = render_units(job, settings)
+    same = all(_read(unit_dir / name) == text for name, text in wanted.items())
+    return "installed" if same else "outdated"
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class TimerChanges:
+    written: list[str]  # unit files created or changed
+    removed: list[str]  # unit files of jobs that are gone or no longer scheduled
+    reloaded: bool  # whether systemd was told
+
+
+def systemd_running() -> bool:
+    return SYSTEMD_RUNNING.is_dir()
+
+
+def install_timers(
+    jobs: list[Job], settings: UnitSettings, unit_dir: Path, *, reload: bool | None = None
+) -> TimerChanges:
+    """Make ``unit_dir`` hold exactly the units of the scheduled ``jobs``.
+
+    Enables each timer the way ``systemctl enable`` does (a link in
+    ``timers.target.wants``), so this works without a running systemd too.
+    ``reload`` defaults to: systemd runs and ``unit_dir`` is the one it reads.
+    """
+    wanted: dict[str, str] = {}
+    for job in jobs:
+        wanted |= render_units(job, settings)
+    return _apply(unit_dir, wanted, _should_reload(unit_dir, reload))
+
+
+def remove_timers(unit_dir: Path, *, reload: bool | None = None) -> TimerChanges:
+    """Remove every guestsafe unit from ``unit_dir``."""
+    return _apply(unit_dir, {}, _should_reload(unit_dir, reload))
+
+
+def _should_reload(unit_dir: Path, reload: bool | None) -> bool:
+    if reload is not None:
+        return reload
+    return systemd_running() and unit_dir.absolute() == DEFAULT_UNIT_DIR
+
+
+def _apply(unit_dir: Path, wanted: dict[str, str], reload: bool) -> TimerChanges:
+    own = _own_units(unit_dir)
+    stale = [name for name in own if name not in wanted]
+    changed = [name for name, text in wanted.items() if _read(unit_dir / name) != text]
+    new_timers = [n for n in changed if n.endswith(".timer") and n not in own]
+    moved_timers = [n for n in changed if n.endswith(".timer") and n in own]
+    if reload:
+        for timer in (n for n in stale if n.endswith(".timer")):
+            _systemctl("stop", timer, check=False)
+    try:
+        _write_units(unit_dir, wanted, changed)
+        _remove_units(unit_dir, stale)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot update timers in {unit_dir}: {exc.strerror} (run as root, or pass --unit-dir)"
+        ) from exc
+    if reload:
+        _reload(new_timers, moved_timers)
+    return TimerChanges(sorted(changed), sorted(stale), reload)
+
+
+def _write_units(unit_dir: Path, wanted: dict[str, str], changed: list[str]) -> None:
+    if wanted:
+        unit_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    for name in changed:
+        # Unit files are world-readable like every other unit: they hold no secret.
+        atomic_write_bytes(unit_dir / name, wanted[name].encode(), mode=0o644)
+    for name in wanted:
+        if name.endswith(".timer"):
+            _link_wanted(unit_dir, name)
+
+
+def _link_wanted(unit_dir: Path, name: str) -> None:
+    wants = unit_dir / WANTS_DIR
+    wants.mkdir(mode=0o755, exist_ok=True)
+    link = wants / name
+    target = (unit_dir / name).absolute()
+    if link.is_symlink() and Path(os.readlink(link)) == target:
+        return
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+
+
+def _remove_units(unit_dir: Path, stale: list[str]) -> None:
+    for name in stale:
+        (unit_dir / WANTS_DIR / name).unlink(missing_ok=True)
+        (unit_dir / name).unlink(missing_ok=True)
+
+
+def _reload(new_timers: list[str], moved_timers: list[str]) -> None:
+    _systemctl("daemon-reload")
+    for timer in moved_timers:
+        # A timer whose calendar changed would catch up on times the old
+        # schedule never had (a weekday added on a Wednesday runs at once);
+        # forgetting its stamp makes it wait for the next time, as run-due does.
+        _systemctl("stop", timer, check=False)
+        _systemctl("clean", "--what=state", timer, check=False)
+    for timer in new_timers + moved_timers:
+        _systemctl("start", timer)
+
+
+def _systemctl(*args: str, check: bool = True) -> None:
+    try:
+        subprocess.run(
+            ["systemctl", *args],
+            capture_output=True,
+            timeout=60,
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        if not check:
+            return  # best effort: stopping a unit systemd never loaded, say
+        raise ConfigError(
+            f"systemctl {' '.join(args)} failed: {_stderr(exc)}; the unit files are written, "
+            "run 'systemctl daemon-reload' and start the timers by hand"
+        ) from exc
+
+
+def _stderr(exc: BaseException) -> str:
+    if isinstance(exc, subprocess.CalledProcessError) and exc.stderr:
+        return " ".join(exc.stderr.decode(errors="replace").split())
+    return str(exc)
+
+
+# --- run-due -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    since: datetime  # start of the last run, or when the schedule was first seen
+    calendar: str
+
+
+def _state_path(state_dir: Path, job_name: str) -> Path:
+    return state_dir / STATE_DIR / f"{job_name}.json"
+
+
+def read_state(state_dir: Path, job_name: str) -> ScheduleState | None:
+    try:
+        record = json.loads(_state_path(state_dir, job_name).read_bytes())
+        return ScheduleState(datetime.fromisoformat(record["since"]), str(record["calendar"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or damaged: the job starts afresh, it never runs twice
+
+
+def write_state(state_dir: Path, job: Job, since: datetime) -> None:
+    """Note that ``job``'s schedule is served up to ``since`` (a run starting now)."""
+    ensure_dir(state_dir / STATE_DIR)
+    record = {"since": since.astimezone(UTC).isoformat(), "calendar": on_calendar(job) or ""}
+    atomic_write_bytes(_state_path(state_dir, job.name), json.dumps(record).encode())
+
+
+def due_time(job: Job, state: ScheduleState | None, now: datetime) -> datetime | None:
+    """The scheduled time that makes ``job`` due now, or None if it is not due."""
+    if state is None or state.calendar != (on_calendar(job) or ""):
+        return None
+    last = previous_run(job, now)
+    if last is None or last <= state.since:
+        return None
+    return last
+
+
+@dataclass(frozen=True)
+class DueRun:
+    job: str
+    due: datetime
+    ok: bool
+
+
+def run_due(
+    jobs: list[Job],
+    state_dir: Path,
+    run: Callable[[Job], bool],
+    *,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> list[DueRun]:
+    """Run each scheduled job that is due, once; ``run`` returns whether it went well.
+
+    Deciding and running happen under a per-job lock taken without waiting: a
+    second ``run-due`` (the next minute's cron line) skips a job the first one
+    is still deciding on or running, and finds it not due once it is done.
+    """
+    done: list[DueRun] = []
+    for job in jobs:
+        if job.schedule.time is None:
+            continue
+        try:
+            lock = locks.acquire(state_dir, f"run-due:{job.name}", f"run-due of job {job.name}")
+        except LockBusy:
+            continue
+        with lock:
+            now = clock()
+            state = read_state(state_dir, job.name)
+            if state is None or state.calendar != on_calendar(job):
+                write_state(state_dir, job, now)
+                continue
+            due = due_time(job, state, now)
+            if due is None:
+                continue
+            # Noted before the run, so a run that dies half-way is not repeated
+            # every minute; the next scheduled time runs it again.
+            write_state(state_dir, job, now)
+            done.append(DueRun(job.name, due, run(job)))
+    return done
