@@ -10,7 +10,7 @@ PACKAGES=(
     libvirt-dev pkg-config
     busybox-static cpio
     udev acl
-    e2fsprogs xfsprogs btrfs-progs ntfs-3g exfatprogs dosfstools fdisk util-linux
+    e2fsprogs xfsprogs btrfs-progs ntfs-3g exfatprogs exfat-fuse dosfstools fdisk util-linux
     systemd
     python3-venv python3-dev b3sum
 )

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import demo, events, jobs, notify, runner, schedule
+from . import demo, events, jobs, mounts, notify, runner, schedule
 from .archive import Archive, VerifyReport, VersionInfo
+from .devices import BlockDevice, DevicesChanged, DeviceWatcher, list_devices
 from .errors import ConfigError, GuestsafeError, NotFoundError
 from .events import Reporter
 from .fsutil import atomic_write_bytes
@@ -186,6 +188,46 @@ class Engine:
         return sorted(
             self.paths.log_dir.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True
         )
+
+    # --- devices -----------------------------------------------------------
+
+    def devices(self, *, probe_marker: bool = False) -> list[BlockDevice]:
+        """External devices with a filesystem that nothing uses (engine/devices.py).
+
+        ``probe_marker`` mounts each one briefly, read-only and in a private
+        directory, to fill in ``has_marker``; without it ``has_marker`` is None.
+        """
+        found = self._free_devices()
+        return mounts.probe_markers(found, self.paths.state_dir) if probe_marker else found
+
+    def _free_devices(self) -> list[BlockDevice]:
+        try:
+            guest_disks = mounts.guest_disk_devnums(self.hv)
+        except GuestsafeError:
+            guest_disks = {}  # no hypervisor: list the devices all the same
+        listed = list_devices()
+        return [d for d in listed if mounts.guest_user(d, guest_disks) is None]
+
+    def watch_devices(self, callback: Callable[[DevicesChanged], None]) -> DeviceWatcher:
+        """A started watcher: ``callback`` hears, on the watcher's thread, what came and went.
+
+        Call ``stop()`` on it when done.
+        """
+        return DeviceWatcher(callback, lister=self._free_devices).start()
+
+    def resolve_device(self, spec: str) -> BlockDevice:
+        """The device a job's ``device`` (``/dev/sdb1``, ``UUID=...``, ``LABEL=...``) names now."""
+        return mounts.resolve(spec)
+
+    @contextmanager
+    def device_archive(self, spec: str) -> Iterator[Archive]:
+        """The archive on device ``spec``, mounted read-only for the ``with`` block.
+
+        Listing, planning and restoring all happen inside the block; the device is
+        unmounted afterwards (left as it was if it was mounted already).
+        """
+        with mounts.browse_archive(spec, self.paths.state_dir) as archive:
+            yield archive
 
     # --- schedule ----------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; the engine error's ``exit_code`` otherwise (2 bad
 configuration, 3 not found, 4 hypervisor, 5 refused, 6 copy, 7 archive,
-8 verification, 9 restore, 11 a backup failed); 130 interrupted.
+8 verification, 9 restore, 10 device, 11 a backup failed); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -19,6 +19,7 @@ import humanize
 
 from ..engine import __version__, schedule
 from ..engine.api import Engine, LastResult
+from ..engine.archive import MARKER, Archive, VersionInfo
 from ..engine.errors import GuestsafeError, RestoreError, RunFailed
 from ..engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
 from ..engine.jobs import Job
@@ -27,6 +28,10 @@ from ..engine.restore import KEEP, NEW
 from ..engine.runlog import escape
 
 EXIT_INTERRUPTED = 130
+DEVICE_HELP = (
+    "the archive on an unmounted device: /dev/sdb1, UUID=... or LABEL=... "
+    "(mounted read-only meanwhile)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list backed-up versions")
     lst.add_argument("guest", nargs="?")
     lst.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
+    lst.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
     restore = sub.add_parser("restore", help="restore a version as a new guest")
     restore.add_argument("guest")
     restore.add_argument("version", type=int)
@@ -75,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="restore a version that fails its checks"
     )
     restore.add_argument("--dest", type=Path, help="archive directory")
+    restore.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
     verify = sub.add_parser("verify", help="re-read and check versions")
     verify.add_argument("guest", nargs="?")
     verify.add_argument("version", nargs="?", type=int)
@@ -91,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="where the units go (default /etc/systemd/system, or $GUESTSAFE_UNIT_DIR)",
+    )
+    devs = sub.add_parser("devices", help="list external devices with a filesystem, not mounted")
+    devs.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not mount them read-only for a moment to look for an archive",
     )
     return parser
 
@@ -242,9 +255,33 @@ def _archives(engine: Engine, dest: Path | None) -> list[Path]:
 
 
 def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    if args.device is not None:
+        with engine.device_archive(args.device) as archive:
+            return _print_versions([(args.device, archive.versions(args.guest))])
+    listed = _mounted_archives(engine, _archives(engine, args.dest))
+    return _print_versions((str(dest), engine.versions(dest, args.guest)) for dest in listed)
+
+
+def _mounted_archives(engine: Engine, destinations: list[Path]) -> list[Path]:
+    """The destinations, less those of device jobs whose device is not mounted there."""
+    devices = {job.destination: job.device for job in engine.jobs() if job.device}
+    found = []
+    for dest in destinations:
+        if dest in devices and not (dest / MARKER).exists():
+            print(
+                f"{escape(str(dest))}: device {escape(devices[dest] or '')} is not mounted "
+                "there; list it with --device",
+                file=sys.stderr,
+            )
+            continue
+        found.append(dest)
+    return found
+
+
+def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
     rows = [("GUEST", "VERSION", "DATE", "MODE", "SIZE", "VERIFIED", "ARCHIVE")]
-    for dest in _archives(engine, args.dest):
-        for v in engine.versions(dest, args.guest):
+    for where, versions in archives:
+        for v in versions:
             verified = {True: "ok", False: "FAILED", None: "-"}[v.verified]
             rows.append(
                 (
@@ -254,7 +291,7 @@ def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
                     v.mode,
                     humanize.naturalsize(v.size, binary=True),
                     verified,
-                    str(dest),
+                    where,
                 )
             )
     if len(rows) == 1:
@@ -283,7 +320,17 @@ def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
 
 
 def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    archive = engine.find_archive(args.guest, args.dest)
+    if args.device is None:
+        return _restore_from(engine, engine.find_archive(args.guest, args.dest), args, reporter)
+    if args.dest is not None:
+        raise RestoreError("give --dest or --device, not both")
+    with engine.device_archive(args.device) as archive:
+        return _restore_from(engine, archive, args, reporter)
+
+
+def _restore_from(
+    engine: Engine, archive: Archive, args: argparse.Namespace, reporter: ConsoleReporter
+) -> int:
     if args.overwrite:
         if args.new_name not in (None, args.guest):
             raise RestoreError("--overwrite restores over the original; give no new name")
@@ -321,6 +368,29 @@ def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
     for guest in engine.guests():
         disks = ",".join(d.target for d in guest.disks if d.backs_up)
         rows.append((guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-"))
+    _table(rows)
+    return 0
+
+
+def cmd_devices(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    found = engine.devices(probe_marker=not args.no_probe)
+    if not found:
+        print("no external devices with a filesystem (plugged in and not mounted)")
+        return 0
+    rows = [("NODE", "LABEL", "UUID", "FILESYSTEM", "SIZE", "VENDOR/MODEL", "BUS", "ARCHIVE")]
+    for dev in found:
+        rows.append(
+            (
+                dev.node,
+                dev.label or "-",
+                dev.uuid or "-",
+                dev.filesystem,
+                humanize.naturalsize(dev.size, binary=True),
+                " ".join(x for x in (dev.vendor, dev.model) if x) or "-",
+                dev.bus or "-",
+                {True: "yes", False: "no", None: "?"}[dev.has_marker],
+            )
+        )
     _table(rows)
     return 0
 
@@ -390,4 +460,5 @@ _COMMANDS = {
     "guests": cmd_guests,
     "run-due": cmd_run_due,
     "schedule": cmd_schedule,
+    "devices": cmd_devices,
 }
