@@ -39,6 +39,8 @@ class GS:
 
     def job(self, name: str, guests: list[TestGuest] | list[str], **options: object) -> Job:
         names = [g.name if isinstance(g, TestGuest) else g for g in guests]
+        # A busy guest fails at once unless a test asks for waiting (lock_wait=...).
+        options.setdefault("lock_wait", 0)
         job = Job(name, names, self.archive, schedule=Schedule(None), **options)  # type: ignore[arg-type]
         self.engine.save_job(job)
         return job
