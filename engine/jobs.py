@@ -16,6 +16,7 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     on_timeout = "abort"              # abort or force
     group = false                     # stop all, copy, start in reverse order
     verify = true                     # read the copy back after writing it
+    fallback_to_stop = false          # stop-short/snapshot: copy as in stop where push fails
     lock_wait = 1800                  # seconds to wait for a busy guest or destination
     randomized_delay = 0              # timer only: start up to this many seconds late
 
@@ -94,6 +95,7 @@ _JOB_KEYS = (
     "on_timeout",
     "group",
     "verify",
+    "fallback_to_stop",
     "hooks",
     "lock_wait",
     "randomized_delay",
@@ -179,6 +181,9 @@ class Job:
     on_timeout: str = "abort"
     group: bool = False
     verify: bool = True
+    # stop-short/snapshot on a host without libvirt push backups: copy as in stop
+    # (the guest stays off for the whole copy) instead of refusing the backup.
+    fallback_to_stop: bool = False
     hooks: Hooks = field(default_factory=Hooks)
     lock_wait: int = DEFAULT_LOCK_WAIT  # seconds a run waits for a busy guest or destination
 
@@ -205,6 +210,7 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
         _check_choice("on_timeout", job.on_timeout, ON_TIMEOUT),
         _check_bool("group", job.group),
         _check_bool("verify", job.verify),
+        _check_bool("fallback_to_stop", job.fallback_to_stop),
         _check_seconds("lock_wait", job.lock_wait),
         _check_seconds("randomized_delay", job.schedule.randomized_delay),
     )
@@ -458,6 +464,7 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         on_timeout=table.get("on_timeout", "abort"),
         group=table.get("group", False),
         verify=table.get("verify", True),
+        fallback_to_stop=table.get("fallback_to_stop", False),
         hooks=hooks,
         lock_wait=table.get("lock_wait", DEFAULT_LOCK_WAIT),
     )
@@ -577,6 +584,7 @@ def _job_table(job: Job) -> dict[str, Any]:
         "on_timeout": job.on_timeout,
         "group": job.group,
         "verify": job.verify,
+        "fallback_to_stop": job.fallback_to_stop,
         "lock_wait": job.lock_wait,
     }
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}

@@ -31,6 +31,7 @@ from .jobs import Job
 from .journal import Journal, JournalEntry, remove_partial
 from .manifest import DiskRecord, Manifest
 from .paths import Paths
+from .pushbackup import PushBackup, choose_push, recover_leftover, space_needed
 from .runlog import RunLog, new_log_path
 
 # Room left free on the destination beyond the data itself, for the manifest,
@@ -95,6 +96,8 @@ class GuestBackup:
         self.error: GuestsafeError | None = None
         self.warnings: list[str] = []
         self.hooks_armed = False  # past pre-stop: backup-end or backup-abort will run
+        self.mode = ctx.job.mode  # what is really done; a push mode may fall back to stop
+        self.push: PushBackup | None = None  # stop-short and snapshot: QEMU copies the disks
 
     # --- phases ------------------------------------------------------------
 
@@ -113,7 +116,9 @@ class GuestBackup:
                 "shut-off guests only (resume or stop it first)"
             )
         disks.check_backup_disks(self.info)
-        needed = disks.allocated_total(self.info) + SPACE_MARGIN
+        self.push = choose_push(self)
+        data = space_needed(self.info) if self.push else disks.allocated_total(self.info)
+        needed = data + SPACE_MARGIN
         free = disks.free_space(job.destination)
         if needed > free:
             raise PreflightError(
@@ -124,6 +129,11 @@ class GuestBackup:
         self.ctx.journal.write(self.entry)
 
     def stop(self) -> None:
+        if self.push is not None:
+            self.push.prepare()  # partial and QEMU's access, before any downtime
+            if self.push.live:
+                self.hooks_armed = True  # no stop, but backup-end or backup-abort runs
+                return
         self._phase("shutdown")
         if self.was_state != RUNNING:
             self._info("guest is shut off; backing it up as it is")
@@ -148,6 +158,9 @@ class GuestBackup:
 
     def copy(self) -> None:
         assert self.info is not None and self.ctx.archive is not None
+        if self.push is not None:
+            self.push.copy()  # the NVRAM; QEMU copies the disks
+            return
         self.partial = self.ctx.archive.begin(self.name)
         self._phase("copy", self.partial.path)
         self.partial.write_domain_xml(self.ctx.hv.xml(self.name))
@@ -192,10 +205,14 @@ class GuestBackup:
 
     def start(self) -> None:
         """Start the guest again; a failure here must not cost the finished copy."""
-        if self.was_state != RUNNING:
+        if self.was_state != RUNNING or (self.push is not None and self.push.live):
             return
         self._phase("start")
         self._hook("pre-start")
+        if self.push is not None:
+            self.push.start()  # paused, backup begun, resumed; raises: no copy to keep
+            self._hook("post-start")
+            return
         try:
             self.ctx.hv.start(self.name)
         except GuestsafeError as exc:
@@ -224,13 +241,15 @@ class GuestBackup:
 
     def commit(self) -> None:
         assert self.partial is not None and self.info is not None
+        if self.push is not None:
+            self.records += self.push.finish()  # waits for QEMU, hashes what it wrote
         self._phase("commit")
         manifest = Manifest(
             format=1,
             guest=self.name,
             uuid=self.info.uuid,
             host=self.ctx.hv.hostname,
-            mode=self.ctx.job.mode,
+            mode=self.mode,
             started=self.started_iso,
             finished=_now_iso(),
             downtime=self.downtime,
@@ -265,6 +284,8 @@ class GuestBackup:
 
     def settle(self) -> None:
         """Put the guest back as it was and drop anything uncommitted."""
+        if self.push is not None:
+            self.push.settle()  # no backup job may write into a partial being removed
         if self.partial is not None:
             try:
                 self.partial.discard()
@@ -519,6 +540,7 @@ def recover(paths: Paths, reporter: Reporter = events.null_reporter) -> list[str
     done: list[str] = []
     for entry in journal.orphans():
         log = lambda m, g=entry.guest: events.info(reporter, m, g)  # noqa: E731
+        recover_leftover(entry, log)  # a push backup job must not outlive its partial
         remove_partial(entry.partial, log)
         if entry.was_state == RUNNING and not _restart(entry, log):
             continue  # keep the entry: the next command tries again
