@@ -6,6 +6,7 @@ Actions:
 - ``kill``: SIGKILL this process, as a crash or an OOM kill would.
 - ``hang``: print ``FAILPOINT <name> hang`` to stderr and sleep, so a test can
   kill the process at a known moment.
+- ``slow``: sleep one second each time, so a test can act mid-copy.
 - ``raise``: raise ``OSError(EIO)`` as a failing disk would.
 - ``enospc``: raise ``OSError(ENOSPC)`` as a full disk would.
 
@@ -46,6 +47,8 @@ def hit(name: str) -> None:
         print(f"FAILPOINT {name} hang", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
+    elif action == "slow":
+        time.sleep(1.0)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
     else:

@@ -172,11 +172,23 @@ class _LifecycleBoard:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._events: dict[str, list[tuple[float, int, int]]] = {}
+        self._start_watchers: dict[str, list[threading.Event]] = {}
 
     def record(self, uuid: str, event: int, detail: int) -> None:
         with self._cond:
             self._events.setdefault(uuid, []).append((time.monotonic(), event, detail))
+            if event == libvirt.VIR_DOMAIN_EVENT_STARTED:
+                for flag in self._start_watchers.get(uuid, []):
+                    flag.set()
             self._cond.notify_all()
+
+    def watch_starts(self, uuid: str, flag: threading.Event) -> None:
+        with self._cond:
+            self._start_watchers.setdefault(uuid, []).append(flag)
+
+    def unwatch_starts(self, uuid: str, flag: threading.Event) -> None:
+        with self._cond:
+            self._start_watchers.get(uuid, []).remove(flag)
 
     def since(self, uuid: str, t0: float) -> list[tuple[int, int]]:
         with self._cond:
@@ -409,6 +421,17 @@ class Hypervisor:
             if remaining <= 0:
                 return False
             self._board.wait(min(remaining, _STATE_RECHECK_SECONDS))
+
+    @contextmanager
+    def watch_started(self, name: str) -> Iterator[threading.Event]:
+        """An Event that libvirt's next STARTED event for this guest sets."""
+        uuid = self._domain(name).UUIDString()
+        flag = threading.Event()
+        self._board.watch_starts(uuid, flag)
+        try:
+            yield flag
+        finally:
+            self._board.unwatch_starts(uuid, flag)
 
     def started_since(self, name: str, t0: float) -> bool:
         """Whether libvirt reported the guest starting after monotonic time ``t0``."""

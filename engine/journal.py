@@ -103,3 +103,14 @@ def remove_partial(partial: str | None, log: Callable[[str], None]) -> None:
     if path.exists():
         shutil.rmtree(path)
         log(f"removed unfinished backup {path}")
+    _finish_deletions(path.parent, log)
+
+
+def _finish_deletions(guest_dir: Path, log: Callable[[str], None]) -> None:
+    """Finish a retention the dead runner began: its versions were already unlisted."""
+    if guest_dir.is_symlink() or not guest_dir.is_dir():
+        return
+    for doomed in sorted(guest_dir.glob(".deleting-*")):
+        if doomed.is_dir() and not doomed.is_symlink():
+            shutil.rmtree(doomed)
+            log(f"finished deleting {doomed}")

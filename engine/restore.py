@@ -157,7 +157,10 @@ def restore_clone(
     new_uuid = str(uuid.uuid4())
     name = plan.new_name
     warnings = _check_verified(plan.version, force, reporter, name)
-    with locks.acquire(paths.state_dir, f"guest:{new_uuid}", f"restore to {name}"):
+    # The source guest's lock: a backup of it (and its retention) must not run meanwhile.
+    source = plan.version
+    purpose = f"restore of {source.guest} version {source.number} to {name}"
+    with locks.acquire(paths.state_dir, f"guest:{source.manifest.uuid}", purpose):
         copied: list[Path] = []
         try:
             reporter(PhaseChanged(name, "copy"))

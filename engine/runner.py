@@ -20,7 +20,7 @@ from pathlib import Path
 
 import humanize
 
-from . import __version__, disks, events, locks, mounts
+from . import __version__, disks, events, failpoints, locks, mounts
 from .archive import Archive, PartialVersion, VersionInfo
 from .copier import copy_file
 from .errors import CopyError, GuestsafeError, LockBusy, PreflightError, RunFailed
@@ -75,6 +75,17 @@ class _Context:
     hooks: HookRunner | None = None
 
 
+class AnyEvent(threading.Event):
+    """Set when it, or any of the events it watches, is set (for the copier's cancel)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        super().__init__()
+        self._events = events
+
+    def is_set(self) -> bool:
+        return super().is_set() or any(e.is_set() for e in self._events)
+
+
 class GuestBackup:
     """One guest's trip through the phases, and the clean-up whatever happens."""
 
@@ -94,6 +105,7 @@ class GuestBackup:
         self.t0 = time.monotonic()
         self.started_iso = _now_iso()
         self.error: GuestsafeError | None = None
+        self._copy_cancel: threading.Event = ctx.cancel
         self.warnings: list[str] = []
         self.hooks_armed = False  # past pre-stop: backup-end or backup-abort will run
         self.mode = ctx.job.mode  # what is really done; a push mode may fall back to stop
@@ -164,6 +176,17 @@ class GuestBackup:
         self.partial = self.ctx.archive.begin(self.name)
         self._phase("copy", self.partial.path)
         self.partial.write_domain_xml(self.ctx.hv.xml(self.name))
+        # Someone starting the guest mid-copy makes the copy worthless: stop at once.
+        with self.ctx.hv.watch_started(self.name) as started:
+            self._copy_cancel = AnyEvent(self.ctx.cancel, started)
+            try:
+                self._copy_disks()
+            except CopyError:
+                self._check_still_off()
+                raise
+
+    def _copy_disks(self) -> None:
+        assert self.info is not None
         for disk in self.info.disks:
             if disk.backs_up:
                 self.records.append(self._copy_disk(disk.target, disk.source, disk.format))
@@ -182,7 +205,7 @@ class GuestBackup:
         def progress(done: int, total: int) -> None:
             self.ctx.report(Progress(self.name, target, done, total))
 
-        result = copy_file(src, dst, progress=progress, cancel=self.ctx.cancel)
+        result = copy_file(src, dst, progress=progress, cancel=self._copy_cancel)
         self._check_still_off()
         self.bytes_copied += result.data_bytes
         return DiskRecord(
@@ -360,6 +383,7 @@ class GuestBackup:
         if self.entry is not None:
             self.ctx.journal.phase(self.entry, phase, partial)
         self.ctx.report(PhaseChanged(self.name, phase))
+        failpoints.hit(f"phase.{phase}")
 
     def _info(self, message: str) -> None:
         events.info(self.ctx.report, message, self.name)
@@ -480,7 +504,23 @@ def _open_archive(ctx: _Context) -> None:
         raise PreflightError(f"destination {dest} does not exist or is not a directory")
     if not os.access(dest, os.W_OK | os.X_OK):
         raise PreflightError(f"destination {dest} is not writable")
+    _check_destination_owner(dest)
     ctx.archive = Archive.open(dest, create=True)
+
+
+def _check_destination_owner(dest: Path) -> None:
+    """Refuse a destination someone else could swap files in (or read domain XML from)."""
+    st = dest.stat()
+    if st.st_uid != os.geteuid():
+        raise PreflightError(
+            f"destination {dest} belongs to uid {st.st_uid}, not to the user running guestsafe; "
+            "chown it or choose another destination"
+        )
+    if st.st_mode & 0o022:
+        raise PreflightError(
+            f"destination {dest} is writable by group or others (mode {st.st_mode & 0o7777:04o}); "
+            f"run 'chmod go-w {dest}'"
+        )
 
 
 def _run_one(backup: GuestBackup) -> None:
