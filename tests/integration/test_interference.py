@@ -6,12 +6,11 @@ import os
 import threading
 
 import pytest
-from rig import DiskSpec, GuestFactory, MiB
-from rig.gs import GS
-
 from guestsafe.engine import locks
 from guestsafe.engine.errors import LockBusy
 from guestsafe.engine.runner import RunResult
+from rig import DiskSpec, GuestFactory, MiB
+from rig.gs import GS
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +77,9 @@ def test_restore_while_a_backup_holds_the_guest_fails_fast(
     archive = gs.engine.archive(gs.archive)
     plan = gs.engine.plan_restore(archive, guest.name, 1, guest.name + "-r")
 
-    with locks.acquire(gs.engine.paths.state_dir, key, "backup of job rb"):
-        with pytest.raises(LockBusy, match="backup of job rb"):
-            gs.engine.restore(plan)
+    with (
+        locks.acquire(gs.engine.paths.state_dir, key, "backup of job rb"),
+        pytest.raises(LockBusy, match="backup of job rb"),
+    ):
+        gs.engine.restore(plan)
     assert not gs.engine.hv.exists(guest.name + "-r")
