@@ -23,7 +23,14 @@ import humanize
 from . import __version__, disks, events, failpoints, locks, mounts
 from .archive import Archive, PartialVersion, VersionInfo
 from .copier import copy_file
-from .errors import CopyError, GuestsafeError, LockBusy, PreflightError, RunFailed
+from .errors import (
+    CopyError,
+    GuestsafeError,
+    LockBusy,
+    PreflightError,
+    RunFailed,
+    ShutdownTimeout,
+)
 from .events import GuestOutcome, PhaseChanged, Progress, Reporter
 from .hooks import HookRunner
 from .hypervisor import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
@@ -37,6 +44,9 @@ from .runlog import RunLog, new_log_path
 # Room left free on the destination beyond the data itself, for the manifest,
 # the domain XML and the filesystem's own metadata.
 SPACE_MARGIN = 64 * 1024 * 1024
+
+# How long, after a shutdown timeout under "abort", a late power-off is watched for.
+LATE_POWEROFF_GRACE = 30.0
 
 
 def naturalsize(n: float) -> str:
@@ -157,16 +167,29 @@ class GuestBackup:
         self.stopped_at = time.monotonic()
         job = self.ctx.job
         self._info(f"shutting down (timeout {job.shutdown_timeout} s, then {job.on_timeout})")
-        result = self.ctx.hv.shutdown(
-            self.name,
-            timeout=job.shutdown_timeout,
-            on_timeout=job.on_timeout,
-            log=lambda m: self._warn(m),
-        )
+        try:
+            result = self.ctx.hv.shutdown(
+                self.name,
+                timeout=job.shutdown_timeout,
+                on_timeout=job.on_timeout,
+                log=lambda m: self._warn(m),
+            )
+        except ShutdownTimeout:
+            self._watch_late_poweroff()
+            raise
         if result.forced:
             self.warnings.append("powered off after the shutdown timeout")
         self._info(f"guest is off after {result.seconds:.1f} s")
         self._hook("post-stop")
+
+    def _watch_late_poweroff(self) -> None:
+        """A guest may still act on the request just after the timeout; notice it.
+
+        settle() then starts it again, so it ends as it began: running.
+        """
+        grace = min(LATE_POWEROFF_GRACE, self.ctx.job.shutdown_timeout)
+        if self.ctx.hv.wait_state(self.name, SHUTOFF, grace):
+            self._warn("guest powered off after the shutdown timeout; starting it again")
 
     def copy(self) -> None:
         assert self.info is not None and self.ctx.archive is not None
@@ -380,6 +403,8 @@ class GuestBackup:
     # --- reporting ---------------------------------------------------------
 
     def _phase(self, phase: str, partial: Path | None = None) -> None:
+        if self.ctx.cancel.is_set():
+            raise CopyError(f"run cancelled before {phase}")
         if self.entry is not None:
             self.ctx.journal.phase(self.entry, phase, partial)
         self.ctx.report(PhaseChanged(self.name, phase))

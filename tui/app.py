@@ -8,6 +8,7 @@ backup copies hundreds of gigabytes.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -311,6 +312,13 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
 
     # --- quitting ----------------------------------------------------------
 
+    def cancel_work(self) -> None:
+        """Cancel a running backup or restore; safe to call from a signal handler."""
+        self._quit_when_idle = True
+        if self._cancel_run is not None:
+            self._cancel_run.set()
+        self.restore_pane.cancel()
+
     async def action_quit(self) -> None:
         busy = self.running_job is not None or self.restore_pane.busy
         if not busy:
@@ -320,10 +328,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         def answered(yes: bool | None) -> None:
             if not yes:
                 return
-            self._quit_when_idle = True
-            if self._cancel_run is not None:
-                self._cancel_run.set()
-            self.restore_pane.cancel()
+            self.cancel_work()
             self.notify("Cancelling; the console closes once the guest is settled.")
 
         what = f"A backup of job {self.running_job}" if self.running_job else "A restore"
@@ -386,5 +391,22 @@ def run_console(engine: Engine, theme: str | None = None) -> int:
     except ValueError as exc:  # an unknown --theme
         print(f"guestsafe: {exc}", file=sys.stderr)
         return 2
+    _cancel_on_hangup(app)
     result = app.run()
     return result if isinstance(result, int) else 0
+
+
+def _cancel_on_hangup(app: GuestsafeApp) -> None:
+    """A dropped SSH session (SIGHUP) or a SIGTERM cancels the run, then quits.
+
+    The run worker's thread is joined when the app's event loop closes, so the
+    process exits only after the engine has removed the partial copy and
+    started the guest again, as a confirmed quit would.
+    """
+
+    def hang_up(signum: int, frame: object) -> None:
+        app.cancel_work()
+        threading.Thread(target=app.call_from_thread, args=(app.exit, 0), daemon=True).start()
+
+    signal.signal(signal.SIGHUP, hang_up)
+    signal.signal(signal.SIGTERM, hang_up)

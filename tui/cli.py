@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Iterable, Sequence
@@ -244,10 +245,28 @@ def _print_summaries(results: dict[str, LastResult]) -> None:
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    result = engine.run_job(args.job, reporter)
+    result = engine.run_job(args.job, reporter, cancel=cancel_on_signals(reporter))
     print(f"log: {result.log_path}", file=sys.stderr)
     result.raise_for_failure()
     return 0
+
+
+def cancel_on_signals(reporter: ConsoleReporter) -> threading.Event:
+    """Ctrl-C, SIGTERM or a dropped SSH session (SIGHUP) cancel the run cleanly.
+
+    The engine then removes the unfinished copy and starts the guest again
+    before the command exits, instead of dying with the guest shut off.
+    """
+    cancel = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        if not cancel.is_set():
+            reporter(LogLine(logging.WARNING, f"{signal.Signals(signum).name}: cancelling the run"))
+        cancel.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    return cancel
 
 
 def _archives(engine: Engine, dest: Path | None) -> list[Path]:
