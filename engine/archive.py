@@ -464,8 +464,8 @@ class Archive:
         for prefix in (PARTIAL_PREFIX, DELETING_PREFIX):
             for number in self._numbers(folder, prefix):
                 problems.append(
-                    f"{folder / f'{prefix}{number}'} is left from an interrupted run; "
-                    "recovery removes it"
+                    f"{folder / f'{prefix}{number}'} is unfinished: a backup or retention "
+                    "running now, or one interrupted (recovery removes it)"
                 )
         return versions, problems
 

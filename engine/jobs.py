@@ -55,6 +55,7 @@ import tomli_w
 
 from .errors import ConfigError, NotFoundError
 from .fsutil import atomic_write_bytes
+from .names import libvirt_accepts
 from .notify import NotifyConfig, parse_notify
 
 MODES = ("stop", "stop-short", "snapshot")
@@ -250,7 +251,9 @@ def _check_guests(guests: object) -> tuple[str, str] | None:
     if not guests:
         return ("guests", "guests must list at least one guest")
     for guest in guests:
-        if not guest.strip() or not guest.isprintable() or "/" in guest:
+        # Any name libvirt takes (tab, RTL override, zero-width space) is a guest to
+        # back up; it is shown escaped wherever it is printed.
+        if not libvirt_accepts(guest):
             return ("guests", f"guests: {guest!r} is not a valid guest name")
     duplicates = sorted({g for g in guests if guests.count(g) > 1})
     if duplicates:

@@ -150,6 +150,17 @@ def _percent_decode(dirname: str) -> str | None:
         return None
 
 
+# C0 controls but tab: XML 1.0 cannot carry them, so libvirt never has them in a name;
+# nor a lone surrogate, which UTF-8 (XML, TOML) cannot store.
+_UNNAMEABLE = re.compile("[\x00-\x08\x0a-\x1f\ud800-\udfff]")
+
+
+def libvirt_accepts(name: str) -> bool:
+    """True if a libvirt guest can have this name: not blank, no '/', no control
+    character but tab. Anything else (RTL override, zero-width space, "$(x)") can."""
+    return bool(name.strip()) and "/" not in name and _UNNAMEABLE.search(name) is None
+
+
 def printable(name: str) -> str:
     """``name`` as it may appear in a message: quoted and escaped if it holds
     control characters, escapes or lone surrogates."""

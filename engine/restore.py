@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import threading
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from . import events, locks
 from .archive import Archive, VersionInfo
@@ -24,8 +25,8 @@ from .copier import copy_file
 from .errors import RestoreError, VerifyError
 from .events import PhaseChanged, Progress, Reporter
 from .hypervisor import SHUTOFF, Hypervisor, parse_domain_xml
-from .manifest import DiskRecord
-from .names import encode_guest_name
+from .manifest import DOMAIN_XML_FILE, DiskRecord
+from .names import encode_guest_name, libvirt_accepts, printable
 from .paths import Paths
 
 KEEP = "keep"
@@ -92,9 +93,16 @@ def plan_restore(
     version = archive.version(guest, number)
     if not new_name or new_name != new_name.strip():
         raise RestoreError(f"new name {new_name!r} is empty or has surrounding spaces")
+    if not libvirt_accepts(new_name):
+        raise RestoreError(
+            f"new name {new_name!r} holds '/' or a control character; libvirt refuses such names"
+        )
     if hv.exists(new_name):
         raise RestoreError(f"a guest named {new_name!r} is already defined; choose another name")
-    xml = (version.path / "domain.xml").read_text(encoding="utf-8")
+    _check_plain_files(version)
+    if target_dir is None:
+        _check_sources(version)
+    xml = _read_domain_xml(version)
     taken_paths: set[Path] = set()
     disk_plan = [
         (rec, _new_path(rec, new_name, target_dir, taken_paths)) for rec in version.manifest.disks
@@ -108,6 +116,65 @@ def plan_restore(
         for i, mac in enumerate(m.mac or "" for m in parse_domain_xml(xml).interfaces)
     ]
     return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml)
+
+
+def _where(version: VersionInfo) -> str:
+    return f"version {version.number} of {printable(version.guest)}"
+
+
+def _check_plain_files(version: VersionInfo) -> None:
+    """Refuse, before anything is copied, a version whose files are not plain files.
+
+    guestsafe writes only regular files into a version. A symlink there was planted:
+    following it would restore whatever it points at, so not even --force does.
+    """
+    for name in [r.file for r in version.manifest.records] + [DOMAIN_XML_FILE]:
+        path = version.path / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise RestoreError(
+                f"{name} of {_where(version)} is missing ({path}); the version is damaged"
+            ) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise RestoreError(
+                f"{name} of {_where(version)} is a symlink to {printable(os.readlink(path))}; "
+                "a version holds plain files only and guestsafe never follows links in an "
+                "archive (it was edited; check it with guestsafe verify)"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise RestoreError(
+                f"{name} of {_where(version)} is not a regular file ({path}); "
+                "the version is damaged"
+            )
+
+
+def _check_sources(version: VersionInfo) -> None:
+    """Refuse source paths that would put restored files somewhere unexpected."""
+    for rec in version.manifest.records:
+        source = PurePosixPath(rec.source)
+        if not source.is_absolute() or ".." in source.parts or "\x00" in rec.source:
+            raise RestoreError(
+                f"the manifest of {_where(version)} gives {printable(rec.target)} the source "
+                f"{printable(rec.source)}, not a plain absolute path; it was edited or is "
+                "corrupt (restore as a new guest with --target-dir)"
+            )
+
+
+def _read_domain_xml(version: VersionInfo) -> str:
+    """The version's domain.xml, never read through a symlink planted in its place."""
+    path = version.path / DOMAIN_XML_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RestoreError(
+            f"{DOMAIN_XML_FILE} of {_where(version)} cannot be read ({exc.strerror or exc}); "
+            "the version is damaged"
+        ) from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RestoreError(f"{DOMAIN_XML_FILE} of {_where(version)} is not a regular file")
+        return f.read().decode("utf-8")
 
 
 def _new_path(rec: DiskRecord, new_name: str, target_dir: Path | None, taken: set[Path]) -> Path:
@@ -157,6 +224,7 @@ def restore_clone(
     new_uuid = str(uuid.uuid4())
     name = plan.new_name
     warnings = _check_verified(plan.version, force, reporter, name)
+    _check_plain_files(plan.version)  # again: the plan may be old
     # The source guest's lock: a backup of it (and its retention) must not run meanwhile.
     source = plan.version
     purpose = f"restore of {source.guest} version {source.number} to {name}"
@@ -317,6 +385,8 @@ def restore_over_original(
             f"guest {guest!r} is {hv.state(guest)}; shut it off before restoring over it"
         )
     warnings = _check_verified(version, force, reporter, guest)
+    _check_plain_files(version)
+    _check_sources(version)  # the files land at the sources: they must be plain paths
     targets = [(rec, Path(rec.source)) for rec in version.manifest.disks]
     if version.manifest.nvram:
         targets.append((version.manifest.nvram, Path(version.manifest.nvram.source)))
@@ -326,8 +396,7 @@ def restore_over_original(
             reporter(PhaseChanged(guest, "copy"))
             for rec, dst in targets:
                 _restore_file(version, rec, dst, force, reporter, guest, cancel, warnings)
-            xml = (version.path / "domain.xml").read_text(encoding="utf-8")
-            info = hv.define(xml)
+            info = hv.define(_read_domain_xml(version))
         except BaseException:
             _put_back(aside, reporter, guest)
             raise

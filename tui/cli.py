@@ -276,9 +276,20 @@ def _archives(engine: Engine, dest: Path | None) -> list[Path]:
 def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     if args.device is not None:
         with engine.device_archive(args.device) as archive:
-            return _print_versions([(args.device, archive.versions(args.guest))])
+            code = _print_versions([(args.device, archive.versions(args.guest))])
+            _print_problems(archive.problems(args.guest))
+            return code
     listed = _mounted_archives(engine, _archives(engine, args.dest))
-    return _print_versions((str(dest), engine.versions(dest, args.guest)) for dest in listed)
+    code = _print_versions((str(dest), engine.versions(dest, args.guest)) for dest in listed)
+    for dest in listed:
+        _print_problems(engine.archive(dest).problems(args.guest))
+    return code
+
+
+def _print_problems(problems: list[str]) -> None:
+    """What the listing left out (an unsafe manifest, a planted symlink) and why."""
+    for problem in problems:
+        print(f"warning: {escape(problem)}", file=sys.stderr)
 
 
 def _mounted_archives(engine: Engine, destinations: list[Path]) -> list[Path]:
