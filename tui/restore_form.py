@@ -10,6 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
 
+from ..engine.runlog import escape
 from .field_input import FieldInput
 from .formatting import literal
 
@@ -20,6 +21,9 @@ class RestoreForm(Vertical):
         guest: str
         number: int
         new_name: str
+
+    # The row taken last: (its name as shown, its real name).
+    _chosen: tuple[str, str] | None = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="restore-fields"):
@@ -36,10 +40,18 @@ class RestoreForm(Vertical):
         self.query_one("#r-error", Static).display = False
 
     def prefill(self, guest: str, number: int) -> None:
-        """Take ID and version from the archive row, and suggest a new ID naming both."""
-        self._input("r-guest").value = guest
+        """Take ID and version from the archive row, and suggest a new ID naming both.
+
+        An Input draws its value raw, so a name with control or invisible characters
+        (an ANSI escape, an RTL override) is shown escaped; submitting the shown text
+        restores that very guest. The suggested new ID keeps only visible characters.
+        """
+        shown = escape(guest)
+        self._chosen = (shown, guest)
+        self._input("r-guest").value = shown
         self._input("r-version").value = str(number)
-        self._input("r-new").value = f"{guest}-v{number}"
+        visible = "".join(c for c in guest if c.isprintable()).strip() or "restored"
+        self._input("r-new").value = f"{visible}-v{number}"
         self._error("")
 
     def focus_new_id(self) -> None:
@@ -61,6 +73,8 @@ class RestoreForm(Vertical):
         if event is not None:
             event.stop()
         guest = self._input("r-guest").value
+        if self._chosen is not None and guest == self._chosen[0]:
+            guest = self._chosen[1]
         version = self._input("r-version").value.strip()
         new_name = self._input("r-new").value
         if not guest:
