@@ -53,8 +53,9 @@ PUSH_MODES = (modes.STOP_SHORT, modes.SNAPSHOT)
 FILE_MODE = 0o600
 # Journal phases in which a job of ours may still write, or filesystems be frozen.
 LEFTOVER_PHASES = ("freeze", "backup-begin", "backup")
-# Tests arm it (failpoints.py) to fail a backup while QEMU copies.
+# Tests arm these (failpoints.py): a failure while QEMU copies, a crash while paused.
 FAILPOINT = "push.during-backup"
+PAUSED_FAILPOINT = "push.paused"
 
 
 def choose_push(backup: GuestBackup) -> PushBackup | None:
@@ -227,6 +228,7 @@ class PushBackup:
         """Start paused, begin the job, resume; raises when no copy will come."""
         b = self.backup
         self._hv.start(b.name, paused=True)
+        failpoints.hit(PAUSED_FAILPOINT)
         dom = self._dom()
         try:
             self._begin(dom)
@@ -469,9 +471,10 @@ def give_back_zeros(path: Path) -> int:
         return 0
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        # Data still in the page cache reads as data, never as a hole; after the
-        # fsync the extents SEEK_HOLE reads are final.
+        # SEEK_HOLE counts cached pages of a zero range as data: write them out,
+        # then drop them, so it sees the extents as they are on disk.
         os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         before = os.fstat(fd).st_blocks
         flags = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
         for start, end in _zero_ranges(fd, os.fstat(fd).st_size):

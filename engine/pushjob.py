@@ -40,6 +40,8 @@ RECHECK_SECONDS = 1.0
 LOST_EVENT_GRACE = 5.0
 # How long an aborted job may take to stop writing.
 ABORT_WAIT = 30.0
+# How long a job that failed without a reason waits for the guest's stop event.
+STOP_EVENT_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class JobOutcome:
     ok: bool
     reason: str = ""  # libvirt's errmsg, or why the job ended without one
     guest_stopped: bool = False
+    reason_given: bool = True  # False: libvirt said nothing about why it failed
 
 
 def version_text(number: int) -> str:
@@ -89,7 +92,10 @@ def unsupported(hv: Hypervisor, name: str, info: GuestInfo) -> str | None:
     try:
         daemon = int(hv.connection.getLibVersion())
         if daemon < MIN_LIBVIRT:
-            return f"libvirt {version_text(daemon)} on this host is older than 6.0"
+            return (
+                f"libvirt {version_text(daemon)} on this host is older than "
+                f"{version_text(MIN_LIBVIRT)}"
+            )
         return _capability_problem(hv.connection, hv.xml(name, inactive=False), daemon)
     except libvirt.libvirtError as exc:
         return f"libvirt cannot say whether push backups work here ({message(exc)})"
@@ -171,6 +177,10 @@ class JobWatch:
             if self.completed is None and not self.stopped:
                 self._cond.wait(timeout)
 
+    def wait_stopped(self, timeout: float) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.stopped, timeout)
+
     def close(self) -> None:
         for callback_id in self._ids:
             with contextlib.suppress(libvirt.libvirtError):
@@ -226,9 +236,10 @@ class JobWatch:
             return JobOutcome(True)
         stopped = self.stopped or not _active(self._dom)
         reason = str(params.get(libvirt.VIR_DOMAIN_JOB_ERRMSG) or "")
-        if not reason:
-            reason = "the guest stopped" if stopped else "libvirt gave no reason"
-        return JobOutcome(False, reason, stopped)
+        if reason:
+            return JobOutcome(False, reason, stopped)
+        reason = "the guest stopped" if stopped else "libvirt gave no reason"
+        return JobOutcome(False, reason, stopped, reason_given=False)
 
     def wait_outcome(
         self,
@@ -244,6 +255,10 @@ class JobWatch:
         while True:
             tick()
             done = self.outcome(progress)
+            if done is not None and not done.ok and not done.reason_given:
+                # A guest that stops ends the job before libvirt reports the stop.
+                self.wait_stopped(STOP_EVENT_GRACE)
+                done = self.outcome(progress)
             if done is not None:
                 return done
             if cancel.is_set():

@@ -1,0 +1,349 @@
+"""Push backups without libvirtd: the XML, reading the job, choosing the mode, files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+import libvirt
+import pytest
+from guestsafe.engine import modes, pushbackup, pushjob, qemuaccess
+from guestsafe.engine.errors import PreflightError
+from guestsafe.engine.hypervisor import DiskInfo, GuestInfo
+from guestsafe.engine.jobs import Job, load_jobs, save_jobs, validate_job
+from guestsafe.engine.pushjob import JobWatch, PushTarget
+
+MiB = 1024 * 1024
+
+# --- the backup XML -------------------------------------------------------------
+
+
+def test_backup_xml_names_every_disk_and_keeps_formats() -> None:
+    targets = [
+        PushTarget("vda", "/img/a.qcow2", "qcow2", Path("/a/g/.partial-3/vda.qcow2")),
+        PushTarget("vdb", "/img/b.raw", "raw", Path("/a/g/.partial-3/vdb.raw")),
+    ]
+
+    root = ET.fromstring(pushjob.backup_xml(targets, ["sda"]))
+
+    assert root.tag == "domainbackup" and root.get("mode") == "push"
+    disks = {d.get("name"): d for d in root.findall("./disks/disk")}
+    assert disks["vda"].get("backup") == "yes"
+    assert disks["vda"].find("target").get("file") == "/a/g/.partial-3/vda.qcow2"  # type: ignore[union-attr]
+    assert disks["vda"].find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+    assert disks["vdb"].find("driver").get("type") == "raw"  # type: ignore[union-attr]
+    # Left out, libvirt would back it up next to the disk itself.
+    assert disks["sda"].get("backup") == "no" and disks["sda"].find("target") is None
+
+
+def test_version_text() -> None:
+    assert pushjob.version_text(9_000_000) == "9.0.0"
+    assert pushjob.version_text(6_010_002) == "6.10.2"
+
+
+def test_agent_connected_reads_the_channel_state() -> None:
+    def xml(state: str) -> str:
+        return (
+            "<domain><devices><channel type='unix'>"
+            f"<target type='virtio' name='org.qemu.guest_agent.0' state='{state}'/>"
+            "</channel></devices></domain>"
+        )
+
+    assert pushjob.agent_connected(xml("connected"))
+    assert not pushjob.agent_connected(xml("disconnected"))
+    assert not pushjob.agent_connected("<domain><devices/></domain>")
+
+
+# --- reading the job --------------------------------------------------------------
+
+
+class FakeDomain:
+    def __init__(self, current: dict[str, Any], completed: dict[str, Any] | None = None) -> None:
+        self.current = current
+        self.completed = completed
+        self.active = True
+
+    def jobStats(self, flags: int = 0) -> dict[str, Any]:
+        if flags & libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED:
+            if self.completed is None:
+                return {"type": libvirt.VIR_DOMAIN_JOB_NONE}
+            return self.completed
+        return self.current
+
+    def isActive(self) -> bool:
+        return self.active
+
+
+class FakeConn:
+    def domainEventRegisterAny(self, *_args: Any) -> int:
+        return 1
+
+    def domainEventDeregisterAny(self, _id: int) -> None:
+        pass
+
+
+RUNNING_JOB = {
+    "type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+    "operation": pushjob.BACKUP_OPERATION,
+    "disk_processed": 10,
+    "disk_total": 40,
+}
+
+
+def _watch(dom: FakeDomain) -> JobWatch:
+    return JobWatch(FakeConn(), dom)  # type: ignore[arg-type]
+
+
+def test_running_job_reports_progress_and_no_outcome() -> None:
+    seen: list[tuple[int, int]] = []
+    watch = _watch(FakeDomain(RUNNING_JOB))
+
+    assert watch.outcome(lambda done, total: seen.append((done, total))) is None
+    assert seen == [(10, 40)]
+
+
+def test_completion_event_decides() -> None:
+    watch = _watch(FakeDomain(RUNNING_JOB))
+    watch._on_job(None, None, {"operation": 9, "success": False, "errmsg": "No space"}, None)
+
+    outcome = watch.outcome()
+
+    assert outcome is not None and not outcome.ok and outcome.reason == "No space"
+
+
+def test_events_of_other_jobs_are_ignored() -> None:
+    watch = _watch(FakeDomain(RUNNING_JOB))
+    migration = libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+    watch._on_job(None, None, {"operation": migration, "success": True}, None)
+
+    assert watch.completed is None
+
+
+def test_lost_event_is_made_up_for_by_the_completed_stats() -> None:
+    done = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "operation": pushjob.BACKUP_OPERATION}
+    watch = _watch(FakeDomain({"type": libvirt.VIR_DOMAIN_JOB_NONE}, done))
+
+    outcome = watch.outcome()
+
+    assert outcome is not None and outcome.ok
+
+
+def test_a_stopped_guest_explains_a_silent_failure() -> None:
+    dom = FakeDomain({"type": libvirt.VIR_DOMAIN_JOB_NONE})
+    dom.active = False
+    watch = _watch(dom)
+    watch._on_job(None, None, {"operation": 9, "success": False}, None)
+
+    outcome = watch.outcome()
+
+    assert outcome is not None and outcome.guest_stopped and outcome.reason == "the guest stopped"
+
+
+# --- can it run, and which mode ----------------------------------------------------
+
+
+CAPS_WITH_BACKUP = (
+    "<domainCapabilities><features><backup supported='yes'/></features></domainCapabilities>"
+)
+CAPS_WITHOUT = "<domainCapabilities><features/></domainCapabilities>"
+LIVE_XML = (
+    "<domain type='kvm'><name>web1</name><os><type arch='x86_64' machine='pc-q35-7.2'>hvm"
+    "</type></os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices></domain>"
+)
+
+
+class FakeLibvirtConn:
+    def __init__(self, version: int, caps: str) -> None:
+        self.version = version
+        self.caps = caps
+        self.asked: tuple[Any, ...] = ()
+
+    def getLibVersion(self) -> int:
+        return self.version
+
+    def getVersion(self) -> int:
+        return 7_002_000
+
+    def getDomainCapabilities(self, *args: Any) -> str:
+        self.asked = args
+        return self.caps
+
+
+class FakeHv:
+    def __init__(self, conn: FakeLibvirtConn) -> None:
+        self.connection = conn
+
+    def xml(self, name: str, *, inactive: bool = True) -> str:
+        return LIVE_XML
+
+
+def _info(fmt: str = "qcow2") -> GuestInfo:
+    disk = DiskInfo("vda", f"/img/web1.{fmt}", "file", "disk", fmt, False, False)
+    return GuestInfo("web1", "0" * 8 + "-0000-0000-0000-" + "0" * 12, "running", True, [disk])
+
+
+def test_push_backups_supported_when_the_domain_capabilities_say_so() -> None:
+    conn = FakeLibvirtConn(9_000_000, CAPS_WITH_BACKUP)
+
+    assert pushjob.unsupported(FakeHv(conn), "web1", _info()) is None  # type: ignore[arg-type]
+    # Asked for this guest's emulator, arch, machine and virtualization type.
+    assert conn.asked == ("/usr/bin/qemu-system-x86_64", "x86_64", "pc-q35-7.2", "kvm", 0)
+
+
+@pytest.mark.parametrize(
+    ("version", "caps", "fmt", "expected"),
+    [
+        (5_010_000, CAPS_WITH_BACKUP, "qcow2", "libvirt 5.10.0 on this host is older than 6.0.0"),
+        (9_000_000, CAPS_WITHOUT, "qcow2", "QEMU 7.2.0 under libvirt 9.0.0 offers no push"),
+        (9_000_000, CAPS_WITH_BACKUP, "vmdk", "disk vda is vmdk"),
+    ],
+)
+def test_push_backups_unsupported_says_why(
+    version: int, caps: str, fmt: str, expected: str
+) -> None:
+    hv = FakeHv(FakeLibvirtConn(version, caps))
+
+    problem = pushjob.unsupported(hv, "web1", _info(fmt))  # type: ignore[arg-type]
+
+    assert problem is not None and problem.startswith(expected)
+
+
+@dataclass
+class FakeCtx:
+    job: Job
+    hv: Any = None
+
+
+@dataclass
+class FakeBackup:
+    ctx: FakeCtx
+    name: str = "web1"
+    info: GuestInfo = field(default_factory=_info)
+    was_state: str = "running"
+    mode: str = "stop"
+    warnings: list[str] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)
+
+    def _info(self, message: str) -> None:
+        self.said.append(message)
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def _backup(mode: str, **job: Any) -> FakeBackup:
+    the_job = Job("nightly", ["web1"], Path("/srv/backup"), mode=mode, **job)
+    return FakeBackup(FakeCtx(the_job), mode=mode)
+
+
+def test_stop_jobs_get_no_push_backup() -> None:
+    assert pushbackup.choose_push(_backup("stop")) is None  # type: ignore[arg-type]
+
+
+def test_a_shut_off_guest_is_copied_cold_and_the_version_says_stop() -> None:
+    backup = _backup("stop-short")
+    backup.was_state = "shutoff"
+
+    assert pushbackup.choose_push(backup) is None  # type: ignore[arg-type]
+    assert backup.mode == "stop" and "shut off" in backup.warnings[0]
+
+
+def test_no_push_backups_refuses_or_falls_back_as_the_job_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pushjob, "unsupported", lambda *_args: "libvirt 5.0.0 is older than 6.0.0")
+    strict = _backup("snapshot")
+    with pytest.raises(PreflightError, match="fallback_to_stop = true"):
+        pushbackup.choose_push(strict)  # type: ignore[arg-type]
+
+    lenient = _backup("snapshot", fallback_to_stop=True)
+    assert pushbackup.choose_push(lenient) is None  # type: ignore[arg-type]
+    assert lenient.mode == "stop" and "falling back to mode stop" in lenient.warnings[0]
+
+
+def test_push_backup_chosen_where_it_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pushjob, "unsupported", lambda *_args: None)
+
+    push = pushbackup.choose_push(_backup("snapshot"))  # type: ignore[arg-type]
+
+    assert push is not None and push.live
+    assert not pushbackup.choose_push(_backup("stop-short")).live  # type: ignore[arg-type, union-attr]
+
+
+def test_space_needed_counts_raw_disks_whole(tmp_path: Path) -> None:
+    raw = tmp_path / "a.raw"
+    with raw.open("wb") as f:
+        f.truncate(64 * MiB)
+    disk = DiskInfo("vda", str(raw), "file", "disk", "raw", False, False)
+    info = GuestInfo("web1", "u", "running", True, [disk])
+
+    # QEMU allocates a raw target's zeros until they are punched after the job.
+    assert pushbackup.space_needed(info) == 64 * MiB
+
+
+# --- the job setting ------------------------------------------------------------------
+
+
+def test_fallback_to_stop_round_trips_and_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.toml"
+    job = Job("nightly", ["web1"], Path("/srv/backup"), mode="stop-short", fallback_to_stop=True)
+    save_jobs(path, [job])
+
+    assert "fallback_to_stop = true" in path.read_text()
+    assert load_jobs(path)[0].fallback_to_stop is True
+    job.fallback_to_stop = "yes"  # type: ignore[assignment]
+    assert [p.field for p in validate_job(job)] == ["fallback_to_stop"]
+
+
+def test_snapshot_label_says_crash_consistent() -> None:
+    assert modes.label("snapshot") == "snapshot (crash-consistent)"
+    assert modes.short_label("snapshot") == "crash-consistent"
+    assert modes.label("stop-short") == modes.short_label("stop-short") == "stop-short"
+
+
+# --- QEMU's user and the files it wrote ----------------------------------------------------
+
+
+def test_qemu_uid_from_the_dac_label() -> None:
+    assert qemuaccess._uid("+64055:+64055") == 64055
+    assert qemuaccess._uid("107:107") == 107
+    assert qemuaccess._uid("system_u:system_r:svirt_t:s0") is None
+
+
+def _b3(path: Path) -> str:
+    return str(blake3.blake3(path.read_bytes()).hexdigest())
+
+
+def test_give_back_zeros_frees_zero_ranges_and_changes_no_byte(tmp_path: Path) -> None:
+    path = tmp_path / "vdb.raw"
+    with path.open("wb") as f:
+        f.write(os.urandom(MiB))
+        f.truncate(16 * MiB)
+    # What QEMU does for a zero range of a raw target: allocated, reading as zeros.
+    zero = subprocess.run(
+        [
+            "fallocate",
+            "--zero-range",
+            "--offset",
+            str(2 * MiB),
+            "--length",
+            str(8 * MiB),
+            str(path),
+        ],
+        capture_output=True,
+        check=False,
+    )
+    if zero.returncode != 0 or path.stat().st_blocks * 512 < 8 * MiB:
+        pytest.skip("this filesystem cannot make allocated zero ranges")
+    digest = _b3(path)
+
+    freed = pushbackup.give_back_zeros(path)
+
+    assert freed >= 8 * MiB
+    assert path.stat().st_blocks * 512 <= 2 * MiB
+    assert path.stat().st_size == 16 * MiB and _b3(path) == digest
