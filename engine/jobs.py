@@ -230,6 +230,20 @@ def check_job_runtime(job: Job) -> list[FieldError]:
     return [FieldError(_job_label(job.name), f, m) for f, m in filter(None, problems)]
 
 
+def misconfigured_device(job: Job) -> FieldError | None:
+    """The job's device path if it exists and is not a block device (a regular file).
+
+    Unlike a missing device (unplugged today, present at 02:00, and the run's log
+    says so), that is a mistake in the configuration: a run refuses it before it
+    begins, as it refuses a job that does not load.
+    """
+    device = job.device
+    if device is None or not device.startswith("/dev/") or not os.path.exists(device):
+        return None
+    problem = _runtime_device(device)
+    return None if problem is None else FieldError(_job_label(job.name), *problem)
+
+
 def _job_label(name: object) -> str:
     return name if isinstance(name, str) else repr(name)
 

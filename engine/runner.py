@@ -34,7 +34,7 @@ from .errors import (
 from .events import GuestOutcome, PhaseChanged, Progress, Reporter
 from .hooks import HookRunner
 from .hypervisor import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
-from .jobs import Job
+from .jobs import Job, JobConfigError, misconfigured_device
 from .journal import Journal, JournalEntry, remove_partial
 from .manifest import DiskRecord, Manifest
 from .paths import Paths
@@ -430,7 +430,14 @@ def run_job(
     cancel: threading.Event | None = None,
     on_log_path: Callable[[Path], None] | None = None,
 ) -> RunResult:
-    """Back up every guest of ``job``; never raises for a guest's failure."""
+    """Back up every guest of ``job``; never raises for a guest's failure.
+
+    A device path naming something other than a block device is refused with
+    JobConfigError before anything is written or any guest touched.
+    """
+    wrong = misconfigured_device(job)
+    if wrong is not None:
+        raise JobConfigError(str(wrong), [wrong])
     paths.ensure()
     log_path = new_log_path(paths.log_dir, job.name)
     if on_log_path is not None:
