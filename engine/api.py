@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import demo, events, jobs, mounts, notify, runner, schedule
 from .archive import Archive, VerifyReport, VersionInfo
-from .devices import BlockDevice, DevicesChanged, DeviceWatcher, list_devices
+from .devices import BlockDevice, DevicesChanged, DeviceWatcher, ManualWatcher, list_devices
 from .errors import ConfigError, GuestsafeError, NotFoundError
 from .events import Reporter
 from .fsutil import atomic_write_bytes
@@ -198,9 +198,17 @@ class Engine:
         directory, to fill in ``has_marker``; without it ``has_marker`` is None.
         """
         found = self._free_devices()
-        return mounts.probe_markers(found, self.paths.state_dir) if probe_marker else found
+        return self.probe_markers(found) if probe_marker else found
+
+    def probe_markers(self, found: list[BlockDevice]) -> list[BlockDevice]:
+        """``found`` with ``has_marker`` filled in by brief read-only mounts."""
+        if self.sandbox is not None:
+            return found
+        return mounts.probe_markers(found, self.paths.state_dir)
 
     def _free_devices(self) -> list[BlockDevice]:
+        if self.sandbox is not None:
+            return demo.devices()
         try:
             guest_disks = mounts.guest_disk_devnums(self.hv)
         except GuestsafeError:
@@ -213,6 +221,8 @@ class Engine:
 
         Call ``stop()`` on it when done.
         """
+        if self.sandbox is not None:
+            return ManualWatcher(callback, demo.devices()).start()
         return DeviceWatcher(callback, lister=self._free_devices).start()
 
     def resolve_device(self, spec: str) -> BlockDevice:
@@ -226,6 +236,9 @@ class Engine:
         Listing, planning and restoring all happen inside the block; the device is
         unmounted afterwards (left as it was if it was mounted already).
         """
+        if self.sandbox is not None:
+            yield Archive.open(demo.device_root(self.sandbox, spec))
+            return
         with mounts.browse_archive(spec, self.paths.state_dir) as archive:
             yield archive
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import libvirt
 
+from .devices import BlockDevice
+from .errors import DeviceError
 from .fsutil import atomic_write_bytes
 from .jobs import Job, Schedule, save_jobs
 
@@ -176,3 +178,38 @@ def save_state(sandbox: Sandbox, conn: libvirt.virConnect) -> None:
         ET.SubElement(element, f"{{{TEST_NS}}}runstate").text = str(state)
         domains.append(element)
     _write_node(sandbox, domains)
+
+
+# A USB disk for the demo's Restore tab, holding the sandbox's archive. Nothing is
+# mounted: the engine reads the archive folder in its place.
+DEMO_DEVICE = BlockDevice(
+    node="/dev/sdb1",
+    name="sdb1",
+    devnum=os.makedev(8, 17),
+    disk_devnum=os.makedev(8, 16),
+    kind="partition",
+    fstype="ext4",
+    fs_version="1.0",
+    label="BACKUP",
+    uuid="2f6c1a9e-5b3d-4c61-9a7e-0d4e8b1c2a37",
+    size=1000 * 1000**3,
+    vendor="WD",
+    model="Elements 25A2",
+    bus="usb",
+    removable=False,
+    read_only=False,
+    locked=False,
+    has_marker=True,
+)
+
+
+def devices() -> list[BlockDevice]:
+    return [DEMO_DEVICE]
+
+
+def device_root(sandbox: Sandbox, spec: str) -> Path:
+    """Where the demo device ``spec`` names keeps its archive; DeviceError for any other."""
+    dev = DEMO_DEVICE
+    if spec not in (dev.node, dev.spec, f"LABEL={dev.label}", f"UUID={dev.uuid.upper()}"):
+        raise DeviceError(f"device {spec} is not plugged in (the demo has {dev.spec} only)")
+    return sandbox.archive_dir

@@ -42,6 +42,9 @@ from .errors import DeviceError
 MOUNTINFO = Path("/proc/self/mountinfo")
 SWAPS = Path("/proc/swaps")
 SYS_BLOCK = Path("/sys/class/block")
+# guestsafe's own short read-only mounts (browsing, probing) go below this. A device
+# mounted there stays listed, so the list does not flicker while it is looked at.
+RUNTIME_DIR = Path("/run/guestsafe")
 SECTOR = 512
 
 # ID_FS_USAGE values (blkid) that a person can mount or unlock.
@@ -162,10 +165,12 @@ def _active_swap_devnums() -> set[int]:
     return found
 
 
-def in_use_devnums(entries: Iterable[MountEntry]) -> set[int]:
-    """Block devices that are mounted or active swap."""
+def in_use_devnums(entries: Iterable[MountEntry], *, ignore_below: str | None = None) -> set[int]:
+    """Block devices that are mounted (except below ``ignore_below``) or active swap."""
     found: set[int] = set()
     for entry in entries:
+        if ignore_below and entry.target.startswith(ignore_below.rstrip("/") + "/"):
+            continue
         if os.major(entry.devnum) != 0:
             found.add(entry.devnum)
         source = entry.source_devnum
@@ -408,7 +413,7 @@ def list_devices(context: pyudev.Context | None = None) -> list[BlockDevice]:
     """External devices with a filesystem, not in use: see the module docstring."""
     context = context or pyudev.Context()
     facts = _all_facts(context)
-    return select_devices(facts, in_use_devnums(read_mounts()))
+    return select_devices(facts, in_use_devnums(read_mounts(), ignore_below=str(RUNTIME_DIR)))
 
 
 def device_of(dev: Any) -> BlockDevice | None:
@@ -574,7 +579,7 @@ class DeviceWatcher:
     def _relist(self) -> None:
         try:
             after = self._lister()
-        except (OSError, pyudev.DeviceNotFoundError):
+        except (OSError, DeviceError, pyudev.DeviceNotFoundError):
             return  # a device vanished while listed; the next event lists again
         change = diff(self.devices, after)
         self.devices = after
@@ -583,6 +588,28 @@ class DeviceWatcher:
                 self._callback(change)
             except Exception as exc:  # the consumer's bug must not stop the watching
                 self.last_error = exc
+
+
+class ManualWatcher(DeviceWatcher):
+    """A watcher fed by hand instead of udev: the demo sandbox's, and tests' hot-plug."""
+
+    def __init__(
+        self, callback: Callable[[DevicesChanged], None], devices: Sequence[BlockDevice]
+    ) -> None:
+        super().__init__(callback, lister=lambda: list(self._fed))
+        self._fed = list(devices)
+
+    def start(self) -> ManualWatcher:
+        self.devices = list(self._fed)
+        return self
+
+    def stop(self) -> None:
+        pass
+
+    def set_devices(self, devices: Sequence[BlockDevice]) -> None:
+        """Report the change to ``devices`` as udev events would (on the caller's thread)."""
+        self._fed = list(devices)
+        self._relist()
 
 
 def _drain(monitor: pyudev.Monitor) -> Iterator[Any]:

@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import humanize
+import libvirt
 import pyudev
 
 from . import events, locks
 from .archive import MARKER, Archive
 from .devices import (
     READ_ONLY_FILESYSTEMS,
+    RUNTIME_DIR,
     BlockDevice,
     all_block_devices,
     device_of,
@@ -61,7 +63,7 @@ from .devices import (
     read_mounts,
     usage_of,
 )
-from .errors import ArchiveError, DeviceError, GuestsafeError
+from .errors import ArchiveError, DeviceError, GuestsafeError, HypervisorError
 from .events import Reporter
 from .fsutil import atomic_write_bytes
 from .hypervisor import GuestInfo, Hypervisor
@@ -74,6 +76,7 @@ FAT_MAX_FILE = 4 * 1024**3 - 1
 SPACE_MARGIN = 64 * 1024 * 1024
 MEMORY_DIR = "devices"
 MOUNT_TIMEOUT = 120.0
+DEVICE_LOCK_WAIT = 30.0
 # Filesystems without holes: a sparse disk file takes its whole length there.
 NON_SPARSE = frozenset({"vfat", "msdos", "exfat", "hfsplus"})
 FAT = frozenset({"vfat", "msdos"})
@@ -266,12 +269,24 @@ def _guest_infos(job: Job, hv: Hypervisor) -> list[GuestInfo]:
 def guest_disk_devnums(hv: Hypervisor) -> dict[int, str]:
     """Block devices that guests use as disks, and a guest using each."""
     found: dict[int, str] = {}
-    for info in hv.guests():
+    for info in _all_guests(hv):
         for disk in info.disks:
             rdev = _rdev(disk.source) if disk.kind == "block" and disk.source else None
             if rdev is not None:
                 found[rdev] = info.name
     return found
+
+
+def _all_guests(hv: Hypervisor, attempts: int = 3) -> list[GuestInfo]:
+    # Hypervisor.guests() lets a libvirt error escape when a guest is undefined
+    # while it is listed; the next listing no longer has it.
+    for attempt in range(attempts):
+        try:
+            return hv.guests()
+        except libvirt.libvirtError as exc:
+            if attempt == attempts - 1:
+                raise HypervisorError(f"cannot list the guests: {exc}") from exc
+    return []
 
 
 def guest_user(device: BlockDevice, guest_disks: dict[int, str]) -> str | None:
@@ -432,11 +447,10 @@ def _umount(target: Path) -> str | None:
 
 def _runtime_dir() -> Path | None:
     """Where private temporary mount points go: /run (RAM) for root, else the default."""
-    run = Path("/run/guestsafe")
     if os.geteuid() != 0:
         return None
-    ensure_dir(run)
-    return run
+    ensure_dir(RUNTIME_DIR)
+    return RUNTIME_DIR
 
 
 @contextmanager
@@ -452,6 +466,10 @@ def _temporary_mount(device: BlockDevice, extra: Sequence[str] = ()) -> Iterator
     finally:
         with contextlib.suppress(OSError):  # still mounted (lazily): leave the empty dir
             directory.rmdir()
+
+
+def _device_key(device: BlockDevice) -> str:
+    return f"device:{device.uuid or device.node}"
 
 
 # --- archive memory --------------------------------------------------------------
@@ -592,7 +610,8 @@ def job_archive(job: Job, hv: Hypervisor, state_dir: Path, report: Reporter) -> 
     check_capacity(device, files, free=None)
     purpose = f"job {job.name} mounts {device.node} at {dest}"
     with (
-        locks.acquire(state_dir, f"device:{device.uuid or device.node}", purpose),
+        # A console that looks for an archive on a new device holds it for a moment.
+        locks.acquire(state_dir, _device_key(device), purpose, wait=DEVICE_LOCK_WAIT),
         locks.acquire(state_dir, f"mountpoint:{dest}", purpose),
     ):
         mounted: Mounted | None = None
@@ -659,7 +678,7 @@ def browse_archive(spec: str, state_dir: Path) -> Iterator[Archive]:
         raise DeviceError(f"{device.describe()} is in use: {'; '.join(usage.reasons)}")
     purpose = f"reading the archive on {device.node}"
     with (
-        locks.acquire(state_dir, f"device:{device.uuid or device.node}", purpose),
+        locks.acquire(state_dir, _device_key(device), purpose),
         _temporary_mount(device) as root,
     ):
         yield _device_archive(device, root)
@@ -687,7 +706,7 @@ def _probe(device: BlockDevice, state_dir: Path) -> BlockDevice:
     purpose = f"looking for an archive on {device.node}"
     try:
         with (
-            locks.acquire(state_dir, f"device:{device.uuid or device.node}", purpose),
+            locks.acquire(state_dir, _device_key(device), purpose),
             _temporary_mount(device, extra) as root,
         ):
             try:

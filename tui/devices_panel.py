@@ -1,8 +1,8 @@
 """External devices detected but not mounted.
 
-The device list comes from the engine's device layer in a later issue; until
-then the panel is fed an empty list. ``set_devices`` takes any sequence of
-``DeviceRow`` so the device layer only has to map its records to rows.
+The Restore pane feeds it from the engine's device watcher, so the list follows
+plugging and unplugging live. ``set_devices`` takes any sequence of
+``DeviceRow``; ``DeviceRow.from_device`` maps the engine's records to rows.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+from ..engine.devices import BlockDevice
 from . import formatting as fmt
 
-COLUMNS = ("Node", "Label", "Filesystem", "Size", "Model", "Bus")
+COLUMNS = ("Node", "Label", "Filesystem", "Size", "Model", "Bus", "Archive")
+ARCHIVE_CELL = {True: "yes", False: "no", None: "?"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,15 @@ class DeviceRow:
     size: int
     model: str
     bus: str
+    archive: bool | None = None  # holds a guestsafe archive; None: not known (yet)
+    spec: str = ""  # how a job names it: UUID=... where it has one
+
+    @classmethod
+    def from_device(cls, dev: BlockDevice) -> DeviceRow:
+        model = " ".join(part for part in (dev.vendor, dev.model) if part)
+        return cls(
+            dev.node, dev.label, dev.filesystem, dev.size, model, dev.bus, dev.has_marker, dev.spec
+        )
 
 
 class ExternalDevicesPanel(Vertical):
@@ -61,7 +72,12 @@ class ExternalDevicesPanel(Vertical):
                 fmt.size(dev.size),
                 fmt.literal(dev.model or "-"),
                 fmt.literal(dev.bus or "-"),
+                ARCHIVE_CELL[dev.archive],
                 key=dev.node,
             )
         table.display = bool(self._devices)
         self.query_one("#devices-empty", Static).display = not self._devices
+
+    def set_problem(self, message: str) -> None:
+        """Say why there is no list (no udev here), in place of the empty note."""
+        self.query_one("#devices-empty", Static).update(fmt.literal(message))

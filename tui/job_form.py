@@ -16,6 +16,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
+from textual.suggester import SuggestFromList
 from textual.widget import Widget
 from textual.widgets import (
     Button,
@@ -29,6 +30,8 @@ from textual.widgets import (
 )
 
 from ..engine.api import Engine
+from ..engine.devices import BlockDevice
+from ..engine.errors import GuestsafeError
 from ..engine.jobs import MODES, ON_TIMEOUT, FieldError, Hooks, Job, JobConfigError
 from .field_input import FieldInput
 from .formatting import literal
@@ -65,6 +68,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         # Editing shows every problem at once (a destination may have gone);
         # a new form waits until a field is changed or Save is pressed.
         self._show_all = job is not None
+        self._detected: list[BlockDevice] = []
 
     # --- layout ------------------------------------------------------------
 
@@ -82,6 +86,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                 yield from self._text(
                     "device", "Device", v.device, "optional: /dev/sdb1, UUID=..., LABEL=..."
                 )
+                yield Static("", id="device-hint", classes="field-hint")
                 yield from self._text("keep", "Keep versions", v.keep, "3", integer=True)
                 yield from self._text("time", "Time (HH:MM)", v.time, "empty: manual only")
                 yield from self._text(
@@ -146,6 +151,8 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         self.query_one("#f-name", Input).focus()
         self._show_mode_help()
         self._validate()
+        self._show_device_hint()
+        self._find_devices()
 
     # --- reading the fields ------------------------------------------------
 
@@ -276,4 +283,58 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             problems = list(exc.problems) or [FieldError(job.name, FORM_LEVEL, exc.message)]
             self.app.call_from_thread(self.show_problems, problems)
             return
+        if job.device and job.device.startswith("/dev/"):
+            self.app.notify(_node_note(job.device, self._detected), timeout=10, markup=False)
         self.app.call_from_thread(self.dismiss, job.name)
+
+    # --- external devices ----------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="form-devices", exit_on_error=False)
+    def _find_devices(self) -> None:
+        try:
+            found = self._engine.devices()
+        except GuestsafeError:
+            found = []  # no udev here: the form works without suggestions
+        self.app.call_from_thread(self._devices_found, found)
+
+    def _devices_found(self, found: list[BlockDevice]) -> None:
+        self._detected = found
+        names = [d.spec for d in found] + [d.node for d in found]
+        names += [f"LABEL={d.label}" for d in found if d.label]
+        self.query_one("#f-device", Input).suggester = SuggestFromList(names, case_sensitive=True)
+        self._show_device_hint()
+
+    @on(Input.Changed, "#f-device")
+    def _device_changed(self) -> None:
+        self._show_device_hint()
+
+    def on_descendant_focus(self) -> None:
+        self._show_device_hint()  # shown while the device field has focus
+
+    def on_descendant_blur(self) -> None:
+        self._show_device_hint()
+
+    def _show_device_hint(self) -> None:
+        """The detected devices while the field has focus; the UUID tip for a /dev node."""
+        field = self.query_one("#f-device", Input)
+        value = field.value.strip()
+        hint = self.query_one("#device-hint", Static)
+        hint.update(literal(_device_hint(value, self._detected)))
+        hint.display = field.has_focus or value.startswith("/dev/")
+
+
+def _device_hint(value: str, detected: Sequence[BlockDevice]) -> str:
+    if value.startswith("/dev/"):
+        return "tip: " + _node_note(value, detected)
+    if not detected:
+        return "no external device detected; plug one in, or type /dev/..., UUID=..., LABEL=..."
+    shown = [f"{d.spec} ({d.label or 'no label'}, {d.node}, {d.filesystem})" for d in detected]
+    return "detected: " + "; ".join(shown)
+
+
+def _node_note(node: str, detected: Sequence[BlockDevice]) -> str:
+    """Why the UUID form is better than the node the operator typed."""
+    match = next((d for d in detected if d.node == node), None)
+    if match is not None and match.uuid:
+        return f"{match.spec} names this disk even after re-plugging; {node} may not"
+    return f"UUID=... names a disk even after re-plugging; {node} may be another disk next time"

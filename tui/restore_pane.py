@@ -2,11 +2,20 @@
 
 A restore runs in three steps, each off the UI thread: plan it (which paths and
 MACs the new guest gets), settle MAC clashes in a modal, then copy and define.
+
+The archive comes from a job's destination or from an external device. The
+engine's device watcher keeps the device list live; a new device is looked at
+once for an archive (a brief read-only mount), and one that holds one joins the
+Archive choices. A device is mounted read-only only while its versions are
+listed, and again while a restore copies from it.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,14 +24,18 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.message import Message
 from textual.widgets import DataTable, Label, Select, Static
 
 from ..engine.api import Engine
-from ..engine.archive import MARKER, VersionInfo
+from ..engine.archive import MARKER, Archive, VersionInfo
+from ..engine.devices import BlockDevice, DevicesChanged, DeviceWatcher
+from ..engine.errors import GuestsafeError
 from ..engine.events import Event
-from ..engine.restore import RestorePlan
+from ..engine.modes import is_crash_consistent, short_label
+from ..engine.restore import RestorePlan, RestoreResult
 from . import formatting as fmt
-from .devices_panel import ExternalDevicesPanel
+from .devices_panel import DeviceRow, ExternalDevicesPanel
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
 from .reporting import BatchingReporter
@@ -31,6 +44,25 @@ from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors
 
 COLUMNS = ("Guest", "Version", "Date", "Size", "Mode", "Verified")
+# Archive choices that are devices carry this before the device's spec.
+DEVICE_PREFIX = "device:"
+
+
+@dataclass
+class DevicesSeen(Message):
+    """The devices plugged in now (from the watcher's thread)."""
+
+    devices: list[BlockDevice]
+
+
+@dataclass
+class MarkersProbed(Message):
+    """Devices looked at for an archive, ``has_marker`` filled in where it could be."""
+
+    devices: list[BlockDevice]
+
+
+Source = Path | str  # a destination, or a device spec
 
 
 class RestorePane(ReportsWorkerErrors, Vertical):
@@ -45,6 +77,12 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._versions: list[VersionInfo] = []
         self._busy = False
         self._cancel = threading.Event()
+        self._destinations: list[Path] = []
+        self._devices: list[BlockDevice] = []
+        # What probing found, by (node, UUID): a device is looked at once per plug-in.
+        self._markers: dict[tuple[str, str], tuple[bool | None, str | None]] = {}
+        self._watcher: DeviceWatcher | None = None
+        self._closed = False
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="archive-bar"):
@@ -61,13 +99,33 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             table.add_column(column, key=column)
         self.app.theme_changed_signal.subscribe(self, lambda _theme: self._fill())
         self.reload()
+        self._watch_devices()
+
+    def on_unmount(self) -> None:
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.stop()
 
     # --- destinations and versions ----------------------------------------
 
     @property
     def destination(self) -> Path | None:
         value = self.query_one("#dest-select", Select).value
-        return Path(value) if isinstance(value, str) else None
+        if not isinstance(value, str) or value.startswith(DEVICE_PREFIX):
+            return None
+        return Path(value)
+
+    @property
+    def device_spec(self) -> str | None:
+        """The device chosen as the archive, as its spec (UUID=...), or None."""
+        value = self.query_one("#dest-select", Select).value
+        if isinstance(value, str) and value.startswith(DEVICE_PREFIX):
+            return value.removeprefix(DEVICE_PREFIX)
+        return None
+
+    @property
+    def source(self) -> Source | None:
+        return self.destination or self.device_spec
 
     @work(thread=True, exclusive=True, group="restore-dests", exit_on_error=False)
     def reload(self) -> None:
@@ -76,28 +134,49 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self.app.call_from_thread(self._set_destinations, destinations)
 
     def _set_destinations(self, destinations: list[Path]) -> None:
-        select: Select[str] = self.query_one("#dest-select", Select)
-        current = self.destination
-        select.set_options((fmt.literal(str(d)), str(d)) for d in destinations)
-        if current in destinations:
-            select.value = str(current)
-        elif destinations:
-            select.value = str(destinations[0])
+        self._destinations = destinations
+        self._set_sources()
         self.load_versions()
+
+    def _set_sources(self) -> bool:
+        """Offer the destinations and the devices with an archive; True if the choice changed."""
+        select: Select[str] = self.query_one("#dest-select", Select)
+        current = select.value
+        options = [(fmt.literal(str(d)), str(d)) for d in self._destinations]
+        options += [
+            (fmt.literal(_device_choice(d)), DEVICE_PREFIX + d.spec)
+            for d in self._devices
+            if d.has_marker
+        ]
+        with select.prevent(Select.Changed):
+            select.set_options(options)
+            if current in [value for _label, value in options]:
+                select.value = current
+            elif self._destinations:
+                # A device is only ever chosen by the operator: it means a mount.
+                select.value = str(self._destinations[0])
+        return select.value != current
 
     @on(Select.Changed, "#dest-select")
     def _destination_changed(self) -> None:
         self.load_versions()
 
     def load_versions(self) -> None:
-        destination = self.destination
-        if destination is None:
+        source = self.source
+        if source is None:
             self._loaded([], "no archive chosen")
             return
-        self._load_versions(destination)
+        self._load_versions(source)
 
     @work(thread=True, exclusive=True, group="restore-versions", exit_on_error=False)
-    def _load_versions(self, destination: Path) -> None:
+    def _load_versions(self, source: Source) -> None:
+        if isinstance(source, str):
+            with self._engine.device_archive(source) as archive:
+                versions = archive.versions()
+            count = f"{len(versions)} version{'s' if len(versions) != 1 else ''} on the device"
+            self.app.call_from_thread(self._loaded, versions, count)
+            return
+        destination = source
         if not (destination / MARKER).exists():
             # No backup has run to this destination yet: nothing to list, no error.
             self.app.call_from_thread(self._loaded, [], "no backups here yet")
@@ -116,13 +195,14 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         row = table.cursor_row
         table.clear()
         styles = status_styles(self.app)
+        warning = f"bold {self.app.current_theme.warning or 'yellow'}"
         for index, v in enumerate(self._versions):
             table.add_row(
                 fmt.literal(v.guest),
                 Text(str(v.number), justify="right"),
                 fmt.literal(fmt.short_time(v.date)),
                 Text(fmt.size(v.size), justify="right"),
-                fmt.literal(v.mode),
+                fmt.literal(short_label(v.mode), warning if is_crash_consistent(v.mode) else ""),
                 fmt.verified(v.verified, styles),
                 key=str(index),
             )
@@ -146,6 +226,64 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     def _row_selected(self) -> None:
         self.query_one(RestoreForm).focus_new_id()
 
+    # --- devices -----------------------------------------------------------
+
+    @property
+    def devices(self) -> list[BlockDevice]:
+        """The external devices shown, once the watcher has reported them."""
+        return list(self._devices)
+
+    @work(thread=True, exclusive=True, group="restore-devices", exit_on_error=False)
+    def _watch_devices(self) -> None:
+        def changed(change: DevicesChanged) -> None:
+            self.post_message(DevicesSeen(list(change.devices)))
+
+        try:
+            watcher = self._engine.watch_devices(changed)
+        except GuestsafeError as exc:
+            self.app.call_from_thread(
+                self.query_one(ExternalDevicesPanel).set_problem, f"no device list: {exc.message}"
+            )
+            return
+        self._watcher = watcher
+        if self._closed:  # the pane went while the watcher started
+            watcher.stop()
+            return
+        self.post_message(DevicesSeen(list(watcher.devices)))
+
+    def on_devices_seen(self, message: DevicesSeen) -> None:
+        self._devices = [self._with_known_marker(d) for d in message.devices]
+        self._show_devices()
+        unknown = [d for d in self._devices if not d.locked and _marker_key(d) not in self._markers]
+        for device in unknown:
+            self._markers[_marker_key(device)] = (None, None)  # looked at once, by one worker
+        if unknown:
+            self._probe(unknown)
+
+    def _with_known_marker(self, device: BlockDevice) -> BlockDevice:
+        if device.has_marker is not None:
+            self._markers[_marker_key(device)] = (device.has_marker, device.archive_id)
+            return device
+        known = self._markers.get(_marker_key(device))
+        return device.with_marker(*known) if known else device
+
+    @work(thread=True, group="restore-probe", exit_on_error=False)
+    def _probe(self, devices: list[BlockDevice]) -> None:
+        self.post_message(MarkersProbed(self._engine.probe_markers(devices)))
+
+    def on_markers_probed(self, message: MarkersProbed) -> None:
+        for device in message.devices:
+            self._markers[_marker_key(device)] = (device.has_marker, device.archive_id)
+        self._devices = [self._with_known_marker(d) for d in self._devices]
+        self._show_devices()
+
+    def _show_devices(self) -> None:
+        self.query_one(ExternalDevicesPanel).set_devices(
+            [DeviceRow.from_device(d) for d in self._devices]
+        )
+        if self._set_sources():  # the chosen device was unplugged
+            self.load_versions()
+
     # --- actions -----------------------------------------------------------
 
     def action_choose_archive(self) -> None:
@@ -161,55 +299,74 @@ class RestorePane(ReportsWorkerErrors, Vertical):
 
     @on(RestoreForm.Submitted)
     def _submitted(self, event: RestoreForm.Submitted) -> None:
-        destination = self.destination
-        if destination is None:
+        source = self.source
+        if source is None:
             self.app.notify("Choose an archive first.", severity="warning")
             return
         if self._busy:
             self.app.notify("A restore is already running.", severity="warning")
             return
-        self._plan(destination, event.guest, event.number, event.new_name)
+        self._plan(source, event.guest, event.number, event.new_name)
+
+    @contextmanager
+    def _archive(self, source: Source) -> Iterator[Archive]:
+        """The source's archive; a device stays mounted (read-only) for the block only."""
+        if isinstance(source, str):
+            with self._engine.device_archive(source) as archive:
+                yield archive
+        else:
+            with nullcontext(self._engine.archive(source)) as archive:
+                yield archive
 
     @work(thread=True, exclusive=True, group="restore-plan", exit_on_error=False)
-    def _plan(self, destination: Path, guest: str, number: int, new_name: str) -> None:
-        archive = self._engine.archive(destination)
-        plan = self._engine.plan_restore(archive, guest, number, new_name)
-        self.app.call_from_thread(self._planned, plan)
+    def _plan(self, source: Source, guest: str, number: int, new_name: str) -> None:
+        with self._archive(source) as archive:
+            plan = self._engine.plan_restore(archive, guest, number, new_name)
+        self.app.call_from_thread(self._planned, plan, source)
 
-    def _planned(self, plan: RestorePlan) -> None:
+    def _planned(self, plan: RestorePlan, source: Source | None = None) -> None:
         if not plan.clashes:
-            self._start_restore(plan, {})
+            self._start_restore(plan, {}, source)
             return
 
         def settled(choices: dict[int, str] | None) -> None:
             if choices is None:
                 self.app.notify("Restore cancelled.")
                 return
-            self._start_restore(plan, choices)
+            self._start_restore(plan, choices, source)
 
         self.app.push_screen(MacClashScreen(plan), settled)
 
-    def _start_restore(self, plan: RestorePlan, choices: dict[int, str]) -> None:
+    def _start_restore(
+        self, plan: RestorePlan, choices: dict[int, str], source: Source | None = None
+    ) -> None:
         self._busy = True
         self._cancel = threading.Event()
         title = (
             f"restore {plan.version.guest} version {plan.version.number} as {plan.new_name}"
         )
         self.post_message(ActivityStarted(title))
-        self._restore(plan, choices, self._cancel)
+        self._restore(plan, choices, self._cancel, source)
 
     @work(thread=True, exclusive=True, group="restore-run", exit_on_error=False)
     def _restore(
-        self, plan: RestorePlan, choices: dict[int, str], cancel: threading.Event
+        self,
+        plan: RestorePlan,
+        choices: dict[int, str],
+        cancel: threading.Event,
+        source: Source | None = None,
     ) -> None:
         def deliver(events: list[Event]) -> None:
             self.post_message(EngineEvents(events))
 
         reporter = BatchingReporter(deliver)
         try:
-            result = self._engine.restore(
-                plan, mac_choices=choices, reporter=reporter, cancel=cancel
-            )
+            if isinstance(source, str):
+                result = self._restore_from_device(source, plan, choices, reporter, cancel)
+            else:
+                result = self._engine.restore(
+                    plan, mac_choices=choices, reporter=reporter, cancel=cancel
+                )
         finally:
             reporter.flush()
             self.app.call_from_thread(self._finished)
@@ -218,6 +375,23 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             f"restore successful: {result.name} is defined (MACs {macs})", markup=False
         )
         self.post_message(GuestsChanged())
+
+    def _restore_from_device(
+        self,
+        spec: str,
+        plan: RestorePlan,
+        choices: dict[int, str],
+        reporter: BatchingReporter,
+        cancel: threading.Event,
+    ) -> RestoreResult:
+        """Mount the device again for the copy; the plan's paths were in the last mount."""
+        with self._engine.device_archive(spec) as archive:
+            version = plan.version
+            fresh = self._engine.plan_restore(archive, version.guest, version.number, plan.new_name)
+            fresh.interfaces = plan.interfaces  # the MACs the operator was shown
+            return self._engine.restore(
+                fresh, mac_choices=choices, reporter=reporter, cancel=cancel
+            )
 
     def _finished(self) -> None:
         self._busy = False
@@ -230,3 +404,12 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     @property
     def busy(self) -> bool:
         return self._busy
+
+
+def _marker_key(device: BlockDevice) -> tuple[str, str]:
+    return (device.node, device.uuid)
+
+
+def _device_choice(device: BlockDevice) -> str:
+    label = f" {device.label}" if device.label else ""
+    return f"{device.node}{label} ({device.filesystem})"

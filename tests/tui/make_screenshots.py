@@ -51,7 +51,7 @@ async def capture(out: Path, suffix: str, size: tuple[int, int]) -> list[Path]:
             await wait_for(pilot, lambda: app.log_pane._tracker.view.finished is not None)
             await shot("log")
             await pilot.press("r")
-            await wait_for(pilot, lambda: app.restore_pane._versions)
+            await wait_for(pilot, lambda: app.restore_pane._versions and app.restore_pane.devices)
             await shot("restore")
             web1 = next(i for i, v in enumerate(app.restore_pane._versions) if v.guest == "web1")
             await pilot.press("home", *["down"] * web1, "enter")

@@ -134,16 +134,21 @@ def test_confirm_delete(snap_compare: Compare, engine: Engine) -> None:
 # --- Restore --------------------------------------------------------------------
 
 
+def restore_ready(app: GuestsafeApp) -> object:
+    """The archive's versions and the external devices are both listed."""
+    return app.restore_pane._versions and app.restore_pane.devices
+
+
 @pytest.mark.parametrize("size", [WIDE, NARROW], ids=["100x32", "80x24"])
 def test_restore(snap_compare: Compare, archived: Engine, size: tuple[int, int]) -> None:
-    run_before = steps("r", until=lambda app: app.restore_pane._versions)
+    run_before = steps("r", until=restore_ready)
     assert snap_compare(app_of(archived), terminal_size=size, run_before=run_before)
 
 
 @pytest.mark.parametrize("size", [WIDE, NARROW], ids=["100x32", "80x24"])
 def test_mac_modal(snap_compare: Compare, archived: Engine, size: tuple[int, int]) -> None:
     async def run_before(pilot: Pilot[Any]) -> None:
-        await steps("r", until=lambda app: app.restore_pane._versions)(pilot)
+        await steps("r", until=restore_ready)(pilot)
         await pilot.press("down", "enter")  # web1, version 1
         await pilot.press("home", "ctrl+k", *"web1-copy", "enter")
         await wait_for(pilot, lambda: isinstance(pilot.app.screen, MacClashScreen))

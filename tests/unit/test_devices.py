@@ -8,8 +8,12 @@ from collections.abc import Mapping
 import pytest
 from guestsafe.engine.devices import (
     BlockDevice,
+    DevicesChanged,
+    ManualWatcher,
     _Facts,
     diff,
+    in_use_devnums,
+    mount_containing,
     parse_mountinfo,
     select_devices,
 )
@@ -78,6 +82,26 @@ def test_mountinfo_is_parsed_with_escapes_and_optional_fields() -> None:
     assert mine.options == {"rw", "nosuid", "nodev", "noexec"}
     assert mine.source == "/dev/sdb1" and mine.devnum == os.makedev(8, 17)
     assert btrfs.root == "/sub" and btrfs.fstype == "btrfs" and btrfs.source == "/dev/sdc1"
+
+
+def test_shared_mounts_are_told_from_private_ones() -> None:
+    root, mine, btrfs = parse_mountinfo(MOUNTINFO)
+    assert root.shared and mine.shared and not btrfs.shared  # master:2 alone is a slave
+
+
+def test_the_mount_holding_a_path_is_the_deepest_one() -> None:
+    entries = parse_mountinfo(MOUNTINFO)
+    assert mount_containing("/srv/b/x", entries).target == "/srv/b"
+    assert mount_containing("/srv/bx", entries).target == "/"
+    assert mount_containing("/mnt/my disk", entries).target == "/mnt/my disk"
+
+
+def test_guestsafes_own_short_mounts_do_not_hide_a_device() -> None:
+    entries = parse_mountinfo(
+        b"50 22 8:33 / /run/guestsafe/guestsafe-ro-x1 ro - ext4 /dev/sdc1 ro\n"
+    )
+    assert os.makedev(8, 33) in in_use_devnums(entries)
+    assert os.makedev(8, 33) not in in_use_devnums(entries, ignore_below="/run/guestsafe")
 
 
 def test_mount_entry_matches_its_device_number() -> None:
@@ -203,3 +227,19 @@ def test_diff_names_what_came_and_went() -> None:
     change = diff([a, b], [b, c])
     assert change.added == (c,) and change.removed == (a,) and change.devices == (b, c)
     assert diff([a], [a]).added == () and diff([a], [a]).removed == ()
+
+
+def test_a_manual_watcher_reports_only_real_changes() -> None:
+    a, b = (
+        select_devices([fact(n, i, fs("ext4", ID_FS_UUID=n))], set())[0]
+        for i, n in enumerate(("sdx1", "sdy1"), start=1)
+    )
+    heard: list[DevicesChanged] = []
+    watcher = ManualWatcher(heard.append, [a]).start()
+    assert watcher.devices == [a]
+    watcher.set_devices([a])
+    assert heard == []
+    watcher.set_devices([a, b])
+    watcher.set_devices([b])
+    assert [(c.added, c.removed) for c in heard] == [((b,), ()), ((), (a,))]
+    watcher.stop()
