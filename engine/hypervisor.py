@@ -13,7 +13,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,10 +206,37 @@ class Hypervisor:
         self.uri = resolve_uri(uri)
         _EventLoop.ensure()
         self._board = _LifecycleBoard()
+        self._conn_lock = threading.Lock()
         self._conn = self._open()
-        self._callback_id = self._conn.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+        self._callback_id = self._subscribe()
+
+    def _subscribe(self) -> int:
+        return int(
+            self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
         )
+
+    def _live(self) -> libvirt.virConnect:
+        """The connection, opened again if libvirtd dropped it (a restart, say).
+
+        Lifecycle events sent while the connection was down are lost; the
+        waits below also read the state, so they notice the change anyway.
+        """
+        with self._conn_lock:
+            try:
+                alive = self._conn.isAlive() == 1
+            except libvirt.libvirtError:
+                alive = False
+            if not alive:
+                self._reconnect()
+            return self._conn
+
+    def _reconnect(self) -> None:
+        with suppress(libvirt.libvirtError):  # already gone with the old daemon
+            self._conn.close()
+        self._conn = self._open()
+        self._callback_id = self._subscribe()
 
     def _open(self) -> libvirt.virConnect:
         try:
@@ -241,12 +268,12 @@ class Hypervisor:
 
     @property
     def connection(self) -> libvirt.virConnect:
-        return self._conn
+        return self._live()
 
     @property
     def hostname(self) -> str:
         try:
-            return str(self._conn.getHostname())
+            return str(self._live().getHostname())
         except libvirt.libvirtError:
             return os.uname().nodename
 
@@ -254,7 +281,7 @@ class Hypervisor:
 
     def _domain(self, name: str) -> libvirt.virDomain:
         try:
-            return self._conn.lookupByName(name)
+            return self._live().lookupByName(name)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFoundError(f"guest {name!r} is not defined on {self.uri}") from exc
@@ -271,7 +298,7 @@ class Hypervisor:
 
     def guests(self) -> list[GuestInfo]:
         infos = []
-        for dom in self._call(self._conn.listAllDomains, 0):
+        for dom in self._call(self._live().listAllDomains, 0):
             try:
                 infos.append(self._info(dom))
             except HypervisorError:
@@ -291,7 +318,7 @@ class Hypervisor:
     def all_macs(self) -> dict[str, str]:
         """Every MAC of every defined guest, live and persistent config, mapped to its guest."""
         macs: dict[str, str] = {}
-        for dom in self._call(self._conn.listAllDomains, 0):
+        for dom in self._call(self._live().listAllDomains, 0):
             for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
                 try:
                     info = parse_domain_xml(dom.XMLDesc(flags))
@@ -311,7 +338,7 @@ class Hypervisor:
     # --- changing guests ---------------------------------------------------
 
     def define(self, xml: str) -> GuestInfo:
-        dom = self._call(self._conn.defineXML, xml)
+        dom = self._call(self._live().defineXML, xml)
         return self._info(dom)
 
     def undefine(self, name: str) -> None:
@@ -415,12 +442,22 @@ class Hypervisor:
             stopped = any(
                 e == libvirt.VIR_DOMAIN_EVENT_STOPPED for e, _ in self._board.since(uuid, t0)
             )
-            if stopped or _state_of(dom) == SHUTOFF:
+            if stopped or self._fresh_state(dom) == SHUTOFF:
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             self._board.wait(min(remaining, _STATE_RECHECK_SECONDS))
+
+    def _fresh_state(self, dom: libvirt.virDomain) -> str:
+        """The state, looked up anew when the domain handle died with its connection."""
+        state = _state_of(dom)
+        if state != "unknown":
+            return state
+        try:
+            return _state_of(self._live().lookupByUUIDString(dom.UUIDString()))
+        except libvirt.libvirtError:
+            return "unknown"
 
     @contextmanager
     def watch_started(self, name: str) -> Iterator[threading.Event]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from ..engine.archive import MARKER, Archive, VersionInfo
 from ..engine.errors import GuestsafeError, RestoreError, RunFailed
 from ..engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
 from ..engine.jobs import Job
+from ..engine.modes import label as mode_label
 from ..engine.paths import Paths
 from ..engine.restore import KEEP, NEW
 from ..engine.runlog import escape
@@ -245,13 +247,13 @@ def _print_summaries(results: dict[str, LastResult]) -> None:
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    result = engine.run_job(args.job, reporter, cancel=cancel_on_signals(reporter))
+    result = engine.run_job(args.job, reporter, cancel=cancel_on_signals())
     print(f"log: {result.log_path}", file=sys.stderr)
     result.raise_for_failure()
     return 0
 
 
-def cancel_on_signals(reporter: ConsoleReporter) -> threading.Event:
+def cancel_on_signals() -> threading.Event:
     """Ctrl-C, SIGTERM or a dropped SSH session (SIGHUP) cancel the run cleanly.
 
     The engine then removes the unfinished copy and starts the guest again
@@ -260,8 +262,10 @@ def cancel_on_signals(reporter: ConsoleReporter) -> threading.Event:
     cancel = threading.Event()
 
     def stop(signum: int, frame: object) -> None:
+        # No reporter call here: the signal may land while it holds its lock.
         if not cancel.is_set():
-            reporter(LogLine(logging.WARNING, f"{signal.Signals(signum).name}: cancelling the run"))
+            note = f"guestsafe: {signal.Signals(signum).name}: cancelling the run\n"
+            os.write(sys.stderr.fileno(), note.encode())
         cancel.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -318,7 +322,7 @@ def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
                     v.guest,
                     str(v.number),
                     v.date,
-                    v.mode,
+                    mode_label(v.mode),
                     humanize.naturalsize(v.size, binary=True),
                     verified,
                     where,
