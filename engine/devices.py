@@ -74,6 +74,7 @@ class MountEntry:
     fstype: str
     source: str
     shared: bool = False  # in a peer group: mounts and unmounts below it propagate
+    parent_id: int = 0
 
     @property
     def source_devnum(self) -> int | None:
@@ -113,6 +114,7 @@ def parse_mountinfo(data: bytes) -> list[MountEntry]:
                     fstype=_unescape(fields[sep + 1]),
                     source=_unescape(fields[sep + 2]),
                     shared=any(f.startswith(b"shared:") for f in fields[6:sep]),
+                    parent_id=int(fields[1]),
                 )
             )
         except (ValueError, IndexError):
@@ -148,6 +150,15 @@ def mount_containing(path: str | Path, entries: Iterable[MountEntry] | None = No
     if best is None:
         raise DeviceError(f"no mount holds {path}; is /proc mounted?")
     return best
+
+
+def is_self_bind(entry: MountEntry, entries: Iterable[MountEntry]) -> bool:
+    """Whether ``entry`` is a directory bound onto itself (a mount point made shared)."""
+    parent = next((e for e in entries if e.mount_id == entry.parent_id), None)
+    if parent is None or (parent.devnum, parent.source) != (entry.devnum, entry.source):
+        return False
+    inside = os.path.relpath(entry.target, parent.target)
+    return os.path.normpath(os.path.join(parent.root, inside)) == entry.root
 
 
 def _active_swap_devnums() -> set[int]:

@@ -57,6 +57,7 @@ from .devices import (
     BlockDevice,
     all_block_devices,
     device_of,
+    is_self_bind,
     mount_at,
     mount_containing,
     mounts_of,
@@ -560,6 +561,8 @@ def _check_free_to_mount(
     on_dest = mount_at(dest, entries)
     if on_dest is not None and on_dest.is_of(device.devnum):
         return True
+    if on_dest is not None and is_self_bind(on_dest, entries):
+        on_dest = None  # the mount point bound onto itself (see _share_mount_point)
     if on_dest is not None:
         raise DeviceError(
             f"mount point {dest} is already a mount point of {on_dest.source} "

@@ -338,7 +338,7 @@ def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
 def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     failed = 0
     checked = 0
-    for dest in _archives(engine, args.dest):
+    for dest in _mounted_archives(engine, _archives(engine, args.dest)):
         archive = engine.archive(dest)
         if args.guest is not None and args.guest not in archive.guests():
             continue

@@ -179,6 +179,8 @@ def test_job_on_uuid_mounts_backs_up_unmounts_and_the_device_restores(
     assert list(memory) == [part.uuid]
     backed_up = shutdown_counter(guest, before)
 
+    # The guest started again while the device was mounted; its QEMU has a mount
+    # namespace of its own, which must not keep the filesystem mounted either.
     listing = gs.cli("list", "--device", part.spec, check=True)
     assert guest.name in listing.stdout and part.spec in listing.stdout
     assert not mount_points(part.node)
@@ -270,6 +272,24 @@ def test_a_device_mounted_elsewhere_or_a_taken_mount_point_is_refused(
     assert not result.ok and "already a mount point of" in result.outcomes[0].message
     assert not mount_points(mine.node)
     assert list(gs.archive.iterdir()) == []
+
+
+def test_a_mount_point_bound_onto_itself_is_no_other_device(
+    gs: GS, guest_factory: GuestFactory, disks: LoopDisks
+) -> None:
+    # What an administrator does to make a mount point shared, or what a killed run
+    # leaves: it must not pass for "another device mounted here".
+    part = disks(Part("ext4", 128, "gsbind")).partitions[0]
+    guest = guest_factory("bind", start=False)
+    gs.job("bind", [guest], device=part.spec)
+    subprocess.run(["mount", "--bind", gs.archive, gs.archive], check=True)
+    try:
+        result = gs.engine.run_job("bind")
+        assert result.ok, result.outcomes
+        assert not mount_points(part.node)
+        assert mount_at(gs.archive) is not None  # the bind is left as it was found
+    finally:
+        _umount(gs.archive)
 
 
 @pytest.mark.parametrize("fstype", ["ntfs", "exfat"])

@@ -13,6 +13,7 @@ from guestsafe.engine.devices import (
     _Facts,
     diff,
     in_use_devnums,
+    is_self_bind,
     mount_containing,
     parse_mountinfo,
     select_devices,
@@ -87,6 +88,19 @@ def test_mountinfo_is_parsed_with_escapes_and_optional_fields() -> None:
 def test_shared_mounts_are_told_from_private_ones() -> None:
     root, mine, btrfs = parse_mountinfo(MOUNTINFO)
     assert root.shared and mine.shared and not btrfs.shared  # master:2 alone is a slave
+
+
+def test_a_directory_bound_onto_itself_is_told_from_another_device() -> None:
+    entries = parse_mountinfo(
+        b"27 1 254:0 / / rw shared:1 - ext4 /dev/vda rw\n"
+        b"59 27 254:0 /srv/bk /srv/bk rw shared:3 - ext4 /dev/vda rw\n"
+        b"60 59 8:17 / /srv/bk rw shared:4 - ext4 /dev/sdb1 rw\n"
+        b"61 27 254:0 /elsewhere /srv/other rw - ext4 /dev/vda rw\n"
+    )
+    root, bind, device, other = entries
+    assert is_self_bind(bind, entries)
+    assert not is_self_bind(device, entries) and not is_self_bind(other, entries)
+    assert not is_self_bind(root, entries)
 
 
 def test_the_mount_holding_a_path_is_the_deepest_one() -> None:
