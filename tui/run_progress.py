@@ -40,6 +40,9 @@ class RunProgressPanel(Vertical):
         if view.item:
             phase.append("  disk: ")
             phase.append_text(fmt.literal(view.item))
+        if view.downtime:
+            phase.append("  downtime: ")
+            phase.append(view.downtime, style="bold")
         if view.finished:
             phase.append("  ")
             phase.append_text(fmt.literal(view.finished, style="bold"))

@@ -9,6 +9,7 @@ shows the throughput it had, and the view is the same every time it is drawn.
 from __future__ import annotations
 
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,8 @@ from ..engine.runlog import escape, parse_line
 # Lines that end an engine call, and whether they mean it went well.
 _FINAL = {"finished backup": True, "backup failed": False, "restore successful": True}
 RATE_WINDOW = 10.0
+# "guest is running again (downtime 2.9 s)" and the guest's result line say it.
+_DOWNTIME = re.compile(r"\bdowntime (\d+(?:\.\d+)? s)\b")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ProgressView:
     eta: float | None = None  # seconds
     finished: str | None = None  # the final line, once there is one
     ok: bool = True
+    downtime: str | None = None  # "2.9 s": the guest's measured downtime, once known
 
 
 class RunTracker:
@@ -55,6 +59,7 @@ class RunTracker:
         self._samples: deque[tuple[float, int]] = deque()
         self._finished: str | None = None
         self._ok = True
+        self._downtime: str | None = None
 
     # --- input -------------------------------------------------------------
 
@@ -70,6 +75,7 @@ class RunTracker:
             if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit() and when:
                 self._progress(parsed.guest or "-", fields[0], int(fields[1]), int(fields[2]), when)
                 return None
+        self._note_downtime(parsed.text)
         if parsed.level == "PHASE":
             self._set_phase(parsed.guest, parsed.text)
         elif parsed.level == "FAILED":
@@ -87,6 +93,8 @@ class RunTracker:
         if isinstance(event, PhaseChanged):
             self._set_phase(event.guest, event.phase)
             return DisplayLine(clock, "PHASE", escape(event.guest), escape(event.phase))
+        if isinstance(event, GuestOutcome | LogLine):
+            self._note_downtime(event.message)
         if isinstance(event, GuestOutcome):
             self._ok = self._ok and event.ok
             level = "RESULT" if event.ok else "FAILED"
@@ -101,8 +109,15 @@ class RunTracker:
     # --- state -------------------------------------------------------------
 
     def _set_phase(self, guest: str | None, phase: str) -> None:
+        if guest != self._guest:
+            self._downtime = None  # the next guest's is not known yet
         self._guest = guest
         self._phase = phase
+
+    def _note_downtime(self, text: str) -> None:
+        match = _DOWNTIME.search(text)
+        if match:
+            self._downtime = match.group(1)
 
     def _check_final(self, text: str) -> None:
         if text in _FINAL:
@@ -140,6 +155,7 @@ class RunTracker:
             eta=eta,
             finished=self._finished,
             ok=self._ok,
+            downtime=self._downtime,
         )
 
 

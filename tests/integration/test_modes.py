@@ -366,6 +366,8 @@ def test_snapshot_copies_the_running_guest_and_labels_it_crash_consistent(
     assert version.verified is True
     assert read_disk_counter(version.path / "vda.qcow2", "qcow2") > 0
     assert "crash-consistent" in result.log_path.read_text()
+    listing = pgs.cli("list", guest.name, "--dest", str(pgs.archive), check=True)
+    assert "snapshot (crash-consistent)" in listing.stdout
 
 
 def test_snapshot_failure_mid_backup_never_stops_the_guest(

@@ -1,0 +1,67 @@
+"""The console's side of stop-short and snapshot: the downtime on show, the crash label."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged
+from guestsafe.tui.run_progress import RunProgressPanel
+from guestsafe.tui.run_tracker import RunTracker
+from textual.app import App, ComposeResult
+from textual.widgets import Static
+
+pytestmark = pytest.mark.tui
+
+STOP_SHORT_LOG = (
+    "2025-01-06T02:00:00+00:00 PHASE web1 shutdown",
+    "2025-01-06T02:00:02+00:00 PHASE web1 start",
+    "2025-01-06T02:00:03+00:00 INFO web1 guest is running again; QEMU copies its disks "
+    "meanwhile (downtime 2.9 s)",
+    "2025-01-06T02:00:03+00:00 PHASE web1 backup",
+    "2025-01-06T02:00:04+00:00 PROGRESS web1 backup 1073741824 8589934592",
+)
+
+
+def test_the_downtime_line_of_a_log_reaches_the_progress_header() -> None:
+    tracker = RunTracker()
+    for line in STOP_SHORT_LOG[:2]:
+        tracker.feed_line(line)
+    assert tracker.view.downtime is None  # not known while the guest is down
+
+    for line in STOP_SHORT_LOG[2:]:
+        tracker.feed_line(line)
+
+    assert tracker.view.downtime == "2.9 s"
+    assert (tracker.view.phase, tracker.view.item) == ("backup", "backup")
+
+
+def test_the_downtime_of_events_and_results_is_noted_per_guest() -> None:
+    tracker = RunTracker()
+    tracker.feed_event(PhaseChanged("web1", "start"), 0.0)
+    tracker.feed_event(LogLine(logging.INFO, "guest is running again (downtime 1.5 s)", "web1"), 1)
+    assert tracker.view.downtime == "1.5 s"
+    tracker.feed_event(PhaseChanged("db1", "shutdown"), 2.0)
+    assert tracker.view.downtime is None  # db1's is not known yet
+    tracker.feed_event(GuestOutcome("db1", True, 1, 3.0, 0, 9.0, "ok: downtime 3.0 s"), 3.0)
+    assert tracker.view.downtime == "3.0 s"
+    failed = GuestOutcome("db1", False, None, None, 0, 9.0, "failed: x; downtime none")
+    tracker.feed_event(failed, 4.0)
+    assert tracker.view.downtime == "3.0 s"  # "none" is no measurement
+
+
+class _Panel(App[None]):
+    def compose(self) -> ComposeResult:
+        yield RunProgressPanel()
+
+
+async def test_the_progress_header_shows_the_downtime() -> None:
+    tracker = RunTracker()
+    for line in STOP_SHORT_LOG:
+        tracker.feed_line(line)
+    app = _Panel()
+    async with app.run_test() as pilot:
+        app.query_one(RunProgressPanel).show(tracker.view)
+        await pilot.pause()
+        header = str(app.query_one("#run-phase", Static).render())
+    assert "downtime: 2.9 s" in header and "phase: backup" in header
