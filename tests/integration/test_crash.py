@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 from guestsafe.engine import locks
 from rig import GuestFactory
-from rig.gs import GS, file_digests
+from rig.gs import GS, file_digests, wait_stderr
 
 pytestmark = pytest.mark.integration
-
-
-def _wait_for_stderr_line(proc, needle: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    assert proc.stderr is not None
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if needle in line:
-            return
-        if not line and proc.poll() is not None:
-            raise AssertionError(f"runner exited with {proc.returncode} before {needle!r}")
-    raise AssertionError(f"no {needle!r} within {timeout} s")
 
 
 def test_sigkill_mid_copy_then_recover(gs: GS, guest_factory: GuestFactory) -> None:
@@ -35,7 +22,7 @@ def test_sigkill_mid_copy_then_recover(gs: GS, guest_factory: GuestFactory) -> N
     digests = file_digests(first)
 
     proc = gs.popen("run", "crash", extra_env={"GUESTSAFE_FAILPOINTS": "copy.chunk=hang"})
-    _wait_for_stderr_line(proc, "FAILPOINT copy.chunk hang")
+    wait_stderr(proc, "FAILPOINT copy.chunk hang")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
 

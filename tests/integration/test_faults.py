@@ -4,7 +4,6 @@ is left, and every listed version is complete and verifies."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -17,14 +16,9 @@ import pytest
 from guestsafe.engine import locks
 from guestsafe.engine.runner import RunResult
 from rig import DiskSpec, GuestFactory, MiB, TestGuest
-from rig.gs import GS, file_digests
+from rig.gs import GS, file_digests, fill_random, wait_stderr
 
 pytestmark = pytest.mark.integration
-
-
-def _fill_random(path: Path, size: int) -> None:
-    with path.open("r+b") as f:
-        f.write(os.urandom(size))
 
 
 def _guest_with_data(guest_factory: GuestFactory, label: str, data_mib: int) -> TestGuest:
@@ -34,24 +28,9 @@ def _guest_with_data(guest_factory: GuestFactory, label: str, data_mib: int) -> 
         disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", data_mib * MiB)),
         start=False,
     )
-    _fill_random(guest.disks["vdb"].path, data_mib * MiB)
+    fill_random(guest.disks["vdb"].path, data_mib * MiB)
     guest.start()
     return guest
-
-
-def _wait_stderr(proc: subprocess.Popen[str], needle: str, timeout: float = 120) -> str:
-    """Read the runner's stderr until a line holds ``needle``; return what was read."""
-    assert proc.stderr is not None
-    seen = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError(f"no {needle!r} from the runner; it said:\n{''.join(seen)}")
 
 
 def _assert_archive_sound(gs: GS, guest: TestGuest) -> None:
@@ -121,7 +100,7 @@ def test_signal_to_a_running_cli_cleans_up(
     gs.job("sig", [guest])
 
     proc = gs.popen("run", "sig", extra_env={"GUESTSAFE_FAILPOINTS": "copy.chunk=slow"})
-    _wait_stderr(proc, "copying vdb")
+    wait_stderr(proc, "copying vdb")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
 
@@ -254,7 +233,7 @@ def test_libvirt_connection_lost_mid_copy_reconnects_and_restarts_the_guest(
     gs.job("conn", [guest])
 
     proc = gs.popen("run", "conn", extra_env={"GUESTSAFE_FAILPOINTS": "copy.chunk=slow"})
-    _wait_stderr(proc, "copying vdb")
+    wait_stderr(proc, "copying vdb")
     clients = _virt_admin_clients_of(proc.pid)
     assert clients, "the runner has no libvirt connection to drop"
     for client in clients:  # libvirtd drops the runner's connection, as a restart would

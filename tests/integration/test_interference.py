@@ -10,14 +10,9 @@ from guestsafe.engine import locks
 from guestsafe.engine.errors import LockBusy
 from guestsafe.engine.runner import RunResult
 from rig import DiskSpec, GuestFactory, MiB
-from rig.gs import GS
+from rig.gs import GS, fill_random
 
 pytestmark = pytest.mark.integration
-
-
-def _fill_random(path, size: int) -> None:  # type: ignore[no-untyped-def]
-    with path.open("r+b") as f:
-        f.write(os.urandom(size))
 
 
 def test_guest_started_from_outside_during_the_copy_discards_it(
@@ -27,7 +22,7 @@ def test_guest_started_from_outside_during_the_copy_discards_it(
         "outside", disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", 96 * MiB))
     )
     guest.shutdown()
-    _fill_random(guest.disks["vdb"].path, 96 * MiB)
+    fill_random(guest.disks["vdb"].path, 96 * MiB)
     guest.start()
     gs.job("outside", [guest])
     monkeypatch.setenv("GUESTSAFE_FAILPOINTS", "copy.chunk=slow")

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,3 +121,24 @@ def file_digests(version: VersionInfo) -> dict[str, str]:
                 hasher.update(chunk)
         digests[path.name] = hasher.hexdigest()
     return digests
+
+
+def fill_random(path: Path, size: int) -> None:
+    """Overwrite the start of a disk file with real (incompressible) data."""
+    with path.open("r+b") as f:
+        f.write(os.urandom(size))
+
+
+def wait_stderr(proc: subprocess.Popen[str], needle: str, timeout: float = 120) -> str:
+    """Read a runner's stderr until a line holds ``needle``; return what was read."""
+    assert proc.stderr is not None
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no {needle!r} from the runner; it said:\n{''.join(seen)}")
