@@ -20,14 +20,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from xml.sax import saxutils
 
 import blake3
+import libvirt
 import pytest
 from guestsafe.engine.api import Engine
 from guestsafe.engine.archive import Archive
 from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged, Progress
+from guestsafe.engine.jobs import Job, validate_job
 from guestsafe.engine.manifest import DiskRecord, Manifest
-from guestsafe.engine.names import encode_guest_name
+from guestsafe.engine.names import encode_guest_name, libvirt_accepts
 from guestsafe.engine.runlog import RunLog, escape, parse_line
 from guestsafe.tui.cli import ConsoleReporter
 from rig.testnode import (
@@ -275,3 +278,27 @@ def test_console_reporter_and_run_log_escape_every_name(tmp_path: Path, name: st
         parsed = parse_line(line)
         assert parsed is not None and line.isprintable()
         assert parsed.guest == escape(name).replace(" ", "\\x20")
+
+
+def test_guestsafe_accepts_exactly_the_names_libvirt_accepts(tmp_path: Path) -> None:
+    """Job validation and the clone-name check agree with the test driver itself."""
+    node = write_node(tmp_path, [])
+    conn = libvirt.open(node.uri)
+    libvirt.registerErrorHandler(lambda *_: None, None)
+    try:
+        for name in (*HOSTILE_NAMES, *ARCHIVE_ONLY_NAMES, "nl\nx", "nul\x00x", "ctl\x01x", "   "):
+            xml = (
+                f"<domain type='test'><name>{saxutils.escape(name)}</name>"
+                "<memory>65536</memory><os><type>hvm</type></os></domain>"
+            )
+            try:
+                conn.defineXML(xml)
+                accepted = True
+            except (libvirt.libvirtError, ValueError):
+                accepted = False
+            assert libvirt_accepts(name) == accepted, name
+            job = Job("j", [name], tmp_path)
+            assert (validate_job(job) == []) == accepted, name
+    finally:
+        libvirt.registerErrorHandler(None, None)
+        conn.close()
