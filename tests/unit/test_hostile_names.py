@@ -281,7 +281,8 @@ def test_console_reporter_and_run_log_escape_every_name(tmp_path: Path, name: st
 
 
 def test_guestsafe_accepts_exactly_the_names_libvirt_accepts(tmp_path: Path) -> None:
-    """Job validation and the clone-name check agree with the test driver itself."""
+    """Job validation and the clone-name check agree with the test driver itself,
+    but for blank names."""
     node = write_node(tmp_path, [])
     conn = libvirt.open(node.uri)
     libvirt.registerErrorHandler(lambda *_: None, None)
@@ -296,6 +297,10 @@ def test_guestsafe_accepts_exactly_the_names_libvirt_accepts(tmp_path: Path) -> 
                 accepted = True
             except (libvirt.libvirtError, ValueError):
                 accepted = False
+            if not name.strip():
+                # libvirt takes a blank name; in a guests list it is a typo, so refused.
+                assert accepted and not libvirt_accepts(name)
+                continue
             assert libvirt_accepts(name) == accepted, name
             job = Job("j", [name], tmp_path)
             assert (validate_job(job) == []) == accepted, name
