@@ -668,23 +668,27 @@ def _unmount_logged(mounted: Mounted, report: Reporter) -> None:
 def browse_archive(spec: str, state_dir: Path) -> Iterator[Archive]:
     """The archive on device ``spec``, mounted read-only for the ``with`` block.
 
-    A device that is mounted already is read where it is and left mounted.
+    A device that is mounted already is read where it is and left mounted; one
+    that another guestsafe is looking at for a moment is waited for.
     """
     device = resolve(spec)
     check_filesystem(device, write=False)
-    entries = [e for e in mounts_of(device.devnum) if e.root == "/"]
+    entries = [e for e in mounts_of(device.devnum) if e.root == "/" and not _ours(e.target)]
     if entries:
         yield _device_archive(device, Path(entries[0].target))
         return
-    usage = usage_of(device)
-    if not usage.free:
-        raise DeviceError(f"{device.describe()} is in use: {'; '.join(usage.reasons)}")
     purpose = f"reading the archive on {device.node}"
-    with (
-        locks.acquire(state_dir, _device_key(device), purpose),
-        _temporary_mount(device) as root,
-    ):
-        yield _device_archive(device, root)
+    with locks.acquire(state_dir, _device_key(device), purpose, wait=DEVICE_LOCK_WAIT):
+        usage = usage_of(device)
+        if not usage.free:
+            raise DeviceError(f"{device.describe()} is in use: {'; '.join(usage.reasons)}")
+        with _temporary_mount(device) as root:
+            yield _device_archive(device, root)
+
+
+def _ours(target: str) -> bool:
+    """A short read-only mount of guestsafe's own (it goes away with its lock)."""
+    return target.startswith(f"{RUNTIME_DIR}/")
 
 
 def _device_archive(device: BlockDevice, root: Path) -> Archive:
