@@ -94,6 +94,13 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                 )
                 yield from self._row("mode", "Mode", self._radio_set("mode", MODES, v.mode))
                 yield Static(id="mode-help", classes="field-hint")
+                yield from self._row(
+                    "fallback_to_stop", "Fallback",
+                    Checkbox(
+                        "copy as in stop where push backups cannot run",
+                        v.fallback_to_stop, compact=True,
+                    ),
+                )
                 yield from self._text(
                     "shutdown_timeout", "Shutdown timeout", v.shutdown_timeout, "seconds",
                     integer=True,
@@ -179,6 +186,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             on_timeout=choice("on_timeout", "abort"),
             group=self.query_one("#f-group", Checkbox).value,
             verify=self.query_one("#f-verify", Checkbox).value,
+            fallback_to_stop=self.query_one("#f-fallback_to_stop", Checkbox).value,
         )
 
     def _check(self) -> tuple[Job, list[FieldError]]:
@@ -243,6 +251,8 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             marker = ">" if mode == chosen else " "
             lines.append(Text(f"{marker} {mode:<10} {help_line}", style=style))
         self.query_one("#mode-help", Static).update(Text("\n").join(lines))
+        # Only the push modes (stop-short, snapshot) can fall back to stop.
+        self.query_one("#f-fallback_to_stop", Checkbox).disabled = chosen == "stop"
 
     @on(Input.Submitted)
     def _submitted(self) -> None:

@@ -34,6 +34,7 @@ FIELDS = (
     "time",
     "weekdays",
     "mode",
+    "fallback_to_stop",
     "shutdown_timeout",
     "on_timeout",
     "group",
@@ -68,6 +69,7 @@ class JobFormValues:
     on_timeout: str = "abort"
     group: bool = False
     verify: bool = True
+    fallback_to_stop: bool = False
 
     @classmethod
     def from_job(cls, job: Job) -> JobFormValues:
@@ -84,6 +86,7 @@ class JobFormValues:
             on_timeout=job.on_timeout,
             group=job.group,
             verify=job.verify,
+            fallback_to_stop=job.fallback_to_stop,
         )
 
 
@@ -126,6 +129,7 @@ def build_job(values: JobFormValues, *, hooks: Hooks | None = None) -> tuple[Job
         on_timeout=values.on_timeout,
         group=values.group,
         verify=values.verify,
+        fallback_to_stop=values.fallback_to_stop,
         hooks=hooks if hooks is not None else Hooks(),
     )
     return job, problems

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged
+from guestsafe.engine.jobs import Job
+from guestsafe.tui.job_form_model import JobFormValues, build_job
 from guestsafe.tui.run_progress import RunProgressPanel
 from guestsafe.tui.run_tracker import RunTracker
 from textual.app import App, ComposeResult
@@ -65,3 +68,13 @@ async def test_the_progress_header_shows_the_downtime() -> None:
         await pilot.pause()
         header = str(app.query_one("#run-phase", Static).render())
     assert "downtime: 2.9 s" in header and "phase: backup" in header
+
+
+def test_the_job_form_keeps_the_fallback_setting(tmp_path: Path) -> None:
+    job = Job("nightly", ["web1"], tmp_path, mode="stop-short", fallback_to_stop=True)
+
+    values = JobFormValues.from_job(job)
+    rebuilt, problems = build_job(values)
+
+    assert values.fallback_to_stop is True
+    assert problems == [] and rebuilt.fallback_to_stop is True
