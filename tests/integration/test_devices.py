@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from guestsafe.engine.archive import MARKER, Archive
 from guestsafe.engine.devices import DevicesChanged, DeviceWatcher, list_devices, mount_at
+from guestsafe.engine.errors import DeviceError
 from guestsafe.engine.events import Event, PhaseChanged
-from guestsafe.engine.mounts import DeviceMemory
+from guestsafe.engine.mounts import DeviceMemory, resolve
 from rig import DiskSpec, GuestFactory, MiB, TestGuest, read_disk_counter, unique_name
 from rig.gs import GS, shutdown_counter
 from rig.loopdisk import LoopDisks, Part, make_loop_disks, mount_points
@@ -225,6 +226,8 @@ def test_another_archives_marker_stops_no_guest_and_writes_nothing(
     first = disks(Part("ext4", 128, "gsrotate"))
     other = disks(Part("ext4", 128, "gsrotate"))
     other_node = other.partitions[0].node
+    with pytest.raises(DeviceError, match="LABEL=gsrotate is ambiguous"):
+        resolve("LABEL=gsrotate")  # both plugged in: neither is taken
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     _mount(other_node, scratch)
