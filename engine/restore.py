@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import blake3
+
 from . import events, locks
 from .archive import Archive, VersionInfo
 from .copier import copy_file
@@ -54,6 +56,8 @@ class RestorePlan:
     nvram: tuple[DiskRecord, Path] | None
     interfaces: list[InterfacePlan]
     xml: str
+    # Set when domain.xml does not match its manifest: restoring needs force.
+    xml_problem: str | None = None
 
     @property
     def clashes(self) -> list[InterfacePlan]:
@@ -103,6 +107,13 @@ def plan_restore(
     if target_dir is None:
         _check_sources(version)
     xml = _read_domain_xml(version)
+    try:
+        xml_interfaces = parse_domain_xml(xml).interfaces
+    except ET.ParseError as exc:
+        raise RestoreError(
+            f"{DOMAIN_XML_FILE} of {_where(version)} is not valid XML ({exc}); "
+            "the version is damaged"
+        ) from exc
     taken_paths: set[Path] = set()
     disk_plan = [
         (rec, _new_path(rec, new_name, target_dir, taken_paths)) for rec in version.manifest.disks
@@ -113,9 +124,10 @@ def plan_restore(
     taken = set(all_macs)
     interfaces = [
         InterfacePlan(i, mac, all_macs.get(mac), new_mac(taken))
-        for i, mac in enumerate(m.mac or "" for m in parse_domain_xml(xml).interfaces)
+        for i, mac in enumerate(m.mac or "" for m in xml_interfaces)
     ]
-    return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml)
+    problem = _domain_xml_problem(version, xml)
+    return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml, problem)
 
 
 def _where(version: VersionInfo) -> str:
@@ -174,7 +186,37 @@ def _read_domain_xml(version: VersionInfo) -> str:
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise RestoreError(f"{DOMAIN_XML_FILE} of {_where(version)} is not a regular file")
-        return f.read().decode("utf-8")
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RestoreError(
+            f"{DOMAIN_XML_FILE} of {_where(version)} is not UTF-8 text (byte {exc.start}); "
+            "the version is damaged"
+        ) from exc
+
+
+def _domain_xml_problem(version: VersionInfo, xml: str) -> str | None:
+    """Why domain.xml cannot be trusted (it differs from its manifest), or None."""
+    expected = version.manifest.domain_xml_blake3
+    actual = str(blake3.blake3(xml.encode("utf-8")).hexdigest())
+    if expected is None or actual == expected:
+        return None
+    return (
+        f"{DOMAIN_XML_FILE} of {printable(version.guest)} version {version.number} does not "
+        f"match its manifest (blake3 {actual[:12]}.. != {expected[:12]}..)"
+    )
+
+
+def _accept_damage(
+    problem: str | None, force: bool, reporter: Reporter, who: str, warnings: list[str]
+) -> None:
+    if problem is None:
+        return
+    if not force:
+        raise VerifyError(problem + "; restore it anyway with --force")
+    events.warn(reporter, problem + "; used anyway (--force)", who)
+    warnings.append(problem)
 
 
 def _new_path(rec: DiskRecord, new_name: str, target_dir: Path | None, taken: set[Path]) -> Path:
@@ -225,6 +267,7 @@ def restore_clone(
     name = plan.new_name
     warnings = _check_verified(plan.version, force, reporter, name)
     _check_plain_files(plan.version)  # again: the plan may be old
+    _accept_damage(plan.xml_problem, force, reporter, name, warnings)
     # The source guest's lock: a backup of it (and its retention) must not run meanwhile.
     source = plan.version
     purpose = f"restore of {source.guest} version {source.number} to {name}"
@@ -387,6 +430,8 @@ def restore_over_original(
     warnings = _check_verified(version, force, reporter, guest)
     _check_plain_files(version)
     _check_sources(version)  # the files land at the sources: they must be plain paths
+    xml = _read_domain_xml(version)
+    _accept_damage(_domain_xml_problem(version, xml), force, reporter, guest, warnings)
     targets = [(rec, Path(rec.source)) for rec in version.manifest.disks]
     if version.manifest.nvram:
         targets.append((version.manifest.nvram, Path(version.manifest.nvram.source)))
@@ -396,7 +441,7 @@ def restore_over_original(
             reporter(PhaseChanged(guest, "copy"))
             for rec, dst in targets:
                 _restore_file(version, rec, dst, force, reporter, guest, cancel, warnings)
-            info = hv.define(_read_domain_xml(version))
+            info = hv.define(xml)
         except BaseException:
             _put_back(aside, reporter, guest)
             raise

@@ -223,3 +223,34 @@ def test_retention_and_recovery_never_follow_symlinks(setup: Setup) -> None:
     assert (setup.outside_dir / "keep.txt").read_text() == "keep me\n"
     assert sorted(os.listdir(guest_dir)) == ["24", "last-version"]
     assert sorted(os.listdir(setup.dest)) == ["guestsafe-archive.json", GUEST]
+
+
+def test_an_edited_domain_xml_needs_force(setup: Setup) -> None:
+    xml = setup.version_dir(2) / "domain.xml"
+    xml.write_text(xml.read_text().replace("<memory", "<!-- edited --><memory", 1))
+    original = setup.node.disks[GUEST][0]
+    before = _digest(original)
+    expected = "domain.xml of web version 2 does not match its manifest (blake3 "
+
+    for args in (["clone"], ["--overwrite"]):
+        code, _out, err = setup.cli("restore", GUEST, "2", *args, "--dest", str(setup.dest))
+        assert code == 8 and expected in err and "restore it anyway with --force" in err, err
+    assert _digest(original) == before
+    code, _out, err = setup.cli("restore", GUEST, "2", "clone", "--force")
+    assert code == 0, err
+    assert f"WARNING: {expected}" in err and "used anyway (--force)" in err
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(b"\xff\xfe<domain/>", "is not UTF-8 text"), (b"<domain><name>", "is not valid XML")],
+)
+def test_a_domain_xml_that_cannot_be_read_is_refused(
+    setup: Setup, content: bytes, reason: str
+) -> None:
+    (setup.version_dir(2) / "domain.xml").write_bytes(content)
+
+    code, _out, err = setup.cli("restore", GUEST, "2", "clone", "--force")
+
+    assert code == 9 and f"domain.xml of version 2 of web {reason}" in err, err
+    assert len(err.strip().splitlines()) == 1
