@@ -9,7 +9,7 @@ and the result is a ``Text``, which is never parsed as markup.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import humanize
 from rich.text import Text
@@ -66,6 +66,31 @@ def schedule(job: Job) -> str:
         return "manual"
     days = ",".join(job.schedule.weekdays) if job.schedule.weekdays else "daily"
     return f"{job.schedule.time} {days}"
+
+
+_TIMER_NOTE = {"installed": "", "outdated": " old timer", "missing": " no timer"}
+_TIMER_DETAIL = {
+    "installed": "timer installed",
+    "outdated": "timer out of date: guestsafe schedule install",
+    "missing": "no timer: guestsafe schedule install",
+}
+
+
+def next_run(when: datetime | None, timer: str | None, now: datetime) -> str:
+    """The Jobs table's next run: "Mon 02:00", "no timer" added when none would start it."""
+    if when is None:
+        return "manual"
+    # A weekday names the day unambiguously only within the coming week.
+    shown = when.strftime("%a %H:%M" if when - now < timedelta(days=7) else "%m-%d %H:%M")
+    return shown + _TIMER_NOTE.get(timer or "", "")
+
+
+def schedule_detail(job: Job, when: datetime | None, timer: str | None) -> str:
+    """One line on when the job runs next and whether a timer will start it."""
+    if when is None:
+        return "Manual job: it runs when started here or with guestsafe run."
+    timer_text = _TIMER_DETAIL.get(timer or "", "")
+    return f"Next run {when:%a %Y-%m-%d %H:%M %Z} ({schedule(job)}); {timer_text}"
 
 
 def where(job: Job) -> str:

@@ -32,10 +32,18 @@ from textual.widgets import (
 from ..engine.api import Engine
 from ..engine.devices import BlockDevice
 from ..engine.errors import GuestsafeError
-from ..engine.jobs import MODES, ON_TIMEOUT, FieldError, Hooks, Job, JobConfigError
+from ..engine.jobs import HOOK_PHASES, MODES, ON_TIMEOUT, FieldError, Job, JobConfigError
 from .field_input import FieldInput
 from .formatting import literal
-from .job_form_model import FIELDS, MODE_HELP, JobFormValues, by_field, check_job
+from .job_form_model import (
+    FIELDS,
+    HOOK_FIELDS,
+    MODE_HELP,
+    JobFormValues,
+    by_field,
+    check_job,
+    hook_field,
+)
 from .worker_errors import ReportsWorkerErrors
 
 FORM_LEVEL = "form"  # problems that belong to no one field, shown at the top
@@ -116,6 +124,11 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                     "group", "Group",
                     Checkbox("stop all, copy, start in reverse", v.group, compact=True),
                 )
+                yield from self._text(
+                    "lock_wait", "Busy wait", v.lock_wait, "seconds to wait for a busy guest",
+                    integer=True,
+                )
+                yield from self._hook_rows(v)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save (F2)", id="form-save", variant="primary", compact=True)
                 yield Button("Cancel (Esc)", id="form-cancel", compact=True)
@@ -128,6 +141,19 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             value, placeholder=placeholder, type="integer" if integer else "text", compact=True
         )
         yield from self._row(field, label, widget)
+
+    def _hook_rows(self, v: JobFormValues) -> ComposeResult:
+        yield Static(
+            "Hooks: an absolute program and its arguments, run without a shell. "
+            "job-start and pre-stop can veto the backup.",
+            classes="field-hint",
+        )
+        for phase in HOOK_PHASES:
+            field = hook_field(phase)
+            yield from self._text(field, phase, getattr(v, field), "/usr/local/sbin/prog arg")
+        yield from self._text(
+            "hook_timeout", "Hook timeout", v.hook_timeout, "seconds per hook", integer=True
+        )
 
     def _row(self, field: str, label: str, widget: Widget) -> ComposeResult:
         widget.id = f"f-{field}"
@@ -187,12 +213,14 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             group=self.query_one("#f-group", Checkbox).value,
             verify=self.query_one("#f-verify", Checkbox).value,
             fallback_to_stop=self.query_one("#f-fallback_to_stop", Checkbox).value,
+            lock_wait=text("lock_wait"),
+            hook_timeout=text("hook_timeout"),
+            **{field: text(field) for field in HOOK_FIELDS},
         )
 
     def _check(self) -> tuple[Job, list[FieldError]]:
-        hooks = self._original.hooks if self._original is not None else Hooks()
         return check_job(
-            self.values(), existing=self._others, known_guests=self._known, hooks=hooks
+            self.values(), existing=self._others, known_guests=self._known, base=self._original
         )
 
     # --- showing problems --------------------------------------------------

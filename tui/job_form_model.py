@@ -9,13 +9,18 @@ required field left empty, and guests the hypervisor does not know.
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.hooks import check_programs
 from ..engine.jobs import (
+    DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
+    DEFAULT_LOCK_WAIT,
     DEFAULT_SHUTDOWN_TIMEOUT,
+    HOOK_PHASES,
     FieldError,
     Hooks,
     Job,
@@ -23,6 +28,14 @@ from ..engine.jobs import (
     check_job_runtime,
     validate_job,
 )
+
+
+def hook_field(phase: str) -> str:
+    """The form field of a hook phase: ``pre-stop`` is ``hook_pre_stop``."""
+    return "hook_" + phase.replace("-", "_")
+
+
+HOOK_FIELDS = tuple(hook_field(phase) for phase in HOOK_PHASES)
 
 # The form's fields, top to bottom; a FieldError's ``field`` is one of these.
 FIELDS = (
@@ -39,6 +52,9 @@ FIELDS = (
     "on_timeout",
     "group",
     "verify",
+    "lock_wait",
+    *HOOK_FIELDS,
+    "hook_timeout",
 )
 
 MODE_HELP = {
@@ -70,6 +86,17 @@ class JobFormValues:
     group: bool = False
     verify: bool = True
     fallback_to_stop: bool = False
+    lock_wait: str = str(DEFAULT_LOCK_WAIT)
+    # Each hook as the operator types it: a program and its arguments, shell-quoted.
+    hook_job_start: str = ""
+    hook_pre_stop: str = ""
+    hook_post_stop: str = ""
+    hook_pre_start: str = ""
+    hook_post_start: str = ""
+    hook_backup_end: str = ""
+    hook_backup_abort: str = ""
+    hook_job_end: str = ""
+    hook_timeout: str = str(DEFAULT_HOOK_TIMEOUT)
 
     @classmethod
     def from_job(cls, job: Job) -> JobFormValues:
@@ -87,6 +114,9 @@ class JobFormValues:
             group=job.group,
             verify=job.verify,
             fallback_to_stop=job.fallback_to_stop,
+            lock_wait=str(job.lock_wait),
+            hook_timeout=str(job.hooks.timeout),
+            **{hook_field(p): shlex.join(argv) for p, argv in job.hooks.commands.items()},
         )
 
 
@@ -99,17 +129,41 @@ def split_weekdays(text: str) -> list[str]:
     return [day.lower() for day in _SPLIT.split(text.strip()) if day]
 
 
-def _whole_number(field: str, text: str, problems: list[FieldError], job_name: str) -> int:
+def _whole_number(
+    field: str, text: str, problems: list[FieldError], job_name: str, *, minimum: int = 1
+) -> int:
     try:
         return int(text.strip())
     except ValueError:
         problems.append(FieldError(job_name, field, f"{field} must be a whole number"))
         # A stand-in that passes the engine's check, so the field reports once.
-        return 1
+        return minimum
 
 
-def build_job(values: JobFormValues, *, hooks: Hooks | None = None) -> tuple[Job, list[FieldError]]:
-    """The job the form describes, and the problems only text can have."""
+def _hooks(values: JobFormValues, problems: list[FieldError], job_name: str) -> Hooks:
+    commands: dict[str, list[str]] = {}
+    for phase in HOOK_PHASES:
+        text = getattr(values, hook_field(phase)).strip()
+        try:
+            argv = shlex.split(text)
+        except ValueError as exc:
+            # Quoting only groups arguments here; no shell ever runs the hook.
+            problems.append(FieldError(job_name, f"hooks.{phase}", f"hooks.{phase}: {exc}"))
+            continue
+        if argv:
+            commands[phase] = argv
+    timeout = _whole_number("hook_timeout", values.hook_timeout, problems, job_name)
+    return Hooks(commands, timeout)
+
+
+def build_job(
+    values: JobFormValues, *, hooks: Hooks | None = None, base: Job | None = None
+) -> tuple[Job, list[FieldError]]:
+    """The job the form describes, and the problems only text can have.
+
+    ``hooks`` replaces the hooks the form's fields give; ``base`` is the job being
+    edited, whose settings the form has no field for are kept.
+    """
     name = values.name.strip()
     problems: list[FieldError] = []
     destination = values.destination.strip()
@@ -117,20 +171,26 @@ def build_job(values: JobFormValues, *, hooks: Hooks | None = None) -> tuple[Job
         problems.append(FieldError(name, "destination", "destination is required"))
     keep = _whole_number("keep", values.keep, problems, name)
     timeout = _whole_number("shutdown_timeout", values.shutdown_timeout, problems, name)
+    lock_wait = _whole_number("lock_wait", values.lock_wait, problems, name, minimum=0)
+    typed_hooks = _hooks(values, problems, name)
+    schedule = Schedule(values.time.strip() or None, split_weekdays(values.weekdays))
+    if base is not None:
+        schedule.randomized_delay = base.schedule.randomized_delay
     job = Job(
         name=name,
         guests=split_guests(values.guests),
         destination=Path(destination or "/"),
         device=values.device.strip() or None,
         keep=keep,
-        schedule=Schedule(values.time.strip() or None, split_weekdays(values.weekdays)),
+        schedule=schedule,
         mode=values.mode,
         shutdown_timeout=timeout,
         on_timeout=values.on_timeout,
         group=values.group,
         verify=values.verify,
         fallback_to_stop=values.fallback_to_stop,
-        hooks=hooks if hooks is not None else Hooks(),
+        hooks=hooks if hooks is not None else typed_hooks,
+        lock_wait=lock_wait,
     )
     return job, problems
 
@@ -141,13 +201,14 @@ def check_job(
     existing: Sequence[Job],
     known_guests: Collection[str] | None,
     hooks: Hooks | None = None,
+    base: Job | None = None,
 ) -> tuple[Job, list[FieldError]]:
     """The job and every problem with it, at most one per field.
 
     ``existing`` are the other jobs (not the one being edited). ``known_guests``
     are the hypervisor's guests, or None when they could not be listed.
     """
-    job, problems = build_job(values, hooks=hooks)
+    job, problems = build_job(values, hooks=hooks, base=base)
     seen = {problem.field for problem in problems}
 
     def add(found: Sequence[FieldError]) -> None:
@@ -158,6 +219,8 @@ def check_job(
 
     add(validate_job(job, existing=existing))
     add(check_job_runtime(job))
+    # A hook the runner would refuse (missing, or writable by others) is shown now.
+    add([FieldError(job.name, f"hooks.{p}", m) for p, m in check_programs(job.hooks)])
     if known_guests is not None:
         unknown = [guest for guest in job.guests if guest not in known_guests]
         if unknown:
@@ -167,10 +230,20 @@ def check_job(
     return job, problems
 
 
+def form_field(field: str) -> str:
+    """The form field a FieldError's ``field`` belongs to (``hooks.pre-stop``: its hook)."""
+    if field in FIELDS:
+        return field
+    if field == "hooks.timeout":
+        return "hook_timeout"
+    if field.startswith("hooks.") and hook_field(field[6:]) in FIELDS:
+        return hook_field(field[6:])
+    return "name"  # a problem no field shows, such as an unknown hook phase
+
+
 def by_field(problems: Sequence[FieldError]) -> dict[str, str]:
-    """One message per form field; hook problems go to ``name`` as the form has no hook fields."""
+    """One message per form field."""
     found: dict[str, str] = {}
     for problem in problems:
-        field = problem.field if problem.field in FIELDS else "name"
-        found.setdefault(field, problem.message)
+        found.setdefault(form_field(problem.field), problem.message)
     return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import ClassVar
 
 from rich.text import Text
@@ -11,6 +12,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
+from ..engine import schedule
 from ..engine.api import Engine, LastResult
 from ..engine.errors import GuestsafeError
 from ..engine.jobs import Job
@@ -39,6 +41,8 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         self._engine = engine
         self._jobs: list[Job] = []
         self._results: dict[str, LastResult] = {}
+        # Job name -> its timer: installed, outdated, missing or manual.
+        self._timer_states: dict[str, str] = {}
         self._running_job: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -71,10 +75,13 @@ class JobsPane(ReportsWorkerErrors, Vertical):
     def reload(self) -> None:
         jobs = self._engine.jobs()
         results = self._engine.last_results()
-        self.app.call_from_thread(self._loaded, jobs, results)
+        timers = self._engine.timer_states(jobs)
+        self.app.call_from_thread(self._loaded, jobs, results, timers)
 
-    def _loaded(self, jobs: list[Job], results: dict[str, LastResult]) -> None:
-        self._jobs, self._results = jobs, results
+    def _loaded(
+        self, jobs: list[Job], results: dict[str, LastResult], timers: dict[str, str]
+    ) -> None:
+        self._jobs, self._results, self._timer_states = jobs, results, timers
         self._fill()
 
     def set_running(self, job: str | None) -> None:
@@ -87,6 +94,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         keep = self.selected
         table.clear()
         styles = status_styles(self.app)
+        now = schedule.current_time()
         for job in self._jobs:
             if job.name == self._running_job:
                 last = Text("running...", style=styles.ok)
@@ -96,7 +104,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
                 fmt.literal(job.name),
                 fmt.literal(", ".join(job.guests)),
                 Text(str(job.keep)),
-                Text(fmt.schedule(job)),
+                Text(self._next_run(job, now)),
                 last,
                 fmt.literal(fmt.where(job)),
                 key=job.name,
@@ -112,6 +120,9 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             table.move_cursor(row=names.index(keep))
         self._show_detail()
 
+    def _next_run(self, job: Job, now: datetime) -> str:
+        return fmt.next_run(self._engine.next_run(job), self._timer_states.get(job.name), now)
+
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()
 
@@ -122,12 +133,18 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         name = self.selected
         detail = self.query_one("#job-detail", Static)
         result = self._results.get(name) if name is not None else None
-        if name is None or result is None:
-            detail.update(Text("No run yet." if name is not None else ""))
+        job = next((j for j in self._jobs if j.name == name), None)
+        if name is None or job is None:
+            detail.update(Text(""))
+            return
+        when = self._engine.next_run(job)
+        text = fmt.literal(fmt.schedule_detail(job, when, self._timer_states.get(name)))
+        if result is None:
+            text.append("\nNo run yet.")
+            detail.update(text)
             return
         styles = status_styles(self.app)
-        text = Text()
-        text.append("Last run: ")
+        text.append("\nLast run: ")
         text.append_text(fmt.last_result(result, styles))
         for line in result.summary:
             text.append("\n  ")

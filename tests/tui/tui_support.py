@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from guestsafe.engine import demo, restore
+from guestsafe.engine import demo, restore, schedule
 from guestsafe.engine.api import Engine, LastResult
 from guestsafe.engine.archive import VersionInfo
 from guestsafe.engine.hypervisor import Hypervisor
@@ -24,6 +24,8 @@ from textual.worker import WorkerState
 SNAPSHOT_DEMO_DIR = Path("/tmp/guestsafe-snapshot-demo")
 FIXED_HOST = "demo-host"
 FIXED_DATE = "2025-01-06T02:00:00+00:00"
+# The console's "now" for next runs: a Monday morning before the nightly job.
+FIXED_NOW = datetime(2025, 1, 6, 1, 0, tzinfo=UTC)
 # Workers that run until cancelled, so "idle" means all the others are done.
 ENDLESS_GROUPS = frozenset({"tail"})
 
@@ -109,6 +111,7 @@ def freeze(monkeypatch: Any) -> None:
     time.tzset()
     monkeypatch.setattr(Hypervisor, "hostname", property(lambda self: FIXED_HOST))
     monkeypatch.setattr(restore, "new_mac", counting_macs())
+    monkeypatch.setattr(schedule, "current_time", lambda: FIXED_NOW)
 
 
 def write_fixed_log(engine: Engine, name: str = "20250106-020000-nightly.log") -> Path:
