@@ -531,6 +531,7 @@ def _open_archive(ctx: _Context) -> None:
     if ctx.job.device:
         job_archive = mounts.job_archive(ctx.job, ctx.hv, ctx.paths.state_dir, ctx.report)
         ctx.archive = ctx.cleanup.enter_context(job_archive)
+        _clear_leftovers(ctx)
         return
     if not dest.is_dir():
         raise PreflightError(f"destination {dest} does not exist or is not a directory")
@@ -538,6 +539,18 @@ def _open_archive(ctx: _Context) -> None:
         raise PreflightError(f"destination {dest} is not writable")
     _check_destination_owner(dest)
     ctx.archive = Archive.open(dest, create=True)
+    _clear_leftovers(ctx)
+
+
+def _clear_leftovers(ctx: _Context) -> None:
+    """Remove partials and half-deleted versions a crash left in this archive.
+
+    The journal names most of them, but not one begun a moment before the
+    crash. Safe here: the destination lock keeps every other writer out.
+    """
+    assert ctx.archive is not None
+    for leftover in ctx.archive.recover():
+        events.info(ctx.report, f"removed {leftover}, left by an interrupted run")
 
 
 def _check_destination_owner(dest: Path) -> None:

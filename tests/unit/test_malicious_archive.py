@@ -201,11 +201,15 @@ def test_retention_and_recovery_never_follow_symlinks(setup: Setup) -> None:
     _plant_links(setup, deleting)
     (setup.dest / ".tmp-0123456789ab-x").symlink_to(setup.outside)
 
-    # Retention of a real run: keep 1 deletes versions 1 to 3, links and all.
+    # A real run first clears what crashes left (the planted partial and
+    # half-deleted folders, links and all), then retention with keep 1
+    # deletes versions 1 to 3.
     save_job(setup.engine, "nightly", [GUEST], setup.dest, keep=1)
     result = setup.engine.run_job("nightly")
     assert result.ok, result.outcomes
-    assert [v.number for v in setup.engine.versions(setup.dest, GUEST)] == [24]
+    assert [v.number for v in setup.engine.versions(setup.dest, GUEST)] == [4]
+    assert not (guest_dir / ".partial-20").is_symlink()
+    assert not (guest_dir / ".deleting-21").is_symlink()
 
     # A dead runner's journal entry names the partial: `guestsafe recover` cleans up.
     info = setup.engine.hv.guest(GUEST)
@@ -216,12 +220,14 @@ def test_retention_and_recovery_never_follow_symlinks(setup: Setup) -> None:
     assert code == 0, err
     assert not partial.exists() and not deleting.exists()
     # And the archive's own recovery, for what no journal names.
+    (guest_dir / ".partial-20").symlink_to(setup.outside_dir)
+    (guest_dir / ".deleting-21").symlink_to(setup.outside_dir)
     removed = setup.engine.archive(setup.dest).recover()
     assert guest_dir / ".partial-20" in removed and guest_dir / ".deleting-21" in removed
 
     assert setup.outside.read_bytes() and _digest(setup.outside) == outside_before
     assert (setup.outside_dir / "keep.txt").read_text() == "keep me\n"
-    assert sorted(os.listdir(guest_dir)) == ["24", "last-version"]
+    assert sorted(os.listdir(guest_dir)) == ["4", "last-version"]
     assert sorted(os.listdir(setup.dest)) == ["guestsafe-archive.json", GUEST]
 
 
