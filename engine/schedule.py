@@ -9,9 +9,11 @@ first occurrence. ``tests/unit/test_schedule.py`` holds this against
 ``systemd-analyze calendar``.
 
 ``install_timers`` writes one ``guestsafe-<job>.timer`` and ``.service`` pair
-per scheduled job. Every file guestsafe writes starts with ``UNIT_MARKER``, and
-only files carrying it are ever replaced or removed, so an administrator's own
-units named ``guestsafe-*`` are safe.
+per scheduled job, plus ``guestsafe_timers.path`` and its service, which run
+``schedule install`` again whenever the jobs file changes (a hand edit, say).
+Every file guestsafe writes starts with ``UNIT_MARKER``, and only files carrying
+it are ever replaced or removed, so an administrator's own units named
+``guestsafe-*`` are safe.
 
 ``run_due`` is the cron route: each job's state file in ``<state>/schedule``
 says since when its schedule has been served (the start of its last run). A job
@@ -45,7 +47,10 @@ DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 UNIT_DIR_ENV = "GUESTSAFE_UNIT_DIR"
 UNIT_PREFIX = "guestsafe-"
 UNIT_MARKER = "# Written by guestsafe schedule install; guestsafe rewrites or removes it.\n"
-WANTS_DIR = "timers.target.wants"
+# The path unit that reruns `schedule install` when the jobs file changes, so a
+# hand edit reaches the timers too. "_" keeps it apart from every job's units.
+WATCH = "guestsafe_timers"
+WANTS_DIRS = {".timer": "timers.target.wants", ".path": "paths.target.wants"}
 STATE_DIR = "schedule"
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s own test
 # Far enough back to find a time of any schedule: a weekly time whose day is
@@ -253,13 +258,46 @@ def render_units(job: Job, settings: UnitSettings) -> dict[str, str]:
     return {timer: timer_text, service: service_text}
 
 
+def render_watch(settings: UnitSettings, unit_dir: Path) -> dict[str, str]:
+    """The path unit and service that keep the timers in step with the jobs file."""
+    argv = [str(settings.program), "--config", str(settings.config_file)]
+    argv += ["schedule", "install", "--unit-dir", str(unit_dir.absolute())]
+    environment = ""
+    if settings.home:
+        environment = f"Environment={_env_arg(f'{HOME_ENV}={settings.home}')}\n"
+    path_text = (
+        f"{UNIT_MARKER}[Unit]\n"
+        "Description=Watch guestsafe's jobs file for schedule changes\n"
+        "\n[Path]\n"
+        f"PathChanged={_path_arg(settings.config_file)}\n"
+        f"Unit={WATCH}.service\n"
+        "\n[Install]\n"
+        "WantedBy=paths.target\n"
+    )
+    service_text = (
+        f"{UNIT_MARKER}[Unit]\n"
+        "Description=Rewrite guestsafe's timers from its jobs file\n"
+        "\n[Service]\n"
+        "Type=oneshot\n"
+        f"ExecStart={' '.join(_exec_arg(a) for a in argv)}\n"
+        f"{environment}"
+    )
+    return {f"{WATCH}.path": path_text, f"{WATCH}.service": service_text}
+
+
+def _path_arg(path: Path) -> str:
+    # PathChanged= takes one unquoted path; only specifiers need escaping.
+    return str(path.absolute()).replace("%", "%%")
+
+
 def _own_units(unit_dir: Path) -> dict[str, Path]:
     """guestsafe's unit files in ``unit_dir``, by name: only those with the marker."""
     found: dict[str, Path] = {}
     if not unit_dir.is_dir():
         return found
-    for path in sorted(unit_dir.glob(f"{UNIT_PREFIX}*")):
-        if path.suffix in (".timer", ".service") and _has_marker(path):
+    candidates = [*unit_dir.glob(f"{UNIT_PREFIX}*"), *unit_dir.glob(f"{WATCH}.*")]
+    for path in sorted(candidates):
+        if path.suffix in (".timer", ".service", ".path") and _has_marker(path):
             found[path.name] = path
     return found
 
@@ -322,6 +360,8 @@ def install_timers(
     wanted: dict[str, str] = {}
     for job in jobs:
         wanted |= render_units(job, settings)
+    if wanted:
+        wanted |= render_watch(settings, unit_dir)
     return _apply(unit_dir, wanted, _should_reload(unit_dir, reload))
 
 
@@ -340,11 +380,12 @@ def _apply(unit_dir: Path, wanted: dict[str, str], reload: bool) -> TimerChanges
     own = _own_units(unit_dir)
     stale = [name for name in own if name not in wanted]
     changed = [name for name, text in wanted.items() if _read(unit_dir / name) != text]
-    new_timers = [n for n in changed if n.endswith(".timer") and n not in own]
-    moved_timers = [n for n in changed if n.endswith(".timer") and n in own]
+    triggers = [n for n in changed if n.endswith((".timer", ".path"))]
+    new_triggers = [n for n in triggers if n not in own]
+    moved_triggers = [n for n in triggers if n in own]
     if reload:
-        for timer in (n for n in stale if n.endswith(".timer")):
-            _systemctl("stop", timer, check=False)
+        for trigger in (n for n in stale if n.endswith((".timer", ".path"))):
+            _systemctl("stop", trigger, check=False)
     try:
         _write_units(unit_dir, wanted, changed)
         _remove_units(unit_dir, stale)
@@ -353,7 +394,7 @@ def _apply(unit_dir: Path, wanted: dict[str, str], reload: bool) -> TimerChanges
             f"cannot update timers in {unit_dir}: {exc.strerror} (run as root, or pass --unit-dir)"
         ) from exc
     if reload:
-        _reload(new_timers, moved_timers)
+        _reload(new_triggers, moved_triggers)
     return TimerChanges(sorted(changed), sorted(stale), reload)
 
 
@@ -364,12 +405,13 @@ def _write_units(unit_dir: Path, wanted: dict[str, str], changed: list[str]) -> 
         # Unit files are world-readable like every other unit: they hold no secret.
         atomic_write_bytes(unit_dir / name, wanted[name].encode(), mode=0o644)
     for name in wanted:
-        if name.endswith(".timer"):
+        if Path(name).suffix in WANTS_DIRS:
             _link_wanted(unit_dir, name)
 
 
 def _link_wanted(unit_dir: Path, name: str) -> None:
-    wants = unit_dir / WANTS_DIR
+    # What `systemctl enable` does, so it works without a running systemd too.
+    wants = unit_dir / WANTS_DIRS[Path(name).suffix]
     wants.mkdir(mode=0o755, exist_ok=True)
     link = wants / name
     target = (unit_dir / name).absolute()
@@ -381,20 +423,23 @@ def _link_wanted(unit_dir: Path, name: str) -> None:
 
 def _remove_units(unit_dir: Path, stale: list[str]) -> None:
     for name in stale:
-        (unit_dir / WANTS_DIR / name).unlink(missing_ok=True)
+        wants = WANTS_DIRS.get(Path(name).suffix)
+        if wants is not None:
+            (unit_dir / wants / name).unlink(missing_ok=True)
         (unit_dir / name).unlink(missing_ok=True)
 
 
-def _reload(new_timers: list[str], moved_timers: list[str]) -> None:
+def _reload(new_triggers: list[str], moved_triggers: list[str]) -> None:
     _systemctl("daemon-reload")
-    for timer in moved_timers:
-        # A timer whose calendar changed would catch up on times the old
-        # schedule never had (a weekday added on a Wednesday runs at once);
-        # forgetting its stamp makes it wait for the next time, as run-due does.
-        _systemctl("stop", timer, check=False)
-        _systemctl("clean", "--what=state", timer, check=False)
-    for timer in new_timers + moved_timers:
-        _systemctl("start", timer)
+    for trigger in moved_triggers:
+        _systemctl("stop", trigger, check=False)
+        if trigger.endswith(".timer"):
+            # A timer whose calendar changed would catch up on times the old
+            # schedule never had (a weekday added on a Wednesday runs at once);
+            # forgetting its stamp makes it wait for the next time, as run-due does.
+            _systemctl("clean", "--what=state", trigger, check=False)
+    for trigger in new_triggers + moved_triggers:
+        _systemctl("start", trigger)
 
 
 def _systemctl(*args: str, check: bool = True) -> None:

@@ -156,8 +156,9 @@ def test_cli_installs_timers_systemd_accepts_and_edits_follow(
     assert f"wrote {unit_dir}/guestsafe-nightly.timer" in proc.stdout
     assert "systemd was not reloaded" in proc.stdout
     units = [unit_dir / "guestsafe-nightly.timer", unit_dir / "guestsafe-nightly.service"]
+    watch = [unit_dir / "guestsafe_timers.path", unit_dir / "guestsafe_timers.service"]
     verify = subprocess.run(
-        [str(analyze), "verify", *map(str, units)], capture_output=True, text=True
+        [str(analyze), "verify", *map(str, units + watch)], capture_output=True, text=True
     )
     assert verify.returncode == 0 and verify.stderr == "", verify.stderr
     service = units[1].read_text()
@@ -175,5 +176,5 @@ def test_cli_installs_timers_systemd_accepts_and_edits_follow(
     assert engine.timer_states() == {"nightly": "installed"}
 
     proc = gs.cli("schedule", "remove", extra_env=env, check=True)
-    assert not units[0].exists() and not units[1].exists()
+    assert not any(p.exists() for p in units + watch)
     assert "(timer missing)" in gs.cli("jobs", extra_env=env, check=True).stdout

@@ -223,7 +223,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, settings: UnitSetting
     job.schedule.randomized_delay = 600
     install_timers([job], settings, unit_dir, reload=False)
     timer, service = schedule.unit_names(job.name)
-    proc = _verify(unit_dir / timer, unit_dir / service)
+    watch = [unit_dir / "guestsafe_timers.path", unit_dir / "guestsafe_timers.service"]
+    proc = _verify(unit_dir / timer, unit_dir / service, *watch)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == ""
     text = (unit_dir / timer).read_text()
@@ -256,10 +257,17 @@ def test_install_is_idempotent_and_enables(tmp_path: Path, settings: UnitSetting
     unit_dir = tmp_path / "units"
     jobs = [_job("a"), _job("b", time=None)]
     first = install_timers(jobs, settings, unit_dir, reload=False)
-    assert first.written == ["guestsafe-a.service", "guestsafe-a.timer"]
+    assert first.written == [
+        "guestsafe-a.service",
+        "guestsafe-a.timer",
+        "guestsafe_timers.path",
+        "guestsafe_timers.service",
+    ]
     assert not first.reloaded
     link = unit_dir / "timers.target.wants" / "guestsafe-a.timer"
     assert link.is_symlink() and link.resolve() == (unit_dir / "guestsafe-a.timer").resolve()
+    watch = unit_dir / "paths.target.wants" / "guestsafe_timers.path"
+    assert watch.is_symlink() and watch.resolve() == (unit_dir / "guestsafe_timers.path").resolve()
     again = install_timers(jobs, settings, unit_dir, reload=False)
     assert again.written == [] and again.removed == []
     assert timer_state(jobs[0], unit_dir, settings) == "installed"
@@ -280,12 +288,32 @@ def test_install_removes_stale_units_and_spares_foreign_ones(
     assert not (unit_dir / "timers.target.wants" / "guestsafe-b.timer").exists()
     assert foreign.exists()
     removed = remove_timers(unit_dir, reload=False)
-    assert removed.removed == ["guestsafe-a.service", "guestsafe-a.timer"]
+    assert removed.removed == [
+        "guestsafe-a.service",
+        "guestsafe-a.timer",
+        "guestsafe_timers.path",
+        "guestsafe_timers.service",
+    ]
     assert sorted(p.name for p in unit_dir.iterdir()) == [
         "guestsafe-mine.timer",
+        "paths.target.wants",
         "timers.target.wants",
     ]
+    assert list((unit_dir / "paths.target.wants").iterdir()) == []
     assert not timers_installed(unit_dir)
+
+
+def test_watch_reinstalls_from_the_same_jobs_file(tmp_path: Path, settings: UnitSettings) -> None:
+    units = schedule.render_watch(settings, tmp_path / "units")
+    path_unit = units["guestsafe_timers.path"]
+    assert f"PathChanged={str(settings.config_file).replace('%', '%%')}" in path_unit
+    assert "WantedBy=paths.target" in path_unit
+    [exec_line] = [
+        line for line in units["guestsafe_timers.service"].splitlines() if "ExecStart=" in line
+    ]
+    assert exec_line.endswith(f'"schedule" "install" "--unit-dir" "{tmp_path / "units"}"')
+    # A job called "timers" does not clash with the watch.
+    assert schedule.unit_names("timers") == ("guestsafe-timers.timer", "guestsafe-timers.service")
 
 
 def test_changed_job_makes_its_timer_outdated(tmp_path: Path, settings: UnitSettings) -> None:
@@ -314,6 +342,20 @@ def test_systemd_is_told_only_when_it_runs(
         ("stop", "guestsafe-a.timer"),
         ("clean", "--what=state", "guestsafe-a.timer"),
         ("start", "guestsafe-a.timer"),
+    ]
+    calls.clear()
+    remove_timers(unit_dir, reload=True)
+    assert calls == [
+        ("stop", "guestsafe-a.timer"),
+        ("stop", "guestsafe_timers.path"),
+        ("daemon-reload",),
+    ]
+    calls.clear()
+    install_timers([_job("a")], settings, unit_dir / "fresh", reload=True)
+    assert calls == [
+        ("daemon-reload",),
+        ("start", "guestsafe-a.timer"),
+        ("start", "guestsafe_timers.path"),
     ]
 
 
