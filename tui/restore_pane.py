@@ -34,6 +34,7 @@ from ..engine.errors import GuestsafeError
 from ..engine.events import Event
 from ..engine.modes import is_crash_consistent, short_label
 from ..engine.restore import RestorePlan, RestoreResult
+from ..engine.runlog import escape
 from . import formatting as fmt
 from .devices_panel import DeviceRow, ExternalDevicesPanel
 from .mac_modal import MacClashScreen
@@ -372,7 +373,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             self.app.call_from_thread(self._finished)
         macs = ", ".join(result.macs) or "no interfaces"
         self.app.notify(
-            f"restore successful: {result.name} is defined (MACs {macs})", markup=False
+            f"restore successful: {escape(result.name)} is defined (MACs {macs})", markup=False
         )
         self.post_message(GuestsChanged())
 
