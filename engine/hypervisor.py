@@ -310,7 +310,8 @@ class Hypervisor:
 
     def _info(self, dom: libvirt.virDomain) -> GuestInfo:
         xml = self._call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        return parse_domain_xml(xml, _state_of(dom), bool(dom.isPersistent()))
+        persistent = bool(self._call(dom.isPersistent))
+        return parse_domain_xml(xml, _state_of(dom), persistent)
 
     def state(self, name: str) -> str:
         return _state_of(self._domain(name))

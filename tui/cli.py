@@ -273,17 +273,13 @@ def cancel_on_signals() -> threading.Event:
     return cancel
 
 
-def _archives(engine: Engine, dest: Path | None) -> list[Path]:
-    return [dest] if dest is not None else engine.destinations()
-
-
 def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     if args.device is not None:
         with engine.device_archive(args.device) as archive:
             code = _print_versions([(args.device, archive.versions(args.guest))])
             _print_problems(archive.problems(args.guest))
             return code
-    listed = _mounted_archives(engine, _archives(engine, args.dest))
+    listed = _listed_archives(engine, args.dest)
     code = _print_versions((str(dest), engine.versions(dest, args.guest)) for dest in listed)
     for dest in listed:
         _print_problems(engine.archive(dest).problems(args.guest))
@@ -296,11 +292,18 @@ def _print_problems(problems: list[str]) -> None:
         print(f"warning: {escape(problem)}", file=sys.stderr)
 
 
+def _listed_archives(engine: Engine, dest: Path | None) -> list[Path]:
+    """The archive named with --dest, or every job destination that holds one now."""
+    return [dest] if dest is not None else _mounted_archives(engine, engine.destinations())
+
+
 def _mounted_archives(engine: Engine, destinations: list[Path]) -> list[Path]:
     """The destinations, less those of device jobs whose device is not mounted there."""
     devices = {job.destination: job.device for job in engine.jobs() if job.device}
     found = []
     for dest in destinations:
+        if dest not in devices and not (dest / MARKER).exists():
+            continue  # a job that has not run yet: no archive there to list
         if dest in devices and not (dest / MARKER).exists():
             print(
                 f"{escape(str(dest))}: device {escape(devices[dest] or '')} is not mounted "
@@ -338,7 +341,7 @@ def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
 def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     failed = 0
     checked = 0
-    for dest in _mounted_archives(engine, _archives(engine, args.dest)):
+    for dest in _listed_archives(engine, args.dest):
         archive = engine.archive(dest)
         if args.guest is not None and args.guest not in archive.guests():
             continue
