@@ -272,7 +272,7 @@ class Engine:
 
     def _update_timers(self) -> None:
         """Keep installed timers in step with the jobs file after an edit."""
-        if not schedule.timers_installed(self.unit_dir):
+        if not schedule.timers_wanted(self.unit_dir, self.jobs()):
             return
         try:
             self.install_timers()

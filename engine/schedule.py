@@ -315,6 +315,19 @@ def timers_installed(unit_dir: Path) -> bool:
     return any(name.endswith(".timer") for name in _own_units(unit_dir))
 
 
+def timers_wanted(unit_dir: Path, jobs: list[Job]) -> bool:
+    """Whether saving jobs should (re)write the timers in ``unit_dir``.
+
+    Yes once they are installed there. Yes too, for a first scheduled job, when
+    root saves it on a host where systemd runs and ``unit_dir`` is systemd's own:
+    a job scheduled from the console then runs with the console closed.
+    """
+    if timers_installed(unit_dir):
+        return True
+    first_time = systemd_running() and unit_dir.absolute() == DEFAULT_UNIT_DIR
+    return first_time and os.geteuid() == 0 and any(j.schedule.time for j in jobs)
+
+
 def timer_state(job: Job, unit_dir: Path, settings: UnitSettings | None = None) -> str:
     """``manual``, ``installed``, ``outdated`` (differs from the job) or ``missing``."""
     if job.schedule.time is None:

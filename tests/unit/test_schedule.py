@@ -406,6 +406,20 @@ def test_editing_jobs_updates_installed_timers(engine: Engine) -> None:
     assert engine.timer_states() == {"a": "manual"}
 
 
+def test_first_scheduled_job_installs_timers_where_systemd_runs(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(schedule, "_systemctl", lambda *a, check=True: calls.append(a))
+    monkeypatch.setattr(schedule, "DEFAULT_UNIT_DIR", engine.unit_dir)
+    monkeypatch.setattr(schedule, "SYSTEMD_RUNNING", tmp_path)  # exists: systemd runs
+    engine.save_job(_job("manual", time=None))
+    assert not timers_installed(engine.unit_dir) and calls == []
+    engine.save_job(_job("a"))
+    assert timer_state(_job("a"), engine.unit_dir) == "installed"
+    assert calls[:2] == [("daemon-reload",), ("start", "guestsafe-a.timer")]
+
+
 # --- run-due -------------------------------------------------------------------
 
 
