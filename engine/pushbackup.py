@@ -227,6 +227,8 @@ class PushBackup:
     def start(self) -> None:
         """Start paused, begin the job, resume; raises when no copy will come."""
         b = self.backup
+        # Journaled before the start: no fsync while the guest is down for it.
+        b._phase("backup-begin")
         self._hv.start(b.name, paused=True)
         failpoints.hit(PAUSED_FAILPOINT)
         dom = self._dom()
@@ -260,7 +262,8 @@ class PushBackup:
         ours = {t.target for t in self.targets}
         others = [d.target for d in live.disks if d.target not in ours]
         xml = pushjob.backup_xml(self.targets, others)
-        b._phase("backup-begin")
+        if self.live:
+            b._phase("backup-begin")
         self.watch = JobWatch(self._hv.connection, dom)
         try:
             dom.backupBegin(xml, None, 0)

@@ -4,8 +4,9 @@
 
 Prints a table for people, then, as the last line, one line of JSON with every
 figure. Needs root to drop the page cache between runs (DESIGN.md, "Testing
-with real parts"). Sections are plain functions taking a ``Bench``; add new
-ones (downtime, restore) to ``SECTIONS``.
+with real parts"). Sections are plain functions taking a ``Bench``, listed in
+``SECTIONS``: the copier, verify, downtime (real TCG guests under
+qemu:///system, through the test rig) and restore.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CHILD = HERE / "copier_child.py"
+RESTORE_CHILD = HERE / "restore_child.py"
+# The test rig (tests/rig) makes the guests of the downtime section.
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -54,6 +60,28 @@ class Row:
     page_cache: int
 
 
+@dataclass(frozen=True)
+class DowntimeRow:
+    """How long one guest was down, one way, over the turns of the downtime section."""
+
+    what: str  # "bare shutdown + start", "guestsafe stop", "guestsafe stop-short"
+    disk_bytes: int  # the guest's data disk, all of it data
+    best: float
+    median: float
+
+
+@dataclass(frozen=True)
+class RestoreSource:
+    """A committed version for the restore section to restore."""
+
+    uri: str
+    home: Path
+    archive: Path
+    guest: str
+    number: int
+    files: list[Path]
+
+
 @dataclass
 class Bench:
     scratch: Path
@@ -63,6 +91,8 @@ class Bench:
     rows: list[Row] = field(default_factory=list)
     figures: dict[str, object] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    downtimes: list[DowntimeRow] = field(default_factory=list)
+    restore_source: RestoreSource | None = None  # a version the downtime section made
 
     def record(self, section: str, what: str, run: Run, data_bytes: int) -> None:
         self.rows.append(Row(section, what, run.seconds, run.median, data_bytes, run.peak_rss,
@@ -155,6 +185,7 @@ class Contender:
     output: Path | None = None  # removed before each run
     sync_output: bool = False  # the tool does not fsync: time `sync FILE` too
     primed: bool = False  # copier_child.py --wait: time from "go", not from exec
+    cleanup: Callable[[], None] | None = None  # before each run, untimed
 
 
 def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
@@ -169,6 +200,8 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
         for contender in contenders if turn % 2 == 0 else contenders[::-1]:
             if contender.output is not None:
                 contender.output.unlink(missing_ok=True)
+            if contender.cleanup is not None:
+                contender.cleanup()
             then_sync = contender.output if contender.sync_output else None
             run = run_timed(contender.argv, bench, then_sync=then_sync, primed=contender.primed)
             runs[contender.name].append(run)
@@ -342,7 +375,228 @@ with open(sys.argv[1], 'rb', buffering=0) as f:
 print(h.hexdigest())
 """
 
-SECTIONS: list[Callable[[Bench], None]] = [bench_copy, bench_verify]
+# --------------------------------------------------------------------------- downtime
+
+
+def downtime_sizes(bench: Bench) -> tuple[int, int]:
+    """The small and the large data disk; always 1:4, so the ratio keys stay comparable.
+
+    Even the small one takes QEMU longer to copy than the guest takes to resume: a
+    copy finished before the resume would make its own I/O load vanish from the
+    downtime of the small disk alone.
+    """
+    return (256 * MiB, GiB) if bench.quick else (GiB, 4 * GiB)
+
+
+def fill_random(path: Path, size: int) -> None:
+    """Random data over the whole raw disk: every byte is data, nothing is a hole."""
+    chunk = 4 * MiB
+    with path.open("r+b") as f:
+        for _ in range(size // chunk):
+            f.write(os.urandom(chunk))
+        os.fsync(f.fileno())
+
+
+class GuestLab:
+    """Real TCG guests and a guestsafe engine of their own, all under the scratch dir."""
+
+    def __init__(self, bench: Bench) -> None:
+        import libvirt
+        from guestsafe.engine.hypervisor import Hypervisor
+        from guestsafe.engine.paths import Paths
+        from rig import LIBVIRT_URI, build_guest_assets, make_traversable
+
+        self.uri = LIBVIRT_URI
+        self.conn = libvirt.open(self.uri)
+        self.assets = build_guest_assets()
+        make_traversable(bench.scratch)  # QEMU opens the disks and writes push backups here
+        self.guests_dir = bench.scratch / "guests"
+        self.guests_dir.mkdir(mode=0o755)
+        self.guests_dir.chmod(0o755)
+        self.home = bench.scratch / "gshome"
+        self.archive = bench.scratch / "archive"
+        self.archive.mkdir(mode=0o700)
+        self.paths = Paths(self.home / "jobs.toml", self.home / "state", self.home / "log",
+                           self.home / "cache")
+        self.paths.ensure()
+        self.hv = Hypervisor(self.uri)
+        self.made: list[Any] = []
+
+    def guest(self, size: int) -> Any:
+        """A running guest with a qcow2 vda (its counter) and a raw vdb of ``size`` data."""
+        from rig import DiskSpec, make_guest, unique_name
+
+        guest = make_guest(self.conn, self.guests_dir, unique_name("bench"),
+                           disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", size)),
+                           start=False, assets=self.assets)
+        self.made.append(guest)
+        fill_random(guest.disks["vdb"].path, size)
+        guest.start()
+        return guest
+
+    def backup(self, guest: Any, mode: str) -> float:
+        """One guestsafe run of ``mode`` on ``guest``; the downtime it measured."""
+        from guestsafe.engine.jobs import Job, Schedule
+        from guestsafe.engine.runner import run_job
+
+        job = Job(f"bench-{mode}", [guest.name], self.archive, keep=1, mode=mode, verify=False,
+                  schedule=Schedule(None), lock_wait=0)
+        result = run_job(job, self.hv, self.paths)
+        outcome = result.outcomes[0]
+        if not outcome.ok or outcome.downtime is None:
+            raise RuntimeError(f"guestsafe {mode} of {guest.name} failed: {outcome.message}")
+        return outcome.downtime
+
+    def restart(self, guest: Any) -> float:
+        """A bare shutdown plus start, timed like guestsafe times its downtime."""
+        start = time.monotonic()
+        self.hv.shutdown(guest.name, timeout=300)
+        self.hv.start(guest.name)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        for guest in self.made:
+            guest.destroy_and_undefine()
+        self.hv.close()
+        self.conn.close()
+
+
+DOWNTIME_WAYS = ("bare shutdown + start", "guestsafe stop", "guestsafe stop-short")
+DOWNTIME_KEYS = dict(zip(DOWNTIME_WAYS, ("restart", "stop", "stop_short"), strict=True))
+
+
+def size_label(bench: Bench, size: int) -> str:
+    """"1g" for the small guest, "4g" for the large one (also with --quick)."""
+    return "1g" if size == downtime_sizes(bench)[0] else "4g"
+
+
+def measure_downtimes(bench: Bench, lab: GuestLab, guest: Any) -> dict[str, list[float]]:
+    """Every way, in turns (order reversed each round), each from a booted guest."""
+    seconds: dict[str, list[float]] = {way: [] for way in DOWNTIME_WAYS}
+    for turn in range(bench.repeat):
+        for way in DOWNTIME_WAYS if turn % 2 == 0 else DOWNTIME_WAYS[::-1]:
+            drop_caches(bench)
+            offset = guest.console_size()
+            if way == DOWNTIME_WAYS[0]:
+                seconds[way].append(lab.restart(guest))
+            else:
+                seconds[way].append(lab.backup(guest, way.removeprefix("guestsafe ")))
+            # The next shutdown request must find the guest booted, or it is lost.
+            guest.wait_for_console(r"^GS-READY", timeout=300, after=offset)
+    return seconds
+
+
+def bench_downtime(bench: Bench) -> None:
+    """stop and stop-short on one guest with a small and one with a 4x larger data disk."""
+    from rig import libvirt_problem
+
+    problem = libvirt_problem()
+    if problem is not None:
+        print(f"downtime and restore sections skipped: {problem}", file=sys.stderr)
+        bench.figures["guest_sections_skipped"] = problem
+        return
+    lab = GuestLab(bench)
+    try:
+        small, large = downtime_sizes(bench)
+        found: dict[tuple[str, int], tuple[float, float]] = {}
+        for size in (small, large):
+            guest = lab.guest(size)
+            for way, values in measure_downtimes(bench, lab, guest).items():
+                best, median = min(values), statistics.median(values)
+                found[way, size] = (best, median)
+                bench.downtimes.append(DowntimeRow(way, size, best, median))
+                bench.figures[f"{DOWNTIME_KEYS[way]}_downtime_runs_{size_label(bench, size)}"] = [
+                    round(v, 3) for v in values
+                ]
+            if size == large:
+                keep_for_restore(bench, lab, guest)
+            guest.shutdown(timeout=120)  # an idle TCG guest still costs CPU
+        record_downtimes(bench, found, small, large)
+    finally:
+        lab.close()
+
+
+def keep_for_restore(bench: Bench, lab: GuestLab, guest: Any) -> None:
+    from guestsafe.engine.archive import Archive
+
+    [version] = Archive.open(lab.archive).versions(guest.name)
+    files = [version.path / record.file for record in version.manifest.records]
+    bench.restore_source = RestoreSource(lab.uri, lab.home, lab.archive, guest.name,
+                                         version.number, files)
+    # The guest goes with the lab; the version stays in the scratch dir for the restore.
+
+
+def record_downtimes(bench: Bench, found: dict[tuple[str, int], tuple[float, float]],
+                     small: int, large: int) -> None:
+    bare, stop, short = DOWNTIME_WAYS
+
+    def ratio(key: str, top: tuple[float, float], bottom: tuple[float, float]) -> None:
+        bench.figures[key] = round(top[0] / bottom[0], 3)
+        bench.figures[f"{key}_median"] = round(top[1] / bottom[1], 3)
+
+    ratio("stop_short_downtime_ratio_4g_1g", found[short, large], found[short, small])
+    ratio("stop_downtime_ratio_4g_1g", found[stop, large], found[stop, small])
+    ratio("stop_short_downtime_vs_restart_ratio", found[short, large], found[bare, large])
+    ratio("stop_short_downtime_vs_restart_ratio_1g", found[short, small], found[bare, small])
+    ratio("stop_short_vs_stop_downtime_ratio_4g", found[short, large], found[stop, large])
+    for way, key in DOWNTIME_KEYS.items():
+        for size, label in ((small, "1g"), (large, "4g")):
+            bench.figures[f"{key}_downtime_seconds_{label}"] = round(found[way, size][0], 3)
+    bench.figures.update(downtime_disk_bytes_1g=small, downtime_disk_bytes_4g=large)
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def bench_restore(bench: Bench) -> None:
+    """guestsafe restore of a version (BLAKE3 checked, guest defined) against cp + sync."""
+    source = bench.restore_source
+    if source is None:
+        return  # the downtime section was skipped
+    import libvirt
+    from rig import unique_name
+
+    target, cp_dir = bench.scratch / "restored", bench.scratch / "cp-restored"
+    name = unique_name("benchrestore")
+    conn = libvirt.open(source.uri)
+
+    def clean_restore() -> None:
+        for dom in conn.listAllDomains():
+            if dom.name() == name:
+                dom.undefine()
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+
+    def clean_cp() -> None:
+        shutil.rmtree(cp_dir, ignore_errors=True)
+        cp_dir.mkdir()
+
+    copies = [str(cp_dir / path.name) for path in source.files]
+    cp = ["sh", "-c", 'cp --sparse=always "$@" && sync ' + " ".join(copies), "cp",
+          *map(str, source.files), str(cp_dir)]
+    restore = [sys.executable, str(RESTORE_CHILD), "--wait", source.uri, str(source.home),
+               str(source.archive), source.guest, str(source.number), name, str(target)]
+    contenders = [Contender("ours", restore, primed=True, cleanup=clean_restore),
+                  Contender("cp", cp, cleanup=clean_cp)]
+    try:
+        runs = race(bench, contenders)
+    finally:
+        clean_restore()
+        clean_cp()
+        conn.close()
+    data = sum(allocated(path) for path in source.files)
+    bench.record("restore", "guestsafe restore (BLAKE3 checked, defined)", runs["ours"], data)
+    bench.record("restore", "cp --sparse=always + sync, same files", runs["cp"], data)
+    set_ratio(bench, "restore_vs_cp_ratio", runs["cp"], runs["ours"])
+    bench.figures.update(
+        restore_seconds=round(runs["ours"].seconds, 3),
+        restore_cp_seconds=round(runs["cp"].seconds, 3),
+        restore_peak_rss_bytes=runs["ours"].peak_rss,
+        restore_data_bytes=data,
+    )
+
+
+SECTIONS: list[Callable[[Bench], None]] = [bench_copy, bench_verify, bench_downtime, bench_restore]
 
 
 # --------------------------------------------------------------------------- report
@@ -371,7 +625,27 @@ def print_table(bench: Bench) -> None:
     print()
     print(f"{'ratio (theirs / ours, >1: guestsafe faster)':<44} {'best':>7} {'median':>7}")
     for key, value in bench.figures.items():
-        if "_ratio" in key and not key.endswith("_median"):
+        if "_ratio" in key and not key.endswith("_median") and "downtime" not in key:
+            median = bench.figures.get(f"{key}_median", "")
+            print(f"{key:<44} {value:>7} {median:>7}")
+    print_downtimes(bench)
+
+
+def print_downtimes(bench: Bench) -> None:
+    """Downtime (shutdown request to running again) per way and data disk size."""
+    if not bench.downtimes:
+        return
+    print()
+    header = f"{'downtime (request to running again)':<44} {'disk':>9} {'best s':>7} {'median':>7}"
+    print(header)
+    print("-" * len(header))
+    for row in bench.downtimes:
+        size = human_bytes(row.disk_bytes)
+        print(f"{row.what:<44} {size:>9} {row.best:>7.2f} {row.median:>7.2f}")
+    print()
+    print(f"{'downtime ratio':<44} {'best':>7} {'median':>7}")
+    for key, value in bench.figures.items():
+        if "downtime" in key and "_ratio" in key and not key.endswith("_median"):
             median = bench.figures.get(f"{key}_median", "")
             print(f"{key:<44} {value:>7} {median:>7}")
 
@@ -387,7 +661,8 @@ def scratch_parent(requested: str | None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 GiB source, 128 MiB data")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 GiB copy source with 128 MiB data; 256 MiB and 1 GiB guest disks")
     parser.add_argument("--dir", help="parent of the scratch dir (default /var/tmp)")
     parser.add_argument("--repeat", type=int, default=3, help="cold runs per figure (best)")
     args = parser.parse_args(argv)

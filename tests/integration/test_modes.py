@@ -194,7 +194,7 @@ def test_stop_short_running_out_of_space_keeps_older_versions(
 ) -> None:
     small = workdir / "small"
     image = workdir / "small.img"
-    subprocess.run(["truncate", "-s", "48M", str(image)], check=True)
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
     small.mkdir()
     subprocess.run(["mount", "-o", "loop", str(image), str(small)], check=True)
