@@ -13,7 +13,7 @@ import blake3
 import libvirt
 import pytest
 from guestsafe.engine import modes, pushbackup, pushjob, qemuaccess
-from guestsafe.engine.errors import PreflightError
+from guestsafe.engine.errors import CopyError, HypervisorError, PreflightError
 from guestsafe.engine.hypervisor import DiskInfo, GuestInfo
 from guestsafe.engine.jobs import Job, load_jobs, save_jobs, validate_job
 from guestsafe.engine.pushjob import JobWatch, PushTarget
@@ -347,3 +347,110 @@ def test_give_back_zeros_frees_zero_ranges_and_changes_no_byte(tmp_path: Path) -
     assert freed >= 8 * MiB
     assert path.stat().st_blocks * 512 <= 2 * MiB
     assert path.stat().st_size == 16 * MiB and _b3(path) == digest
+
+
+# --- snapshot: the guest agent's freeze around the begin ---------------------------------
+
+AGENT_XML = (
+    "<domain><devices><channel type='unix'><target type='virtio' "
+    "name='org.qemu.guest_agent.0' state='connected'/></channel></devices></domain>"
+)
+
+
+class AgentDomain:
+    def __init__(self, thaw_fails: bool = False) -> None:
+        self.calls: list[str] = []
+        self.thaw_fails = thaw_fails
+
+    def fsFreeze(self, _mounts: object, _flags: int) -> int:
+        self.calls.append("freeze")
+        return 2
+
+    def fsThaw(self, _mounts: object, _flags: int) -> int:
+        self.calls.append("thaw")
+        if self.thaw_fails:
+            raise libvirt.libvirtError("agent went away")
+        return 2
+
+
+class XmlHv:
+    def __init__(self, xml: str) -> None:
+        self._xml = xml
+
+    def xml(self, _name: str, *, inactive: bool = True) -> str:
+        return self._xml
+
+
+@dataclass
+class SnapshotOwner(FakeBackup):
+    downtime: float | None = None
+    phases: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def _phase(self, phase: str, _partial: object = None) -> None:
+        self.phases.append(phase)
+
+    def _error(self, message: str) -> None:
+        self.errors.append(message)
+
+
+def _snapshot_push(
+    monkeypatch: pytest.MonkeyPatch, xml: str, dom: AgentDomain, begin_fails: bool = False
+) -> tuple[pushbackup.PushBackup, SnapshotOwner]:
+    owner = SnapshotOwner(FakeCtx(Job("j", ["web1"], Path("/srv"), mode="snapshot"), XmlHv(xml)))
+    push = pushbackup.PushBackup(owner, live=True)  # type: ignore[arg-type]
+
+    def begin(_dom: object) -> None:
+        dom.calls.append("begin")
+        if begin_fails:
+            raise CopyError("libvirt could not begin the push backup")
+
+    monkeypatch.setattr(push, "_dom", lambda: dom)
+    monkeypatch.setattr(push, "_begin", begin)
+    monkeypatch.setattr(pushjob.time, "sleep", lambda _s: None)
+    return push, owner
+
+
+def test_snapshot_freezes_only_around_the_begin(monkeypatch: pytest.MonkeyPatch) -> None:
+    dom = AgentDomain()
+    push, owner = _snapshot_push(monkeypatch, AGENT_XML, dom)
+
+    push._snapshot()
+
+    assert dom.calls == ["freeze", "begin", "thaw"]
+    assert owner.downtime == 0.0 and "freeze" in owner.phases
+    assert owner.warnings == [modes.SNAPSHOT_NOTE] and not push.frozen
+
+
+def test_a_failed_begin_still_thaws(monkeypatch: pytest.MonkeyPatch) -> None:
+    dom = AgentDomain()
+    push, _owner = _snapshot_push(monkeypatch, AGENT_XML, dom, begin_fails=True)
+
+    with pytest.raises(CopyError, match="could not begin"):
+        push._snapshot()
+
+    assert dom.calls == ["freeze", "begin", "thaw"] and not push.frozen
+
+
+def test_a_failed_thaw_is_an_error_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    dom = AgentDomain(thaw_fails=True)
+    push, owner = _snapshot_push(monkeypatch, AGENT_XML, dom)
+
+    with pytest.raises(HypervisorError, match="virsh domfsthaw web1"):
+        push._snapshot()
+
+    assert "agent went away" in owner.errors[0]
+    assert dom.calls == ["freeze", "begin", "thaw", "thaw", "thaw"]  # tried three times
+    assert push.frozen  # settle tries once more
+
+
+def test_without_an_agent_nothing_is_frozen_and_the_version_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dom = AgentDomain()
+    push, owner = _snapshot_push(monkeypatch, "<domain><devices/></domain>", dom)
+
+    push._snapshot()
+
+    assert dom.calls == ["begin"]
+    assert any("no guest agent" in note for note in owner.warnings)
