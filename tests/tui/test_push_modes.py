@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from guestsafe.engine.api import Engine
+from guestsafe.engine.archive import VersionInfo
 from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged
 from guestsafe.engine.jobs import Job
+from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.job_form_model import JobFormValues, build_job
 from guestsafe.tui.run_progress import RunProgressPanel
 from guestsafe.tui.run_tracker import RunTracker
 from textual.app import App, ComposeResult
-from textual.widgets import Static
+from textual.widgets import DataTable, Static
+from tui_support import settle
 
 pytestmark = pytest.mark.tui
 
@@ -78,3 +83,25 @@ def test_the_job_form_keeps_the_fallback_setting(tmp_path: Path) -> None:
 
     assert values.fallback_to_stop is True
     assert problems == [] and rebuilt.fallback_to_stop is True
+
+
+async def test_the_archive_list_marks_snapshot_versions_crash_consistent(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert engine.run_job("nightly").ok
+    real = engine.versions
+
+    def versions(destination: Path, guest: str | None = None) -> list[VersionInfo]:
+        found = real(destination, guest)
+        return [replace(v, mode="snapshot") if v.guest == "web1" else v for v in found]
+
+    monkeypatch.setattr(engine, "versions", versions)
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=(100, 32)) as pilot:
+        await settle(pilot)
+        await pilot.press("r")
+        await settle(pilot)
+        table = app.query_one("#archive-table", DataTable)
+        rows = [table.get_row_at(i) for i in range(table.row_count)]
+    shown = {str(row[0]): str(row[4]) for row in rows}
+    assert shown == {"web1": "crash-consistent", "db1": "stop"}
