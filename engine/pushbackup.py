@@ -312,6 +312,7 @@ class PushBackup:
         b._info(f"QEMU copied the disks in {time.monotonic() - self.begun_at:.1f} s")
         self.access.close_partial()
         b._phase("hash")
+        wait_until_closed([t.path for t in self.targets], CLOSE_WAIT_SECONDS)
         return [self._adopt(target) for target in self.targets]
 
     def _failure(self, outcome: JobOutcome) -> str:
@@ -427,6 +428,39 @@ def recover_leftover(entry: JournalEntry, log: Callable[[str], None]) -> None:
 
 
 # --- files QEMU wrote ------------------------------------------------------------
+
+
+# How long QEMU may take to close a backup target after the job-completed event.
+CLOSE_WAIT_SECONDS = 60.0
+
+
+def wait_until_closed(paths: list[Path], timeout: float) -> None:
+    """Wait until no process holds these files open.
+
+    libvirt reports the backup job complete before QEMU has detached the target
+    block nodes; a qcow2 target's header and refcounts are written as it closes.
+    A hash taken earlier would not match the file as it finally is.
+    """
+    wanted = {str(p) for p in paths}
+    deadline = time.monotonic() + timeout
+    while _open_anywhere(wanted):
+        if time.monotonic() > deadline:
+            raise CopyError(
+                f"QEMU still holds {', '.join(sorted(wanted))} open {timeout:g} s after the "
+                "backup finished; the copy is discarded"
+            )
+        time.sleep(0.1)
+
+
+def _open_anywhere(wanted: set[str]) -> bool:
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except OSError:
+            continue  # the process ended, or is not ours to look at
+        if wanted.intersection(links):
+            return True
+    return False
 
 
 def _lstat(path: Path) -> os.stat_result | None:
