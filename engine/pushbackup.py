@@ -305,14 +305,17 @@ class PushBackup:
         if outcome is None:
             raise CopyError(f"backup of {b.name!r} cancelled; the unfinished copy is discarded")
         self.running = False
-        self.watch.close()
-        self.watch = None
         if not outcome.ok:
             raise CopyError(self._failure(outcome))
         b._info(f"QEMU copied the disks in {time.monotonic() - self.begun_at:.1f} s")
+        # The job's end comes before QEMU closes the targets; their block-job ends
+        # come after. Waiting for those first leaves the check below one look.
+        self.watch.wait_detached({t.target for t in self.targets}, CLOSE_WAIT_SECONDS)
+        self.watch.close()
+        self.watch = None
+        wait_until_closed([t.path for t in self.targets], CLOSE_WAIT_SECONDS)
         self.access.close_partial()
         b._phase("hash")
-        wait_until_closed([t.path for t in self.targets], CLOSE_WAIT_SECONDS)
         return [self._adopt(target) for target in self.targets]
 
     def _failure(self, outcome: JobOutcome) -> str:

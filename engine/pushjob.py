@@ -33,6 +33,11 @@ MIN_LIBVIRT = 6_000_000
 FORMATS = ("raw", "qcow2")
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 BACKUP_OPERATION = libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
+_BLOCK_JOB_ENDED = (
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED,
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED,
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED,
+)
 
 # How often a running job is re-read (progress, and events that went missing).
 RECHECK_SECONDS = 1.0
@@ -150,12 +155,16 @@ class JobWatch:
         self._cond = threading.Condition()
         self.completed: dict[str, Any] | None = None
         self.stopped = False
+        self.detached: set[str] = set()  # disks whose target QEMU has let go of
         self._ids = [
             conn.domainEventRegisterAny(
                 dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job, None
             ),
             conn.domainEventRegisterAny(
                 dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            ),
+            conn.domainEventRegisterAny(
+                dom, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None
             ),
         ]
 
@@ -165,6 +174,16 @@ class JobWatch:
         with self._cond:
             self.completed = dict(params)
             self._cond.notify_all()
+
+    def _on_block_job(
+        self, _conn: Any, _dom: Any, disk: str, kind: int, status: int, _opaque: Any
+    ) -> None:
+        # libvirt reports a disk's backup block job ended after it detached the
+        # target node, so QEMU has closed (and, for qcow2, finalised) the file.
+        if kind == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP and status in _BLOCK_JOB_ENDED:
+            with self._cond:
+                self.detached.add(disk)
+                self._cond.notify_all()
 
     def _on_lifecycle(self, _conn: Any, _dom: Any, event: int, _detail: int, _o: Any) -> None:
         if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
@@ -180,6 +199,11 @@ class JobWatch:
     def wait_stopped(self, timeout: float) -> None:
         with self._cond:
             self._cond.wait_for(lambda: self.stopped, timeout)
+
+    def wait_detached(self, disks: set[str], timeout: float) -> bool:
+        """Wait for the block-job end of every disk in ``disks``; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: disks <= self.detached or self.stopped, timeout)
 
     def close(self) -> None:
         for callback_id in self._ids:

@@ -144,6 +144,20 @@ def test_a_stopped_guest_explains_a_silent_failure() -> None:
     assert outcome is not None and outcome.guest_stopped and outcome.reason == "the guest stopped"
 
 
+def test_targets_count_as_closed_once_their_block_jobs_end() -> None:
+    watch = _watch(FakeDomain(RUNNING_JOB))
+    backup = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP
+    watch._on_block_job(None, None, "vdb", backup, libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED, None)
+    # Another kind of block job on vda says nothing about the backup's target.
+    pull = libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL
+    watch._on_block_job(None, None, "vda", pull, libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED, None)
+
+    assert not watch.wait_detached({"vda", "vdb"}, 0.01)
+
+    watch._on_block_job(None, None, "vda", backup, libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED, None)
+    assert watch.wait_detached({"vda", "vdb"}, 0.01)
+
+
 # --- can it run, and which mode ----------------------------------------------------
 
 
