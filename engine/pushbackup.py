@@ -229,9 +229,11 @@ class PushBackup:
         b = self.backup
         # Journaled before the start: no fsync while the guest is down for it.
         b._phase("backup-begin")
+        t0 = time.monotonic()
         self._hv.start(b.name, paused=True)
         failpoints.hit(PAUSED_FAILPOINT)
         dom = self._dom()
+        t1 = time.monotonic()
         try:
             self._begin(dom)
         except BaseException:
@@ -239,8 +241,14 @@ class PushBackup:
                 self._hv.resume(b.name)
                 self._resumed("guest is running again")
             raise
+        t2 = time.monotonic()
         self._hv.resume(b.name)
         self._resumed("guest is running again; QEMU copies its disks meanwhile")
+        # Where the downtime beyond the shutdown went, for whoever tunes the host.
+        b._info(
+            f"started paused in {t1 - t0:.2f} s, backup begun in {t2 - t1:.2f} s, "
+            f"resumed in {time.monotonic() - t2:.2f} s"
+        )
 
     def _resumed(self, what: str) -> None:
         b = self.backup

@@ -92,6 +92,9 @@ class Bench:
     figures: dict[str, object] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
     downtimes: list[DowntimeRow] = field(default_factory=list)
+    # A downtime is one noisy event (a guest's shutdown varies by half a second):
+    # more turns than the copies get.
+    downtime_turns: int = 5
     restore_source: RestoreSource | None = None  # a version the downtime section made
 
     def record(self, section: str, what: str, run: Run, data_bytes: int) -> None:
@@ -461,6 +464,40 @@ class GuestLab:
         self.conn.close()
 
 
+def disk_stat(path: Path) -> list[int] | None:
+    """The block layer's counters of the device holding ``path`` (/sys/.../stat)."""
+    st = os.stat(path)
+    try:
+        text = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat").read_text()
+    except OSError:
+        return None  # not a block device (overlay, network): nothing to wait for
+    return [int(field) for field in text.split()]
+
+
+def settle_io(path: Path, window: float = 1.0, limit: float = 30.0) -> float:
+    """Wait until the disk under ``path`` writes and discards under 1 MiB/s.
+
+    The run before may leave writeback and discards of what it wrote or deleted
+    (a 4 GiB version, on a filesystem mounted with discard); they would land in
+    the next run's downtime and favour whichever size deletes less. The guest's
+    own counter writes a few KiB a second and does not count. Returns the seconds
+    it waited.
+    """
+    start = time.monotonic()
+    before = disk_stat(path)
+    while before is not None and time.monotonic() - start < limit:
+        time.sleep(window)
+        after = disk_stat(path)
+        if after is None:
+            break
+        # Sectors written (field 6) and, where the kernel counts them, discarded (13).
+        moved = after[6] - before[6] + (after[13] - before[13] if len(after) > 13 else 0)
+        if moved * 512 < MiB * window:
+            break
+        before = after
+    return time.monotonic() - start
+
+
 DOWNTIME_WAYS = ("bare shutdown + start", "guestsafe stop", "guestsafe stop-short")
 DOWNTIME_KEYS = dict(zip(DOWNTIME_WAYS, ("restart", "stop", "stop_short"), strict=True))
 
@@ -473,9 +510,13 @@ def size_label(bench: Bench, size: int) -> str:
 def measure_downtimes(bench: Bench, lab: GuestLab, guest: Any) -> dict[str, list[float]]:
     """Every way, in turns (order reversed each round), each from a booted guest."""
     seconds: dict[str, list[float]] = {way: [] for way in DOWNTIME_WAYS}
-    for turn in range(bench.repeat):
+    for turn in range(bench.downtime_turns):
         for way in DOWNTIME_WAYS if turn % 2 == 0 else DOWNTIME_WAYS[::-1]:
             drop_caches(bench)
+            settled = settle_io(bench.scratch)
+            bench.figures["downtime_settle_seconds_max"] = max(
+                settled, float(str(bench.figures.get("downtime_settle_seconds_max", 0.0)))
+            )
             offset = guest.console_size()
             if way == DOWNTIME_WAYS[0]:
                 seconds[way].append(lab.restart(guest))
@@ -636,6 +677,7 @@ def print_downtimes(bench: Bench) -> None:
     if not bench.downtimes:
         return
     print()
+    print(f"guests: a raw data disk full of random data; {bench.downtime_turns} runs of each way")
     header = f"{'downtime (request to running again)':<44} {'disk':>9} {'best s':>7} {'median':>7}"
     print(header)
     print("-" * len(header))
@@ -665,17 +707,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="1 GiB copy source with 128 MiB data; 256 MiB and 1 GiB guest disks")
     parser.add_argument("--dir", help="parent of the scratch dir (default /var/tmp)")
     parser.add_argument("--repeat", type=int, default=3, help="cold runs per figure (best)")
+    parser.add_argument("--downtime-turns", type=int,
+                        help="runs of each way per guest in the downtime section "
+                             "(default 5, 3 with --quick)")
     args = parser.parse_args(argv)
     parent = scratch_parent(args.dir)
     scratch = Path(tempfile.mkdtemp(prefix="guestsafe-bench-", dir=parent))
     bench = Bench(scratch, args.quick, max(2, args.repeat), os.geteuid() == 0)
+    bench.downtime_turns = max(2, args.downtime_turns or (3 if args.quick else 5))
     try:
         prepare(bench)
         for section in SECTIONS:
             section(bench)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    bench.figures.update(quick=args.quick, caches_dropped=bench.drop_caches)
+    bench.figures.update(quick=args.quick, caches_dropped=bench.drop_caches,
+                         downtime_turns=bench.downtime_turns)
     print_table(bench)
     print(json.dumps(bench.figures, sort_keys=True))
     return 0
