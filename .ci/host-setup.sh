@@ -9,7 +9,7 @@ PACKAGES=(
     libvirt-daemon-system libvirt-clients qemu-system-x86 qemu-utils ovmf
     libvirt-dev pkg-config
     busybox-static cpio
-    udev acl
+    udev acl lvm2
     e2fsprogs xfsprogs btrfs-progs ntfs-3g exfatprogs exfat-fuse dosfstools fdisk util-linux
     systemd
     python3-venv python3-dev b3sum

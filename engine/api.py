@@ -16,16 +16,28 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import demo, events, jobs, mounts, notify, runner, schedule
-from .archive import Archive, VerifyReport, VersionInfo
-from .devices import BlockDevice, DevicesChanged, DeviceWatcher, ManualWatcher, list_devices
-from .errors import ConfigError, GuestsafeError, NotFoundError
-from .events import Reporter
-from .fsutil import atomic_write_bytes
-from .hypervisor import GuestInfo, Hypervisor, resolve_uri
-from .jobs import Job
-from .paths import HOME_ENV, Paths, ensure_dir
-from .restore import (
+from guestsafe.engine import demo, events, notify
+from guestsafe.engine.archive.store import Archive, VerifyReport, VersionInfo
+from guestsafe.engine.backup import runner
+from guestsafe.engine.backup.runlog import RunLog
+from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.devices import mounts
+from guestsafe.engine.devices.udev import (
+    BlockDevice,
+    DevicesChanged,
+    DeviceWatcher,
+    ManualWatcher,
+    list_devices,
+)
+from guestsafe.engine.errors import ConfigError, GuestsafeError, NotFoundError
+from guestsafe.engine.events import Reporter
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor, resolve_uri
+from guestsafe.engine.jobs import model as jobs
+from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
+from guestsafe.engine.restore import (
     NEW,
     RestorePlan,
     RestoreResult,
@@ -33,8 +45,6 @@ from .restore import (
     restore_clone,
     restore_over_original,
 )
-from .runlog import RunLog
-from .runner import RunResult
 
 RESULTS_DIR = "results"
 

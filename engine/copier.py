@@ -1,6 +1,6 @@
 """Copy disk files extent by extent, hashing with BLAKE3 on the way.
 
-One copy runs as a small pipeline (DESIGN.md, "Copier")::
+One copy runs as a small pipeline::
 
     2 reader threads --batch--> 2 writer threads --bytes written--> caller's thread
                      \\-batch--> 1 hasher thread (in file order)     (progress, cancel)
@@ -36,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
+
 from guestsafe.engine import failpoints
 from guestsafe.engine.errors import CopyError
+from guestsafe.engine.fsutil import fsync_dir
 
 MiB = 1024 * 1024
 CHUNK = 16 * MiB
@@ -611,15 +613,6 @@ def _try_clone(dst_fd: int, src_fd: int) -> bool:
     return True
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def copy_file(
     src: Path,
     dst: Path,
@@ -673,7 +666,7 @@ def _copy_into(
             raise _write_error(exc, dst, total, total) from exc
     finally:
         dest.close()
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     return CopyResult(source.size, total, str(pipe.hasher.hexdigest()), cloned)
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import libvirt
 
-from .devices import BlockDevice
-from .errors import DeviceError
-from .fsutil import atomic_write_bytes
-from .jobs import Job, Schedule, save_jobs
+from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.errors import DeviceError
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.jobs.model import Job, Schedule, save_jobs
 
 DIR_ENV = "GUESTSAFE_DEMO_DIR"
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"

@@ -39,6 +39,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def lstat_or_none(path: Path) -> os.stat_result | None:
+    """The path's own status (a symlink is not followed), or None when nothing is there."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
 def fsync_file(path: Path) -> None:
     """Flush a file written by someone else (another process, QEMU) to disk."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -27,8 +27,8 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
-from .errors import LockBusy, PreflightError
-from .paths import ensure_dir
+from guestsafe.engine.errors import LockBusy, PreflightError
+from guestsafe.engine.paths import ensure_dir
 
 LOCKS_DIR = "locks"
 # How long a lock that carries no holder record may stay so before it counts as

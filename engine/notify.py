@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
 
-from . import __version__
-from .events import GuestOutcome
+from guestsafe.engine import __version__
+from guestsafe.engine.events import GuestOutcome
 
 DEFAULT_SENDMAIL = "/usr/sbin/sendmail"
 DEFAULT_TIMEOUT = 10

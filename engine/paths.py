@@ -27,7 +27,7 @@ from pathlib import Path
 
 import platformdirs
 
-from .errors import ConfigError
+from guestsafe.engine.errors import ConfigError
 
 APP = "guestsafe"
 HOME_ENV = "GUESTSAFE_HOME"

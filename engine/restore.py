@@ -21,15 +21,15 @@ from pathlib import Path, PurePosixPath
 
 import blake3
 
-from . import events, locks
-from .archive import Archive, VersionInfo
-from .copier import copy_file
-from .errors import RestoreError, VerifyError
-from .events import PhaseChanged, Progress, Reporter
-from .hypervisor import SHUTOFF, Hypervisor, parse_domain_xml
-from .manifest import DOMAIN_XML_FILE, DiskRecord
-from .names import encode_guest_name, libvirt_accepts, printable
-from .paths import Paths
+from guestsafe.engine import events, locks
+from guestsafe.engine.archive.manifest import DOMAIN_XML_FILE, DiskRecord
+from guestsafe.engine.archive.names import encode_guest_name, libvirt_accepts, printable
+from guestsafe.engine.archive.store import Archive, VersionInfo
+from guestsafe.engine.copier import copy_file
+from guestsafe.engine.errors import RestoreError, VerifyError
+from guestsafe.engine.events import PhaseChanged, Progress, Reporter
+from guestsafe.engine.hypervisor.connection import SHUTOFF, Hypervisor, parse_domain_xml
+from guestsafe.engine.paths import Paths
 
 KEEP = "keep"
 NEW = "new"

@@ -14,7 +14,7 @@ if _TESTS not in sys.path:
 from rig.host import in_ci, require  # noqa: E402
 
 # require(condition, reason) skips a test whose prerequisite is missing, or
-# fails it when CI is set (DESIGN.md: CI must not quietly skip). It lives in
+# fails it when CI is set (CI must not quietly skip). It lives in
 # rig.host because conftest modules cannot be imported reliably; import it as
 # ``from rig import require``.
 __all__ = ["in_ci", "require"]

@@ -21,11 +21,12 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
-from .. import themes
-from ..engine.api import Engine
-from ..engine.events import Event
-from ..engine.runlog import escape
-from ..engine.runner import RunResult
+from guestsafe import themes
+from guestsafe.engine.api import Engine
+from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.events import Event
+
 from .commands import GuestsafeCommands
 from .confirm_modal import ConfirmModal
 from .error_modal import ErrorModal

@@ -19,16 +19,17 @@ from typing import TextIO
 
 import humanize
 
-from ..engine import __version__, schedule
-from ..engine.api import Engine, LastResult
-from ..engine.archive import MARKER, Archive, VersionInfo
-from ..engine.errors import GuestsafeError, RestoreError, RunFailed
-from ..engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
-from ..engine.jobs import Job
-from ..engine.modes import label as mode_label
-from ..engine.paths import Paths
-from ..engine.restore import KEEP, NEW
-from ..engine.runlog import escape
+from guestsafe.engine import __version__
+from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
+from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.errors import GuestsafeError, RestoreError, RunFailed
+from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
+from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.modes import label as mode_label
+from guestsafe.engine.paths import Paths
+from guestsafe.engine.restore import KEEP, NEW
 
 EXIT_INTERRUPTED = 130
 DEVICE_HELP = (
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.demo:
-        from ..engine import demo
+        from guestsafe.engine import demo
 
         engine = Engine.demo(demo.ensure_sandbox())
     else:

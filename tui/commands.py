@@ -11,7 +11,8 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.content import Content
 from textual.fuzzy import Matcher
 
-from ..engine.runlog import escape
+from guestsafe.engine.backup.runlog import escape
+
 from ..themes import THEMES
 
 # Titles hold job names, which may look like markup: they are never parsed as

@@ -14,7 +14,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from ..engine.devices import BlockDevice
+from guestsafe.engine.devices.udev import BlockDevice
+
 from . import formatting as fmt
 
 COLUMNS = ("Node", "Label", "Filesystem", "Size", "Model", "Bus", "Archive")

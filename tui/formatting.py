@@ -14,9 +14,9 @@ from datetime import datetime, timedelta
 import humanize
 from rich.text import Text
 
-from ..engine.api import LastResult
-from ..engine.jobs import Job
-from ..engine.runlog import escape
+from guestsafe.engine.api import LastResult
+from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.jobs.model import Job
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable
 
-from ..engine.api import Engine
-from ..engine.hypervisor import GuestInfo
+from guestsafe.engine.api import Engine
+from guestsafe.engine.hypervisor.connection import GuestInfo
+
 from . import formatting as fmt
 from .worker_errors import ReportsWorkerErrors
 

@@ -29,10 +29,18 @@ from textual.widgets import (
     Static,
 )
 
-from ..engine.api import Engine
-from ..engine.devices import BlockDevice
-from ..engine.errors import GuestsafeError
-from ..engine.jobs import HOOK_PHASES, MODES, ON_TIMEOUT, FieldError, Job, JobConfigError
+from guestsafe.engine.api import Engine
+from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.errors import GuestsafeError
+from guestsafe.engine.jobs.model import (
+    HOOK_PHASES,
+    MODES,
+    ON_TIMEOUT,
+    FieldError,
+    Job,
+    JobConfigError,
+)
+
 from .field_input import FieldInput
 from .formatting import literal
 from .job_form_model import (

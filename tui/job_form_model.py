@@ -14,8 +14,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.hooks import check_programs
-from ..engine.jobs import (
+from guestsafe.engine.backup.hooks import check_programs
+from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,

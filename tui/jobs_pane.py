@@ -12,10 +12,11 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from ..engine import schedule
-from ..engine.api import Engine, LastResult
-from ..engine.errors import GuestsafeError
-from ..engine.jobs import Job
+from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.errors import GuestsafeError
+from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs.model import Job
+
 from . import formatting as fmt
 from .confirm_modal import ConfirmModal
 from .job_form import JobFormScreen

@@ -23,8 +23,9 @@ from textual.widgets import OptionList, RichLog, Static
 from textual.widgets.option_list import Option
 from textual.worker import get_current_worker
 
-from ..engine.api import Engine
-from ..engine.events import Event
+from guestsafe.engine.api import Engine
+from guestsafe.engine.events import Event
+
 from . import formatting as fmt
 from .messages import CancelRunRequested, LogLines
 from .run_progress import RunProgressPanel

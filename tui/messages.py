@@ -11,8 +11,8 @@ from pathlib import Path
 
 from textual.message import Message
 
-from ..engine.errors import GuestsafeError
-from ..engine.events import Event
+from guestsafe.engine.errors import GuestsafeError
+from guestsafe.engine.events import Event
 
 
 @dataclass

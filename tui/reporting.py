@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..engine.events import Event, Progress
+from guestsafe.engine.events import Event, Progress
 
 BATCH_INTERVAL = 0.2
 

@@ -10,7 +10,8 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
 
-from ..engine.runlog import escape
+from guestsafe.engine.backup.runlog import escape
+
 from .field_input import FieldInput
 from .formatting import literal
 

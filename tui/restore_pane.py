@@ -27,14 +27,15 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Label, Select, Static
 
-from ..engine.api import Engine
-from ..engine.archive import MARKER, Archive, VersionInfo
-from ..engine.devices import BlockDevice, DevicesChanged, DeviceWatcher
-from ..engine.errors import GuestsafeError
-from ..engine.events import Event
-from ..engine.modes import is_crash_consistent, short_label
-from ..engine.restore import RestorePlan, RestoreResult
-from ..engine.runlog import escape
+from guestsafe.engine.api import Engine
+from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
+from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.devices.udev import BlockDevice, DevicesChanged, DeviceWatcher
+from guestsafe.engine.errors import GuestsafeError
+from guestsafe.engine.events import Event
+from guestsafe.engine.modes import is_crash_consistent, short_label
+from guestsafe.engine.restore import RestorePlan, RestoreResult
+
 from . import formatting as fmt
 from .devices_panel import DeviceRow, ExternalDevicesPanel
 from .mac_modal import MacClashScreen

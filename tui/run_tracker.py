@@ -14,8 +14,8 @@ from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from ..engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
-from ..engine.runlog import escape, parse_line
+from guestsafe.engine.backup.runlog import escape, parse_line
+from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
 
 # Lines that end an engine call, and whether they mean it went well.
 _FINAL = {"finished backup": True, "backup failed": False, "restore successful": True}

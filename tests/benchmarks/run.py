@@ -3,8 +3,8 @@
     python tests/benchmarks/run.py [--quick] [--dir /var/tmp] [--repeat N]
 
 Prints a table for people, then, as the last line, one line of JSON with every
-figure. Needs root to drop the page cache between runs (DESIGN.md, "Testing
-with real parts"). Sections are plain functions taking a ``Bench``, listed in
+figure. Needs root to drop the page cache between runs, and the test rig's
+real TCG guests for the downtime section. Sections are plain functions taking a ``Bench``, listed in
 ``SECTIONS``: the copier, verify, downtime (real TCG guests under
 qemu:///system, through the test rig) and restore.
 """
@@ -405,9 +405,10 @@ class GuestLab:
 
     def __init__(self, bench: Bench) -> None:
         import libvirt
-        from guestsafe.engine.hypervisor import Hypervisor
-        from guestsafe.engine.paths import Paths
         from rig import LIBVIRT_URI, build_guest_assets, make_traversable
+
+        from guestsafe.engine.hypervisor.connection import Hypervisor
+        from guestsafe.engine.paths import Paths
 
         self.uri = LIBVIRT_URI
         self.conn = libvirt.open(self.uri)
@@ -439,8 +440,8 @@ class GuestLab:
 
     def backup(self, guest: Any, mode: str) -> float:
         """One guestsafe run of ``mode`` on ``guest``; the downtime it measured."""
-        from guestsafe.engine.jobs import Job, Schedule
-        from guestsafe.engine.runner import run_job
+        from guestsafe.engine.backup.runner import run_job
+        from guestsafe.engine.jobs.model import Job, Schedule
 
         job = Job(f"bench-{mode}", [guest.name], self.archive, keep=1, mode=mode, verify=False,
                   schedule=Schedule(None), lock_wait=0)
@@ -558,7 +559,7 @@ def bench_downtime(bench: Bench) -> None:
 
 
 def keep_for_restore(bench: Bench, lab: GuestLab, guest: Any) -> None:
-    from guestsafe.engine.archive import Archive
+    from guestsafe.engine.archive.store import Archive
 
     [version] = Archive.open(lab.archive).versions(guest.name)
     files = [version.path / record.file for record in version.manifest.records]

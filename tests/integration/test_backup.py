@@ -6,9 +6,10 @@ import re
 import subprocess
 
 import pytest
-from guestsafe.engine.manifest import Manifest
 from rig import DiskSpec, MiB, read_disk_counter, read_first_line
 from rig.gs import GS, shutdown_counter
+
+from guestsafe.engine.archive.manifest import Manifest
 
 pytestmark = pytest.mark.integration
 

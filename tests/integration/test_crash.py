@@ -5,9 +5,10 @@ from __future__ import annotations
 import signal
 
 import pytest
-from guestsafe.engine import locks
 from rig import GuestFactory
 from rig.gs import GS, file_digests, wait_stderr
+
+from guestsafe.engine import locks
 
 pytestmark = pytest.mark.integration
 

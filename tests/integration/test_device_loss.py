@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guestsafe.engine.events import Event, LogLine
-from guestsafe.engine.runner import RunResult
 from rig import DiskSpec, GuestFactory, MiB
 from rig.gs import GS, fill_random
 from rig.loopdisk import LoopDisks, Part, make_loop_disks, mount_points
+
+from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.events import Event, LogLine
 
 pytestmark = pytest.mark.integration
 

@@ -16,14 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from guestsafe.engine.archive import MARKER, Archive
-from guestsafe.engine.devices import DevicesChanged, DeviceWatcher, list_devices, mount_at
-from guestsafe.engine.errors import DeviceError
-from guestsafe.engine.events import Event, PhaseChanged
-from guestsafe.engine.mounts import DeviceMemory, resolve
 from rig import DiskSpec, GuestFactory, MiB, TestGuest, read_disk_counter, unique_name
 from rig.gs import GS, shutdown_counter
 from rig.loopdisk import LoopDisks, Part, make_loop_disks, mount_points
+
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.devices.mounts import DeviceMemory, resolve
+from guestsafe.engine.devices.udev import DevicesChanged, DeviceWatcher, list_devices, mount_at
+from guestsafe.engine.errors import DeviceError
+from guestsafe.engine.events import Event, PhaseChanged
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from guestsafe.engine import locks
-from guestsafe.engine.events import PhaseChanged
-from guestsafe.engine.runner import RunResult
 from rig import DiskSpec, GuestFactory, MiB, TestGuest
 from rig.gs import GS, file_digests, fill_random, wait_stderr
+
+from guestsafe.engine import locks
+from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.events import PhaseChanged
 
 pytestmark = pytest.mark.integration
 

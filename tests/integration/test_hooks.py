@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from guestsafe.engine.jobs import HOOK_PHASES, Hooks
 from rig import GuestFactory, TestGuest
 from rig.gs import GS
 from rig.host import LIBVIRT_URI
+
+from guestsafe.engine.jobs.model import HOOK_PHASES, Hooks
 
 pytestmark = pytest.mark.integration
 

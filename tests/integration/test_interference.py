@@ -6,11 +6,12 @@ import os
 import threading
 
 import pytest
-from guestsafe.engine import locks
-from guestsafe.engine.errors import LockBusy
-from guestsafe.engine.runner import RunResult
 from rig import DiskSpec, GuestFactory, MiB
 from rig.gs import GS, fill_random
+
+from guestsafe.engine import locks
+from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.errors import LockBusy
 
 pytestmark = pytest.mark.integration
 

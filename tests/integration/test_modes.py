@@ -12,11 +12,12 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from guestsafe.engine import disks, pushjob
-from guestsafe.engine.manifest import Manifest
-from guestsafe.engine.pushbackup import PushBackup
 from rig import DiskSpec, GuestFactory, MiB, TestGuest, read_disk_counter, read_first_line
 from rig.gs import BOOT, GS, shutdown_counter
+
+from guestsafe.engine.archive.manifest import Manifest
+from guestsafe.engine.backup.push_copy import PushBackup
+from guestsafe.engine.hypervisor import disk_files, push_jobs
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +208,7 @@ def test_stop_short_running_out_of_space_keeps_older_versions(
         pgs.job("full", [guest], mode="stop-short")
         # Preflight would see the shortage (it keeps a 64 MiB margin); pretend it did
         # not, as when the disk fills up during the copy, so ENOSPC comes from QEMU.
-        monkeypatch.setattr(disks, "free_space", lambda _path: 1 << 40)
+        monkeypatch.setattr(disk_files, "free_space", lambda _path: 1 << 40)
         assert pgs.engine.run_job("full").ok  # version 1 fills the disk to the brim
 
         result = pgs.engine.run_job("full")
@@ -306,7 +307,7 @@ def test_without_push_backups_stop_short_refuses_unless_the_job_allows_stop(
 ) -> None:
     guest = guest_factory("nopush")
     before = guest.console_size()
-    monkeypatch.setattr(pushjob, "MIN_LIBVIRT", 99_000_000)  # as on a too old libvirt
+    monkeypatch.setattr(push_jobs, "MIN_LIBVIRT", 99_000_000)  # as on a too old libvirt
     pgs.job("strict", [guest], mode="stop-short")
     pgs.job("lenient", [guest], mode="stop-short", fallback_to_stop=True)
 

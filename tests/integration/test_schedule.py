@@ -13,10 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from guestsafe.engine import locks, schedule
-from guestsafe.engine.jobs import Hooks, Job, Schedule
 from rig import GuestFactory, require
 from rig.gs import GS
+
+from guestsafe.engine import locks
+from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs.model import Hooks, Job, Schedule
 
 pytestmark = pytest.mark.integration
 

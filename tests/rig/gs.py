@@ -17,9 +17,10 @@ from pathlib import Path
 
 import blake3
 import pytest
+
 from guestsafe.engine.api import Engine
-from guestsafe.engine.archive import VersionInfo
-from guestsafe.engine.jobs import Job, Schedule
+from guestsafe.engine.archive.store import VersionInfo
+from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.paths import Paths
 
 from .guest import TestGuest

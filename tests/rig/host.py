@@ -27,8 +27,8 @@ def in_ci() -> bool:
 def require(condition: object, reason: str) -> None:
     """Skip the test when a prerequisite is missing, or fail it when running in CI.
 
-    DESIGN.md: a test that needs a real part and cannot find it must not
-    quietly skip in CI.
+    A test that needs a real part and cannot find it must not quietly skip
+    in CI (README, "Set up on a fresh Debian 12 machine").
     """
     if condition:
         return

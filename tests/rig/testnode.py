@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.jobs import Job, Schedule
+from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.paths import Paths
 
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"

@@ -17,13 +17,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from textual.pilot import Pilot
+from tui_support import fresh_sandbox, settle, wait_for
+
 from guestsafe.engine.api import Engine
 from guestsafe.tui.app import GuestsafeApp, quiet_libvirt
 from guestsafe.tui.confirm_modal import ConfirmModal
 from guestsafe.tui.job_form import JobFormScreen
 from guestsafe.tui.mac_modal import MacClashScreen
-from textual.pilot import Pilot
-from tui_support import fresh_sandbox, settle, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_DIR = Path("/tmp/guestsafe-demo-screenshots")

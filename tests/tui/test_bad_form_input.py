@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.widgets import DataTable, Static
+from tui_support import fill, settle, type_into, wait_for
+
 from guestsafe.engine.api import Engine
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.error_modal import ErrorModal
 from guestsafe.tui.job_form import JobFormScreen
-from textual.widgets import DataTable, Static
-from tui_support import fill, settle, type_into, wait_for
 
 pytestmark = pytest.mark.tui
 

@@ -8,17 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.widgets import DataTable, Static
+from textual.worker import WorkerState
+from tui_support import fill, settle, type_into, wait_for
+
 from guestsafe.engine import demo
 from guestsafe.engine.api import Engine
-from guestsafe.engine.hypervisor import RUNNING
+from guestsafe.engine.hypervisor.connection import RUNNING
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.confirm_modal import ConfirmModal
 from guestsafe.tui.error_modal import ErrorModal
 from guestsafe.tui.job_form import JobFormScreen
 from guestsafe.tui.mac_modal import MacClashScreen
-from textual.widgets import DataTable, Static
-from textual.worker import WorkerState
-from tui_support import fill, settle, type_into, wait_for
 
 pytestmark = pytest.mark.tui
 

@@ -14,17 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from textual.widgets import DataTable, Input, Select, Static
+from tui_support import fill, settle, type_into, wait_for
+
 from guestsafe.engine import demo
 from guestsafe.engine.api import Engine
-from guestsafe.engine.devices import BlockDevice, ManualWatcher
+from guestsafe.engine.devices.udev import BlockDevice, ManualWatcher
 from guestsafe.engine.errors import DeviceError
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.devices_panel import ExternalDevicesPanel
 from guestsafe.tui.job_form import JobFormScreen
 from guestsafe.tui.mac_modal import MacClashScreen
 from guestsafe.tui.restore_pane import DEVICE_PREFIX
-from textual.widgets import DataTable, Input, Select, Static
-from tui_support import fill, settle, type_into, wait_for
 
 pytestmark = pytest.mark.tui
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from guestsafe.engine import demo
 
 pytestmark = pytest.mark.tui

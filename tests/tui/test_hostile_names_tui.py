@@ -14,16 +14,17 @@ from typing import Any
 
 import blake3
 import pytest
-from guestsafe.engine.api import Engine
-from guestsafe.engine.archive import Archive
-from guestsafe.engine.manifest import DiskRecord, Manifest
-from guestsafe.engine.runlog import escape
-from guestsafe.tui.app import GuestsafeApp
-from guestsafe.tui.mac_modal import MacClashScreen
 from rich.text import Text
 from rig.testnode import HOSTILE_NAMES, NodeGuest, node_engine, save_job, write_node
 from textual.widgets import DataTable
 from tui_support import settle, wait_for
+
+from guestsafe.engine.api import Engine
+from guestsafe.engine.archive.manifest import DiskRecord, Manifest
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup.runlog import escape
+from guestsafe.tui.app import GuestsafeApp
+from guestsafe.tui.mac_modal import MacClashScreen
 
 pytestmark = pytest.mark.tui
 

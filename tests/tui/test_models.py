@@ -6,15 +6,16 @@ import logging
 from pathlib import Path
 
 import pytest
+from rich.text import Text
+
 from guestsafe import themes
 from guestsafe.engine.events import LogLine, PhaseChanged, Progress
-from guestsafe.engine.jobs import Job, Schedule
+from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.tui import formatting as fmt
 from guestsafe.tui.job_form_model import JobFormValues, by_field, check_job
 from guestsafe.tui.reporting import BatchingReporter
 from guestsafe.tui.run_tracker import RunTracker
 from guestsafe.tui.tailing import LogFollower
-from rich.text import Text
 
 pytestmark = pytest.mark.tui
 
@@ -195,6 +196,8 @@ FORBIDDEN_KEYS = {"ctrl+s", "ctrl+m", "ctrl+h", "ctrl+i"}
 
 
 def test_every_binding_has_an_id_and_avoids_keys_terminals_eat() -> None:
+    from textual.binding import Binding
+
     from guestsafe.tui.app import GuestsafeApp
     from guestsafe.tui.confirm_modal import ConfirmModal
     from guestsafe.tui.error_modal import ErrorModal
@@ -203,7 +206,6 @@ def test_every_binding_has_an_id_and_avoids_keys_terminals_eat() -> None:
     from guestsafe.tui.log_pane import LogPane
     from guestsafe.tui.mac_modal import MacClashScreen
     from guestsafe.tui.restore_pane import RestorePane
-    from textual.binding import Binding
 
     owners = (GuestsafeApp, ConfirmModal, ErrorModal, JobFormScreen, JobsPane, LogPane,
               MacClashScreen, RestorePane)

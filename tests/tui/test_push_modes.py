@@ -7,17 +7,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from textual.app import App, ComposeResult
+from textual.widgets import DataTable, Static
+from tui_support import settle
+
 from guestsafe.engine.api import Engine
-from guestsafe.engine.archive import VersionInfo
+from guestsafe.engine.archive.store import VersionInfo
 from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged
-from guestsafe.engine.jobs import Job
+from guestsafe.engine.jobs.model import Job
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.job_form_model import JobFormValues, build_job
 from guestsafe.tui.run_progress import RunProgressPanel
 from guestsafe.tui.run_tracker import RunTracker
-from textual.app import App, ComposeResult
-from textual.widgets import DataTable, Static
-from tui_support import settle
 
 pytestmark = pytest.mark.tui
 

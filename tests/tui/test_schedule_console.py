@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from textual.widgets import DataTable, Static
+from tui_support import FIXED_NOW, fill, freeze, settle, type_into, wait_for
+
 from guestsafe.engine.api import Engine
-from guestsafe.engine.jobs import Hooks, Schedule
+from guestsafe.engine.jobs.model import Hooks, Schedule
 from guestsafe.tui import formatting as fmt
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.job_form import JobFormScreen
 from guestsafe.tui.job_form_model import JobFormValues, by_field, check_job
-from textual.widgets import DataTable, Static
-from tui_support import FIXED_NOW, fill, freeze, settle, type_into, wait_for
 
 pytestmark = pytest.mark.tui
 

@@ -12,12 +12,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from guestsafe.engine.api import Engine
-from guestsafe.tui.app import GuestsafeApp
-from guestsafe.tui.confirm_modal import ConfirmModal
-from guestsafe.tui.error_modal import ErrorModal
-from guestsafe.tui.job_form import JobFormScreen
-from guestsafe.tui.mac_modal import MacClashScreen
 from textual.pilot import Pilot
 from tui_support import (
     fixed_versions,
@@ -29,6 +23,13 @@ from tui_support import (
     write_fixed_log,
     write_fixed_result,
 )
+
+from guestsafe.engine.api import Engine
+from guestsafe.tui.app import GuestsafeApp
+from guestsafe.tui.confirm_modal import ConfirmModal
+from guestsafe.tui.error_modal import ErrorModal
+from guestsafe.tui.job_form import JobFormScreen
+from guestsafe.tui.mac_modal import MacClashScreen
 
 pytestmark = pytest.mark.tui
 

@@ -12,13 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from guestsafe.engine import demo, restore, schedule
-from guestsafe.engine.api import Engine, LastResult
-from guestsafe.engine.archive import VersionInfo
-from guestsafe.engine.hypervisor import Hypervisor
 from textual.pilot import Pilot
 from textual.widgets import Input
 from textual.worker import WorkerState
+
+from guestsafe.engine import demo, restore
+from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.archive.store import VersionInfo
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.jobs import schedule
 
 # Snapshots show paths, so their sandbox always lives here (recreated per test).
 SNAPSHOT_DEMO_DIR = Path("/tmp/guestsafe-snapshot-demo")

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import blake3
 import pytest
-from guestsafe.engine.archive import MARKER, Archive, PartialVersion, VersionInfo
+
+from guestsafe.engine.archive.manifest import DiskRecord, Manifest
+from guestsafe.engine.archive.names import encode_guest_name
+from guestsafe.engine.archive.store import MARKER, Archive, PartialVersion, VersionInfo
 from guestsafe.engine.errors import ArchiveError, NotFoundError, VerifyError
 from guestsafe.engine.events import Progress
-from guestsafe.engine.manifest import DiskRecord, Manifest
-from guestsafe.engine.names import encode_guest_name
 
 UUID = "6f2d8d1e-5a3c-4b59-9d61-1a2b3c4d5e6f"
 XML = "<domain type='qemu'><name>web</name><graphics passwd='secret'/></domain>\n"

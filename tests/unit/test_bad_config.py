@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rig.testnode import DriverNode, NodeGuest, node_engine, run_cli, write_node
+
 from guestsafe.engine.api import Engine
 from guestsafe.engine.errors import ConfigError
-from rig.testnode import DriverNode, NodeGuest, node_engine, run_cli, write_node
 
 
 @dataclass

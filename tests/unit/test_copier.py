@@ -15,6 +15,7 @@ from pathlib import Path
 
 import blake3
 import pytest
+
 from guestsafe.engine import copier
 from guestsafe.engine.copier import CopyResult, copy_file, hash_file
 from guestsafe.engine.errors import CopyError

@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 
 import pytest
-from guestsafe.engine.devices import (
+
+from guestsafe.engine.devices.udev import (
     BlockDevice,
     DevicesChanged,
     ManualWatcher,

@@ -7,12 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from guestsafe.engine.archive import MARKER, Archive
-from guestsafe.engine.devices import BlockDevice
-from guestsafe.engine.errors import ArchiveError, DeviceError
-from guestsafe.engine.hypervisor import DiskInfo, GuestInfo
-from guestsafe.engine.jobs import Job
-from guestsafe.engine.mounts import (
+
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.devices.mounts import (
     FAT_MAX_FILE,
     SPACE_MARGIN,
     DeviceMemory,
@@ -25,6 +22,10 @@ from guestsafe.engine.mounts import (
     open_job_archive,
     resolve,
 )
+from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.errors import ArchiveError, DeviceError
+from guestsafe.engine.hypervisor.connection import DiskInfo, GuestInfo
+from guestsafe.engine.jobs.model import Job
 
 GiB = 1024**3
 MiB = 1024**2

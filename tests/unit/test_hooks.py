@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from guestsafe.engine.errors import HookFailed
-from guestsafe.engine.events import Event, LogLine
-from guestsafe.engine.hooks import (
+
+from guestsafe.engine.backup.hooks import (
     OUTPUT_LIMIT,
     HookContext,
     HookRunner,
@@ -19,7 +18,9 @@ from guestsafe.engine.hooks import (
     program_problem,
     run_hook,
 )
-from guestsafe.engine.jobs import Hooks, Job
+from guestsafe.engine.errors import HookFailed
+from guestsafe.engine.events import Event, LogLine
+from guestsafe.engine.jobs.model import Hooks, Job
 
 NOBODY = 65534
 

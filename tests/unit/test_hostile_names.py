@@ -25,14 +25,6 @@ from xml.sax import saxutils
 import blake3
 import libvirt
 import pytest
-from guestsafe.engine.api import Engine
-from guestsafe.engine.archive import Archive
-from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged, Progress
-from guestsafe.engine.jobs import Job, validate_job
-from guestsafe.engine.manifest import DiskRecord, Manifest
-from guestsafe.engine.names import encode_guest_name, libvirt_accepts
-from guestsafe.engine.runlog import RunLog, escape, parse_line
-from guestsafe.tui.cli import ConsoleReporter
 from rig.testnode import (
     HOSTILE_NAMES,
     DriverNode,
@@ -42,6 +34,15 @@ from rig.testnode import (
     save_job,
     write_node,
 )
+
+from guestsafe.engine.api import Engine
+from guestsafe.engine.archive.manifest import DiskRecord, Manifest
+from guestsafe.engine.archive.names import encode_guest_name, libvirt_accepts
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup.runlog import RunLog, escape, parse_line
+from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged, Progress
+from guestsafe.engine.jobs.model import Job, validate_job
+from guestsafe.tui.cli import ConsoleReporter
 
 # Names libvirt cannot hold, found in archives all the same.
 ARCHIVE_ONLY_NAMES = ("\x1b[31mred\x1b[0m\x1b]0;title\x07", "[b]x[/b]", "a/b", "cr\rlf\n")

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 import tomli_w
+
 from guestsafe.engine.errors import ConfigError, NotFoundError
-from guestsafe.engine.jobs import (
+from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
     FieldError,
     Hooks,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from guestsafe.engine.errors import LockBusy
 from guestsafe.engine.locks import (
     Lock,

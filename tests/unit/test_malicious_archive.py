@@ -17,10 +17,11 @@ from pathlib import Path
 
 import blake3
 import pytest
-from guestsafe.engine.api import Engine
-from guestsafe.engine.errors import ArchiveError, RestoreError
-from guestsafe.engine.journal import Journal, JournalEntry
 from rig.testnode import DriverNode, NodeGuest, node_engine, run_cli, save_job, write_node
+
+from guestsafe.engine.api import Engine
+from guestsafe.engine.backup.journal import Journal, JournalEntry
+from guestsafe.engine.errors import ArchiveError, RestoreError
 
 GUEST = "web"
 

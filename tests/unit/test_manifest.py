@@ -7,16 +7,17 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from guestsafe.engine.errors import ArchiveError
-from guestsafe.engine.manifest import (
+from hypothesis import given
+from hypothesis import strategies as st
+
+from guestsafe.engine.archive.manifest import (
     FORMAT_VERSION,
     DiskRecord,
     Manifest,
     b3sums_text,
     is_safe_file_name,
 )
-from hypothesis import given
-from hypothesis import strategies as st
+from guestsafe.engine.errors import ArchiveError
 
 DIGEST = "ab" * 32
 

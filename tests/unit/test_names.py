@@ -6,8 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from guestsafe.engine.errors import ArchiveError
-from guestsafe.engine.names import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guestsafe.engine.archive.names import (
     MAX_DIR_NAME,
     decode_guest_dir,
     encode_guest_name,
@@ -16,8 +18,7 @@ from guestsafe.engine.names import (
     name_hash,
     printable,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from guestsafe.engine.errors import ArchiveError
 
 HOSTILE = [
     "web",

@@ -11,13 +11,14 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+
 from guestsafe.engine.api import Engine
+from guestsafe.engine.backup.runner import RunResult
 from guestsafe.engine.errors import ConfigError
 from guestsafe.engine.events import GuestOutcome
-from guestsafe.engine.jobs import Job, load_jobs, load_notify, upsert_job
+from guestsafe.engine.jobs.model import Job, load_jobs, load_notify, upsert_job
 from guestsafe.engine.notify import NotifyConfig, RunReport, parse_notify, send
 from guestsafe.engine.paths import Paths
-from guestsafe.engine.runner import RunResult
 
 OK = GuestOutcome("web1", True, 3, 12.5, 1 << 30, 40.0, "ok: version 3, downtime 12.5 s")
 BAD = GuestOutcome("db1", False, None, None, 0, 2.0, "failed: hook pre-stop exited 1")

@@ -5,6 +5,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from guestsafe.engine.errors import ConfigError
 from guestsafe.engine.paths import Paths
 

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from guestsafe.engine.api import Engine
 from rig.testnode import DriverNode, NodeGuest, node_engine, run_cli, save_job, write_node
+
+from guestsafe.engine.api import Engine
 
 PASSWORD = "s3cret-Console-Pw"
 

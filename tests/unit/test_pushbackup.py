@@ -12,11 +12,14 @@ from typing import Any
 import blake3
 import libvirt
 import pytest
-from guestsafe.engine import modes, pushbackup, pushjob, qemuaccess
+
+from guestsafe.engine import modes
+from guestsafe.engine.backup import push_copy
 from guestsafe.engine.errors import CopyError, HypervisorError, PreflightError
-from guestsafe.engine.hypervisor import DiskInfo, GuestInfo
-from guestsafe.engine.jobs import Job, load_jobs, save_jobs, validate_job
-from guestsafe.engine.pushjob import JobWatch, PushTarget
+from guestsafe.engine.hypervisor import push_jobs, qemu_access
+from guestsafe.engine.hypervisor.connection import DiskInfo, GuestInfo
+from guestsafe.engine.hypervisor.push_jobs import JobWatch, PushTarget
+from guestsafe.engine.jobs.model import Job, load_jobs, save_jobs, validate_job
 
 MiB = 1024 * 1024
 
@@ -29,7 +32,7 @@ def test_backup_xml_names_every_disk_and_keeps_formats() -> None:
         PushTarget("vdb", "/img/b.raw", "raw", Path("/a/g/.partial-3/vdb.raw")),
     ]
 
-    root = ET.fromstring(pushjob.backup_xml(targets, ["sda"]))
+    root = ET.fromstring(push_jobs.backup_xml(targets, ["sda"]))
 
     assert root.tag == "domainbackup" and root.get("mode") == "push"
     disks = {d.get("name"): d for d in root.findall("./disks/disk")}
@@ -42,8 +45,8 @@ def test_backup_xml_names_every_disk_and_keeps_formats() -> None:
 
 
 def test_version_text() -> None:
-    assert pushjob.version_text(9_000_000) == "9.0.0"
-    assert pushjob.version_text(6_010_002) == "6.10.2"
+    assert push_jobs.version_text(9_000_000) == "9.0.0"
+    assert push_jobs.version_text(6_010_002) == "6.10.2"
 
 
 def test_agent_connected_reads_the_channel_state() -> None:
@@ -54,9 +57,9 @@ def test_agent_connected_reads_the_channel_state() -> None:
             "</channel></devices></domain>"
         )
 
-    assert pushjob.agent_connected(xml("connected"))
-    assert not pushjob.agent_connected(xml("disconnected"))
-    assert not pushjob.agent_connected("<domain><devices/></domain>")
+    assert push_jobs.agent_connected(xml("connected"))
+    assert not push_jobs.agent_connected(xml("disconnected"))
+    assert not push_jobs.agent_connected("<domain><devices/></domain>")
 
 
 # --- reading the job --------------------------------------------------------------
@@ -89,7 +92,7 @@ class FakeConn:
 
 RUNNING_JOB = {
     "type": libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
-    "operation": pushjob.BACKUP_OPERATION,
+    "operation": push_jobs.BACKUP_OPERATION,
     "disk_processed": 10,
     "disk_total": 40,
 }
@@ -125,7 +128,7 @@ def test_events_of_other_jobs_are_ignored() -> None:
 
 
 def test_lost_event_is_made_up_for_by_the_completed_stats() -> None:
-    done = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "operation": pushjob.BACKUP_OPERATION}
+    done = {"type": libvirt.VIR_DOMAIN_JOB_COMPLETED, "operation": push_jobs.BACKUP_OPERATION}
     watch = _watch(FakeDomain({"type": libvirt.VIR_DOMAIN_JOB_NONE}, done))
 
     outcome = watch.outcome()
@@ -204,7 +207,7 @@ def _info(fmt: str = "qcow2") -> GuestInfo:
 def test_push_backups_supported_when_the_domain_capabilities_say_so() -> None:
     conn = FakeLibvirtConn(9_000_000, CAPS_WITH_BACKUP)
 
-    assert pushjob.unsupported(FakeHv(conn), "web1", _info()) is None  # type: ignore[arg-type]
+    assert push_jobs.unsupported(FakeHv(conn), "web1", _info()) is None  # type: ignore[arg-type]
     # Asked for this guest's emulator, arch, machine and virtualization type.
     assert conn.asked == ("/usr/bin/qemu-system-x86_64", "x86_64", "pc-q35-7.2", "kvm", 0)
 
@@ -222,7 +225,7 @@ def test_push_backups_unsupported_says_why(
 ) -> None:
     hv = FakeHv(FakeLibvirtConn(version, caps))
 
-    problem = pushjob.unsupported(hv, "web1", _info(fmt))  # type: ignore[arg-type]
+    problem = push_jobs.unsupported(hv, "web1", _info(fmt))  # type: ignore[arg-type]
 
     assert problem is not None and problem.startswith(expected)
 
@@ -256,37 +259,38 @@ def _backup(mode: str, **job: Any) -> FakeBackup:
 
 
 def test_stop_jobs_get_no_push_backup() -> None:
-    assert pushbackup.choose_push(_backup("stop")) is None  # type: ignore[arg-type]
+    assert push_copy.choose_push(_backup("stop")) is None  # type: ignore[arg-type]
 
 
 def test_a_shut_off_guest_is_copied_cold_and_the_version_says_stop() -> None:
     backup = _backup("stop-short")
     backup.was_state = "shutoff"
 
-    assert pushbackup.choose_push(backup) is None  # type: ignore[arg-type]
+    assert push_copy.choose_push(backup) is None  # type: ignore[arg-type]
     assert backup.mode == "stop" and "shut off" in backup.warnings[0]
 
 
 def test_no_push_backups_refuses_or_falls_back_as_the_job_says(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(pushjob, "unsupported", lambda *_args: "libvirt 5.0.0 is older than 6.0.0")
+    too_old = "libvirt 5.0.0 is older than 6.0.0"
+    monkeypatch.setattr(push_jobs, "unsupported", lambda *_args: too_old)
     strict = _backup("snapshot")
     with pytest.raises(PreflightError, match="fallback_to_stop = true"):
-        pushbackup.choose_push(strict)  # type: ignore[arg-type]
+        push_copy.choose_push(strict)  # type: ignore[arg-type]
 
     lenient = _backup("snapshot", fallback_to_stop=True)
-    assert pushbackup.choose_push(lenient) is None  # type: ignore[arg-type]
+    assert push_copy.choose_push(lenient) is None  # type: ignore[arg-type]
     assert lenient.mode == "stop" and "falling back to mode stop" in lenient.warnings[0]
 
 
 def test_push_backup_chosen_where_it_works(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pushjob, "unsupported", lambda *_args: None)
+    monkeypatch.setattr(push_jobs, "unsupported", lambda *_args: None)
 
-    push = pushbackup.choose_push(_backup("snapshot"))  # type: ignore[arg-type]
+    push = push_copy.choose_push(_backup("snapshot"))  # type: ignore[arg-type]
 
     assert push is not None and push.live
-    assert not pushbackup.choose_push(_backup("stop-short")).live  # type: ignore[arg-type, union-attr]
+    assert not push_copy.choose_push(_backup("stop-short")).live  # type: ignore[arg-type, union-attr]
 
 
 def test_space_needed_counts_raw_disks_whole(tmp_path: Path) -> None:
@@ -297,7 +301,7 @@ def test_space_needed_counts_raw_disks_whole(tmp_path: Path) -> None:
     info = GuestInfo("web1", "u", "running", True, [disk])
 
     # QEMU allocates a raw target's zeros until they are punched after the job.
-    assert pushbackup.space_needed(info) == 64 * MiB
+    assert push_copy.space_needed(info) == 64 * MiB
 
 
 # --- the job setting ------------------------------------------------------------------
@@ -324,9 +328,9 @@ def test_snapshot_label_says_crash_consistent() -> None:
 
 
 def test_qemu_uid_from_the_dac_label() -> None:
-    assert qemuaccess._uid("+64055:+64055") == 64055
-    assert qemuaccess._uid("107:107") == 107
-    assert qemuaccess._uid("system_u:system_r:svirt_t:s0") is None
+    assert qemu_access._uid("+64055:+64055") == 64055
+    assert qemu_access._uid("107:107") == 107
+    assert qemu_access._uid("system_u:system_r:svirt_t:s0") is None
 
 
 def _b3(path: Path) -> str:
@@ -356,7 +360,7 @@ def test_give_back_zeros_frees_zero_ranges_and_changes_no_byte(tmp_path: Path) -
         pytest.skip("this filesystem cannot make allocated zero ranges")
     digest = _b3(path)
 
-    freed = pushbackup.give_back_zeros(path)
+    freed = push_copy.give_back_zeros(path)
 
     assert freed >= 8 * MiB
     assert path.stat().st_blocks * 512 <= 2 * MiB
@@ -410,9 +414,9 @@ class SnapshotOwner(FakeBackup):
 
 def _snapshot_push(
     monkeypatch: pytest.MonkeyPatch, xml: str, dom: AgentDomain, begin_fails: bool = False
-) -> tuple[pushbackup.PushBackup, SnapshotOwner]:
+) -> tuple[push_copy.PushBackup, SnapshotOwner]:
     owner = SnapshotOwner(FakeCtx(Job("j", ["web1"], Path("/srv"), mode="snapshot"), XmlHv(xml)))
-    push = pushbackup.PushBackup(owner, live=True)  # type: ignore[arg-type]
+    push = push_copy.PushBackup(owner, live=True)  # type: ignore[arg-type]
 
     def begin(_dom: object) -> None:
         dom.calls.append("begin")
@@ -421,7 +425,7 @@ def _snapshot_push(
 
     monkeypatch.setattr(push, "_dom", lambda: dom)
     monkeypatch.setattr(push, "_begin", begin)
-    monkeypatch.setattr(pushjob.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(push_jobs.time, "sleep", lambda _s: None)
     return push, owner
 
 

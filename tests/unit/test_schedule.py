@@ -14,12 +14,13 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from guestsafe.engine import schedule
+from rig import require
+
 from guestsafe.engine.api import Engine
 from guestsafe.engine.errors import ConfigError
-from guestsafe.engine.jobs import Job, Schedule
-from guestsafe.engine.paths import Paths
-from guestsafe.engine.schedule import (
+from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs.model import Job, Schedule
+from guestsafe.engine.jobs.schedule import (
     UNIT_MARKER,
     ScheduleState,
     UnitSettings,
@@ -36,7 +37,7 @@ from guestsafe.engine.schedule import (
     timers_installed,
     write_state,
 )
-from rig import require
+from guestsafe.engine.paths import Paths
 
 ZURICH = ZoneInfo("Europe/Zurich")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")

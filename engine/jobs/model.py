@@ -53,10 +53,10 @@ from typing import Any
 
 import tomli_w
 
-from .errors import ConfigError, NotFoundError
-from .fsutil import atomic_write_bytes
-from .names import libvirt_accepts
-from .notify import NotifyConfig, parse_notify
+from guestsafe.engine.archive.names import libvirt_accepts
+from guestsafe.engine.errors import ConfigError, NotFoundError
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.notify import NotifyConfig, parse_notify
 
 MODES = ("stop", "stop-short", "snapshot")
 ON_TIMEOUT = ("abort", "force")

@@ -27,12 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import failpoints
-from .copier import hash_file
-from .errors import ArchiveError, CopyError, NotFoundError, VerifyError
-from .events import Progress
-from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, is_temp_name
-from .manifest import (
+from guestsafe.engine import failpoints
+from guestsafe.engine.archive.manifest import (
     B3SUMS_FILE,
     DOMAIN_XML_FILE,
     FORMAT_VERSION,
@@ -44,12 +40,22 @@ from .manifest import (
     b3sums_text,
     is_safe_file_name,
 )
-from .names import (
+from guestsafe.engine.archive.names import (
     decode_guest_dir,
     encode_guest_name,
     is_truncated,
     matches,
     printable,
+)
+from guestsafe.engine.copier import hash_file
+from guestsafe.engine.errors import ArchiveError, CopyError, NotFoundError, VerifyError
+from guestsafe.engine.events import Progress
+from guestsafe.engine.fsutil import (
+    atomic_write_bytes,
+    fsync_dir,
+    fsync_file,
+    is_temp_name,
+    lstat_or_none,
 )
 
 MARKER = "guestsafe-archive.json"
@@ -128,13 +134,6 @@ def _mkdir_private(path: Path) -> None:
             raise
 
 
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
-
-
 def _kind(st: os.stat_result) -> str:
     if stat.S_ISLNK(st.st_mode):
         return "a symlink"
@@ -145,7 +144,7 @@ def _kind(st: os.stat_result) -> str:
 
 def _remove(path: Path) -> None:
     """Remove a file or a whole tree, never following a symlink out of it."""
-    st = _lstat(path)
+    st = lstat_or_none(path)
     if st is None:
         return
     if stat.S_ISDIR(st.st_mode):
@@ -356,7 +355,7 @@ class Archive:
         """The folder of ``guest``; None if it has none and ``create`` is False."""
         name = encode_guest_name(guest)
         path = self.root / name
-        st = _lstat(path)
+        st = lstat_or_none(path)
         if st is None:
             if not create:
                 return None
@@ -605,7 +604,7 @@ class Archive:
     def _check(self, guest: str, folder: Path, number: int) -> _Check:
         """Everything about one version that needs no hashing, and the files to hash."""
         check = _Check(guest, number, folder, [], [])
-        st = _lstat(folder)
+        st = lstat_or_none(folder)
         if st is None or not stat.S_ISDIR(st.st_mode):
             kind = "gone (deleted meanwhile?)" if st is None else _kind(st)
             check.problems.append(f"version folder {folder} is {kind}")
@@ -817,7 +816,7 @@ class PartialVersion:
     def _check_open(self) -> None:
         if self._committed:
             raise ArchiveError(f"{self._where()} is already committed")
-        st = _lstat(self.path)
+        st = lstat_or_none(self.path)
         if st is None or not stat.S_ISDIR(st.st_mode):
             raise ArchiveError(
                 f"{self._where()}: {self.path} is gone or replaced (was recovery run while "
@@ -840,7 +839,7 @@ class PartialVersion:
     def _complete(self, record: DiskRecord) -> DiskRecord:
         """The record with its file checked and its size filled in."""
         path = self.file_path(record.file)
-        st = _lstat(path)
+        st = lstat_or_none(path)
         if st is None:
             raise ArchiveError(f"{self._where()}: {record.file} is missing in {self.path}")
         if not stat.S_ISREG(st.st_mode):
@@ -854,7 +853,7 @@ class PartialVersion:
 
     def _domain_digest(self) -> str:
         path = self.path / DOMAIN_XML_FILE
-        st = _lstat(path)
+        st = lstat_or_none(path)
         if st is None or not stat.S_ISREG(st.st_mode):
             raise ArchiveError(
                 f"{self._where()}: {DOMAIN_XML_FILE} is missing in {self.path}; "

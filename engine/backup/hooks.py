@@ -49,10 +49,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import events
-from .errors import HookFailed
-from .events import Reporter
-from .jobs import HOOK_PHASES, Hooks, Job
+from guestsafe.engine import events
+from guestsafe.engine.errors import HookFailed
+from guestsafe.engine.events import Reporter
+from guestsafe.engine.jobs.model import HOOK_PHASES, Hooks, Job
 
 VETO_PHASES = ("job-start", "pre-stop")
 OUTPUT_LIMIT = 64 * 1024

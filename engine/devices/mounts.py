@@ -45,13 +45,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import humanize
 import libvirt
 import pyudev
 
-from . import events, locks
-from .archive import MARKER, Archive
-from .devices import (
+from guestsafe.engine import events, locks
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.devices.udev import (
     READ_ONLY_FILESYSTEMS,
     RUNTIME_DIR,
     BlockDevice,
@@ -64,17 +63,16 @@ from .devices import (
     read_mounts,
     usage_of,
 )
-from .errors import ArchiveError, DeviceError, GuestsafeError, HypervisorError
-from .events import Reporter
-from .fsutil import atomic_write_bytes
-from .hypervisor import GuestInfo, Hypervisor
-from .jobs import Job
-from .paths import ensure_dir
+from guestsafe.engine.errors import ArchiveError, DeviceError, GuestsafeError, HypervisorError
+from guestsafe.engine.events import Reporter
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor
+from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.paths import ensure_dir
+from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 
 SAFE_OPTIONS = ("nosuid", "nodev", "noexec")
 FAT_MAX_FILE = 4 * 1024**3 - 1
-# Room beyond the data for the manifest, the domain XML and metadata, as in preflight.
-SPACE_MARGIN = 64 * 1024 * 1024
 MEMORY_DIR = "devices"
 MOUNT_TIMEOUT = 120.0
 DEVICE_LOCK_WAIT = 30.0
@@ -90,10 +88,6 @@ NO_REPLAY = {"ext2": "noload", "ext3": "noload", "ext4": "noload", "xfs": "norec
 _NOT_MOUNTABLE = frozenset({"swap", "LVM2_member", "crypto_LUKS"})
 _SPEC = re.compile(r"(UUID|LABEL)=(.+)")
 _SBIN = (Path("/sbin"), Path("/usr/sbin"), Path("/bin"), Path("/usr/bin"))
-
-
-def _size(n: int) -> str:
-    return humanize.naturalsize(n, binary=True)
 
 
 # --- resolving ---------------------------------------------------------------------
@@ -243,7 +237,7 @@ def check_capacity(device: BlockDevice, files: Sequence[GuestFile], free: int | 
             if f.length > FAT_MAX_FILE:
                 raise DeviceError(
                     f"{device.describe()} is {device.filesystem}, which cannot hold files of "
-                    f"4 GiB or more; guest {f.guest}'s disk {f.source} is {_size(f.length)}. "
+                    f"4 GiB or more; guest {f.guest}'s disk {f.source} is {byte_size(f.length)}. "
                     "Use a device with ext4, XFS, btrfs, exFAT or NTFS"
                 )
     per_guest = needs(device, files)
@@ -254,8 +248,8 @@ def check_capacity(device: BlockDevice, files: Sequence[GuestFile], free: int | 
     if need > room:
         holes = " (no holes on this filesystem)" if device.fstype in NON_SPARSE else ""
         raise DeviceError(
-            f"need {_size(need)} on {device.describe()} for guest {guest}{holes}, "
-            f"{_size(room)} {what}"
+            f"need {byte_size(need)} on {device.describe()} for guest {guest}{holes}, "
+            f"{byte_size(room)} {what}"
         )
 
 
@@ -590,7 +584,7 @@ def _lossy_warnings(device: BlockDevice, files: Sequence[GuestFile]) -> list[str
         used = sum(f.allocated for f in files)
         warnings.append(
             f"{device.filesystem} keeps no sparse files: holes are written out in full "
-            f"({_size(full)} for {_size(used)} of data)"
+            f"({byte_size(full)} for {byte_size(used)} of data)"
         )
     if device.fstype in NO_OWNERS:
         via = " through ntfs-3g" if device.fstype == "ntfs" else ""
@@ -643,7 +637,7 @@ def _checked_archive(
     free = shutil.disk_usage(dest).free
     check_capacity(device, files, free=free)
     archive = open_job_archive(job, device, dest, DeviceMemory(state_dir, job.name))
-    events.info(report, f"archive {archive.archive_id} on {device.node}, {_size(free)} free")
+    events.info(report, f"archive {archive.archive_id} on {device.node}, {byte_size(free)} free")
     for warning in _lossy_warnings(device, files):
         events.warn(report, warning)
     return archive

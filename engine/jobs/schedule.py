@@ -37,11 +37,11 @@ from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from . import locks
-from .errors import ConfigError, LockBusy
-from .fsutil import atomic_write_bytes
-from .jobs import WEEKDAYS, Job, Schedule
-from .paths import HOME_ENV, ensure_dir
+from guestsafe.engine import locks
+from guestsafe.engine.errors import ConfigError, LockBusy
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.jobs.model import WEEKDAYS, Job, Schedule
+from guestsafe.engine.paths import HOME_ENV, ensure_dir
 
 DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 UNIT_DIR_ENV = "GUESTSAFE_UNIT_DIR"

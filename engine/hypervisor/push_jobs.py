@@ -25,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from .hypervisor import GuestInfo, Hypervisor
+from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor
 
 # virDomainBackupBegin appeared in libvirt 6.0.0.
 MIN_LIBVIRT = 6_000_000

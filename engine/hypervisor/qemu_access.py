@@ -21,8 +21,8 @@ from pathlib import Path
 
 import libvirt
 
-from .errors import CopyError, GuestsafeError
-from .hypervisor import Hypervisor
+from guestsafe.engine.errors import CopyError, GuestsafeError
+from guestsafe.engine.hypervisor.connection import Hypervisor
 
 _DAC_LABEL = re.compile(r"\+?(\d+):\+?(\d+)")
 PID_DIR = Path("/run/libvirt/qemu")

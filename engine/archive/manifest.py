@@ -19,8 +19,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import ArchiveError
-from .names import printable
+from guestsafe.engine.archive.names import printable
+from guestsafe.engine.errors import ArchiveError
 
 FORMAT_VERSION = 1
 

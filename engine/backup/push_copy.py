@@ -33,21 +33,23 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import humanize
 import libvirt
 
-from . import disks, failpoints, modes, pushjob
-from .copier import copy_file, hash_file
-from .errors import CopyError, GuestsafeError, HypervisorError, PreflightError
-from .events import Progress
-from .hypervisor import RUNNING, GuestInfo, Hypervisor, parse_domain_xml
-from .journal import JournalEntry
-from .manifest import DiskRecord
-from .pushjob import JobOutcome, JobWatch, PushTarget
-from .qemuaccess import QemuAccess, qemu_sees, qemu_uid
+from guestsafe.engine import failpoints, modes
+from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.backup.journal import JournalEntry
+from guestsafe.engine.copier import copy_file, hash_file
+from guestsafe.engine.errors import CopyError, GuestsafeError, HypervisorError, PreflightError
+from guestsafe.engine.events import Progress
+from guestsafe.engine.fsutil import lstat_or_none
+from guestsafe.engine.hypervisor import disk_files, push_jobs
+from guestsafe.engine.hypervisor.connection import RUNNING, GuestInfo, Hypervisor, parse_domain_xml
+from guestsafe.engine.hypervisor.push_jobs import JobOutcome, JobWatch, PushTarget
+from guestsafe.engine.hypervisor.qemu_access import QemuAccess, qemu_sees, qemu_uid
+from guestsafe.engine.sizes import byte_size
 
 if TYPE_CHECKING:
-    from .runner import GuestBackup
+    from guestsafe.engine.backup.runner import GuestBackup
 
 PUSH_MODES = (modes.STOP_SHORT, modes.SNAPSHOT)
 FILE_MODE = 0o600
@@ -74,7 +76,7 @@ def choose_push(backup: GuestBackup) -> PushBackup | None:
         backup.warnings.append(note)
         backup._info(note)
         return None
-    problem = pushjob.unsupported(backup.ctx.hv, backup.name, info)
+    problem = push_jobs.unsupported(backup.ctx.hv, backup.name, info)
     if problem is None:
         return PushBackup(backup, live=job.mode == modes.SNAPSHOT)
     if not job.fallback_to_stop:
@@ -99,9 +101,9 @@ def space_needed(info: GuestInfo) -> int:
         if disk.backs_up and disk.source:
             path = Path(disk.source)
             raw = (disk.format or "raw") == "raw"
-            total += disks.virtual_size(path) if raw else disks.allocated_bytes(path)
+            total += disk_files.virtual_size(path) if raw else disk_files.allocated_bytes(path)
     if info.nvram:
-        total += disks.allocated_bytes(Path(info.nvram))
+        total += disk_files.allocated_bytes(Path(info.nvram))
     return total
 
 
@@ -128,7 +130,7 @@ class PushBackup:
             return self._hv.connection.lookupByName(self.backup.name)
         except libvirt.libvirtError as exc:
             raise HypervisorError(
-                f"cannot look up guest {self.backup.name!r}: {pushjob.message(exc)}"
+                f"cannot look up guest {self.backup.name!r}: {push_jobs.message(exc)}"
             ) from exc
 
     # --- stop: before any downtime ---------------------------------------------
@@ -143,7 +145,7 @@ class PushBackup:
         for disk in b.info.disks:
             if disk.backs_up and disk.source is not None:
                 fmt = disk.format or "raw"
-                path = b.partial.file_path(disks.archive_file_name(disk.target, fmt))
+                path = b.partial.file_path(disk_files.archive_file_name(disk.target, fmt))
                 self.targets.append(PushTarget(disk.target, disk.source, fmt, path))
             elif disk.source:
                 b._info(f"skipping {disk.target} ({disk.device}, read-only or not a disk)")
@@ -165,7 +167,7 @@ class PushBackup:
         b = self.backup
         assert b.partial is not None
         b._phase("copy")
-        name = disks.archive_file_name("nvram", "fd")
+        name = disk_files.archive_file_name("nvram", "fd")
         dst = b.partial.file_path(name)
         b._info(f"copying nvram ({source})")
         result = copy_file(Path(source), dst, progress=self._progress("nvram"), cancel=b.ctx.cancel)
@@ -173,7 +175,7 @@ class PushBackup:
             b._check_still_off()
         b.bytes_copied += result.data_bytes
         allocated = dst.stat().st_blocks * 512
-        size = disks.virtual_size(dst)
+        size = disk_files.virtual_size(dst)
         return DiskRecord("nvram", source, "fd", size, allocated, name, result.blake3)
 
     def _snapshot(self) -> None:
@@ -196,7 +198,7 @@ class PushBackup:
 
     def _freeze(self, dom: libvirt.virDomain) -> None:
         b = self.backup
-        if not pushjob.agent_connected(self._hv.xml(b.name, inactive=False)):
+        if not push_jobs.agent_connected(self._hv.xml(b.name, inactive=False)):
             note = "no guest agent answers: filesystems were not frozen"
             b.warnings.append(note)
             b._info(note)
@@ -206,7 +208,7 @@ class PushBackup:
         try:
             count = dom.fsFreeze(None, 0)
         except libvirt.libvirtError as exc:
-            b._warn(f"the guest agent could not freeze the filesystems ({pushjob.message(exc)})")
+            b._warn(f"the guest agent could not freeze the filesystems ({push_jobs.message(exc)})")
             return
         b._info(f"froze {count} filesystem(s) through the guest agent")
 
@@ -214,7 +216,7 @@ class PushBackup:
         b = self.backup
         if not self.frozen:
             return None
-        problem = pushjob.thaw(dom)
+        problem = push_jobs.thaw(dom)
         if problem is not None:
             b._error(f"could not thaw the guest's filesystems: {problem}")
             return problem
@@ -269,14 +271,14 @@ class PushBackup:
         self._check_attached(live)
         ours = {t.target for t in self.targets}
         others = [d.target for d in live.disks if d.target not in ours]
-        xml = pushjob.backup_xml(self.targets, others)
+        xml = push_jobs.backup_xml(self.targets, others)
         if self.live:
             b._phase("backup-begin")
         self.watch = JobWatch(self._hv.connection, dom)
         try:
             dom.backupBegin(xml, None, 0)
         except libvirt.libvirtError as exc:
-            raise CopyError(self._begin_failure(pushjob.message(exc))) from exc
+            raise CopyError(self._begin_failure(push_jobs.message(exc))) from exc
         self.running = True
         self.begun_at = time.monotonic()
 
@@ -335,7 +337,7 @@ class PushBackup:
             )
         where = ""
         if b.ctx.archive is not None:
-            free = humanize.naturalsize(disks.free_space(b.ctx.archive.root), binary=True)
+            free = byte_size(disk_files.free_space(b.ctx.archive.root))
             where = f" ({free} free on {b.ctx.archive.root})"
         return f"the push backup of {b.name!r} failed: {outcome.reason}{where}"
 
@@ -351,7 +353,7 @@ class PushBackup:
         """QEMU's file made ours: root's, 0600, zeros given back, size checked, hashed."""
         b = self.backup
         path = target.path
-        st = _lstat(path)
+        st = lstat_or_none(path)
         if st is None or not stat.S_ISREG(st.st_mode):
             raise CopyError(f"QEMU reported success, but {path} is missing or not a file")
         _own(path)
@@ -366,15 +368,15 @@ class PushBackup:
             target=target.target,
             source=target.source,
             format=target.fmt,
-            virtual_size=disks.virtual_size(path),
+            virtual_size=disk_files.virtual_size(path),
             allocated_size=allocated,
             file=path.name,
             blake3=digest,
         )
 
     def _check_size(self, target: PushTarget) -> None:
-        expected = disks.virtual_size(Path(target.source))
-        written = disks.virtual_size(target.path)
+        expected = disk_files.virtual_size(Path(target.source))
+        written = disk_files.virtual_size(target.path)
         if written != expected:
             raise CopyError(
                 f"{target.path.name}: QEMU wrote a {written}-byte disk, but {target.target} of "
@@ -403,12 +405,12 @@ class PushBackup:
 
     def _abort(self, dom: libvirt.virDomain) -> None:
         b = self.backup
-        stopped = pushjob.abort(self._hv.connection, dom, self.watch)
+        stopped = push_jobs.abort(self._hv.connection, dom, self.watch)
         self.running = False
         if stopped:
             b._info("push backup job aborted")
         else:
-            b._error(f"the push backup job did not stop within {pushjob.ABORT_WAIT:.0f} s")
+            b._error(f"the push backup job did not stop within {push_jobs.ABORT_WAIT:.0f} s")
 
 
 # --- recovery ---------------------------------------------------------------------
@@ -425,10 +427,10 @@ def recover_leftover(entry: JournalEntry, log: Callable[[str], None]) -> None:
     try:
         with Hypervisor(entry.uri) as hv:
             dom = hv.connection.lookupByName(entry.guest)
-            if entry.phase in ("freeze", "backup-begin") and pushjob.thaw(dom, 1) is None:
+            if entry.phase in ("freeze", "backup-begin") and push_jobs.thaw(dom, 1) is None:
                 log("recovered: guest filesystems thawed")
-            if pushjob.writes_into(dom, Path(entry.partial)):
-                stopped = pushjob.abort(hv.connection, dom, None)
+            if push_jobs.writes_into(dom, Path(entry.partial)):
+                stopped = push_jobs.abort(hv.connection, dom, None)
                 log(
                     "recovered: stopped the push backup of the interrupted run"
                     if stopped
@@ -472,13 +474,6 @@ def _open_anywhere(wanted: set[str]) -> bool:
         if wanted.intersection(links):
             return True
     return False
-
-
-def _lstat(path: Path) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
 
 
 def _own(path: Path) -> None:

@@ -17,7 +17,7 @@ import re
 
 import blake3
 
-from .errors import ArchiveError
+from guestsafe.engine.errors import ArchiveError
 
 # Bytes, not characters; the result is ASCII. 255 is NAME_MAX on every Linux
 # filesystem; the margin leaves room for temporary names made from this one.

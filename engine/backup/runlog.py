@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
-from .events import Event, GuestOutcome, LogLine, PhaseChanged, Progress, Reporter
+from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress, Reporter
 
 PROGRESS_INTERVAL = 1.0
 _LINE = re.compile(r"^(\S+) (\w+) (\S+) (.*)$")

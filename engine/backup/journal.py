@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .fsutil import atomic_write_bytes
+from guestsafe.engine.fsutil import atomic_write_bytes
 
 JOURNAL_DIR = "journal"
 

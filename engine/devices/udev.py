@@ -37,7 +37,7 @@ from typing import Any
 
 import pyudev
 
-from .errors import DeviceError
+from guestsafe.engine.errors import DeviceError
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 SWAPS = Path("/proc/swaps")

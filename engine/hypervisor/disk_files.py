@@ -6,8 +6,8 @@ import os
 import struct
 from pathlib import Path
 
-from .errors import PreflightError
-from .hypervisor import GuestInfo
+from guestsafe.engine.errors import PreflightError
+from guestsafe.engine.hypervisor.connection import GuestInfo
 
 _QCOW2_MAGIC = b"QFI\xfb"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import libvirt
 
-from .errors import HypervisorError, NotFoundError, ShutdownTimeout
+from guestsafe.engine.errors import HypervisorError, NotFoundError, ShutdownTimeout
 
 DEFAULT_URI = "qemu:///system"
 

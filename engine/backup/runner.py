@@ -18,12 +18,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import humanize
-
-from . import __version__, disks, events, failpoints, locks, mounts
-from .archive import Archive, PartialVersion, VersionInfo
-from .copier import copy_file
-from .errors import (
+from guestsafe.engine import __version__, events, failpoints, locks
+from guestsafe.engine.archive.manifest import DiskRecord, Manifest
+from guestsafe.engine.archive.store import Archive, PartialVersion, VersionInfo
+from guestsafe.engine.backup.hooks import HookRunner
+from guestsafe.engine.backup.journal import Journal, JournalEntry, remove_partial
+from guestsafe.engine.backup.push_copy import (
+    PushBackup,
+    choose_push,
+    recover_leftover,
+    space_needed,
+)
+from guestsafe.engine.backup.runlog import RunLog, new_log_path
+from guestsafe.engine.copier import copy_file
+from guestsafe.engine.devices import mounts
+from guestsafe.engine.errors import (
     CopyError,
     GuestsafeError,
     LockBusy,
@@ -31,26 +40,15 @@ from .errors import (
     RunFailed,
     ShutdownTimeout,
 )
-from .events import GuestOutcome, PhaseChanged, Progress, Reporter
-from .hooks import HookRunner
-from .hypervisor import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
-from .jobs import Job, JobConfigError, misconfigured_device
-from .journal import Journal, JournalEntry, remove_partial
-from .manifest import DiskRecord, Manifest
-from .paths import Paths
-from .pushbackup import PushBackup, choose_push, recover_leftover, space_needed
-from .runlog import RunLog, new_log_path
-
-# Room left free on the destination beyond the data itself, for the manifest,
-# the domain XML and the filesystem's own metadata.
-SPACE_MARGIN = 64 * 1024 * 1024
+from guestsafe.engine.events import GuestOutcome, PhaseChanged, Progress, Reporter
+from guestsafe.engine.hypervisor import disk_files
+from guestsafe.engine.hypervisor.connection import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
+from guestsafe.engine.jobs.model import Job, JobConfigError, misconfigured_device
+from guestsafe.engine.paths import Paths
+from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 
 # How long, after a shutdown timeout under "abort", a late power-off is watched for.
 LATE_POWEROFF_GRACE = 30.0
-
-
-def naturalsize(n: float) -> str:
-    return humanize.naturalsize(n, binary=True)
 
 
 @dataclass
@@ -137,14 +135,14 @@ class GuestBackup:
                 f"guest {self.name!r} is {self.was_state}; guestsafe backs up running or "
                 "shut-off guests only (resume or stop it first)"
             )
-        disks.check_backup_disks(self.info)
+        disk_files.check_backup_disks(self.info)
         self.push = choose_push(self)
-        data = space_needed(self.info) if self.push else disks.allocated_total(self.info)
+        data = space_needed(self.info) if self.push else disk_files.allocated_total(self.info)
         needed = data + SPACE_MARGIN
-        free = disks.free_space(job.destination)
+        free = disk_files.free_space(job.destination)
         if needed > free:
             raise PreflightError(
-                f"need {naturalsize(needed)} on {job.destination}, {naturalsize(free)} free "
+                f"need {byte_size(needed)} on {job.destination}, {byte_size(free)} free "
                 f"(guest {self.name})"
             )
         self.entry = JournalEntry(job.name, self.name, self.info.uuid, hv.uri, self.was_state)
@@ -220,7 +218,7 @@ class GuestBackup:
 
     def _copy_disk(self, target: str, source: str | None, fmt: str | None) -> DiskRecord:
         assert self.partial is not None and source is not None
-        file_name = disks.archive_file_name(target, fmt)
+        file_name = disk_files.archive_file_name(target, fmt)
         dst = self.partial.file_path(file_name)
         src = Path(source)
         self._info(f"copying {target} ({source})")
@@ -235,7 +233,7 @@ class GuestBackup:
             target=target,
             source=source,
             format=fmt or "raw",
-            virtual_size=disks.virtual_size(dst),
+            virtual_size=disk_files.virtual_size(dst),
             allocated_size=dst.stat().st_blocks * 512,
             file=file_name,
             blake3=result.blake3,
@@ -380,13 +378,13 @@ class GuestBackup:
         if ok:
             message = (
                 f"ok: version {number}, downtime {_seconds(self.downtime)}, "
-                f"{naturalsize(self.bytes_copied)} in {duration:.1f} s"
+                f"{byte_size(self.bytes_copied)} in {duration:.1f} s"
             )
         else:
             assert self.error is not None
             message = (
                 f"failed: {self.error.message}; {self._aftermath()}; downtime "
-                f"{_seconds(self.downtime)}, {naturalsize(self.bytes_copied)} in {duration:.1f} s"
+                f"{_seconds(self.downtime)}, {byte_size(self.bytes_copied)} in {duration:.1f} s"
             )
         return GuestOutcome(
             self.name, ok, number, self.downtime, self.bytes_copied, duration, message

@@ -1,0 +1,1 @@
+"""Jobs: the job model and its validation, the jobs file, schedules and systemd timers."""
