@@ -1,6 +1,6 @@
 """Real-guest test rig for guestsafe's integration tests (never shipped in the wheel).
 
-Import it as ``rig`` (tests/conftest.py puts tests/ on sys.path):
+Import it as ``rig`` (pytest's ``pythonpath`` setting puts tests/ on the path):
 
     from rig import DiskSpec, MiB, make_guest
 """

@@ -3,7 +3,7 @@ browsing and restoring from a device, and the job form's device suggestions.
 
 The demo engine's watcher is fed by hand (engine.devices.ManualWatcher), so these
 tests plug and unplug devices without udev; the real watcher is tested against
-udev and loop devices in tests/integration/test_devices.py.
+udev and loop devices in tests/integration/test_devices_live.py.
 """
 
 from __future__ import annotations
