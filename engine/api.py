@@ -32,7 +32,8 @@ from guestsafe.engine.devices.udev import (
 from guestsafe.engine.errors import ConfigError, GuestsafeError, NotFoundError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
-from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor, resolve_uri
+from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import model as jobs
 from guestsafe.engine.jobs import schedule
 from guestsafe.engine.jobs.model import Job

@@ -57,6 +57,7 @@ from guestsafe.engine.fsutil import (
     is_temp_name,
     lstat_or_none,
 )
+from guestsafe.engine.modes import Mode
 
 MARKER = "guestsafe-archive.json"
 COUNTER_FILE = "last-version"
@@ -84,7 +85,7 @@ class VersionInfo:
     manifest: Manifest
     size: int  # bytes the folder's files take on disk
     date: str  # manifest.finished
-    mode: str
+    mode: Mode
     verified: bool | None  # None: never verified, or its record is unreadable
 
 

@@ -66,7 +66,8 @@ from guestsafe.engine.devices.udev import (
 from guestsafe.engine.errors import ArchiveError, DeviceError, GuestsafeError, HypervisorError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
-from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.paths import ensure_dir
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size

@@ -48,29 +48,49 @@ import tomllib
 from collections.abc import Iterator, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import tomli_w
 
 from guestsafe.engine.archive.names import libvirt_accepts
 from guestsafe.engine.errors import ConfigError, NotFoundError
 from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.modes import Mode, OnTimeout
 from guestsafe.engine.notify import NotifyConfig, parse_notify
 
-MODES = ("stop", "stop-short", "snapshot")
-ON_TIMEOUT = ("abort", "force")
-HOOK_PHASES = (
-    "job-start",
-    "pre-stop",
-    "post-stop",
-    "pre-start",
-    "post-start",
-    "backup-end",
-    "backup-abort",
-    "job-end",
-)
-WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+class HookPhase(StrEnum):
+    """The points in a run where a hook may run; the keys of ``[jobs.<name>.hooks]``."""
+
+    JOB_START = "job-start"
+    PRE_STOP = "pre-stop"
+    POST_STOP = "post-stop"
+    PRE_START = "pre-start"
+    POST_START = "post-start"
+    BACKUP_END = "backup-end"
+    BACKUP_ABORT = "backup-abort"
+    JOB_END = "job-end"
+
+
+class Weekday(StrEnum):
+    """A day of ``weekdays``; in Python's order (``date.weekday()`` indexes it)."""
+
+    MON = "mon"
+    TUE = "tue"
+    WED = "wed"
+    THU = "thu"
+    FRI = "fri"
+    SAT = "sat"
+    SUN = "sun"
+
+
+# The choices in file and form order, for the forms and the messages that list them.
+MODES: tuple[str, ...] = tuple(Mode)
+ON_TIMEOUT: tuple[str, ...] = tuple(OnTimeout)
+HOOK_PHASES: tuple[str, ...] = tuple(HookPhase)
+WEEKDAYS: tuple[str, ...] = tuple(Weekday)
 DEFAULT_KEEP = 3
 DEFAULT_SHUTDOWN_TIMEOUT = 300
 DEFAULT_HOOK_TIMEOUT = 300
@@ -177,9 +197,9 @@ class Job:
     device: str | None = None
     keep: int = DEFAULT_KEEP
     schedule: Schedule = field(default_factory=Schedule)
-    mode: str = "stop"
+    mode: Mode = Mode.STOP
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
-    on_timeout: str = "abort"
+    on_timeout: OnTimeout = OnTimeout.ABORT
     group: bool = False
     verify: bool = True
     # stop-short/snapshot on a host without libvirt push backups: copy as in stop
@@ -187,6 +207,20 @@ class Job:
     fallback_to_stop: bool = False
     hooks: Hooks = field(default_factory=Hooks)
     lock_wait: int = DEFAULT_LOCK_WAIT  # seconds a run waits for a busy guest or destination
+
+
+_Choice = TypeVar("_Choice", bound=StrEnum)
+
+
+def as_choice(kind: type[_Choice], value: object) -> _Choice:
+    """The member of ``kind`` spelled ``value``; any other value is passed through.
+
+    A job is built from what the file or the form says and validated afterwards,
+    so an unknown spelling must reach ``validate_job`` to be named in its message.
+    """
+    if isinstance(value, str) and value in {member.value for member in kind}:
+        return kind(value)
+    return cast(_Choice, value)
 
 
 # --- validation -------------------------------------------------------------
@@ -476,9 +510,9 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
             weekdays=table.get("weekdays", []),
             randomized_delay=table.get("randomized_delay", 0),
         ),
-        mode=table.get("mode", "stop"),
+        mode=as_choice(Mode, table.get("mode", Mode.STOP)),
         shutdown_timeout=table.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
-        on_timeout=table.get("on_timeout", "abort"),
+        on_timeout=as_choice(OnTimeout, table.get("on_timeout", OnTimeout.ABORT)),
         group=table.get("group", False),
         verify=table.get("verify", True),
         fallback_to_stop=table.get("fallback_to_stop", False),

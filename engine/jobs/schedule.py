@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from enum import StrEnum
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -328,19 +329,28 @@ def timers_wanted(unit_dir: Path, jobs: list[Job]) -> bool:
     return first_time and os.geteuid() == 0 and any(j.schedule.time for j in jobs)
 
 
-def timer_state(job: Job, unit_dir: Path, settings: UnitSettings | None = None) -> str:
-    """``manual``, ``installed``, ``outdated`` (differs from the job) or ``missing``."""
+class TimerState(StrEnum):
+    """Whether a job's timer is in ``unit_dir``; the values are what the CLI prints."""
+
+    MANUAL = "manual"  # the job has no schedule, so no timer
+    INSTALLED = "installed"
+    OUTDATED = "outdated"  # installed, but differs from the job
+    MISSING = "missing"
+
+
+def timer_state(job: Job, unit_dir: Path, settings: UnitSettings | None = None) -> TimerState:
+    """The job's timer's state; ``outdated`` is told apart only when ``settings`` is given."""
     if job.schedule.time is None:
-        return "manual"
+        return TimerState.MANUAL
     timer, _service = unit_names(job.name)
     own = _own_units(unit_dir)
     if timer not in own:
-        return "missing"
+        return TimerState.MISSING
     if settings is None:
-        return "installed"
+        return TimerState.INSTALLED
     wanted = render_units(job, settings)
     same = all(_read(unit_dir / name) == text for name, text in wanted.items())
-    return "installed" if same else "outdated"
+    return TimerState.INSTALLED if same else TimerState.OUTDATED
 
 
 def _read(path: Path) -> str | None:

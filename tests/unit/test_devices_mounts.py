@@ -24,7 +24,7 @@ from guestsafe.engine.devices.mounts import (
 )
 from guestsafe.engine.devices.udev import BlockDevice
 from guestsafe.engine.errors import ArchiveError, DeviceError
-from guestsafe.engine.hypervisor.connection import DiskInfo, GuestInfo
+from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo
 from guestsafe.engine.jobs.model import Job
 
 GiB = 1024**3
