@@ -17,7 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from guestsafe.engine import demo, events, notify
-from guestsafe.engine.archive.store import Archive, VerifyReport, VersionInfo
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.verify import VerifyReport
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import runner
 from guestsafe.engine.backup.runlog import RunLog
 from guestsafe.engine.backup.runner import RunResult

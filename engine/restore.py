@@ -25,7 +25,8 @@ import blake3
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.manifest import DOMAIN_XML_FILE, DiskRecord
 from guestsafe.engine.archive.names import encode_guest_name, libvirt_accepts, printable
-from guestsafe.engine.archive.store import Archive, VersionInfo
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import RestoreError, VerifyError
 from guestsafe.engine.events import PhaseChanged, Progress, Reporter

@@ -28,7 +28,8 @@ from textual.message import Message
 from textual.widgets import DataTable, Label, Select, Static
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.runlog import escape
 from guestsafe.engine.devices.udev import BlockDevice, DevicesChanged, DeviceWatcher
 from guestsafe.engine.errors import GuestsafeError

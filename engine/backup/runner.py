@@ -20,7 +20,9 @@ from pathlib import Path
 
 from guestsafe.engine import __version__, events, failpoints, locks
 from guestsafe.engine.archive.manifest import DiskRecord, Manifest
-from guestsafe.engine.archive.store import Archive, PartialVersion, VersionInfo
+from guestsafe.engine.archive.partial import PartialVersion
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal, JournalEntry, remove_partial
 from guestsafe.engine.backup.push_copy import (
