@@ -36,9 +36,9 @@ from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
-from guestsafe.engine.jobs import model as jobs
+from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule
-from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.jobs.model import Job, JobNotFound
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore import (
     NEW,
@@ -120,7 +120,7 @@ class Engine:
         for job in self.jobs():
             if job.name == name:
                 return job
-        raise jobs.JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
+        raise JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
 
     def save_job(self, job: Job, *, previous_name: str | None = None) -> None:
         ensure_dir(self.paths.config_file.parent)

@@ -26,9 +26,8 @@ from guestsafe.engine.jobs.model import (
     Job,
     Schedule,
     as_choice,
-    check_job_runtime,
-    validate_job,
 )
+from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
 from guestsafe.engine.modes import Mode, OnTimeout
 
 

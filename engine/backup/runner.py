@@ -46,7 +46,8 @@ from guestsafe.engine.events import GuestOutcome, PhaseChanged, Progress, Report
 from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF, GuestInfo
-from guestsafe.engine.jobs.model import Job, JobConfigError, misconfigured_device
+from guestsafe.engine.jobs.model import Job, JobConfigError
+from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 

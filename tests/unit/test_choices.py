@@ -15,6 +15,7 @@ import pytest
 
 from guestsafe.engine.archive.manifest import DiskRecord, Manifest
 from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.jobs.jobs_file import load_jobs, save_jobs
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
     MODES,
@@ -25,11 +26,9 @@ from guestsafe.engine.jobs.model import (
     JobConfigError,
     Weekday,
     as_choice,
-    load_jobs,
-    save_jobs,
-    validate_job,
 )
 from guestsafe.engine.jobs.schedule import TimerState
+from guestsafe.engine.jobs.validation import validate_job
 from guestsafe.engine.modes import Mode, OnTimeout, label, parse_mode
 from guestsafe.engine.notify import Delivery, delivery_of
 from guestsafe.engine.restore import KEEP, NEW, MacChoice
