@@ -37,7 +37,7 @@ from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import jobs_file as jobs
-from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs import schedule, timers
 from guestsafe.engine.jobs.model import Job, JobNotFound
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore import (
@@ -74,7 +74,7 @@ class Engine:
         self.paths = paths or Paths.default()
         self.sandbox = sandbox
         # Where systemd timers go: /etc/systemd/system unless GUESTSAFE_UNIT_DIR says.
-        self.unit_dir = unit_dir or schedule.default_unit_dir()
+        self.unit_dir = unit_dir or timers.default_unit_dir()
         self._hv: Hypervisor | None = None
         self._hv_lock = threading.Lock()
 
@@ -261,31 +261,31 @@ class Engine:
         """When ``job`` runs next, in the host's zone; None for a manual job."""
         return schedule.next_run(job, now)
 
-    def unit_settings(self) -> schedule.UnitSettings:
+    def unit_settings(self) -> timers.UnitSettings:
         home = os.environ.get(HOME_ENV) or None
-        program = schedule.find_program()
-        return schedule.UnitSettings(program, self.paths.config_file, self.uri, home)
+        program = timers.find_program()
+        return timers.UnitSettings(program, self.paths.config_file, self.uri, home)
 
     def timer_states(self, job_list: list[Job] | None = None) -> dict[str, str]:
         """Each job's timer: ``manual``, ``installed``, ``outdated`` or ``missing``."""
         try:
-            settings: schedule.UnitSettings | None = self.unit_settings()
+            settings: timers.UnitSettings | None = self.unit_settings()
         except GuestsafeError:
             settings = None  # no guestsafe command to compare with: presence only
         listed = self.jobs() if job_list is None else job_list
-        return {job.name: schedule.timer_state(job, self.unit_dir, settings) for job in listed}
+        return {job.name: timers.timer_state(job, self.unit_dir, settings) for job in listed}
 
-    def install_timers(self, unit_dir: Path | None = None) -> schedule.TimerChanges:
+    def install_timers(self, unit_dir: Path | None = None) -> timers.TimerChanges:
         """Write a timer and service per scheduled job; drop those of other jobs."""
         target = unit_dir or self.unit_dir
-        return schedule.install_timers(self.jobs(), self.unit_settings(), target)
+        return timers.install_timers(self.jobs(), self.unit_settings(), target)
 
-    def remove_timers(self, unit_dir: Path | None = None) -> schedule.TimerChanges:
-        return schedule.remove_timers(unit_dir or self.unit_dir)
+    def remove_timers(self, unit_dir: Path | None = None) -> timers.TimerChanges:
+        return timers.remove_timers(unit_dir or self.unit_dir)
 
     def _update_timers(self) -> None:
         """Keep installed timers in step with the jobs file after an edit."""
-        if not schedule.timers_wanted(self.unit_dir, self.jobs()):
+        if not timers.timers_wanted(self.unit_dir, self.jobs()):
             return
         try:
             self.install_timers()

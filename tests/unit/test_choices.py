@@ -27,7 +27,7 @@ from guestsafe.engine.jobs.model import (
     Weekday,
     as_choice,
 )
-from guestsafe.engine.jobs.schedule import TimerState
+from guestsafe.engine.jobs.timers import TimerState
 from guestsafe.engine.jobs.validation import validate_job
 from guestsafe.engine.modes import Mode, OnTimeout, label, parse_mode
 from guestsafe.engine.notify import Delivery, delivery_of
