@@ -23,14 +23,10 @@ from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import runner
 from guestsafe.engine.backup.runlog import RunLog
 from guestsafe.engine.backup.runner import RunResult
-from guestsafe.engine.devices import mounts
-from guestsafe.engine.devices.udev import (
-    BlockDevice,
-    DevicesChanged,
-    DeviceWatcher,
-    ManualWatcher,
-    list_devices,
-)
+from guestsafe.engine.devices import mounts, preflight
+from guestsafe.engine.devices.resolve import resolve
+from guestsafe.engine.devices.udev import BlockDevice, list_devices
+from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher, ManualWatcher
 from guestsafe.engine.errors import ConfigError, GuestsafeError, NotFoundError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
@@ -223,11 +219,11 @@ class Engine:
         if self.sandbox is not None:
             return demo.devices()
         try:
-            guest_disks = mounts.guest_disk_devnums(self.hv)
+            guest_disks = preflight.guest_disk_devnums(self.hv)
         except GuestsafeError:
             guest_disks = {}  # no hypervisor: list the devices all the same
         listed = list_devices()
-        return [d for d in listed if mounts.guest_user(d, guest_disks) is None]
+        return [d for d in listed if preflight.guest_user(d, guest_disks) is None]
 
     def watch_devices(self, callback: Callable[[DevicesChanged], None]) -> DeviceWatcher:
         """A started watcher: ``callback`` hears, on the watcher's thread, what came and went.
@@ -240,7 +236,7 @@ class Engine:
 
     def resolve_device(self, spec: str) -> BlockDevice:
         """The device a job's ``device`` (``/dev/sdb1``, ``UUID=...``, ``LABEL=...``) names now."""
-        return mounts.resolve(spec)
+        return resolve(spec)
 
     @contextmanager
     def device_archive(self, spec: str) -> Iterator[Archive]:
