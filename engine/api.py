@@ -17,25 +17,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from guestsafe.engine import demo, events, notify
-from guestsafe.engine.archive.store import Archive, VerifyReport, VersionInfo
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.verify import VerifyReport
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import runner
 from guestsafe.engine.backup.runlog import RunLog
 from guestsafe.engine.backup.runner import RunResult
-from guestsafe.engine.devices import mounts
-from guestsafe.engine.devices.udev import (
-    BlockDevice,
-    DevicesChanged,
-    DeviceWatcher,
-    ManualWatcher,
-    list_devices,
-)
+from guestsafe.engine.devices import mounts, preflight
+from guestsafe.engine.devices.resolve import resolve
+from guestsafe.engine.devices.udev import BlockDevice, list_devices
+from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher, ManualWatcher
 from guestsafe.engine.errors import ConfigError, GuestsafeError, NotFoundError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
-from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor, resolve_uri
-from guestsafe.engine.jobs import model as jobs
-from guestsafe.engine.jobs import schedule
-from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+from guestsafe.engine.jobs import jobs_file as jobs
+from guestsafe.engine.jobs import schedule, timers
+from guestsafe.engine.jobs.model import Job, JobNotFound
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore import (
     NEW,
@@ -71,7 +70,7 @@ class Engine:
         self.paths = paths or Paths.default()
         self.sandbox = sandbox
         # Where systemd timers go: /etc/systemd/system unless GUESTSAFE_UNIT_DIR says.
-        self.unit_dir = unit_dir or schedule.default_unit_dir()
+        self.unit_dir = unit_dir or timers.default_unit_dir()
         self._hv: Hypervisor | None = None
         self._hv_lock = threading.Lock()
 
@@ -117,7 +116,7 @@ class Engine:
         for job in self.jobs():
             if job.name == name:
                 return job
-        raise jobs.JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
+        raise JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
 
     def save_job(self, job: Job, *, previous_name: str | None = None) -> None:
         ensure_dir(self.paths.config_file.parent)
@@ -220,11 +219,11 @@ class Engine:
         if self.sandbox is not None:
             return demo.devices()
         try:
-            guest_disks = mounts.guest_disk_devnums(self.hv)
+            guest_disks = preflight.guest_disk_devnums(self.hv)
         except GuestsafeError:
             guest_disks = {}  # no hypervisor: list the devices all the same
         listed = list_devices()
-        return [d for d in listed if mounts.guest_user(d, guest_disks) is None]
+        return [d for d in listed if preflight.guest_user(d, guest_disks) is None]
 
     def watch_devices(self, callback: Callable[[DevicesChanged], None]) -> DeviceWatcher:
         """A started watcher: ``callback`` hears, on the watcher's thread, what came and went.
@@ -237,7 +236,7 @@ class Engine:
 
     def resolve_device(self, spec: str) -> BlockDevice:
         """The device a job's ``device`` (``/dev/sdb1``, ``UUID=...``, ``LABEL=...``) names now."""
-        return mounts.resolve(spec)
+        return resolve(spec)
 
     @contextmanager
     def device_archive(self, spec: str) -> Iterator[Archive]:
@@ -258,31 +257,31 @@ class Engine:
         """When ``job`` runs next, in the host's zone; None for a manual job."""
         return schedule.next_run(job, now)
 
-    def unit_settings(self) -> schedule.UnitSettings:
+    def unit_settings(self) -> timers.UnitSettings:
         home = os.environ.get(HOME_ENV) or None
-        program = schedule.find_program()
-        return schedule.UnitSettings(program, self.paths.config_file, self.uri, home)
+        program = timers.find_program()
+        return timers.UnitSettings(program, self.paths.config_file, self.uri, home)
 
     def timer_states(self, job_list: list[Job] | None = None) -> dict[str, str]:
         """Each job's timer: ``manual``, ``installed``, ``outdated`` or ``missing``."""
         try:
-            settings: schedule.UnitSettings | None = self.unit_settings()
+            settings: timers.UnitSettings | None = self.unit_settings()
         except GuestsafeError:
             settings = None  # no guestsafe command to compare with: presence only
         listed = self.jobs() if job_list is None else job_list
-        return {job.name: schedule.timer_state(job, self.unit_dir, settings) for job in listed}
+        return {job.name: timers.timer_state(job, self.unit_dir, settings) for job in listed}
 
-    def install_timers(self, unit_dir: Path | None = None) -> schedule.TimerChanges:
+    def install_timers(self, unit_dir: Path | None = None) -> timers.TimerChanges:
         """Write a timer and service per scheduled job; drop those of other jobs."""
         target = unit_dir or self.unit_dir
-        return schedule.install_timers(self.jobs(), self.unit_settings(), target)
+        return timers.install_timers(self.jobs(), self.unit_settings(), target)
 
-    def remove_timers(self, unit_dir: Path | None = None) -> schedule.TimerChanges:
-        return schedule.remove_timers(unit_dir or self.unit_dir)
+    def remove_timers(self, unit_dir: Path | None = None) -> timers.TimerChanges:
+        return timers.remove_timers(unit_dir or self.unit_dir)
 
     def _update_timers(self) -> None:
         """Keep installed timers in step with the jobs file after an edit."""
-        if not schedule.timers_wanted(self.unit_dir, self.jobs()):
+        if not timers.timers_wanted(self.unit_dir, self.jobs()):
             return
         try:
             self.install_timers()

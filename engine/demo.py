@@ -23,7 +23,8 @@ import libvirt
 from guestsafe.engine.devices.udev import BlockDevice
 from guestsafe.engine.errors import DeviceError
 from guestsafe.engine.fsutil import atomic_write_bytes
-from guestsafe.engine.jobs.model import Job, Schedule, save_jobs
+from guestsafe.engine.jobs.jobs_file import save_jobs
+from guestsafe.engine.jobs.model import Job, Schedule
 
 DIR_ENV = "GUESTSAFE_DEMO_DIR"
 TEST_NS = "http://libvirt.org/schemas/domain/test/1.0"

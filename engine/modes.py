@@ -1,16 +1,38 @@
-"""Backup modes and how a version made in each is labelled for people.
+"""Backup modes, the shutdown-timeout policy, and how a version's mode is labelled.
 
 ``snapshot`` versions are crash-consistent: the guest kept running while its
 disks were read, as if its power had been pulled at that moment. Every list of
 versions says so, because a torn database is exactly what guestsafe exists to
 avoid.
+
+``Mode`` is the one list of modes: the jobs file, the manifest and the CLI all
+spell a mode as its value.
 """
 
 from __future__ import annotations
 
-STOP = "stop"
-STOP_SHORT = "stop-short"
-SNAPSHOT = "snapshot"
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    """How a guest is backed up; the value is the spelling in jobs.toml and manifest.json."""
+
+    STOP = "stop"
+    STOP_SHORT = "stop-short"
+    SNAPSHOT = "snapshot"
+
+
+class OnTimeout(StrEnum):
+    """What a run does with a guest that ignores its shutdown request (``on_timeout``)."""
+
+    ABORT = "abort"  # leave the guest running and make no backup of it
+    FORCE = "force"  # power it off
+
+
+# Module-level names kept for callers that spell modes as ``modes.STOP``.
+STOP = Mode.STOP
+STOP_SHORT = Mode.STOP_SHORT
+SNAPSHOT = Mode.SNAPSHOT
 
 CRASH_CONSISTENT = "crash-consistent"
 
@@ -20,7 +42,15 @@ SNAPSHOT_NOTE = (
     "that moment; databases and journals may need recovery after a restore"
 )
 
-_LABELS = {SNAPSHOT: f"{SNAPSHOT} ({CRASH_CONSISTENT})"}
+_LABELS: dict[str, str] = {Mode.SNAPSHOT: f"{Mode.SNAPSHOT} ({CRASH_CONSISTENT})"}
+
+
+_VALUES = frozenset(m.value for m in Mode)
+
+
+def parse_mode(value: object) -> Mode | None:
+    """The mode spelled ``value``, or None if it is not one."""
+    return Mode(value) if isinstance(value, str) and value in _VALUES else None
 
 
 def label(mode: str) -> str:
@@ -30,8 +60,8 @@ def label(mode: str) -> str:
 
 def short_label(mode: str) -> str:
     """For narrow columns: a snapshot version shows as ``crash-consistent``."""
-    return CRASH_CONSISTENT if mode == SNAPSHOT else mode
+    return CRASH_CONSISTENT if mode == Mode.SNAPSHOT else mode
 
 
 def is_crash_consistent(mode: str) -> bool:
-    return mode == SNAPSHOT
+    return mode == Mode.SNAPSHOT

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
+from enum import StrEnum
 
 from guestsafe.engine import __version__
 from guestsafe.engine.events import GuestOutcome
@@ -182,6 +183,22 @@ class RunReport:
         }
 
 
+class Delivery(StrEnum):
+    """How one sending went; each line ``send`` returns starts with ``<value>:``."""
+
+    OK = "ok"
+    FAILED = "failed"
+
+
+def _line(delivery: Delivery, text: str) -> str:
+    return f"{delivery}: {text}"
+
+
+def delivery_of(line: str) -> Delivery:
+    """How the sending a line of ``send`` tells of went."""
+    return Delivery.OK if line.startswith(f"{Delivery.OK}:") else Delivery.FAILED
+
+
 def wanted(config: NotifyConfig, report: RunReport) -> bool:
     return config.enabled and (not report.ok or config.on_success)
 
@@ -189,7 +206,8 @@ def wanted(config: NotifyConfig, report: RunReport) -> bool:
 def send(config: NotifyConfig, report: RunReport) -> list[str]:
     """Send ``report`` where ``config`` says; lines for the log, the failures marked.
 
-    Each line starts with ``ok:`` or ``failed:``. Nothing is raised.
+    Each line starts with ``ok:`` or ``failed:`` (``delivery_of`` tells which). Nothing
+    is raised.
     """
     if not wanted(config, report):
         return []
@@ -225,11 +243,13 @@ def _mail(config: NotifyConfig, report: RunReport) -> str:
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"failed: mail to {to} via {config.sendmail}: {exc}"
+        return _line(Delivery.FAILED, f"mail to {to} via {config.sendmail}: {exc}")
     if proc.returncode != 0:
         said = " ".join(proc.stderr.decode(errors="replace").split())[:300]
-        return f"failed: mail to {to}: {config.sendmail} exited {proc.returncode}: {said}"
-    return f"ok: mail sent to {to}"
+        return _line(
+            Delivery.FAILED, f"mail to {to}: {config.sendmail} exited {proc.returncode}: {said}"
+        )
+    return _line(Delivery.OK, f"mail sent to {to}")
 
 
 def _post(config: NotifyConfig, url: str, report: RunReport) -> str:
@@ -241,8 +261,8 @@ def _post(config: NotifyConfig, url: str, report: RunReport) -> str:
         with urllib.request.urlopen(request, timeout=config.timeout) as response:  # noqa: S310
             status = response.status
     except urllib.error.HTTPError as exc:
-        return f"failed: webhook {url} answered {exc.code} {exc.reason}"
+        return _line(Delivery.FAILED, f"webhook {url} answered {exc.code} {exc.reason}")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return f"failed: webhook {url}: {reason}"
-    return f"ok: webhook {url} answered {status}"
+        return _line(Delivery.FAILED, f"webhook {url}: {reason}")
+    return _line(Delivery.OK, f"webhook {url} answered {status}")

@@ -17,6 +17,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import blake3
@@ -24,15 +25,26 @@ import blake3
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.manifest import DOMAIN_XML_FILE, DiskRecord
 from guestsafe.engine.archive.names import encode_guest_name, libvirt_accepts, printable
-from guestsafe.engine.archive.store import Archive, VersionInfo
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import RestoreError, VerifyError
 from guestsafe.engine.events import PhaseChanged, Progress, Reporter
-from guestsafe.engine.hypervisor.connection import SHUTOFF, Hypervisor, parse_domain_xml
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import SHUTOFF, parse_domain_xml
 from guestsafe.engine.paths import Paths
 
-KEEP = "keep"
-NEW = "new"
+
+class MacChoice(StrEnum):
+    """What a clone's interface gets: its old MAC, or a new unique one (the CLI's spelling)."""
+
+    KEEP = "keep"
+    NEW = "new"
+
+
+# Module-level names kept for the console and the CLI.
+KEEP = MacChoice.KEEP
+NEW = MacChoice.NEW
 MAC_PREFIX = "52:54:00"
 
 
@@ -243,7 +255,7 @@ def choose_macs(plan: RestorePlan, policy: str, choices: Mapping[int, str] | Non
         choice = (choices or {}).get(iface.index)
         if choice is None:
             choice = NEW if policy == NEW and iface.clashes else KEEP
-        if choice not in (KEEP, NEW):
+        if choice not in tuple(MacChoice):
             raise RestoreError(f"interface {iface.index}: choose 'keep' or 'new', not {choice!r}")
         macs.append(iface.new_mac if choice == NEW or not iface.mac else iface.mac)
     return macs

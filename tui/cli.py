@@ -21,7 +21,8 @@ import humanize
 
 from guestsafe.engine import __version__
 from guestsafe.engine.api import Engine, LastResult
-from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.runlog import escape
 from guestsafe.engine.errors import GuestsafeError, RestoreError, RunFailed
 from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress

@@ -8,7 +8,7 @@ from textual.containers import Vertical
 from textual.widgets import DataTable
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.hypervisor.connection import GuestInfo
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 
 from . import formatting as fmt
 from .worker_errors import ReportsWorkerErrors

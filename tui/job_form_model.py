@@ -25,9 +25,10 @@ from guestsafe.engine.jobs.model import (
     Hooks,
     Job,
     Schedule,
-    check_job_runtime,
-    validate_job,
+    as_choice,
 )
+from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
+from guestsafe.engine.modes import Mode, OnTimeout
 
 
 def hook_field(phase: str) -> str:
@@ -183,9 +184,9 @@ def build_job(
         device=values.device.strip() or None,
         keep=keep,
         schedule=schedule,
-        mode=values.mode,
+        mode=as_choice(Mode, values.mode),
         shutdown_timeout=timeout,
-        on_timeout=values.on_timeout,
+        on_timeout=as_choice(OnTimeout, values.on_timeout),
         group=values.group,
         verify=values.verify,
         fallback_to_stop=values.fallback_to_stop,

@@ -28,9 +28,11 @@ from textual.message import Message
 from textual.widgets import DataTable, Label, Select, Static
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.runlog import escape
-from guestsafe.engine.devices.udev import BlockDevice, DevicesChanged, DeviceWatcher
+from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher
 from guestsafe.engine.errors import GuestsafeError
 from guestsafe.engine.events import Event
 from guestsafe.engine.modes import is_crash_consistent, short_label

@@ -21,10 +21,9 @@ from typing import Any, NoReturn
 
 from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import ArchiveError
+from guestsafe.engine.modes import Mode, parse_mode
 
 FORMAT_VERSION = 1
-
-MODES = ("stop", "stop-short", "snapshot")
 
 MANIFEST_FILE = "manifest.json"
 DOMAIN_XML_FILE = "domain.xml"
@@ -84,7 +83,7 @@ class Manifest:
     guest: str
     uuid: str
     host: str
-    mode: str
+    mode: Mode
     started: str
     finished: str
     downtime: float | None
@@ -161,7 +160,7 @@ def _to_dict(manifest: Manifest) -> dict[str, Any]:
 
 
 _MANIFEST_KEYS = frozenset(
-    _to_dict(Manifest(1, "", "", "", "", "", "", None, "", [], None, [])).keys()
+    _to_dict(Manifest(1, "", "", "", Mode.STOP, "", "", None, "", [], None, [])).keys()
 )
 _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys())
 
@@ -282,11 +281,12 @@ class _Reader:
             self.fail(f"has uuid {value!r}, not a lower-case UUID")
         return value
 
-    def mode(self, data: dict[str, Any]) -> str:
+    def mode(self, data: dict[str, Any]) -> Mode:
         value = self.text(data, "mode")
-        if value not in MODES:
-            self.fail(f"has mode {value!r}, not one of {', '.join(MODES)}")
-        return value
+        mode = parse_mode(value)
+        if mode is None:
+            self.fail(f"has mode {value!r}, not one of {', '.join(Mode)}")
+        return mode
 
     def downtime(self, data: dict[str, Any]) -> float | None:
         value = data["downtime"]

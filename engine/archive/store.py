@@ -1,5 +1,10 @@
 """The archive: versioned folders of plain disk files, format v1 (FORMAT.md).
 
+``Archive`` opens an archive, finds its guests and lists their versions, begins
+new ones, and runs verification, retention and recovery over them. The pieces
+live beside it: ``layout`` (names and safe file access), ``versions`` (reading a
+committed version), ``partial`` (writing one), ``verify`` and ``retention``.
+
 A version exists once its folder is renamed from ``.partial-<n>`` to ``<n>``,
 after every file and the manifest are fsynced. Nothing else in a committed
 version is ever rewritten; verification results live in a ``verified.json``
@@ -12,34 +17,31 @@ are. Reading is safe at any time.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import re
-import shutil
 import stat
 import threading
 import uuid as uuidlib
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from guestsafe.engine import failpoints
-from guestsafe.engine.archive.manifest import (
-    B3SUMS_FILE,
-    DOMAIN_XML_FILE,
-    FORMAT_VERSION,
-    MANIFEST_FILE,
-    RESERVED_FILES,
-    VERIFIED_FILE,
-    DiskRecord,
-    Manifest,
-    b3sums_text,
-    is_safe_file_name,
+from guestsafe.engine.archive.layout import (
+    COUNTER_FILE,
+    DELETING_PREFIX,
+    DIR_MODE,
+    FILE_MODE,
+    GUEST_NAME_FILE,
+    NUMBER,
+    PARTIAL_PREFIX,
+    join_numbers,
+    kind_of,
+    mkdir_private,
+    now,
+    read_small,
+    remove,
+    version_numbers,
 )
+from guestsafe.engine.archive.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 from guestsafe.engine.archive.names import (
     decode_guest_dir,
     encode_guest_name,
@@ -47,112 +49,20 @@ from guestsafe.engine.archive.names import (
     matches,
     printable,
 )
-from guestsafe.engine.copier import hash_file
-from guestsafe.engine.errors import ArchiveError, CopyError, NotFoundError, VerifyError
-from guestsafe.engine.events import Progress
-from guestsafe.engine.fsutil import (
-    atomic_write_bytes,
-    fsync_dir,
-    fsync_file,
-    is_temp_name,
-    lstat_or_none,
+from guestsafe.engine.archive.partial import PartialVersion
+from guestsafe.engine.archive.retention import prune
+from guestsafe.engine.archive.verify import (
+    ProgressFn,
+    VerifyReport,
+    check_version,
+    hash_job,
+    record,
 )
+from guestsafe.engine.archive.versions import VersionInfo, read_version
+from guestsafe.engine.errors import ArchiveError, NotFoundError
+from guestsafe.engine.fsutil import atomic_write_bytes, fsync_dir, is_temp_name, lstat_or_none
 
 MARKER = "guestsafe-archive.json"
-COUNTER_FILE = "last-version"
-GUEST_NAME_FILE = "guest-name"
-PARTIAL_PREFIX = ".partial-"
-DELETING_PREFIX = ".deleting-"
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-
-# Version numbers are decimal without leading zeros, so each has one spelling.
-_NUMBER = re.compile(r"[1-9][0-9]{0,17}")
-# Metadata files are small; a huge one is damage, and reading it whole would hurt.
-_MAX_METADATA = 16 * 1024 * 1024
-
-ProgressFn = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """One committed version as the archive list shows it."""
-
-    guest: str
-    number: int
-    path: Path
-    manifest: Manifest
-    size: int  # bytes the folder's files take on disk
-    date: str  # manifest.finished
-    mode: str
-    verified: bool | None  # None: never verified, or its record is unreadable
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    guest: str
-    number: int
-    ok: bool
-    problems: list[str]
-
-    def raise_if_failed(self) -> None:
-        """Raise VerifyError naming guest, version and the first problems."""
-        if self.ok:
-            return
-        shown = "; ".join(self.problems[:3])
-        more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
-        raise VerifyError(
-            f"version {self.number} of {printable(self.guest)} failed verification: {shown}{more}"
-        )
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _read_small(path: Path) -> bytes:
-    """Read a metadata file without following a symlink planted in its place."""
-    # O_NONBLOCK: a FIFO in a manifest's place must fail, not hang the open.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
-        data = f.read(_MAX_METADATA + 1)
-    if len(data) > _MAX_METADATA:
-        raise OSError(errno.EFBIG, "larger than any metadata file guestsafe writes")
-    return data
-
-
-def _mkdir_private(path: Path) -> None:
-    os.mkdir(path, DIR_MODE)
-    # mkdir's mode is narrowed by the umask only, never widened; the chmod makes the
-    # mode exact whatever umask the timer or shell left us with.
-    try:
-        os.chmod(path, DIR_MODE)
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.ENOTSUP):  # exFAT/FAT have no modes
-            raise
-
-
-def _kind(st: os.stat_result) -> str:
-    if stat.S_ISLNK(st.st_mode):
-        return "a symlink"
-    if stat.S_ISDIR(st.st_mode):
-        return "a directory"
-    return "a special file"
-
-
-def _remove(path: Path) -> None:
-    """Remove a file or a whole tree, never following a symlink out of it."""
-    st = lstat_or_none(path)
-    if st is None:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        # shutil.rmtree works on file descriptors here (avoids_symlink_attacks): a
-        # symlink inside is unlinked, never followed.
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
 
 
 def _guest_like(name: str) -> bool:
@@ -171,51 +81,6 @@ def _is_uuid(value: object) -> bool:
         return isinstance(value, str) and str(uuidlib.UUID(value)) == value
     except ValueError:
         return False
-
-
-def _join(numbers: list[int]) -> str:
-    return ", ".join(map(str, numbers)) if numbers else "none"
-
-
-def _read_verified(folder: Path) -> bool | None:
-    """The last verification result of a version folder; None if there is none."""
-    try:
-        data = json.loads(_read_small(folder / VERIFIED_FILE))
-    except (OSError, ValueError):
-        return None
-    # An unreadable record proves nothing either way: "unknown", not "failed".
-    ok = data.get("ok") if isinstance(data, dict) else None
-    return ok if isinstance(ok, bool) else None
-
-
-def _folder_size(folder: Path) -> int:
-    total = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_blocks * 512
-    return total
-
-
-@dataclass
-class _HashJob:
-    file: str
-    path: Path
-    expected: str
-    size: int
-
-
-@dataclass
-class _Check:
-    """One version's verification: problems found so far and files left to hash."""
-
-    guest: str
-    number: int
-    folder: Path
-    problems: list[str]
-    jobs: list[_HashJob]
-    record: bool = True  # False when the folder is not ours to write into
 
 
 class Archive:
@@ -249,7 +114,7 @@ class Archive:
                     f"{root} is not a guestsafe archive (no {MARKER}); check the "
                     "destination, or let a backup job create the archive there"
                 )
-            data = {"format": FORMAT_VERSION, "archive_id": str(uuidlib.uuid4()), "created": _now()}
+            data = {"format": FORMAT_VERSION, "archive_id": str(uuidlib.uuid4()), "created": now()}
             atomic_write_bytes(marker, (json.dumps(data, indent=2) + "\n").encode(), FILE_MODE)
         archive = cls(root, data["archive_id"], data["created"])
         if expected_id is not None and expected_id != archive.archive_id:
@@ -271,7 +136,7 @@ class Archive:
     @staticmethod
     def _read_marker(marker: Path) -> dict[str, Any] | None:
         try:
-            data = json.loads(_read_small(marker))
+            data = json.loads(read_small(marker))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -332,15 +197,15 @@ class Archive:
             except ArchiveError:
                 return None
         try:
-            stored = _read_small(folder / GUEST_NAME_FILE).decode("utf-8", "surrogatepass")
+            stored = read_small(folder / GUEST_NAME_FILE).decode("utf-8", "surrogatepass")
         except (OSError, UnicodeDecodeError):
             stored = ""
         if matches(stored, folder.name):
             return stored
         # guest-name lost: any manifest in the folder names the guest as well.
-        for number in self._numbers(folder):
+        for number in version_numbers(folder):
             try:
-                manifest = Manifest.from_json(_read_small(folder / str(number) / MANIFEST_FILE))
+                manifest = Manifest.from_json(read_small(folder / str(number) / MANIFEST_FILE))
             except (OSError, ArchiveError):
                 continue
             if matches(manifest.guest, folder.name):
@@ -360,7 +225,7 @@ class Archive:
             if not create:
                 return None
             try:
-                _mkdir_private(path)
+                mkdir_private(path)
             except FileExistsError:  # made by someone else meanwhile: check it as found
                 return self._guest_dir(guest)
             if is_truncated(name):
@@ -371,7 +236,7 @@ class Archive:
             return path
         if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
             raise ArchiveError(
-                f"the folder of guest {printable(guest)}, {path}, is {_kind(st)}; "
+                f"the folder of guest {printable(guest)}, {path}, is {kind_of(st)}; "
                 "guestsafe refuses it (move it away to back this guest up)"
             )
         if name not in os.listdir(self.root):
@@ -389,7 +254,7 @@ class Archive:
         # The hash in a truncated name already ties the folder to this guest; only a
         # guest-name file that says otherwise means someone else's folder.
         try:
-            stored = _read_small(folder / GUEST_NAME_FILE)
+            stored = read_small(folder / GUEST_NAME_FILE)
         except FileNotFoundError:
             if create:  # lost, or a crash right after the folder was made
                 atomic_write_bytes(
@@ -408,60 +273,25 @@ class Archive:
 
     # --- listing -------------------------------------------------------------
 
-    @staticmethod
-    def _numbers(folder: Path, prefix: str = "") -> list[int]:
-        """Numbers of entries named ``<prefix><n>`` in a guest folder, any file type."""
-        numbers = []
-        for name in os.listdir(folder):
-            if name.startswith(prefix) and _NUMBER.fullmatch(name[len(prefix) :]):
-                numbers.append(int(name[len(prefix) :]))
-        return sorted(numbers)
-
-    def _read_version(self, guest: str, folder: Path) -> VersionInfo:
-        number = int(folder.name)
-        try:
-            data = _read_small(folder / MANIFEST_FILE)
-        except OSError as exc:
-            raise ArchiveError(
-                f"version {number} of {printable(guest)} has no readable {MANIFEST_FILE} "
-                f"({folder}): {exc.strerror or exc}"
-            ) from exc
-        manifest = Manifest.from_json(data, version=number, path=folder / MANIFEST_FILE)
-        if manifest.guest != guest:
-            raise ArchiveError(
-                f"version {number} of {printable(guest)} holds a manifest of guest "
-                f"{printable(manifest.guest)} ({folder}); it was moved here by hand"
-            )
-        return VersionInfo(
-            guest=guest,
-            number=number,
-            path=folder,
-            manifest=manifest,
-            size=_folder_size(folder),
-            date=manifest.finished,
-            mode=manifest.mode,
-            verified=_read_verified(folder),
-        )
-
     def _scan_versions(self, guest: str, folder: Path) -> tuple[list[VersionInfo], list[str]]:
         versions: list[VersionInfo] = []
         problems: list[str] = []
-        for number in self._numbers(folder):
+        for number in version_numbers(folder):
             path = folder / str(number)
             try:
                 st = os.lstat(path)
                 if not stat.S_ISDIR(st.st_mode):
                     problems.append(
-                        f"version {number} of {printable(guest)}, {path}, is {_kind(st)}"
+                        f"version {number} of {printable(guest)}, {path}, is {kind_of(st)}"
                     )
                     continue
-                versions.append(self._read_version(guest, path))
+                versions.append(read_version(guest, path))
             except FileNotFoundError:
                 continue  # deleted by retention while we looked
             except ArchiveError as exc:
                 problems.append(exc.message)
         for prefix in (PARTIAL_PREFIX, DELETING_PREFIX):
-            for number in self._numbers(folder, prefix):
+            for number in version_numbers(folder, prefix):
                 problems.append(
                     f"{folder / f'{prefix}{number}'} is unfinished: a backup or retention "
                     "running now, or one interrupted (recovery removes it)"
@@ -494,17 +324,17 @@ class Archive:
 
     def version(self, guest: str, number: int) -> VersionInfo:
         folder = self._guest_dir(guest)
-        numbers = self._numbers(folder) if folder else []
+        numbers = version_numbers(folder) if folder else []
         if folder is None or number not in numbers:
             raise NotFoundError(
                 f"guest {printable(guest)} has no version {number} in {self.root} "
-                f"(versions: {_join(numbers)})"
+                f"(versions: {join_numbers(numbers)})"
             )
         path = folder / str(number)
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode):
-            raise ArchiveError(f"version {number} of {printable(guest)}, {path}, is {_kind(st)}")
-        return self._read_version(guest, path)
+            raise ArchiveError(f"version {number} of {printable(guest)}, {path}, is {kind_of(st)}")
+        return read_version(guest, path)
 
     def latest(self, guest: str) -> VersionInfo | None:
         found = self.versions(guest)
@@ -514,12 +344,12 @@ class Archive:
 
     def _read_counter(self, folder: Path) -> int:
         try:
-            value = _read_small(folder / COUNTER_FILE).decode("ascii").strip()
+            value = read_small(folder / COUNTER_FILE).decode("ascii").strip()
         except (OSError, UnicodeDecodeError):
             return 0
         # A damaged counter falls back to the folders present: reusing the number of a
         # deleted version is far less harmful than refusing to back up.
-        return int(value) if _NUMBER.fullmatch(value) else 0
+        return int(value) if NUMBER.fullmatch(value) else 0
 
     def begin(self, guest: str) -> PartialVersion:
         """Start a new version of ``guest`` in ``.partial-<n>``.
@@ -538,7 +368,7 @@ class Archive:
         assert folder is not None
         used = [self._read_counter(folder)]
         for prefix in ("", PARTIAL_PREFIX, DELETING_PREFIX):
-            used += self._numbers(folder, prefix)
+            used += version_numbers(folder, prefix)
         number = max(used) + 1
         while True:
             # The counter is durable before the number is used, so no crash can hand
@@ -546,7 +376,7 @@ class Archive:
             atomic_write_bytes(folder / COUNTER_FILE, f"{number}\n".encode(), FILE_MODE)
             path = folder / f"{PARTIAL_PREFIX}{number}"
             try:
-                _mkdir_private(path)
+                mkdir_private(path)
             except FileExistsError:
                 number += 1  # another writer raced us despite the lock; never share
                 continue
@@ -564,13 +394,13 @@ class Archive:
         else:
             folder = self._guest_dir(guest)
             folders = {guest: folder} if folder else {}
-        targets = [(g, f, n) for g, f in sorted(folders.items()) for n in self._numbers(f)]
+        targets = [(g, f, n) for g, f in sorted(folders.items()) for n in version_numbers(f)]
         if number is not None:
             chosen = [t for t in targets if t[2] == number]
             if not chosen:
                 raise NotFoundError(
                     f"guest {printable(str(guest))} has no version {number} in {self.root} "
-                    f"(versions: {_join([t[2] for t in targets])})"
+                    f"(versions: {join_numbers([t[2] for t in targets])})"
                 )
             return chosen
         if guest is not None and not targets:
@@ -591,138 +421,15 @@ class Archive:
         bytes done and total over the whole call. A set ``cancel`` stops with
         CopyError and records nothing for the version it interrupted.
         """
-        checks = [self._check(g, f / str(n), n) for g, f, n in self._targets(guest, number)]
+        checks = [check_version(g, f / str(n), n) for g, f, n in self._targets(guest, number)]
         total = sum(job.size for check in checks for job in check.jobs)
         done = 0
         reports = []
         for check in checks:
             for job in check.jobs:
-                done = self._hash(check, job, done, total, progress, cancel)
-            reports.append(self._record(check))
+                done = hash_job(check, job, done, total, progress, cancel)
+            reports.append(record(check))
         return reports
-
-    def _check(self, guest: str, folder: Path, number: int) -> _Check:
-        """Everything about one version that needs no hashing, and the files to hash."""
-        check = _Check(guest, number, folder, [], [])
-        st = lstat_or_none(folder)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            kind = "gone (deleted meanwhile?)" if st is None else _kind(st)
-            check.problems.append(f"version folder {folder} is {kind}")
-            check.record = False
-            return check
-        try:
-            manifest = Manifest.from_json(
-                _read_small(folder / MANIFEST_FILE), version=number, path=folder / MANIFEST_FILE
-            )
-        except OSError as exc:
-            check.problems.append(f"{MANIFEST_FILE}: unreadable ({exc.strerror or exc})")
-            return check
-        except ArchiveError as exc:
-            check.problems.append(f"{MANIFEST_FILE}: {exc.message}")
-            return check
-        if manifest.guest != guest:
-            check.problems.append(
-                f"{MANIFEST_FILE}: names guest {printable(manifest.guest)}, but the folder "
-                f"belongs to {printable(guest)}"
-            )
-        self._check_entries(check, manifest)
-        return check
-
-    def _check_entries(self, check: _Check, manifest: Manifest) -> None:
-        expected: dict[str, tuple[str, int | None]] = {
-            r.file: (r.blake3, r.size) for r in manifest.records
-        }
-        if manifest.domain_xml_blake3 is not None:  # always, in a valid manifest
-            expected[DOMAIN_XML_FILE] = (manifest.domain_xml_blake3, None)
-        present: dict[str, os.stat_result] = {}
-        entries = sorted(os.listdir(check.folder))
-        for name in entries:
-            st = os.lstat(check.folder / name)
-            if not stat.S_ISREG(st.st_mode):
-                check.problems.append(f"{printable(name)} is {_kind(st)}")
-            elif name not in expected and name not in RESERVED_FILES:
-                check.problems.append(f"{printable(name)}: unexpected file")
-            else:
-                present[name] = st
-        for name in [*expected, B3SUMS_FILE]:
-            if name not in entries:
-                check.problems.append(f"{name}: missing")
-        for name, (digest, size) in expected.items():
-            st_file = present.get(name)
-            if st_file is None:
-                continue
-            if size is not None and st_file.st_size != size:
-                check.problems.append(f"{name}: size {st_file.st_size} != {size}")
-                continue
-            check.jobs.append(_HashJob(name, check.folder / name, digest, st_file.st_size))
-        if B3SUMS_FILE in present:
-            self._check_b3sums(check, manifest)
-
-    @staticmethod
-    def _check_b3sums(check: _Check, manifest: Manifest) -> None:
-        try:
-            text = _read_small(check.folder / B3SUMS_FILE)
-        except OSError as exc:
-            check.problems.append(f"{B3SUMS_FILE}: unreadable ({exc.strerror or exc})")
-            return
-        if text != b3sums_text(manifest).encode():
-            check.problems.append(f"{B3SUMS_FILE}: does not match {MANIFEST_FILE}")
-
-    @staticmethod
-    def _hash(
-        check: _Check,
-        job: _HashJob,
-        done: int,
-        total: int,
-        progress: ProgressFn | None,
-        cancel: threading.Event | None,
-    ) -> int:
-        item = f"version {check.number}: {job.file}"
-
-        def report(file_done: int, file_total: int) -> None:
-            # hash_file counts data bytes only (holes cost nothing); scale them to the
-            # file's length, which is what the total is made of.
-            if progress is not None and file_total:
-                progress(
-                    Progress(check.guest, item, done + file_done * job.size // file_total, total)
-                )
-
-        try:
-            actual = hash_file(job.path, progress=report, cancel=cancel)
-        except CopyError as exc:
-            if cancel is not None and cancel.is_set():
-                raise
-            check.problems.append(f"{job.file}: read error ({exc.message})")
-            return done + job.size
-        if actual != job.expected:
-            check.problems.append(
-                f"{job.file}: blake3 mismatch (expected {job.expected[:16]}.., got {actual[:16]}..)"
-            )
-        if progress is not None:
-            progress(Progress(check.guest, item, done + job.size, total))
-        return done + job.size
-
-    @staticmethod
-    def _record(check: _Check) -> VerifyReport:
-        report = VerifyReport(check.guest, check.number, not check.problems, check.problems)
-        if not check.record:
-            return report
-        data = {"ok": report.ok, "at": _now(), "problems": report.problems}
-        try:
-            atomic_write_bytes(
-                check.folder / VERIFIED_FILE,
-                (json.dumps(data, indent=2) + "\n").encode(),
-                FILE_MODE,
-            )
-        except OSError as exc:
-            # A read-only mount can still be verified; there is just nowhere to note it.
-            # A folder deleted meanwhile (retention in another run) needs no note.
-            if exc.errno not in (errno.EROFS, errno.ENOENT):
-                raise ArchiveError(
-                    f"verified version {check.number} of {printable(check.guest)} but could "
-                    f"not record it in {check.folder / VERIFIED_FILE}: {exc.strerror or exc}"
-                ) from exc
-        return report
 
     # --- retention and recovery ------------------------------------------------
 
@@ -736,34 +443,7 @@ class Archive:
         if keep < 1:
             raise ArchiveError(f"keep must be at least 1 for guest {printable(guest)}, not {keep}")
         folder = self._guest_dir(guest)
-        if folder is None:
-            return []
-        # Only real folders: a symlink named like a version is not ours to delete.
-        numbers = [
-            n for n in self._numbers(folder) if stat.S_ISDIR(os.lstat(folder / str(n)).st_mode)
-        ]
-        protected = set(numbers[-1:])
-        verified = [n for n in numbers if _read_verified(folder / str(n)) is True]
-        protected.update(verified[-1:])
-        doomed = [n for n in numbers[: max(len(numbers) - keep, 0)] if n not in protected]
-        for number in doomed:
-            self._delete(folder, number)
-        return doomed
-
-    @staticmethod
-    def _delete(folder: Path, number: int) -> None:
-        source = folder / str(number)
-        trash = folder / f"{DELETING_PREFIX}{number}"
-        _remove(trash)  # garbage from an earlier crash would block the rename
-        # The rename is the deletion: atomic and durable, the version is gone from
-        # every listing before a single byte is freed.
-        os.rename(source, trash)
-        fsync_dir(folder)
-        failpoints.hit("retention.before-delete")
-        # The version is already gone; whatever cannot be removed now shows in
-        # problems() and recover() removes it.
-        with contextlib.suppress(OSError):
-            _remove(trash)
+        return [] if folder is None else prune(folder, keep)
 
     def recover(self) -> list[Path]:
         """Remove unfinished and half-deleted versions and stray temporary files.
@@ -777,14 +457,14 @@ class Archive:
         for folder in self._recoverable_guest_dirs():
             for name in os.listdir(folder):
                 rest = name.removeprefix(PARTIAL_PREFIX).removeprefix(DELETING_PREFIX)
-                if (rest != name and _NUMBER.fullmatch(rest)) or is_temp_name(name):
+                if (rest != name and NUMBER.fullmatch(rest)) or is_temp_name(name):
                     removed.append(folder / name)
-            for number in self._numbers(folder):
+            for number in version_numbers(folder):
                 version = folder / str(number)
                 if version.is_dir() and not version.is_symlink():
                     removed += [version / n for n in os.listdir(version) if is_temp_name(n)]
         for path in removed:
-            _remove(path)
+            remove(path)
         return sorted(removed)
 
     def _recoverable_guest_dirs(self) -> list[Path]:
@@ -798,123 +478,3 @@ class Archive:
             if is_truncated(name) or self._guest_of(path) is not None:
                 found.append(path)
         return sorted(found)
-
-
-class PartialVersion:
-    """A version being written; invisible to every listing until ``commit``."""
-
-    def __init__(self, archive: Archive, guest: str, number: int, path: Path) -> None:
-        self.guest = guest
-        self.number = number
-        self.path = path
-        self._archive = archive
-        self._committed = False
-
-    def _where(self) -> str:
-        return f"version {self.number} of {printable(self.guest)}"
-
-    def _check_open(self) -> None:
-        if self._committed:
-            raise ArchiveError(f"{self._where()} is already committed")
-        st = lstat_or_none(self.path)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            raise ArchiveError(
-                f"{self._where()}: {self.path} is gone or replaced (was recovery run while "
-                "this backup was writing?)"
-            )
-
-    def file_path(self, name: str) -> Path:
-        """Where the disk file ``name`` (``vda.qcow2``) goes; a plain name only."""
-        if not is_safe_file_name(name):
-            raise ArchiveError(
-                f"{self._where()}: {name!r} is not a plain disk file name (like vda.qcow2)"
-            )
-        return self.path / name
-
-    def write_domain_xml(self, xml: str) -> None:
-        """Store the domain XML, 0600: it can hold console and storage passwords."""
-        self._check_open()
-        atomic_write_bytes(self.path / DOMAIN_XML_FILE, xml.encode("utf-8"), FILE_MODE)
-
-    def _complete(self, record: DiskRecord) -> DiskRecord:
-        """The record with its file checked and its size filled in."""
-        path = self.file_path(record.file)
-        st = lstat_or_none(path)
-        if st is None:
-            raise ArchiveError(f"{self._where()}: {record.file} is missing in {self.path}")
-        if not stat.S_ISREG(st.st_mode):
-            raise ArchiveError(f"{self._where()}: {record.file} is {_kind(st)}, not a file")
-        if record.size is not None and record.size != st.st_size:
-            raise ArchiveError(
-                f"{self._where()}: {record.file} is {st.st_size} bytes, "
-                f"the manifest says {record.size}"
-            )
-        return replace(record, size=st.st_size)
-
-    def _domain_digest(self) -> str:
-        path = self.path / DOMAIN_XML_FILE
-        st = lstat_or_none(path)
-        if st is None or not stat.S_ISREG(st.st_mode):
-            raise ArchiveError(
-                f"{self._where()}: {DOMAIN_XML_FILE} is missing in {self.path}; "
-                "a version must be bootable with virsh define"
-            )
-        try:
-            return hash_file(path)
-        except CopyError as exc:
-            raise ArchiveError(f"{self._where()}: {exc.message}") from exc
-
-    def _check_no_strays(self, wanted: set[str]) -> None:
-        strays = sorted(set(os.listdir(self.path)) - wanted)
-        if strays:
-            raise ArchiveError(
-                f"{self._where()}: {self.path} holds files the manifest does not list: "
-                f"{', '.join(map(printable, strays))}"
-            )
-
-    def commit(self, manifest: Manifest) -> VersionInfo:
-        """Make the version real: fsync everything, write the manifest, rename.
-
-        ``DiskRecord.size`` and ``Manifest.domain_xml_blake3`` are filled in here
-        when None, and checked when given.
-        """
-        self._check_open()
-        if manifest.guest != self.guest:
-            raise ArchiveError(
-                f"{self._where()}: the manifest is of guest {printable(manifest.guest)}"
-            )
-        disks = [self._complete(r) for r in manifest.disks]
-        nvram = self._complete(manifest.nvram) if manifest.nvram is not None else None
-        digest = self._domain_digest()
-        if manifest.domain_xml_blake3 not in (None, digest):
-            raise ArchiveError(f"{self._where()}: {DOMAIN_XML_FILE} changed since it was hashed")
-        final = replace(manifest, disks=disks, nvram=nvram, domain_xml_blake3=digest)
-        try:
-            text = final.to_json()
-        except ArchiveError as exc:
-            raise ArchiveError(f"{self._where()}: {exc.message}") from exc
-        files = {r.file for r in final.records}
-        # manifest.json and B3SUMS may be left by an earlier commit attempt; rewritten.
-        self._check_no_strays(files | {DOMAIN_XML_FILE, MANIFEST_FILE, B3SUMS_FILE})
-        for name in sorted(files):
-            # The copier fsyncs too; this pass also covers files QEMU wrote (push backup).
-            fsync_file(self.path / name)
-        failpoints.hit("commit.before-manifest")
-        atomic_write_bytes(self.path / B3SUMS_FILE, b3sums_text(final).encode(), FILE_MODE)
-        atomic_write_bytes(self.path / MANIFEST_FILE, text.encode(), FILE_MODE)
-        fsync_dir(self.path)
-        failpoints.hit("commit.before-rename")
-        target = self.path.parent / str(self.number)
-        if os.path.lexists(target):
-            raise ArchiveError(f"{self._where()}: {target} already exists; refusing to replace it")
-        os.rename(self.path, target)
-        self._committed = True
-        fsync_dir(self.path.parent)
-        failpoints.hit("commit.after-rename")
-        return self._archive.version(self.guest, self.number)
-
-    def discard(self) -> None:
-        """Remove the unfinished version; a no-op once committed or already gone."""
-        if self._committed:
-            return
-        _remove(self.path)

@@ -43,7 +43,8 @@ from guestsafe.engine.errors import CopyError, GuestsafeError, HypervisorError, 
 from guestsafe.engine.events import Progress
 from guestsafe.engine.fsutil import lstat_or_none
 from guestsafe.engine.hypervisor import disk_files, push_jobs
-from guestsafe.engine.hypervisor.connection import RUNNING, GuestInfo, Hypervisor, parse_domain_xml
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import RUNNING, GuestInfo, parse_domain_xml
 from guestsafe.engine.hypervisor.push_jobs import JobOutcome, JobWatch, PushTarget
 from guestsafe.engine.hypervisor.qemu_access import QemuAccess, qemu_sees, qemu_uid
 from guestsafe.engine.sizes import byte_size

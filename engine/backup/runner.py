@@ -20,7 +20,9 @@ from pathlib import Path
 
 from guestsafe.engine import __version__, events, failpoints, locks
 from guestsafe.engine.archive.manifest import DiskRecord, Manifest
-from guestsafe.engine.archive.store import Archive, PartialVersion, VersionInfo
+from guestsafe.engine.archive.partial import PartialVersion
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal, JournalEntry, remove_partial
 from guestsafe.engine.backup.push_copy import (
@@ -42,8 +44,10 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import GuestOutcome, PhaseChanged, Progress, Reporter
 from guestsafe.engine.hypervisor import disk_files
-from guestsafe.engine.hypervisor.connection import PAUSED, RUNNING, SHUTOFF, GuestInfo, Hypervisor
-from guestsafe.engine.jobs.model import Job, JobConfigError, misconfigured_device
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF, GuestInfo
+from guestsafe.engine.jobs.model import Job, JobConfigError
+from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 

@@ -1,4 +1,4 @@
-"""External block devices: what is plugged in, and what changes (pyudev).
+"""External block devices: what is plugged in and what uses it (pyudev).
 
 ``list_devices()`` lists the block devices (partitions and whole disks) that
 carry a filesystem and are not in use. Left out are:
@@ -15,10 +15,7 @@ Locked LUKS containers are listed with ``locked=True``, so the console can say
 "unlock it first". Whether a device holds a guestsafe archive is only known once
 it is mounted; ``mounts.probe_markers`` finds out on request.
 
-``DeviceWatcher`` runs a thread on a udev netlink monitor and on the kernel's
-mount-table notification (``/proc/self/mountinfo`` signals POLLPRI), so it never
-polls the tree: each burst of events is followed by one fresh listing, and the
-callback hears what was added and removed, well within a second.
+Hot-plug is watched in ``watch.py``, the mount table read in ``mountinfo.py``.
 """
 
 from __future__ import annotations
@@ -26,171 +23,24 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
-import stat
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pyudev
 
-from guestsafe.engine.errors import DeviceError
+from guestsafe.engine.devices.mountinfo import in_use_devnums, mounts_of, read_mounts
 
-MOUNTINFO = Path("/proc/self/mountinfo")
-SWAPS = Path("/proc/swaps")
 SYS_BLOCK = Path("/sys/class/block")
 # guestsafe's own short read-only mounts (browsing, probing) go below this. A device
 # mounted there stays listed, so the list does not flicker while it is looked at.
 RUNTIME_DIR = Path("/run/guestsafe")
 SECTOR = 512
-
 # ID_FS_USAGE values (blkid) that a person can mount or unlock.
 _USABLE = ("filesystem", "crypto")
 # Filesystems that can never take a backup, whatever the device.
 READ_ONLY_FILESYSTEMS = frozenset({"iso9660", "squashfs", "erofs", "cramfs", "romfs"})
-# How long the watcher waits for a burst of udev events to end before listing.
-SETTLE_SECONDS = 0.15
-# ...but never longer than this after the first event, so a device shows in time.
-MAX_DELAY_SECONDS = 0.6
-
-_ESCAPE = re.compile(rb"\\([0-7]{3})")
-
-
-# --- mounts ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of ``/proc/self/mountinfo``."""
-
-    mount_id: int
-    devnum: int  # st_dev of the filesystem (anonymous for btrfs)
-    root: str
-    target: str
-    options: frozenset[str]  # per-mount flags: nosuid, nodev, noexec, ro ...
-    fstype: str
-    source: str
-    shared: bool = False  # in a peer group: mounts and unmounts below it propagate
-    parent_id: int = 0
-
-    @property
-    def source_devnum(self) -> int | None:
-        """The block device named as the source, when it is one."""
-        if not self.source.startswith("/dev/"):
-            return None
-        try:
-            st = os.stat(self.source)
-        except OSError:
-            return None
-        return st.st_rdev if stat.S_ISBLK(st.st_mode) else None
-
-    def is_of(self, devnum: int) -> bool:
-        return devnum in (self.devnum, self.source_devnum)
-
-
-def _unescape(field: bytes) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    return os.fsdecode(_ESCAPE.sub(lambda m: bytes([int(m.group(1), 8)]), field))
-
-
-def parse_mountinfo(data: bytes) -> list[MountEntry]:
-    """The entries of a mountinfo text, in mount order (the top of a stack last)."""
-    entries = []
-    for line in data.splitlines():
-        fields = line.split(b" ")
-        try:
-            sep = fields.index(b"-", 6)
-            major, minor = (int(x) for x in fields[2].split(b":"))
-            entries.append(
-                MountEntry(
-                    mount_id=int(fields[0]),
-                    devnum=os.makedev(major, minor),
-                    root=_unescape(fields[3]),
-                    target=_unescape(fields[4]),
-                    options=frozenset(_unescape(fields[5]).split(",")),
-                    fstype=_unescape(fields[sep + 1]),
-                    source=_unescape(fields[sep + 2]),
-                    shared=any(f.startswith(b"shared:") for f in fields[6:sep]),
-                    parent_id=int(fields[1]),
-                )
-            )
-        except (ValueError, IndexError):
-            continue  # a line we cannot read names nothing we could use
-    return entries
-
-
-def read_mounts() -> list[MountEntry]:
-    return parse_mountinfo(MOUNTINFO.read_bytes())
-
-
-def mounts_of(devnum: int, entries: Iterable[MountEntry] | None = None) -> list[MountEntry]:
-    """Where the block device ``devnum`` is mounted."""
-    return [e for e in (read_mounts() if entries is None else entries) if e.is_of(devnum)]
-
-
-def mount_at(target: str | Path, entries: Iterable[MountEntry] | None = None) -> MountEntry | None:
-    """The mount on top at ``target`` (a real path), or None if it is no mount point."""
-    found = None
-    for entry in read_mounts() if entries is None else entries:
-        if entry.target == str(target):
-            found = entry
-    return found
-
-
-def mount_containing(path: str | Path, entries: Iterable[MountEntry] | None = None) -> MountEntry:
-    """The mount that ``path`` (a real path) lies on, the top one where several are."""
-    best: MountEntry | None = None
-    for entry in read_mounts() if entries is None else entries:
-        inside = str(path) == entry.target or str(path).startswith(entry.target.rstrip("/") + "/")
-        if inside and (best is None or len(entry.target) >= len(best.target)):
-            best = entry
-    if best is None:
-        raise DeviceError(f"no mount holds {path}; is /proc mounted?")
-    return best
-
-
-def is_self_bind(entry: MountEntry, entries: Iterable[MountEntry]) -> bool:
-    """Whether ``entry`` is a directory bound onto itself (a mount point made shared)."""
-    parent = next((e for e in entries if e.mount_id == entry.parent_id), None)
-    if parent is None or (parent.devnum, parent.source) != (entry.devnum, entry.source):
-        return False
-    inside = os.path.relpath(entry.target, parent.target)
-    return os.path.normpath(os.path.join(parent.root, inside)) == entry.root
-
-
-def _active_swap_devnums() -> set[int]:
-    found: set[int] = set()
-    try:
-        lines = SWAPS.read_text().splitlines()[1:]
-    except OSError:
-        return found
-    for line in lines:
-        name = line.split()[0].replace("\\040", " ") if line.split() else ""
-        with contextlib.suppress(OSError):
-            st = os.stat(name)
-            # A swap partition is itself busy; a swap file keeps its filesystem busy.
-            found.add(st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev)
-    return found
-
-
-def in_use_devnums(entries: Iterable[MountEntry], *, ignore_below: str | None = None) -> set[int]:
-    """Block devices that are mounted (except below ``ignore_below``) or active swap."""
-    found: set[int] = set()
-    for entry in entries:
-        if ignore_below and entry.target.startswith(ignore_below.rstrip("/") + "/"):
-            continue
-        if os.major(entry.devnum) != 0:
-            found.add(entry.devnum)
-        source = entry.source_devnum
-        if source is not None:
-            found.add(source)
-    return found | _active_swap_devnums()
-
-
-# --- devices -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -471,164 +321,3 @@ def usage_of(device: BlockDevice, context: pyudev.Context | None = None) -> Usag
             where = ", ".join(e.target for e in mounts_of(user.devnum, entries)) or "swap"
             reasons.append(f"it backs {user.node} ({where})")
     return Usage(tuple(reasons))
-
-
-# --- hot-plug ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DevicesChanged:
-    """What the watcher saw change; ``devices`` is the whole list afterwards."""
-
-    added: tuple[BlockDevice, ...]
-    removed: tuple[BlockDevice, ...]
-    devices: tuple[BlockDevice, ...]
-
-
-def _key(device: BlockDevice) -> tuple[str, str, str, str, bool]:
-    return (device.node, device.uuid, device.fstype, device.label, device.locked)
-
-
-def diff(before: Sequence[BlockDevice], after: Sequence[BlockDevice]) -> DevicesChanged:
-    old = {_key(d): d for d in before}
-    new = {_key(d): d for d in after}
-    return DevicesChanged(
-        added=tuple(d for k, d in new.items() if k not in old),
-        removed=tuple(d for k, d in old.items() if k not in new),
-        devices=tuple(after),
-    )
-
-
-class DeviceWatcher:
-    """Reports devices added and removed; ``callback`` runs on the watcher's thread.
-
-    Use as a context manager, or ``start()`` and ``stop()``. The callback hears
-    only real changes to the list, never a burst of udev noise, and must not
-    block for long. An exception in it is kept in ``last_error``, not raised.
-    """
-
-    def __init__(
-        self,
-        callback: Callable[[DevicesChanged], None],
-        *,
-        lister: Callable[[], list[BlockDevice]] | None = None,
-    ) -> None:
-        self._callback = callback
-        self._context = pyudev.Context()
-        self._lister = lister or (lambda: list_devices(self._context))
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = -1, -1
-        self._stop = threading.Event()
-        self.devices: list[BlockDevice] = []
-        self.last_error: BaseException | None = None
-
-    def start(self) -> DeviceWatcher:
-        if self._thread is not None:
-            return self
-        try:
-            monitor = pyudev.Monitor.from_netlink(self._context)
-            monitor.filter_by("block")
-            monitor.start()
-        except (OSError, pyudev.DeviceNotFoundError) as exc:
-            raise DeviceError(
-                f"cannot watch for devices: no udev monitor ({exc}); is systemd-udevd running?"
-            ) from exc
-        self.devices = self._lister()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._thread = threading.Thread(
-            target=self._run, args=(monitor,), name="guestsafe-devices", daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        thread.join(timeout=5)
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def __enter__(self) -> DeviceWatcher:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self, monitor: pyudev.Monitor) -> None:
-        with open(MOUNTINFO, "rb") as mountinfo:
-            poller = select.poll()
-            poller.register(monitor.fileno(), select.POLLIN)
-            # The kernel flags the mount table with POLLPRI|POLLERR when it changes.
-            poller.register(mountinfo.fileno(), select.POLLPRI | select.POLLERR)
-            poller.register(self._wake_r, select.POLLIN)
-            while not self._stop.is_set():
-                if self._wait_for_burst(poller, monitor) and not self._stop.is_set():
-                    self._relist()
-
-    def _wait_for_burst(self, poller: select.poll, monitor: pyudev.Monitor) -> bool:
-        """Block until something happens, then until it has been quiet a moment."""
-        first: float | None = None
-        timeout: float | None = None
-        while not self._stop.is_set():
-            ready = poller.poll(None if timeout is None else timeout * 1000)
-            if not ready:
-                return True  # quiet after a burst
-            for _ in _drain(monitor):
-                pass
-            now = time.monotonic()
-            first = now if first is None else first
-            timeout = max(0.0, min(SETTLE_SECONDS, first + MAX_DELAY_SECONDS - now))
-            if timeout == 0.0:
-                return True
-        return False
-
-    def _relist(self) -> None:
-        try:
-            after = self._lister()
-        except (OSError, DeviceError, pyudev.DeviceNotFoundError):
-            return  # a device vanished while listed; the next event lists again
-        change = diff(self.devices, after)
-        self.devices = after
-        if change.added or change.removed:
-            try:
-                self._callback(change)
-            except Exception as exc:  # the consumer's bug must not stop the watching
-                self.last_error = exc
-
-
-class ManualWatcher(DeviceWatcher):
-    """A watcher fed by hand instead of udev: the demo sandbox's, and tests' hot-plug."""
-
-    def __init__(
-        self, callback: Callable[[DevicesChanged], None], devices: Sequence[BlockDevice]
-    ) -> None:
-        super().__init__(callback, lister=lambda: list(self._fed))
-        self._fed = list(devices)
-
-    def start(self) -> ManualWatcher:
-        self.devices = list(self._fed)
-        return self
-
-    def stop(self) -> None:
-        pass
-
-    def set_devices(self, devices: Sequence[BlockDevice]) -> None:
-        """Report the change to ``devices`` as udev events would (on the caller's thread)."""
-        self._fed = list(devices)
-        self._relist()
-
-
-def _drain(monitor: pyudev.Monitor) -> Iterator[Any]:
-    while True:
-        try:
-            dev = monitor.poll(timeout=0)
-        except OSError:
-            return
-        if dev is None:
-            return
-        yield dev

@@ -11,31 +11,28 @@ from __future__ import annotations
 import os
 import threading
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
 
 from guestsafe.engine.errors import HypervisorError, NotFoundError, ShutdownTimeout
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
+from guestsafe.engine.modes import OnTimeout
 
 DEFAULT_URI = "qemu:///system"
 
-RUNNING = "running"
-PAUSED = "paused"
-SHUTOFF = "shutoff"
-
 _STATE_NAMES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "nostate",
-    libvirt.VIR_DOMAIN_RUNNING: RUNNING,
-    libvirt.VIR_DOMAIN_BLOCKED: RUNNING,
-    libvirt.VIR_DOMAIN_PAUSED: PAUSED,
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting-down",
-    libvirt.VIR_DOMAIN_SHUTOFF: SHUTOFF,
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_NOSTATE: GuestState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: GuestState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: GuestState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: GuestState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: GuestState.SHUTTING_DOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: GuestState.SHUTOFF,
+    libvirt.VIR_DOMAIN_CRASHED: GuestState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: GuestState.PMSUSPENDED,
 }
 
 # How often an unanswered shutdown request is repeated.
@@ -51,95 +48,9 @@ def resolve_uri(uri: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class DiskInfo:
-    target: str
-    source: str | None
-    kind: str  # "file", "block", "network", ...
-    device: str  # "disk", "cdrom", "floppy", "lun"
-    format: str | None
-    readonly: bool
-    shareable: bool
-
-    @property
-    def backs_up(self) -> bool:
-        """Whether a cold backup copies this disk: writable disks with a source."""
-        return self.device in ("disk", "lun") and not self.readonly and self.source is not None
-
-
-@dataclass(frozen=True)
-class InterfaceInfo:
-    mac: str | None
-    kind: str
-    source: str | None
-    model: str | None
-
-
-@dataclass(frozen=True)
-class GuestInfo:
-    name: str
-    uuid: str
-    state: str
-    persistent: bool
-    disks: list[DiskInfo] = field(default_factory=list)
-    interfaces: list[InterfaceInfo] = field(default_factory=list)
-    nvram: str | None = None
-
-    @property
-    def macs(self) -> list[str]:
-        return [i.mac for i in self.interfaces if i.mac]
-
-
-@dataclass(frozen=True)
 class ShutdownResult:
     forced: bool
     seconds: float
-
-
-def parse_domain_xml(xml: str, state: str = SHUTOFF, persistent: bool = True) -> GuestInfo:
-    """Read name, UUID, disks, interfaces and NVRAM out of a domain XML."""
-    root = ET.fromstring(xml)
-    return GuestInfo(
-        name=root.findtext("name", ""),
-        uuid=root.findtext("uuid", ""),
-        state=state,
-        persistent=persistent,
-        disks=[_parse_disk(d) for d in root.findall("./devices/disk")],
-        interfaces=[_parse_interface(i) for i in root.findall("./devices/interface")],
-        nvram=(root.findtext("./os/nvram") or None),
-    )
-
-
-def _parse_disk(disk: ET.Element) -> DiskInfo:
-    source = disk.find("source")
-    path = None
-    if source is not None:
-        path = source.get("file") or source.get("dev") or source.get("name") or source.get("volume")
-    driver = disk.find("driver")
-    target = disk.find("target")
-    return DiskInfo(
-        target=target.get("dev", "") if target is not None else "",
-        source=path,
-        kind=disk.get("type", "file"),
-        device=disk.get("device", "disk"),
-        format=driver.get("type") if driver is not None else None,
-        readonly=disk.find("readonly") is not None,
-        shareable=disk.find("shareable") is not None,
-    )
-
-
-def _parse_interface(iface: ET.Element) -> InterfaceInfo:
-    mac = iface.find("mac")
-    source = iface.find("source")
-    model = iface.find("model")
-    src = None
-    if source is not None:
-        src = source.get("network") or source.get("bridge") or source.get("dev")
-    return InterfaceInfo(
-        mac=mac.get("address", "").lower() or None if mac is not None else None,
-        kind=iface.get("type", ""),
-        source=src,
-        model=model.get("type") if model is not None else None,
-    )
 
 
 class _EventLoop:
@@ -314,6 +225,7 @@ class Hypervisor:
         return parse_domain_xml(xml, _state_of(dom), persistent)
 
     def state(self, name: str) -> str:
+        # A GuestState; typed as its str so callers can hold it beside their own words.
         return _state_of(self._domain(name))
 
     def all_macs(self) -> dict[str, str]:
@@ -385,7 +297,7 @@ class Hypervisor:
         name: str,
         *,
         timeout: float,
-        on_timeout: str = "abort",
+        on_timeout: str = OnTimeout.ABORT,
         log: Callable[[str], None] = lambda _msg: None,
     ) -> ShutdownResult:
         """Shut a guest down cleanly and wait until libvirt says it stopped.
@@ -396,11 +308,11 @@ class Hypervisor:
         dom = self._domain(name)
         uuid = dom.UUIDString()
         t0 = time.monotonic()
-        if _state_of(dom) == SHUTOFF:
+        if _state_of(dom) == GuestState.SHUTOFF:
             return ShutdownResult(False, 0.0)
         if self._request_shutdown(dom, uuid, t0, timeout):
             return ShutdownResult(False, time.monotonic() - t0)
-        if on_timeout != "force":
+        if on_timeout != OnTimeout.FORCE:
             raise ShutdownTimeout(
                 f"guest {name!r} did not shut down within {timeout:g} s; it is still running "
                 'and no backup was made (set on_timeout = "force" to power it off)'
@@ -409,7 +321,7 @@ class Hypervisor:
         try:
             dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
         except libvirt.libvirtError:
-            if _state_of(dom) != SHUTOFF:
+            if _state_of(dom) != GuestState.SHUTOFF:
                 self._call(dom.destroy)
         if not self._wait_stopped(dom, uuid, t0, 30):
             raise HypervisorError(f"guest {name!r} could not be powered off")
@@ -428,7 +340,7 @@ class Hypervisor:
             try:
                 dom.shutdown()
             except libvirt.libvirtError:
-                if _state_of(dom) == SHUTOFF:
+                if _state_of(dom) == GuestState.SHUTOFF:
                     return True
                 raise
             window = min(SHUTDOWN_RESEND_SECONDS, deadline - time.monotonic())
@@ -443,22 +355,22 @@ class Hypervisor:
             stopped = any(
                 e == libvirt.VIR_DOMAIN_EVENT_STOPPED for e, _ in self._board.since(uuid, t0)
             )
-            if stopped or self._fresh_state(dom) == SHUTOFF:
+            if stopped or self._fresh_state(dom) == GuestState.SHUTOFF:
                 return True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
             self._board.wait(min(remaining, _STATE_RECHECK_SECONDS))
 
-    def _fresh_state(self, dom: libvirt.virDomain) -> str:
+    def _fresh_state(self, dom: libvirt.virDomain) -> GuestState:
         """The state, looked up anew when the domain handle died with its connection."""
         state = _state_of(dom)
-        if state != "unknown":
+        if state != GuestState.UNKNOWN:
             return state
         try:
             return _state_of(self._live().lookupByUUIDString(dom.UUIDString()))
         except libvirt.libvirtError:
-            return "unknown"
+            return GuestState.UNKNOWN
 
     @contextmanager
     def watch_started(self, name: str) -> Iterator[threading.Event]:
@@ -501,12 +413,12 @@ def connect(uri: str | None = None) -> Iterator[Hypervisor]:
         hv.close()
 
 
-def _state_of(dom: libvirt.virDomain) -> str:
+def _state_of(dom: libvirt.virDomain) -> GuestState:
     try:
         state, _reason = dom.state()
     except libvirt.libvirtError:
-        return "unknown"
-    return _STATE_NAMES.get(state, "unknown")
+        return GuestState.UNKNOWN
+    return _STATE_NAMES.get(state, GuestState.UNKNOWN)
 
 
 def _transient(exc: libvirt.libvirtError) -> bool:

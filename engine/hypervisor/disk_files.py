@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 from guestsafe.engine.errors import PreflightError
-from guestsafe.engine.hypervisor.connection import GuestInfo
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 
 _QCOW2_MAGIC = b"QFI\xfb"
 

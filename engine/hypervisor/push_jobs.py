@@ -25,7 +25,8 @@ from typing import Any
 
 import libvirt
 
-from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 
 # virDomainBackupBegin appeared in libvirt 6.0.0.
 MIN_LIBVIRT = 6_000_000

@@ -21,8 +21,11 @@ from rig.gs import GS, shutdown_counter
 from rig.loopdisk import LoopDisks, Part, make_loop_disks, mount_points
 
 from guestsafe.engine.archive.store import MARKER, Archive
-from guestsafe.engine.devices.mounts import DeviceMemory, resolve
-from guestsafe.engine.devices.udev import DevicesChanged, DeviceWatcher, list_devices, mount_at
+from guestsafe.engine.devices.mountinfo import mount_at
+from guestsafe.engine.devices.mounts import DeviceMemory
+from guestsafe.engine.devices.resolve import resolve
+from guestsafe.engine.devices.udev import list_devices
+from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher
 from guestsafe.engine.errors import DeviceError
 from guestsafe.engine.events import Event, PhaseChanged
 

@@ -17,7 +17,7 @@ from rig import GuestFactory, require
 from rig.gs import GS
 
 from guestsafe.engine import locks
-from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs import schedule, timers
 from guestsafe.engine.jobs.model import Hooks, Job, Schedule
 
 pytestmark = pytest.mark.integration
@@ -150,7 +150,7 @@ def test_cli_installs_timers_systemd_accepts_and_edits_follow(
     require(analyze, "systemd-analyze is not installed")
     guest = guest_factory("timer", start=False)
     unit_dir = tmp_path / "units"
-    env = {schedule.UNIT_DIR_ENV: str(unit_dir)}
+    env = {timers.UNIT_DIR_ENV: str(unit_dir)}
     gs.engine.save_job(Job("nightly", [guest.name], gs.archive, schedule=Schedule("02:00")))
 
     proc = gs.cli("schedule", "install", extra_env=env, check=True)

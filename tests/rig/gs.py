@@ -19,7 +19,7 @@ import blake3
 import pytest
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.archive.store import VersionInfo
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.paths import Paths
 

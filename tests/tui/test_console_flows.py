@@ -14,7 +14,7 @@ from tui_support import fill, settle, type_into, wait_for
 
 from guestsafe.engine import demo
 from guestsafe.engine.api import Engine
-from guestsafe.engine.hypervisor.connection import RUNNING
+from guestsafe.engine.hypervisor.domain_xml import RUNNING
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.confirm_modal import ConfirmModal
 from guestsafe.tui.error_modal import ErrorModal

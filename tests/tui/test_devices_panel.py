@@ -19,7 +19,8 @@ from tui_support import fill, settle, type_into, wait_for
 
 from guestsafe.engine import demo
 from guestsafe.engine.api import Engine
-from guestsafe.engine.devices.udev import BlockDevice, ManualWatcher
+from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.devices.watch import ManualWatcher
 from guestsafe.engine.errors import DeviceError
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.devices_panel import ExternalDevicesPanel

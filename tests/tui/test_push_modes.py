@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Static
 from tui_support import settle
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.archive.store import VersionInfo
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged
 from guestsafe.engine.jobs.model import Job
 from guestsafe.tui.app import GuestsafeApp

@@ -18,7 +18,7 @@ from textual.worker import WorkerState
 
 from guestsafe.engine import demo, restore
 from guestsafe.engine.api import Engine, LastResult
-from guestsafe.engine.archive.store import VersionInfo
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs import schedule
 

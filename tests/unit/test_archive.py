@@ -16,7 +16,9 @@ import pytest
 
 from guestsafe.engine.archive.manifest import DiskRecord, Manifest
 from guestsafe.engine.archive.names import encode_guest_name
-from guestsafe.engine.archive.store import MARKER, Archive, PartialVersion, VersionInfo
+from guestsafe.engine.archive.partial import PartialVersion
+from guestsafe.engine.archive.store import MARKER, Archive
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.errors import ArchiveError, NotFoundError, VerifyError
 from guestsafe.engine.events import Progress
 

@@ -7,18 +7,14 @@ from collections.abc import Mapping
 
 import pytest
 
-from guestsafe.engine.devices.udev import (
-    BlockDevice,
-    DevicesChanged,
-    ManualWatcher,
-    _Facts,
-    diff,
+from guestsafe.engine.devices.mountinfo import (
     in_use_devnums,
     is_self_bind,
     mount_containing,
     parse_mountinfo,
-    select_devices,
 )
+from guestsafe.engine.devices.udev import BlockDevice, _Facts, select_devices
+from guestsafe.engine.devices.watch import DevicesChanged, ManualWatcher, diff
 
 MiB = 1024 * 1024
 

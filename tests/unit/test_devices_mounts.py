@@ -9,23 +9,21 @@ from pathlib import Path
 import pytest
 
 from guestsafe.engine.archive.store import MARKER, Archive
-from guestsafe.engine.devices.mounts import (
+from guestsafe.engine.devices.mounts import DeviceMemory, open_job_archive
+from guestsafe.engine.devices.preflight import (
     FAT_MAX_FILE,
-    SPACE_MARGIN,
-    DeviceMemory,
     GuestFile,
     check_capacity,
-    check_filesystem,
     guest_files,
     guest_user,
     needs,
-    open_job_archive,
-    resolve,
 )
+from guestsafe.engine.devices.resolve import check_filesystem, resolve
 from guestsafe.engine.devices.udev import BlockDevice
 from guestsafe.engine.errors import ArchiveError, DeviceError
-from guestsafe.engine.hypervisor.connection import DiskInfo, GuestInfo
+from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo
 from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.sizes import SPACE_MARGIN
 
 GiB = 1024**3
 MiB = 1024**2

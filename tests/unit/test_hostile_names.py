@@ -41,7 +41,8 @@ from guestsafe.engine.archive.names import encode_guest_name, libvirt_accepts
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.runlog import RunLog, escape, parse_line
 from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged, Progress
-from guestsafe.engine.jobs.model import Job, validate_job
+from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.jobs.validation import validate_job
 from guestsafe.tui.cli import ConsoleReporter
 
 # Names libvirt cannot hold, found in archives all the same.

@@ -9,6 +9,7 @@ import pytest
 import tomli_w
 
 from guestsafe.engine.errors import ConfigError, NotFoundError
+from guestsafe.engine.jobs.jobs_file import delete_job, load_jobs, save_jobs, upsert_job
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
     FieldError,
@@ -16,13 +17,8 @@ from guestsafe.engine.jobs.model import (
     Job,
     JobConfigError,
     Schedule,
-    check_job_runtime,
-    delete_job,
-    load_jobs,
-    save_jobs,
-    upsert_job,
-    validate_job,
 )
+from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
 
 FULL_TOML = """
 [jobs.nightly]

@@ -16,7 +16,8 @@ from guestsafe.engine.api import Engine
 from guestsafe.engine.backup.runner import RunResult
 from guestsafe.engine.errors import ConfigError
 from guestsafe.engine.events import GuestOutcome
-from guestsafe.engine.jobs.model import Job, load_jobs, load_notify, upsert_job
+from guestsafe.engine.jobs.jobs_file import load_jobs, load_notify, upsert_job
+from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.notify import NotifyConfig, RunReport, parse_notify, send
 from guestsafe.engine.paths import Paths
 

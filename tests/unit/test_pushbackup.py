@@ -17,9 +17,11 @@ from guestsafe.engine import modes
 from guestsafe.engine.backup import push_copy
 from guestsafe.engine.errors import CopyError, HypervisorError, PreflightError
 from guestsafe.engine.hypervisor import push_jobs, qemu_access
-from guestsafe.engine.hypervisor.connection import DiskInfo, GuestInfo
+from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo
 from guestsafe.engine.hypervisor.push_jobs import JobWatch, PushTarget
-from guestsafe.engine.jobs.model import Job, load_jobs, save_jobs, validate_job
+from guestsafe.engine.jobs.jobs_file import load_jobs, save_jobs
+from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.jobs.validation import validate_job
 
 MiB = 1024 * 1024
 

@@ -18,24 +18,26 @@ from rig import require
 
 from guestsafe.engine.api import Engine
 from guestsafe.engine.errors import ConfigError
-from guestsafe.engine.jobs import schedule
+from guestsafe.engine.jobs import timers
 from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.jobs.schedule import (
-    UNIT_MARKER,
     ScheduleState,
-    UnitSettings,
-    install_timers,
     local_zone,
     next_run,
     on_calendar,
     previous_run,
     read_state,
+    run_due,
+    write_state,
+)
+from guestsafe.engine.jobs.timers import (
+    UNIT_MARKER,
+    UnitSettings,
+    install_timers,
     remove_timers,
     render_units,
-    run_due,
     timer_state,
     timers_installed,
-    write_state,
 )
 from guestsafe.engine.paths import Paths
 
@@ -205,7 +207,7 @@ def test_local_zone_agrees_with_systemd(monkeypatch: pytest.MonkeyPatch) -> None
 @pytest.fixture
 def settings(tmp_path: Path) -> UnitSettings:
     config = tmp_path / "conf dir %h $HOME" / "jobs.toml"
-    return UnitSettings(schedule.find_program(), config, "qemu:///system", home=str(tmp_path))
+    return UnitSettings(timers.find_program(), config, "qemu:///system", home=str(tmp_path))
 
 
 def _verify(*paths: Path) -> subprocess.CompletedProcess[str]:
@@ -223,7 +225,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, settings: UnitSetting
     job = _job("web.v2_nightly-1", time="02:30", weekdays=["mon", "fri"])
     job.schedule.randomized_delay = 600
     install_timers([job], settings, unit_dir, reload=False)
-    timer, service = schedule.unit_names(job.name)
+    timer, service = timers.unit_names(job.name)
     watch = [unit_dir / "guestsafe_timers.path", unit_dir / "guestsafe_timers.service"]
     proc = _verify(unit_dir / timer, unit_dir / service, *watch)
     assert proc.returncode == 0, proc.stderr
@@ -305,7 +307,7 @@ def test_install_removes_stale_units_and_spares_foreign_ones(
 
 
 def test_watch_reinstalls_from_the_same_jobs_file(tmp_path: Path, settings: UnitSettings) -> None:
-    units = schedule.render_watch(settings, tmp_path / "units")
+    units = timers.render_watch(settings, tmp_path / "units")
     path_unit = units["guestsafe_timers.path"]
     assert f"PathChanged={str(settings.config_file).replace('%', '%%')}" in path_unit
     assert "WantedBy=paths.target" in path_unit
@@ -314,7 +316,7 @@ def test_watch_reinstalls_from_the_same_jobs_file(tmp_path: Path, settings: Unit
     ]
     assert exec_line.endswith(f'"schedule" "install" "--unit-dir" "{tmp_path / "units"}"')
     # A job called "timers" does not clash with the watch.
-    assert schedule.unit_names("timers") == ("guestsafe-timers.timer", "guestsafe-timers.service")
+    assert timers.unit_names("timers") == ("guestsafe-timers.timer", "guestsafe-timers.service")
 
 
 def test_changed_job_makes_its_timer_outdated(tmp_path: Path, settings: UnitSettings) -> None:
@@ -328,7 +330,7 @@ def test_systemd_is_told_only_when_it_runs(
     tmp_path: Path, settings: UnitSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, ...]] = []
-    monkeypatch.setattr(schedule, "_systemctl", lambda *a, check=True: calls.append(a))
+    monkeypatch.setattr(timers, "_systemctl", lambda *a, check=True: calls.append(a))
     unit_dir = tmp_path / "units"
     # Not systemd's own directory: no reload, whether systemd runs or not.
     assert not install_timers([_job("a")], settings, unit_dir).reloaded
@@ -361,15 +363,15 @@ def test_systemd_is_told_only_when_it_runs(
 
 
 def test_default_unit_dir_and_reload_rule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(schedule.UNIT_DIR_ENV, raising=False)
-    assert schedule.default_unit_dir() == Path("/etc/systemd/system")
-    monkeypatch.setenv(schedule.UNIT_DIR_ENV, str(tmp_path))
-    assert schedule.default_unit_dir() == tmp_path
-    monkeypatch.setattr(schedule, "SYSTEMD_RUNNING", tmp_path / "absent")
-    assert not schedule._should_reload(Path("/etc/systemd/system"), None)
-    monkeypatch.setattr(schedule, "SYSTEMD_RUNNING", tmp_path)
-    assert schedule._should_reload(Path("/etc/systemd/system"), None)
-    assert not schedule._should_reload(tmp_path, None)
+    monkeypatch.delenv(timers.UNIT_DIR_ENV, raising=False)
+    assert timers.default_unit_dir() == Path("/etc/systemd/system")
+    monkeypatch.setenv(timers.UNIT_DIR_ENV, str(tmp_path))
+    assert timers.default_unit_dir() == tmp_path
+    monkeypatch.setattr(timers, "SYSTEMD_RUNNING", tmp_path / "absent")
+    assert not timers._should_reload(Path("/etc/systemd/system"), None)
+    monkeypatch.setattr(timers, "SYSTEMD_RUNNING", tmp_path)
+    assert timers._should_reload(Path("/etc/systemd/system"), None)
+    assert not timers._should_reload(tmp_path, None)
 
 
 def test_unwritable_unit_dir_is_a_clear_error(tmp_path: Path, settings: UnitSettings) -> None:
@@ -411,9 +413,9 @@ def test_first_scheduled_job_installs_timers_where_systemd_runs(
     engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, ...]] = []
-    monkeypatch.setattr(schedule, "_systemctl", lambda *a, check=True: calls.append(a))
-    monkeypatch.setattr(schedule, "DEFAULT_UNIT_DIR", engine.unit_dir)
-    monkeypatch.setattr(schedule, "SYSTEMD_RUNNING", tmp_path)  # exists: systemd runs
+    monkeypatch.setattr(timers, "_systemctl", lambda *a, check=True: calls.append(a))
+    monkeypatch.setattr(timers, "DEFAULT_UNIT_DIR", engine.unit_dir)
+    monkeypatch.setattr(timers, "SYSTEMD_RUNNING", tmp_path)  # exists: systemd runs
     engine.save_job(_job("manual", time=None))
     assert not timers_installed(engine.unit_dir) and calls == []
     engine.save_job(_job("a"))

@@ -1,0 +1,119 @@
+"""Domain XML facts: what guestsafe reads out of a guest's libvirt definition.
+
+Pure parsing, no connection: the adapter in ``connection.py`` feeds it the XML
+libvirt returns, and restore feeds it the ``domain.xml`` kept in a version.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class GuestState(StrEnum):
+    """A guest's power state as guestsafe names it (libvirt's, a little coarser)."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"  # blocked counts as running
+    PAUSED = "paused"
+    SHUTTING_DOWN = "shutting-down"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    UNKNOWN = "unknown"  # the domain could not be asked (gone, or its connection died)
+
+
+# Module-level names kept for callers that compare with ``RUNNING``.
+RUNNING = GuestState.RUNNING
+PAUSED = GuestState.PAUSED
+SHUTOFF = GuestState.SHUTOFF
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    target: str
+    source: str | None
+    kind: str  # "file", "block", "network", ...
+    device: str  # "disk", "cdrom", "floppy", "lun"
+    format: str | None
+    readonly: bool
+    shareable: bool
+
+    @property
+    def backs_up(self) -> bool:
+        """Whether a cold backup copies this disk: writable disks with a source."""
+        return self.device in ("disk", "lun") and not self.readonly and self.source is not None
+
+
+@dataclass(frozen=True)
+class InterfaceInfo:
+    mac: str | None
+    kind: str
+    source: str | None
+    model: str | None
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    name: str
+    uuid: str
+    state: GuestState
+    persistent: bool
+    disks: list[DiskInfo] = field(default_factory=list)
+    interfaces: list[InterfaceInfo] = field(default_factory=list)
+    nvram: str | None = None
+
+    @property
+    def macs(self) -> list[str]:
+        return [i.mac for i in self.interfaces if i.mac]
+
+
+
+def parse_domain_xml(
+    xml: str, state: GuestState = GuestState.SHUTOFF, persistent: bool = True
+) -> GuestInfo:
+    """Read name, UUID, disks, interfaces and NVRAM out of a domain XML."""
+    root = ET.fromstring(xml)
+    return GuestInfo(
+        name=root.findtext("name", ""),
+        uuid=root.findtext("uuid", ""),
+        state=state,
+        persistent=persistent,
+        disks=[_parse_disk(d) for d in root.findall("./devices/disk")],
+        interfaces=[_parse_interface(i) for i in root.findall("./devices/interface")],
+        nvram=(root.findtext("./os/nvram") or None),
+    )
+
+
+def _parse_disk(disk: ET.Element) -> DiskInfo:
+    source = disk.find("source")
+    path = None
+    if source is not None:
+        path = source.get("file") or source.get("dev") or source.get("name") or source.get("volume")
+    driver = disk.find("driver")
+    target = disk.find("target")
+    return DiskInfo(
+        target=target.get("dev", "") if target is not None else "",
+        source=path,
+        kind=disk.get("type", "file"),
+        device=disk.get("device", "disk"),
+        format=driver.get("type") if driver is not None else None,
+        readonly=disk.find("readonly") is not None,
+        shareable=disk.find("shareable") is not None,
+    )
+
+
+def _parse_interface(iface: ET.Element) -> InterfaceInfo:
+    mac = iface.find("mac")
+    source = iface.find("source")
+    model = iface.find("model")
+    src = None
+    if source is not None:
+        src = source.get("network") or source.get("bridge") or source.get("dev")
+    return InterfaceInfo(
+        mac=mac.get("address", "").lower() or None if mac is not None else None,
+        kind=iface.get("type", ""),
+        source=src,
+        model=model.get("type") if model is not None else None,
+    )

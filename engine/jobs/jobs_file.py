@@ -1,0 +1,324 @@
+"""The ``jobs.toml`` file that holds the backup jobs: reading, writing, editing.
+
+Layout: one TOML table per job under ``jobs``, the table key being the job's name.
+Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
+``guests`` and ``destination`` is optional and shows its default here::
+
+    [jobs.nightly]
+    guests = ["web1", "db1"]          # backed up one at a time, in this order
+    destination = "/srv/backup"       # absolute; the mount point when device is set
+    device = "UUID=1234-abcd"         # optional: /dev/..., UUID=... or LABEL=...
+    keep = 3                          # versions kept per guest, at least 1
+    time = "02:00"                    # HH:MM, 24 h; leave out for manual-only jobs
+    weekdays = ["mon", "tue"]         # empty or left out: every day
+    mode = "stop"                     # stop, stop-short or snapshot
+    shutdown_timeout = 300            # seconds to wait for a clean shutdown
+    on_timeout = "abort"              # abort or force
+    group = false                     # stop all, copy, start in reverse order
+    verify = true                     # read the copy back after writing it
+    fallback_to_stop = false          # stop-short/snapshot: copy as in stop where push fails
+    lock_wait = 1800                  # seconds to wait for a busy guest or destination
+    randomized_delay = 0              # timer only: start up to this many seconds late
+
+    [jobs.nightly.hooks]              # phase = argv, the program path absolute
+    pre-stop = ["/usr/local/sbin/freeze", "--all"]
+    timeout = 120                     # seconds per hook, default 300
+
+An optional top-level ``[notify]`` table says who hears about runs; see
+``notify.py`` for its keys.
+
+Job names use ``A-Z a-z 0-9 . _ -`` (1 to 64, not starting with ``.`` or ``-``), as
+they become file and systemd unit names. A name with a dot is quoted in TOML:
+``[jobs."web.v2"]``.
+
+The file is validated as a whole when loaded: unknown keys, wrong types and bad
+values are errors naming the job and the key, never silently ignored, since a
+mistyped ``kepp = 30`` would otherwise delete versions the operator meant to keep.
+guestsafe rewrites the file atomically when a job is saved from the console or the
+CLI; comments and other formatting in a hand-edited file are not kept.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import tomllib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from guestsafe.engine.errors import ConfigError
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.jobs.model import (
+    DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_KEEP,
+    DEFAULT_LOCK_WAIT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    HOOK_PHASES,
+    FieldError,
+    Hooks,
+    Job,
+    JobConfigError,
+    JobNotFound,
+    Schedule,
+    as_choice,
+)
+from guestsafe.engine.jobs.validation import validate_job
+from guestsafe.engine.modes import Mode, OnTimeout
+from guestsafe.engine.notify import NotifyConfig, parse_notify
+
+FILE_MODE = 0o600
+_JOB_KEYS = (
+    "guests",
+    "destination",
+    "device",
+    "keep",
+    "time",
+    "weekdays",
+    "mode",
+    "shutdown_timeout",
+    "on_timeout",
+    "group",
+    "verify",
+    "fallback_to_stop",
+    "hooks",
+    "lock_wait",
+    "randomized_delay",
+)
+# Top-level tables other than jobs; save_jobs keeps them as they are.
+_SETTINGS_KEYS = ("notify",)
+_HEADER = b"# guestsafe jobs. guestsafe rewrites this file on save; comments are not kept.\n\n"
+
+
+# --- reading ----------------------------------------------------------------
+
+
+def load_jobs(path: Path) -> list[Job]:
+    """The jobs in ``path``, in file order; a missing file holds no jobs.
+
+    Raises ``JobConfigError`` (a ``ConfigError``) naming the file, and the job and
+    key at fault, for anything that is not a valid job.
+    """
+    document = _read_toml(path)
+    if document is None:
+        return []
+    jobs, problems = _parse_document(document)
+    if problems:
+        raise _invalid(path, problems)
+    return jobs
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        # The message ends with "(at line N, column M)".
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _invalid(path: Path, problems: Sequence[FieldError]) -> JobConfigError:
+    more = len(problems) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return JobConfigError(f"{path}: {problems[0]}{suffix}", problems)
+
+
+def _parse_document(document: dict[str, Any]) -> tuple[list[Job], list[FieldError]]:
+    problems: list[FieldError] = []
+    for key in document:
+        if key != "jobs" and key not in _SETTINGS_KEYS:
+            message = f"unknown top-level key {key!r}; jobs go in [jobs.<name>] tables"
+            problems.append(FieldError("", key, message))
+    _config, notify_problems = parse_notify(document.get("notify", {}))
+    problems += [FieldError("", f, m) for f, m in notify_problems]
+    tables = document.get("jobs", {})
+    if not isinstance(tables, dict):
+        problems.append(FieldError("", "jobs", "jobs must be tables like [jobs.nightly]"))
+        return [], problems
+    jobs: list[Job] = []
+    for name, table in tables.items():
+        job, job_problems = _parse_job(name, table)
+        problems.extend(job_problems)
+        if job is not None:
+            jobs.append(job)
+    return jobs, problems
+
+
+def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
+    if not isinstance(table, dict):
+        return None, [FieldError(name, "", f"[jobs.{name}] must be a table of settings")]
+    problems = [FieldError(name, k, f"unknown key {k!r}") for k in table if k not in _JOB_KEYS]
+    problems += [
+        FieldError(name, k, f"{k} is required") for k in ("guests", "destination") if k not in table
+    ]
+    hooks, hook_problems = _parse_hooks(name, table.get("hooks", {}))
+    job = Job(
+        name=name,
+        guests=table.get("guests", []),
+        destination=_as_path(table.get("destination", "")),
+        device=table.get("device"),
+        keep=table.get("keep", DEFAULT_KEEP),
+        schedule=Schedule(
+            time=table.get("time"),
+            weekdays=table.get("weekdays", []),
+            randomized_delay=table.get("randomized_delay", 0),
+        ),
+        mode=as_choice(Mode, table.get("mode", Mode.STOP)),
+        shutdown_timeout=table.get("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT),
+        on_timeout=as_choice(OnTimeout, table.get("on_timeout", OnTimeout.ABORT)),
+        group=table.get("group", False),
+        verify=table.get("verify", True),
+        fallback_to_stop=table.get("fallback_to_stop", False),
+        hooks=hooks,
+        lock_wait=table.get("lock_wait", DEFAULT_LOCK_WAIT),
+    )
+    # A missing or malformed field is reported once, by the parser.
+    reported = {problem.field for problem in problems + hook_problems}
+    checked = [p for p in validate_job(job) if p.field not in reported]
+    return job, problems + hook_problems + checked
+
+
+def _as_path(value: Any) -> Any:
+    # Anything but a string stays as it is, so validation can name its type.
+    return Path(value) if isinstance(value, str) else value
+
+
+def _parse_hooks(name: str, table: object) -> tuple[Hooks, list[FieldError]]:
+    if not isinstance(table, dict):
+        problem = FieldError(name, "hooks", f"hooks must be a table like [jobs.{name}.hooks]")
+        return Hooks(), [problem]
+    # Unknown phases stay in, so validate_job reports them like a form's would.
+    commands = {phase: argv for phase, argv in table.items() if phase != "timeout"}
+    return Hooks(commands, table.get("timeout", DEFAULT_HOOK_TIMEOUT)), []
+
+
+# --- writing ----------------------------------------------------------------
+
+
+def save_jobs(path: Path, jobs: Sequence[Job]) -> None:
+    """Validate ``jobs`` and replace ``path`` with them atomically, mode 0600.
+
+    Output is deterministic: jobs in list order, keys in the documented order,
+    defaults written out so the file shows every setting.
+    """
+    problems = _validate_all(jobs)
+    if problems:
+        raise _invalid(path, problems)
+    document = {"jobs": {job.name: _job_table(job) for job in jobs}} | _kept_settings(path)
+    data = _HEADER + tomli_w.dumps(document).encode()
+    # Write through a symlink to the real file, as config management may link it.
+    target = path.resolve()
+    try:
+        atomic_write_bytes(target, data, mode=FILE_MODE)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc
+
+
+def _kept_settings(path: Path) -> dict[str, Any]:
+    """The settings tables (``[notify]``) of the file being replaced, unchanged."""
+    try:
+        document = _read_toml(path) or {}
+    except ConfigError:
+        return {}  # nothing readable to keep; load_jobs has refused such a file anyway
+    return {key: document[key] for key in _SETTINGS_KEYS if key in document}
+
+
+def load_notify(path: Path) -> NotifyConfig:
+    """The ``[notify]`` table of ``path``; nothing is sent when there is none."""
+    document = _read_toml(path) or {}
+    config, problems = parse_notify(document.get("notify", {}))
+    if problems:
+        raise _invalid(path, [FieldError("", f, m) for f, m in problems])
+    return config
+
+
+def upsert_job(path: Path, job: Job, *, previous_name: str | None = None) -> None:
+    """Add ``job``, or replace the job of the same name, keeping its place.
+
+    ``previous_name`` renames: the job saved under that name is replaced. Raises
+    ``JobConfigError`` if ``job`` is invalid and ``JobNotFound`` if
+    ``previous_name`` does not exist.
+    """
+    replaces = previous_name if previous_name is not None else job.name
+    with _config_lock(path):
+        jobs = load_jobs(path)
+        others = [j for j in jobs if j.name != replaces]
+        if previous_name is not None and len(others) == len(jobs):
+            raise JobNotFound(f"job {previous_name!r} not found in {path}")
+        problems = validate_job(job, existing=others)
+        if problems:
+            raise _invalid(path, problems)
+        names = [j.name for j in jobs]
+        if replaces in names:
+            jobs[names.index(replaces)] = job
+        else:
+            jobs.append(job)
+        save_jobs(path, jobs)
+
+
+def delete_job(path: Path, name: str) -> None:
+    """Remove the job called ``name``; ``JobNotFound`` if there is none."""
+    with _config_lock(path):
+        jobs = load_jobs(path)
+        kept = [job for job in jobs if job.name != name]
+        if len(kept) == len(jobs):
+            raise JobNotFound(f"job {name!r} not found in {path}")
+        save_jobs(path, kept)
+
+
+def _validate_all(jobs: Sequence[Job]) -> list[FieldError]:
+    problems: list[FieldError] = []
+    for index, job in enumerate(jobs):
+        problems += validate_job(job, existing=jobs[:index])
+    return problems
+
+
+def _job_table(job: Job) -> dict[str, Any]:
+    table: dict[str, Any] = {"guests": list(job.guests), "destination": str(job.destination)}
+    if job.device is not None:
+        table["device"] = job.device
+    table["keep"] = job.keep
+    if job.schedule.time is not None:
+        table["time"] = job.schedule.time
+    table["weekdays"] = list(job.schedule.weekdays)
+    table["randomized_delay"] = job.schedule.randomized_delay
+    table |= {
+        "mode": job.mode,
+        "shutdown_timeout": job.shutdown_timeout,
+        "on_timeout": job.on_timeout,
+        "group": job.group,
+        "verify": job.verify,
+        "fallback_to_stop": job.fallback_to_stop,
+        "lock_wait": job.lock_wait,
+    }
+    hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
+    if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
+        table["hooks"] = hooks | {"timeout": job.hooks.timeout}
+    return table
+
+
+@contextmanager
+def _config_lock(path: Path) -> Iterator[None]:
+    """Serialise load-modify-save between the console, the CLI and the timer.
+
+    flock on the config directory itself, so no lock file litters /etc; the lock
+    goes with the process if it dies.
+    """
+    try:
+        fd = os.open(path.resolve().parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"cannot open {path.parent}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
