@@ -18,7 +18,7 @@ from pathlib import Path
 
 from guestsafe.engine import demo, events, notify
 from guestsafe.engine.archive.store import Archive, VerifyReport, VersionInfo
-from guestsafe.engine.backup import runner
+from guestsafe.engine.backup import recovery, runner
 from guestsafe.engine.backup.runlog import RunLog
 from guestsafe.engine.backup.runner import RunResult
 from guestsafe.engine.devices import mounts
@@ -29,7 +29,7 @@ from guestsafe.engine.devices.udev import (
     ManualWatcher,
     list_devices,
 )
-from guestsafe.engine.errors import ConfigError, GuestsafeError, NotFoundError
+from guestsafe.engine.errors import ConfigError, GuestsafeError, JobNotFound, NotFoundError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.hypervisor.connection import GuestInfo, Hypervisor, resolve_uri
@@ -103,7 +103,7 @@ class Engine:
             self._hv = None
 
     def recover(self, reporter: Reporter = events.null_reporter) -> list[str]:
-        return runner.recover(self.paths, reporter)
+        return recovery.recover(self.paths, reporter)
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
@@ -117,7 +117,7 @@ class Engine:
         for job in self.jobs():
             if job.name == name:
                 return job
-        raise jobs.JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
+        raise JobNotFound(f"job {name!r} not found in {self.paths.config_file}")
 
     def save_job(self, job: Job, *, previous_name: str | None = None) -> None:
         ensure_dir(self.paths.config_file.parent)

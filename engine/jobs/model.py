@@ -54,7 +54,7 @@ from typing import Any
 import tomli_w
 
 from guestsafe.engine.archive.names import libvirt_accepts
-from guestsafe.engine.errors import ConfigError, NotFoundError
+from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, JobNotFound
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.notify import NotifyConfig, parse_notify
 
@@ -104,39 +104,6 @@ _JOB_KEYS = (
 # Top-level tables other than jobs; save_jobs keeps them as they are.
 _SETTINGS_KEYS = ("notify",)
 _HEADER = b"# guestsafe jobs. guestsafe rewrites this file on save; comments are not kept.\n\n"
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with one field of one job, for forms and error messages.
-
-    ``field`` is the TOML key (``keep``, ``hooks.pre-stop``), ``name`` for the job's
-    name, or ``""`` when the whole job table is wrong. ``job`` is ``""`` for problems
-    outside any job. ``message`` names the field too, so it reads on its own.
-    """
-
-    job: str
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        # job is "" for problems outside any job, such as an unknown top-level key.
-        return f"job {self.job!r}: {self.message}" if self.job else self.message
-
-
-class JobConfigError(ConfigError):
-    """Jobs that failed validation; ``problems`` lists every one of them."""
-
-    def __init__(self, message: str, problems: Sequence[FieldError] = ()) -> None:
-        super().__init__(message)
-        self.problems = tuple(problems)
-
-
-class JobNotFound(ConfigError, NotFoundError):
-    """No job by that name; both a config and a not-found error for callers."""
-
-    title = "Job not found"
-    exit_code = NotFoundError.exit_code
 
 
 @dataclass

@@ -8,13 +8,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-from guestsafe.engine.errors import ConfigError, NotFoundError
+from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, NotFoundError
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
-    FieldError,
     Hooks,
     Job,
-    JobConfigError,
     Schedule,
     check_job_runtime,
     delete_job,
