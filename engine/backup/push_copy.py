@@ -423,5 +423,3 @@ class PushCopy:
             b.say_info("push backup job aborted")
         else:
             b.say_error(f"the push backup job did not stop within {push_jobs.ABORT_WAIT:.0f} s")
-
-

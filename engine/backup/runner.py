@@ -101,10 +101,10 @@ def run_job(
         _open_archive(ctx)
         backups = [GuestBackup(ctx, name) for name in job.guests]
         if job.group:
-            _run_group(backups)
+            run_group(backups)
         else:
             for backup in backups:
-                _run_one(backup)
+                run_one(backup)
         result.outcomes = [b.outcome() for b in backups]
     except GuestsafeError as exc:
         events.error(runlog, exc.message)
@@ -182,7 +182,8 @@ def _check_destination_owner(dest: Path) -> None:
         )
 
 
-def _run_one(backup: GuestBackup) -> None:
+def run_one(backup: GuestBackup) -> None:
+    """Every step of one guest, then ``settle``; a failure ends up in ``backup.error``."""
     try:
         for step in STEPS:
             step(backup)
@@ -194,7 +195,7 @@ def _run_one(backup: GuestBackup) -> None:
         backup.settle()
 
 
-def _run_group(backups: list[GuestBackup]) -> None:
+def run_group(backups: list[GuestBackup]) -> None:
     """Stop all in order, copy all, start in reverse order: one consistent set."""
     try:
         _each(backups, GuestBackup.preflight)
