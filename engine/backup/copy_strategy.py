@@ -2,8 +2,8 @@
 
 ``cold_copy.ColdCopy`` (mode stop, and any guest that was shut off) copies the
 files itself while the guest is off. ``push_copy.PushCopy`` (stop-short and
-snapshot) has QEMU copy them. The runner (``guest_backup.py``) calls the steps
-in its phases, in this order, and ``settle`` whatever happened::
+snapshot) has QEMU copy them. The phase machine (``guest_backup.py``) calls
+the steps in its phases, in this order, and ``settle`` whatever happened::
 
     preflight  space_needed
     stop       prepare, then the shutdown unless stops_guest is False
