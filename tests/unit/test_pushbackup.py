@@ -103,7 +103,7 @@ RUNNING_JOB = {
 
 
 def _watch(dom: FakeDomain) -> JobWatch:
-    return JobWatch(FakeConn(), dom)  # type: ignore[arg-type]
+    return JobWatch(FakeConn(), dom)
 
 
 def test_running_job_reports_progress_and_no_outcome() -> None:
