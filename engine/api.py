@@ -20,21 +20,21 @@ from guestsafe.engine import demo, events, notify
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.backup import runner
+from guestsafe.engine.backup import recovery, runner
 from guestsafe.engine.backup.runlog import RunLog
 from guestsafe.engine.backup.runner import RunResult
 from guestsafe.engine.devices import mounts, preflight
 from guestsafe.engine.devices.resolve import resolve
 from guestsafe.engine.devices.udev import BlockDevice, list_devices
 from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher, ManualWatcher
-from guestsafe.engine.errors import ConfigError, GuestsafeError, NotFoundError
+from guestsafe.engine.errors import ConfigError, GuestsafeError, JobNotFound, NotFoundError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule, timers
-from guestsafe.engine.jobs.model import Job, JobNotFound
+from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore import (
     NEW,
@@ -102,7 +102,7 @@ class Engine:
             self._hv = None
 
     def recover(self, reporter: Reporter = events.null_reporter) -> list[str]:
-        return runner.recover(self.paths, reporter)
+        return recovery.recover(self.paths, reporter)
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()

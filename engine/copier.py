@@ -46,7 +46,7 @@ from pathlib import Path
 import blake3
 
 from guestsafe.engine import failpoints
-from guestsafe.engine.errors import CopyError
+from guestsafe.engine.errors import Cancelled, CopyError
 from guestsafe.engine.fsutil import fsync_dir
 
 MiB = 1024 * 1024
@@ -572,7 +572,7 @@ class _Pipeline:
 def _copy_error(pipe: _Pipeline, src: Path, dst: Path, total: int) -> CopyError:
     exc, side = pipe.error, pipe.error_side
     if isinstance(exc, _Cancelled):
-        return CopyError("copy cancelled")
+        return Cancelled("copy cancelled")
     if isinstance(exc, _Shrank):
         return CopyError(f"{src} shrank while being copied; is something still writing it?")
     if isinstance(exc, OSError):
@@ -630,7 +630,8 @@ def copy_file(
 ) -> CopyResult:
     """Copy ``src`` to the new file ``dst`` (0600), holes kept, hashed, fsynced.
 
-    Raises CopyError, with ``dst`` removed, on any failure or cancel.
+    Raises CopyError, with ``dst`` removed, on any failure; Cancelled (a
+    CopyError) when ``cancel`` is set.
     """
     source = _open_source(src)
     try:
@@ -696,7 +697,7 @@ def hash_file(
     finally:
         source.close()
     if isinstance(pipe.error, _Cancelled):
-        raise CopyError("verify cancelled") from None
+        raise Cancelled("verify cancelled") from None
     if isinstance(pipe.error, _Shrank):
         raise CopyError(f"{path} shrank while being read") from None
     if isinstance(pipe.error, OSError):

@@ -31,14 +31,12 @@ from textual.widgets import (
 
 from guestsafe.engine.api import Engine
 from guestsafe.engine.devices.udev import BlockDevice
-from guestsafe.engine.errors import GuestsafeError
+from guestsafe.engine.errors import FieldError, GuestsafeError, JobConfigError
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
     MODES,
     ON_TIMEOUT,
-    FieldError,
     Job,
-    JobConfigError,
 )
 
 from .field_input import FieldInput

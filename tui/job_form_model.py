@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guestsafe.engine.backup.hooks import check_programs
+from guestsafe.engine.errors import FieldError
 from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
-    FieldError,
     Hooks,
     Job,
     Schedule,

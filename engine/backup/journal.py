@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.fsutil import atomic_write_bytes
 
 JOURNAL_DIR = "journal"
@@ -41,7 +42,7 @@ class JournalEntry:
     guest_uuid: str
     uri: str
     was_state: str
-    phase: str = "preflight"
+    phase: str = Phase.PREFLIGHT  # a Phase's spelling; read back as a plain str
     partial: str | None = None
     pid: int = field(default_factory=os.getpid)
     pid_start: str | None = field(default_factory=lambda: process_start_time(os.getpid()))
@@ -68,8 +69,8 @@ class Journal:
         data = json.dumps(asdict(entry), indent=1).encode()
         atomic_write_bytes(self._path(entry), data, mode=0o600)
 
-    def phase(self, entry: JournalEntry, phase: str, partial: Path | None = None) -> None:
-        entry.phase = phase
+    def phase(self, entry: JournalEntry, phase: Phase, partial: Path | None = None) -> None:
+        entry.phase = str(phase)
         if partial is not None:
             entry.partial = str(partial)
         self.write(entry)

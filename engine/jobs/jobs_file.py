@@ -49,7 +49,7 @@ from typing import Any
 
 import tomli_w
 
-from guestsafe.engine.errors import ConfigError
+from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, JobNotFound
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
@@ -57,11 +57,8 @@ from guestsafe.engine.jobs.model import (
     DEFAULT_LOCK_WAIT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
-    FieldError,
     Hooks,
     Job,
-    JobConfigError,
-    JobNotFound,
     Schedule,
     as_choice,
 )

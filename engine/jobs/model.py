@@ -8,13 +8,12 @@ with its job and key at once: a field may hold any value until
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar, cast
 
-from guestsafe.engine.errors import ConfigError, NotFoundError
 from guestsafe.engine.modes import Mode, OnTimeout
 
 
@@ -52,39 +51,6 @@ DEFAULT_KEEP = 3
 DEFAULT_SHUTDOWN_TIMEOUT = 300
 DEFAULT_HOOK_TIMEOUT = 300
 DEFAULT_LOCK_WAIT = 1800
-
-
-@dataclass(frozen=True)
-class FieldError:
-    """One problem with one field of one job, for forms and error messages.
-
-    ``field`` is the TOML key (``keep``, ``hooks.pre-stop``), ``name`` for the job's
-    name, or ``""`` when the whole job table is wrong. ``job`` is ``""`` for problems
-    outside any job. ``message`` names the field too, so it reads on its own.
-    """
-
-    job: str
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        # job is "" for problems outside any job, such as an unknown top-level key.
-        return f"job {self.job!r}: {self.message}" if self.job else self.message
-
-
-class JobConfigError(ConfigError):
-    """Jobs that failed validation; ``problems`` lists every one of them."""
-
-    def __init__(self, message: str, problems: Sequence[FieldError] = ()) -> None:
-        super().__init__(message)
-        self.problems = tuple(problems)
-
-
-class JobNotFound(ConfigError, NotFoundError):
-    """No job by that name; both a config and a not-found error for callers."""
-
-    title = "Job not found"
-    exit_code = NotFoundError.exit_code
 
 
 @dataclass

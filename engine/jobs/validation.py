@@ -9,12 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from guestsafe.engine.archive.names import libvirt_accepts
+from guestsafe.engine.errors import FieldError
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
     MODES,
     ON_TIMEOUT,
     WEEKDAYS,
-    FieldError,
     Hooks,
     Job,
 )

@@ -16,7 +16,7 @@ from rig import DiskSpec, GuestFactory, MiB, TestGuest, read_disk_counter, read_
 from rig.gs import BOOT, GS, shutdown_counter
 
 from guestsafe.engine.archive.manifest import Manifest
-from guestsafe.engine.backup.push_copy import PushBackup
+from guestsafe.engine.backup.push_copy import PushCopy
 from guestsafe.engine.hypervisor import disk_files, push_jobs
 
 pytestmark = pytest.mark.integration
@@ -149,13 +149,13 @@ def _data_guest(guest_factory: GuestFactory, label: str, data: int) -> TestGuest
 @pytest.fixture
 def slow_push(monkeypatch: pytest.MonkeyPatch) -> None:
     """QEMU copies vdb at 1 MiB/s: the job still runs when a test interferes."""
-    begin = PushBackup._begin
+    begin = PushCopy._begin
 
-    def throttled(self: PushBackup, dom: libvirt.virDomain) -> None:
+    def throttled(self: PushCopy, dom: libvirt.virDomain) -> None:
         begin(self, dom)
         dom.blockJobSetSpeed("vdb", 1, 0)  # the data disk (see _data_guest)
 
-    monkeypatch.setattr(PushBackup, "_begin", throttled)
+    monkeypatch.setattr(PushCopy, "_begin", throttled)
 
 
 def _never_stopped(guest: TestGuest, after: int) -> bool:
@@ -230,16 +230,16 @@ def test_guest_shutting_down_during_the_backup_is_discarded_and_started_again(
     guest = _data_guest(guest_factory, "selfstop", SLOW_DATA)
     pgs.job("ss", [guest], mode="stop-short")
     before = guest.console_size()
-    finish = PushBackup.finish
+    finish = PushCopy.finish
 
-    def shut_down_first(self: PushBackup) -> list[object]:
+    def shut_down_first(self: PushCopy) -> list[object]:
         # The guest boots again while QEMU copies; then it powers itself off.
         ready = guest.wait_for_console(r"GS-BOOT[^\n]*\n(.*\n)*?GS-READY", 60, after=before)
         guest.dom.shutdown()
         guest.wait_for_console(r"GS-POWEROFF", timeout=60, after=before + ready.end())
         return finish(self)  # type: ignore[return-value]
 
-    monkeypatch.setattr(PushBackup, "finish", shut_down_first)
+    monkeypatch.setattr(PushCopy, "finish", shut_down_first)
 
     result = pgs.engine.run_job("ss")
 

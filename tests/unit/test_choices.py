@@ -15,6 +15,7 @@ import pytest
 
 from guestsafe.engine.archive.manifest import DiskRecord, Manifest
 from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.errors import JobConfigError
 from guestsafe.engine.jobs.jobs_file import load_jobs, save_jobs
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
@@ -23,7 +24,6 @@ from guestsafe.engine.jobs.model import (
     WEEKDAYS,
     HookPhase,
     Job,
-    JobConfigError,
     Weekday,
     as_choice,
 )

@@ -8,14 +8,12 @@ from typing import Any
 import pytest
 import tomli_w
 
-from guestsafe.engine.errors import ConfigError, NotFoundError
+from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, NotFoundError
 from guestsafe.engine.jobs.jobs_file import delete_job, load_jobs, save_jobs, upsert_job
 from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
-    FieldError,
     Hooks,
     Job,
-    JobConfigError,
     Schedule,
 )
 from guestsafe.engine.jobs.validation import check_job_runtime, validate_job

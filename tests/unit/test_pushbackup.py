@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import threading
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import blake3
 import libvirt
 import pytest
 
 from guestsafe.engine import modes
-from guestsafe.engine.backup import push_copy
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup import push_copy, push_files
+from guestsafe.engine.backup.guest_run import GuestRun
+from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.errors import CopyError, HypervisorError, PreflightError
 from guestsafe.engine.hypervisor import push_jobs, qemu_access
+from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo
 from guestsafe.engine.hypervisor.push_jobs import JobWatch, PushTarget
 from guestsafe.engine.jobs.jobs_file import load_jobs, save_jobs
@@ -101,7 +106,7 @@ RUNNING_JOB = {
 
 
 def _watch(dom: FakeDomain) -> JobWatch:
-    return JobWatch(FakeConn(), dom)  # type: ignore[arg-type]
+    return JobWatch(FakeConn(), dom)
 
 
 def test_running_job_reports_progress_and_no_outcome() -> None:
@@ -232,44 +237,66 @@ def test_push_backups_unsupported_says_why(
     assert problem is not None and problem.startswith(expected)
 
 
-@dataclass
-class FakeCtx:
-    job: Job
-    hv: Any = None
+class Said:
+    """A GuestRun's ``say``, ``enter`` and ``progress``, recorded."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+        self.phases: list[Phase] = []
+
+    def say(self, level: int, text: str) -> None:
+        self.lines.append((level, text))
+
+    def enter(self, phase: Phase, _partial: Path | None) -> None:
+        self.phases.append(phase)
+
+    def errors(self) -> list[str]:
+        return [text for level, text in self.lines if level >= logging.ERROR]
 
 
-@dataclass
-class FakeBackup:
-    ctx: FakeCtx
-    name: str = "web1"
-    info: GuestInfo = field(default_factory=_info)
-    was_state: str = "running"
-    mode: str = "stop"
-    warnings: list[str] = field(default_factory=list)
-    said: list[str] = field(default_factory=list)
-
-    def _info(self, message: str) -> None:
-        self.said.append(message)
-
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
+def _run(mode: str, said: Said | None = None) -> GuestRun:
+    said = said or Said()
+    run = GuestRun("web1", mode, threading.Event(), said.say, enter=said.enter)
+    run.info, run.was_state = _info(), "running"
+    return run
 
 
-def _backup(mode: str, **job: Any) -> FakeBackup:
-    the_job = Job("nightly", ["web1"], Path("/srv/backup"), mode=mode, **job)
-    return FakeBackup(FakeCtx(the_job), mode=mode)
+# choose_push only hands these on to the PushCopy it makes; the tests that need
+# a hypervisor give one of their own.
+NO_HV = cast(Hypervisor, None)
+NO_ARCHIVE = cast(Archive, None)
+
+
+class _Choice:
+    """A guest's run and its job, and what choose_push made of them."""
+
+    def __init__(self, mode: str, **job: Any) -> None:
+        self.job = Job("nightly", ["web1"], Path("/srv/backup"), mode=mode, **job)
+        self.run = _run(mode)
+        self.mode = mode
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.run.warnings
+
+    def choose(self) -> push_copy.PushCopy | None:
+        return push_copy.choose_push(self.run, self.job, NO_HV, NO_ARCHIVE)
+
+
+def _backup(mode: str, **job: Any) -> _Choice:
+    return _Choice(mode, **job)
 
 
 def test_stop_jobs_get_no_push_backup() -> None:
-    assert push_copy.choose_push(_backup("stop")) is None  # type: ignore[arg-type]
+    assert _backup("stop").choose() is None
 
 
 def test_a_shut_off_guest_is_copied_cold_and_the_version_says_stop() -> None:
     backup = _backup("stop-short")
-    backup.was_state = "shutoff"
+    backup.run.was_state = "shutoff"
 
-    assert push_copy.choose_push(backup) is None  # type: ignore[arg-type]
-    assert backup.mode == "stop" and "shut off" in backup.warnings[0]
+    assert backup.choose() is None
+    assert backup.run.mode == "stop" and "shut off" in backup.warnings[0]
 
 
 def test_no_push_backups_refuses_or_falls_back_as_the_job_says(
@@ -279,20 +306,22 @@ def test_no_push_backups_refuses_or_falls_back_as_the_job_says(
     monkeypatch.setattr(push_jobs, "unsupported", lambda *_args: too_old)
     strict = _backup("snapshot")
     with pytest.raises(PreflightError, match="fallback_to_stop = true"):
-        push_copy.choose_push(strict)  # type: ignore[arg-type]
+        strict.choose()
 
     lenient = _backup("snapshot", fallback_to_stop=True)
-    assert push_copy.choose_push(lenient) is None  # type: ignore[arg-type]
-    assert lenient.mode == "stop" and "falling back to mode stop" in lenient.warnings[0]
+    assert lenient.choose() is None
+    assert lenient.run.mode == "stop" and "falling back to mode stop" in lenient.warnings[0]
 
 
 def test_push_backup_chosen_where_it_works(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(push_jobs, "unsupported", lambda *_args: None)
 
-    push = push_copy.choose_push(_backup("snapshot"))  # type: ignore[arg-type]
+    push = _backup("snapshot").choose()
+    short = _backup("stop-short").choose()
 
     assert push is not None and push.live
-    assert not push_copy.choose_push(_backup("stop-short")).live  # type: ignore[arg-type, union-attr]
+    assert short is not None
+    assert not short.live
 
 
 def test_space_needed_counts_raw_disks_whole(tmp_path: Path) -> None:
@@ -362,7 +391,7 @@ def test_give_back_zeros_frees_zero_ranges_and_changes_no_byte(tmp_path: Path) -
         pytest.skip("this filesystem cannot make allocated zero ranges")
     digest = _b3(path)
 
-    freed = push_copy.give_back_zeros(path)
+    freed = push_files.give_back_zeros(path)
 
     assert freed >= 8 * MiB
     assert path.stat().st_blocks * 512 <= 2 * MiB
@@ -401,24 +430,35 @@ class XmlHv:
         return self._xml
 
 
-@dataclass
-class SnapshotOwner(FakeBackup):
-    downtime: float | None = None
-    phases: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+class SnapshotOwner:
+    """What a snapshot's steps leave in the GuestRun, and what they said."""
 
-    def _phase(self, phase: str, _partial: object = None) -> None:
-        self.phases.append(phase)
+    def __init__(self) -> None:
+        self.said = Said()
+        self.run = _run("snapshot", self.said)
 
-    def _error(self, message: str) -> None:
-        self.errors.append(message)
+    @property
+    def downtime(self) -> float | None:
+        return self.run.downtime
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.run.warnings
+
+    @property
+    def phases(self) -> list[Phase]:
+        return self.said.phases
+
+    @property
+    def errors(self) -> list[str]:
+        return self.said.errors()
 
 
 def _snapshot_push(
     monkeypatch: pytest.MonkeyPatch, xml: str, dom: AgentDomain, begin_fails: bool = False
-) -> tuple[push_copy.PushBackup, SnapshotOwner]:
-    owner = SnapshotOwner(FakeCtx(Job("j", ["web1"], Path("/srv"), mode="snapshot"), XmlHv(xml)))
-    push = push_copy.PushBackup(owner, live=True)  # type: ignore[arg-type]
+) -> tuple[push_copy.PushCopy, SnapshotOwner]:
+    owner = SnapshotOwner()
+    push = push_copy.PushCopy(owner.run, cast(Hypervisor, XmlHv(xml)), NO_ARCHIVE, live=True)
 
     def begin(_dom: object) -> None:
         dom.calls.append("begin")

@@ -1,0 +1,125 @@
+"""Mode stop, and any guest that was shut off: guestsafe copies the files itself.
+
+The guest is off for the whole copy (or was off before the job). Someone
+starting it meanwhile makes the copy worthless, so libvirt's start event
+cancels the copy at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup.guest_run import GuestRun, check_still_off
+from guestsafe.engine.backup.phases import Phase
+from guestsafe.engine.copier import copy_file
+from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
+from guestsafe.engine.hypervisor import disk_files
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+
+
+class AnyEvent(threading.Event):
+    """Set when it, or any of the events it watches, is set (for the copier's cancel)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        super().__init__()
+        self._events = events
+
+    def is_set(self) -> bool:
+        return super().is_set() or any(e.is_set() for e in self._events)
+
+
+class ColdCopy:
+    """Copies a stopped guest's disks and NVRAM into a new partial version."""
+
+    stops_guest = True
+
+    def __init__(self, run: GuestRun, hv: Hypervisor, archive: Archive) -> None:
+        self.run = run
+        self.hv = hv
+        self.archive = archive
+        self._cancel: threading.Event = run.cancel
+
+    def space_needed(self, info: GuestInfo) -> int:
+        return disk_files.allocated_total(info)
+
+    def prepare(self) -> None:
+        """Nothing to do before the shutdown."""
+
+    def copy(self) -> None:
+        run = self.run
+        with naming("creating a partial version in", self.archive.root):
+            run.partial = self.archive.begin(run.name)
+        run.enter(Phase.COPY, run.partial.path)
+        xml = self.hv.xml(run.name)
+        with naming("writing the domain XML to", run.partial.path):
+            run.partial.write_domain_xml(xml)
+        with self.hv.watch_started(run.name) as started:
+            self._cancel = AnyEvent(run.cancel, started)
+            try:
+                self._copy_disks()
+            except CopyError as exc:
+                check_still_off(self.hv, run)
+                if isinstance(exc, Cancelled) and not run.cancel.is_set():
+                    # The start event stopped the copy, not the operator.
+                    raise CopyError(
+                        f"guest {run.name!r} was started during the copy; the copy was discarded"
+                    ) from exc
+                raise
+
+    def _copy_disks(self) -> None:
+        info = self.run.info
+        assert info is not None
+        for disk in info.disks:
+            if disk.backs_up:
+                self.run.records.append(self._copy_disk(disk.target, disk.source, disk.format))
+            elif disk.source:
+                self.run.say_info(
+                    f"skipping {disk.target} ({disk.device}, read-only or not a disk)"
+                )
+        if info.nvram:
+            self.run.records.append(self._copy_disk("nvram", info.nvram, "fd"))
+
+    def _copy_disk(self, target: str, source: str | None, fmt: str | None) -> DiskRecord:
+        run = self.run
+        assert run.partial is not None and source is not None
+        file_name = disk_files.archive_file_name(target, fmt)
+        dst = run.partial.file_path(file_name)
+        run.say_info(f"copying {target} ({source})")
+        result = copy_file(
+            Path(source), dst, progress=run.copy_progress(target), cancel=self._cancel
+        )
+        check_still_off(self.hv, run)
+        run.bytes_copied += result.data_bytes
+        with naming("reading the copy", dst):
+            virtual_size = disk_files.virtual_size(dst)
+            allocated = dst.stat().st_blocks * 512
+        return DiskRecord(
+            target=target,
+            source=source,
+            format=fmt or "raw",
+            virtual_size=virtual_size,
+            allocated_size=allocated,
+            file=file_name,
+            blake3=result.blake3,
+        )
+
+    def start(self) -> GuestsafeError | None:
+        """A failure here must not cost the finished copy: returned, not raised."""
+        run = self.run
+        try:
+            self.hv.start(run.name)
+        except GuestsafeError as exc:
+            return exc
+        run.running_again()
+        run.say_info(f"guest is running again (downtime {run.downtime or 0:.1f} s)")
+        return None
+
+    def finish(self) -> list[DiskRecord]:
+        return []  # every record was made in copy
+
+    def settle(self) -> None:
+        """Nothing of this copy outlives it: the copier removes what it left half-done."""

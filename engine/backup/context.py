@@ -1,0 +1,67 @@
+"""What every guest of one run shares: the job, the connection, the journal, the locks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from guestsafe.engine import events, locks
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup.hooks import HookRunner
+from guestsafe.engine.backup.journal import Journal
+from guestsafe.engine.errors import Cancelled, LockBusy
+from guestsafe.engine.events import Reporter
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.paths import Paths
+
+
+@dataclass
+class JobContext:
+    job: Job
+    hv: Hypervisor
+    paths: Paths
+    report: Reporter
+    journal: Journal
+    cancel: threading.Event
+    archive: Archive | None = None
+    # Closed when the job ends, whatever happened: unmounts the job's device.
+    cleanup: ExitStack = field(default_factory=ExitStack)
+    hooks: HookRunner | None = None
+
+
+def take_lock(ctx: JobContext, key: str, what: str) -> locks.Lock:
+    """The lock on ``key``, waiting up to the job's ``lock_wait`` for its holder.
+
+    Waits in short steps so a cancel is seen; never runs alongside the holder.
+    """
+    state_dir, purpose = ctx.paths.state_dir, f"backup of job {ctx.job.name}"
+    try:
+        return locks.acquire(state_dir, key, purpose)
+    except LockBusy as exc:
+        if ctx.job.lock_wait <= 0:
+            raise _busy(ctx, key, what) from exc
+    held = _held_by(ctx, key)
+    events.info(ctx.report, f"{what} is busy ({held}); waiting up to {ctx.job.lock_wait} s")
+    deadline = time.monotonic() + ctx.job.lock_wait
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            return locks.acquire(state_dir, key, purpose, wait=max(0.0, min(1.0, remaining)))
+        except LockBusy as exc:
+            if ctx.cancel.is_set():
+                raise Cancelled(f"cancelled while waiting for {what}") from exc
+            if remaining <= 1.0:
+                raise _busy(ctx, key, what) from exc
+
+
+def _held_by(ctx: JobContext, key: str) -> str:
+    current = locks.holder(ctx.paths.state_dir, key)
+    return f"held by {current.describe()}" if current is not None else "locked by another process"
+
+
+def _busy(ctx: JobContext, key: str, what: str) -> LockBusy:
+    waited = f"; gave up after {ctx.job.lock_wait} s" if ctx.job.lock_wait > 0 else ""
+    return LockBusy(f"busy: {what} {_held_by(ctx, key)}{waited}")

@@ -1,0 +1,336 @@
+"""One guest's trip through the phases, and the clean-up whatever happens.
+
+The runner (``runner.py``) calls the steps in order: ``preflight``, ``stop``,
+``copy``, ``start``, ``commit``, ``verify_and_retain``, and ``settle`` whatever
+happened (a group job takes all its guests through each step together). The
+bytes are moved by a copy strategy (``copy_strategy.py``) chosen in preflight;
+this module owns the power state, the hooks, the journal and the commit.
+``settle`` puts the guest back in the power state it had before the job and
+removes an uncommitted partial. The journal records each phase before it
+begins, so ``recovery.recover()`` can do the same after a crash.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from guestsafe.engine import __version__, failpoints, locks
+from guestsafe.engine.archive.manifest import Manifest
+from guestsafe.engine.archive.versions import VersionInfo
+from guestsafe.engine.backup.cold_copy import ColdCopy
+from guestsafe.engine.backup.context import JobContext, take_lock
+from guestsafe.engine.backup.copy_strategy import CopyStrategy
+from guestsafe.engine.backup.guest_run import GuestRun, now_iso
+from guestsafe.engine.backup.journal import JournalEntry
+from guestsafe.engine.backup.phases import Phase
+from guestsafe.engine.backup.push_copy import choose_push
+from guestsafe.engine.errors import (
+    Cancelled,
+    CopyError,
+    GuestsafeError,
+    IOFailure,
+    PreflightError,
+    ShutdownTimeout,
+    io_failure,
+    naming,
+)
+from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged, Progress
+from guestsafe.engine.hypervisor import disk_files
+from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
+from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
+
+# How long, after a shutdown timeout under "abort", a late power-off is watched for.
+LATE_POWEROFF_GRACE = 30.0
+
+
+class GuestBackup:
+    """One guest's backup: the phases the runner calls, on one ``GuestRun``."""
+
+    def __init__(self, ctx: JobContext, name: str) -> None:
+        self.ctx = ctx
+        self.run = GuestRun(
+            name,
+            ctx.job.mode,
+            ctx.cancel,
+            say=self._say,
+            enter=self._enter,
+            progress=self._progress,
+        )
+        self.entry: JournalEntry | None = None
+        self.lock: locks.Lock | None = None
+        self.version: VersionInfo | None = None
+        self.error: GuestsafeError | None = None
+        self.hooks_armed = False  # past pre-stop: backup-end or backup-abort will run
+        self.strategy: CopyStrategy | None = None  # chosen in preflight
+        self.phase: Phase | None = None  # the last one entered
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    def _copier(self) -> CopyStrategy:
+        assert self.strategy is not None, "preflight chooses the copy strategy"
+        return self.strategy
+
+    # --- phases ------------------------------------------------------------
+
+    def preflight(self) -> None:
+        run, hv, job = self.run, self.ctx.hv, self.ctx.job
+        self._enter(Phase.PREFLIGHT, None)
+        run.info = hv.guest(run.name)
+        key = locks.guest_key(run.info.uuid)
+        self.lock = take_lock(self.ctx, key, f"guest {run.name}")
+        # Read again under the lock: a restore we waited for may have changed it.
+        run.info = hv.guest(run.name)
+        run.was_state = run.info.state
+        if run.was_state not in (RUNNING, SHUTOFF):
+            raise PreflightError(
+                f"guest {run.name!r} is {run.was_state}; guestsafe backs up running or "
+                "shut-off guests only (resume or stop it first)"
+            )
+        with naming(f"reading the disk files of guest {run.name!r}", None):
+            disk_files.check_backup_disks(run.info)
+        self.strategy = self._choose_strategy()
+        with naming(f"measuring the disk files of guest {run.name!r}", None):
+            needed = self.strategy.space_needed(run.info) + SPACE_MARGIN
+        with naming("reading the free space on", job.destination):
+            free = disk_files.free_space(job.destination)
+        if needed > free:
+            raise PreflightError(
+                f"need {byte_size(needed)} on {job.destination}, {byte_size(free)} free "
+                f"(guest {run.name})"
+            )
+        self.entry = JournalEntry(job.name, run.name, run.info.uuid, hv.uri, run.was_state)
+        with naming("writing the journal in", self.ctx.journal.dir):
+            self.ctx.journal.write(self.entry)
+
+    def _choose_strategy(self) -> CopyStrategy:
+        ctx = self.ctx
+        assert ctx.archive is not None
+        push = choose_push(self.run, ctx.job, ctx.hv, ctx.archive)
+        return push if push is not None else ColdCopy(self.run, ctx.hv, ctx.archive)
+
+    def stop(self) -> None:
+        run, strategy = self.run, self._copier()
+        strategy.prepare()  # before any downtime
+        if not strategy.stops_guest:
+            self.hooks_armed = True  # no stop, but backup-end or backup-abort runs
+            return
+        self._enter(Phase.SHUTDOWN, None)
+        if run.was_state != RUNNING:
+            run.say_info("guest is shut off; backing it up as it is")
+            self.hooks_armed = True
+            return
+        self.hooks_armed = True
+        if self.ctx.hooks is not None:
+            self.ctx.hooks.veto("pre-stop", guest=run.name)
+        run.stopped_at = time.monotonic()
+        job = self.ctx.job
+        run.say_info(f"shutting down (timeout {job.shutdown_timeout} s, then {job.on_timeout})")
+        try:
+            result = self.ctx.hv.shutdown(
+                run.name,
+                timeout=job.shutdown_timeout,
+                on_timeout=job.on_timeout,
+                log=run.warn,
+            )
+        except ShutdownTimeout:
+            self._watch_late_poweroff()
+            raise
+        if result.forced:
+            run.warnings.append("powered off after the shutdown timeout")
+        run.say_info(f"guest is off after {result.seconds:.1f} s")
+        self._hook("post-stop")
+
+    def _watch_late_poweroff(self) -> None:
+        """A guest may still act on the request just after the timeout; notice it.
+
+        settle() then starts it again, so it ends as it began: running.
+        """
+        grace = min(LATE_POWEROFF_GRACE, self.ctx.job.shutdown_timeout)
+        if self.ctx.hv.wait_state(self.name, SHUTOFF, grace):
+            self.run.warn("guest powered off after the shutdown timeout; starting it again")
+
+    def copy(self) -> None:
+        assert self.run.info is not None
+        self._copier().copy()
+
+    def start(self) -> None:
+        """Start the guest again; a failure here must not cost the finished copy."""
+        strategy = self._copier()
+        if self.run.was_state != RUNNING or not strategy.stops_guest:
+            return
+        self._enter(Phase.START, None)
+        self._hook("pre-start")
+        failure = strategy.start()
+        if failure is not None:
+            self.fail(failure)
+            return
+        self._hook("post-start")
+
+    def _hook(self, phase: str) -> None:
+        """Run a hook that cannot veto: its failure fails the backup and stops nothing."""
+        if self.ctx.hooks is None:
+            return
+        partial = self.run.partial
+        where = self.version.path if self.version else partial.path if partial else None
+        failure = self.ctx.hooks.run(
+            phase,
+            guest=self.name,
+            version_path=where,
+            status="ok" if self.error is None else "failed",
+            error=self.error.message if self.error is not None else "",
+        )
+        if failure is not None and self.error is None:
+            self.error = failure
+
+    def commit(self) -> None:
+        run = self.run
+        assert run.partial is not None and run.info is not None
+        run.records += self._copier().finish()  # push: waits for QEMU, hashes what it wrote
+        self._enter(Phase.COMMIT, None)
+        manifest = Manifest(
+            format=1,
+            guest=run.name,
+            uuid=run.info.uuid,
+            host=self.ctx.hv.hostname,
+            mode=run.mode,
+            started=run.started_iso,
+            finished=now_iso(),
+            downtime=run.downtime,
+            tool_version=__version__,
+            disks=[r for r in run.records if r.target != "nvram"],
+            nvram=next((r for r in run.records if r.target == "nvram"), None),
+            notes=list(run.warnings),
+        )
+        with naming("committing the version in", run.partial.path):
+            self.version = run.partial.commit(manifest)
+        run.partial = None
+        run.say_info(f"committed version {self.version.number}")
+
+    def verify_and_retain(self) -> None:
+        assert self.version is not None and self.ctx.archive is not None
+        archive, job, number = self.ctx.archive, self.ctx.job, self.version.number
+        if job.verify:
+            self._enter(Phase.VERIFY, None)
+            with naming("verifying", self.version.path):
+                report = archive.verify(self.name, number)[0]
+            if not report.ok:
+                raise CopyError(
+                    f"version {number} of {self.name} failed verification: "
+                    + "; ".join(report.problems)
+                    + " (retention skipped, older versions kept)"
+                )
+            self.run.say_info(f"version {number} verified")
+        self._enter(Phase.RETENTION, None)
+        with naming("removing old versions next to", self.version.path):
+            deleted = archive.apply_retention(self.name, job.keep)
+        if deleted:
+            self.run.say_info(f"retention (keep {job.keep}) removed versions {_numbers(deleted)}")
+
+    # --- whatever happened -------------------------------------------------
+
+    def fail(self, error: GuestsafeError) -> None:
+        """Record the guest's failure and log it."""
+        self.error = error
+        self.run.say_error(error.message)
+
+    def unclaimed(self, exc: OSError) -> IOFailure:
+        """An ``OSError`` no operation named: named after the phase it came from."""
+        return io_failure(f"during {self.phase or 'the backup'}", None, exc)
+
+    def settle(self) -> None:
+        """Put the guest back as it was and drop anything uncommitted."""
+        run = self.run
+        if self.strategy is not None:
+            self.strategy.settle()  # nothing may write into a partial being removed
+        if run.partial is not None:
+            try:
+                run.partial.discard()
+                run.say_info("unfinished copy removed; older versions untouched")
+            except OSError as exc:
+                run.warn(f"could not remove {run.partial.path}: {exc}")
+            run.partial = None
+        restored = self._restore_power_state()
+        if self.hooks_armed:
+            self.hooks_armed = False
+            self._hook("backup-end" if self.error is None else "backup-abort")
+        if self.entry is not None:
+            if restored:
+                self.ctx.journal.remove(self.entry)
+            else:
+                # Left for recover(): the next guestsafe command tries again.
+                self.ctx.journal.phase(self.entry, Phase.RESTART_FAILED)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _restore_power_state(self) -> bool:
+        """Start or resume a guest that ran before the job; False if that failed."""
+        run = self.run
+        if run.was_state != RUNNING:
+            return True
+        try:
+            state = self.ctx.hv.state(run.name)
+            if state == SHUTOFF:
+                self.ctx.hv.start(run.name)
+                run.running_again()
+                run.say_info("guest is running again")
+            elif state == PAUSED:
+                self.ctx.hv.resume(run.name)
+                run.say_info("guest resumed")
+        except GuestsafeError as exc:
+            run.say_error(f"could not start the guest again: {exc}")
+            self.error = self.error or exc
+            return False
+        return True
+
+    def outcome(self) -> GuestOutcome:
+        run = self.run
+        duration = time.monotonic() - run.t0
+        number = self.version.number if self.version else None
+        spent = f"{byte_size(run.bytes_copied)} in {duration:.1f} s"
+        if self.error is None:
+            message = f"ok: version {number}, downtime {_seconds(run.downtime)}, {spent}"
+        else:
+            message = (
+                f"failed: {self.error.message}; {self._aftermath()}; downtime "
+                f"{_seconds(run.downtime)}, {spent}"
+            )
+        ok = self.error is None
+        return GuestOutcome(run.name, ok, number, run.downtime, run.bytes_copied, duration, message)
+
+    def _aftermath(self) -> str:
+        try:
+            state = self.ctx.hv.state(self.name)
+        except GuestsafeError:
+            state = "unknown"
+        committed = f"version {self.version.number} committed" if self.version else "no version"
+        return f"guest is {state}, {committed}, previous versions untouched"
+
+    # --- what the run and the copy strategy call ----------------------------
+
+    def _enter(self, phase: Phase, partial: Path | None) -> None:
+        if self.ctx.cancel.is_set():
+            raise Cancelled(f"run cancelled before {phase}")
+        self.phase = phase
+        if self.entry is not None:
+            with naming("writing the journal in", self.ctx.journal.dir):
+                self.ctx.journal.phase(self.entry, phase, partial)
+        self.ctx.report(PhaseChanged(self.name, phase))
+        failpoints.hit(f"phase.{phase}")
+
+    def _say(self, level: int, text: str) -> None:
+        self.ctx.report(LogLine(level, text, self.name))
+
+    def _progress(self, item: str, done: int, total: int) -> None:
+        self.ctx.report(Progress(self.name, item, done, total))
+
+
+def _seconds(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1f} s"
+
+
+def _numbers(numbers: list[int]) -> str:
+    return ", ".join(str(n) for n in numbers)
