@@ -22,9 +22,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from guestsafe import themes
-from guestsafe.engine.api import Engine
-from guestsafe.engine.backup.runlog import escape
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.api import Engine, RunResult, escape
 from guestsafe.engine.events import Event
 
 from .commands import GuestsafeCommands
@@ -32,7 +30,6 @@ from .confirm_modal import ConfirmModal
 from .error_modal import ErrorModal
 from .guests_pane import GuestsPane
 from .jobs_pane import JobsPane
-from .keymap import keymap_path, load_keymap
 from .log_pane import LogPane
 from .messages import (
     ActivityStarted,
@@ -46,6 +43,7 @@ from .messages import (
     StartJobRequested,
     SwitchTab,
 )
+from .model.keymap import keymap_path, load_keymap
 from .restore_pane import RestorePane
 from .worker_errors import ReportsWorkerErrors
 
@@ -141,7 +139,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
 
     @work(thread=True, exclusive=True, group="connect", exit_on_error=False)
     def _connect(self) -> None:
-        host = self.engine.hv.hostname
+        host = self.engine.hostname
         self.call_from_thread(setattr, self, "title", f"guestsafe on {escape(host)}")
 
     @work(thread=True, exclusive=True, group="recover", exit_on_error=False)

@@ -17,19 +17,31 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import humanize
-
-from guestsafe.engine import __version__
-from guestsafe.engine.api import Engine, LastResult
-from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
-from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.api import (
+    KEEP,
+    MARKER,
+    NEW,
+    Archive,
+    Engine,
+    Job,
+    LastResult,
+    Paths,
+    VersionInfo,
+    __version__,
+    byte_size,
+    escape,
+    mode_label,
+    on_calendar,
+)
 from guestsafe.engine.errors import GuestsafeError, RestoreError, RunFailed
-from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
-from guestsafe.engine.jobs import schedule
-from guestsafe.engine.jobs.model import Job
-from guestsafe.engine.modes import label as mode_label
-from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore import KEEP, NEW
+from guestsafe.engine.events import (
+    Event,
+    GuestOutcome,
+    LogLine,
+    PhaseChanged,
+    Progress,
+    RunEnded,
+)
 
 EXIT_INTERRUPTED = 130
 DEVICE_HELP = (
@@ -134,8 +146,9 @@ class ConsoleReporter:
                 self._print(event.guest, level + event.message)
             elif isinstance(event, PhaseChanged):
                 self._print(event.guest, f"-- {event.phase}")
-            elif isinstance(event, GuestOutcome):
+            elif isinstance(event, GuestOutcome | RunEnded):
                 self._print(event.guest, event.message)
+            # GuestDowntime: the line before it said so already.
 
     def _print(self, guest: str | None, text: str) -> None:
         prefix = f"{escape(guest)}: " if guest else ""
@@ -145,8 +158,7 @@ class ConsoleReporter:
         if not self.tty or event.total <= 0:
             return
         pct = 100 * event.done / event.total
-        done = humanize.naturalsize(event.done, binary=True)
-        total = humanize.naturalsize(event.total, binary=True)
+        done, total = byte_size(event.done), byte_size(event.total)
         self.out.write(
             f"\r{escape(event.guest)}: {event.item} {pct:5.1f}% ({done} of {total})\x1b[K"
         )
@@ -173,9 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.demo:
-        from guestsafe.engine import demo
-
-        engine = Engine.demo(demo.ensure_sandbox())
+        engine = Engine.demo()
     else:
         engine = Engine(uri=args.connect, paths=Paths.default(args.config))
     if args.command is None:
@@ -327,7 +337,7 @@ def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
                     str(v.number),
                     v.date,
                     mode_label(v.mode),
-                    humanize.naturalsize(v.size, binary=True),
+                    byte_size(v.size),
                     verified,
                     where,
                 )
@@ -423,7 +433,7 @@ def cmd_devices(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
                 dev.label or "-",
                 dev.uuid or "-",
                 dev.filesystem,
-                humanize.naturalsize(dev.size, binary=True),
+                byte_size(dev.size),
                 " ".join(x for x in (dev.vendor, dev.model) if x) or "-",
                 dev.bus or "-",
                 {True: "yes", False: "no", None: "?"}[dev.has_marker],
@@ -461,7 +471,7 @@ def cmd_schedule(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepo
         rows = [("JOB", "ON CALENDAR", "NEXT RUN", "TIMER")]
         states = engine.timer_states()
         for job in engine.jobs():
-            calendar = schedule.on_calendar(job) or "-"
+            calendar = on_calendar(job) or "-"
             rows.append((job.name, calendar, _next_run(engine, job, "installed"), states[job.name]))
         _table(rows)
         print(f"units in {unit_dir}")

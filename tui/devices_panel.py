@@ -14,9 +14,10 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.api import BlockDevice
 
 from . import formatting as fmt
+from .model import text as plain
 
 COLUMNS = ("Node", "Label", "Filesystem", "Size", "Model", "Bus", "Archive")
 ARCHIVE_CELL = {True: "yes", False: "no", None: "?"}
@@ -70,7 +71,7 @@ class ExternalDevicesPanel(Vertical):
                 fmt.literal(dev.node),
                 fmt.literal(dev.label or "-"),
                 fmt.literal(dev.filesystem or "-"),
-                fmt.size(dev.size),
+                plain.size(dev.size),
                 fmt.literal(dev.model or "-"),
                 fmt.literal(dev.bus or "-"),
                 ARCHIVE_CELL[dev.archive],

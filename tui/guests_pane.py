@@ -7,8 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable
 
-from guestsafe.engine.api import Engine
-from guestsafe.engine.hypervisor.connection import GuestInfo
+from guestsafe.engine.api import Engine, GuestInfo
 
 from . import formatting as fmt
 from .worker_errors import ReportsWorkerErrors

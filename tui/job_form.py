@@ -29,21 +29,21 @@ from textual.widgets import (
     Static,
 )
 
-from guestsafe.engine.api import Engine
-from guestsafe.engine.devices.udev import BlockDevice
-from guestsafe.engine.errors import GuestsafeError
-from guestsafe.engine.jobs.model import (
+from guestsafe.engine.api import (
     HOOK_PHASES,
     MODES,
     ON_TIMEOUT,
+    BlockDevice,
+    Engine,
     FieldError,
     Job,
     JobConfigError,
 )
+from guestsafe.engine.errors import GuestsafeError
 
 from .field_input import FieldInput
 from .formatting import literal
-from .job_form_model import (
+from .model.job_form import (
     FIELDS,
     HOOK_FIELDS,
     MODE_HELP,

@@ -12,15 +12,14 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.api import Engine, Job, LastResult
 from guestsafe.engine.errors import GuestsafeError
-from guestsafe.engine.jobs import schedule
-from guestsafe.engine.jobs.model import Job
 
 from . import formatting as fmt
 from .confirm_modal import ConfirmModal
 from .job_form import JobFormScreen
 from .messages import JobsChanged, StartJobRequested
+from .model import text as plain
 from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors
 
@@ -95,7 +94,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         keep = self.selected
         table.clear()
         styles = status_styles(self.app)
-        now = schedule.current_time()
+        now = self._engine.now()
         for job in self._jobs:
             if job.name == self._running_job:
                 last = Text("running...", style=styles.ok)
@@ -107,7 +106,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
                 Text(str(job.keep)),
                 Text(self._next_run(job, now)),
                 last,
-                fmt.literal(fmt.where(job)),
+                fmt.literal(plain.where(job)),
                 key=job.name,
             )
         if not self._jobs:
@@ -122,7 +121,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         self._show_detail()
 
     def _next_run(self, job: Job, now: datetime) -> str:
-        return fmt.next_run(self._engine.next_run(job), self._timer_states.get(job.name), now)
+        return plain.next_run(self._engine.next_run(job), self._timer_states.get(job.name), now)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()
@@ -139,7 +138,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             detail.update(Text(""))
             return
         when = self._engine.next_run(job)
-        text = fmt.literal(fmt.schedule_detail(job, when, self._timer_states.get(name)))
+        text = fmt.literal(plain.schedule_detail(job, when, self._timer_states.get(name)))
         if result is None:
             text.append("\nNo run yet.")
             detail.update(text)

@@ -28,10 +28,10 @@ from guestsafe.engine.events import Event
 
 from . import formatting as fmt
 from .messages import CancelRunRequested, LogLines
+from .model.run_tracker import DisplayLine, RunTracker
+from .model.tailing import LogFollower
 from .run_progress import RunProgressPanel
-from .run_tracker import DisplayLine, RunTracker
 from .styles import status_styles
-from .tailing import LogFollower
 from .worker_errors import ReportsWorkerErrors
 
 MAX_LINES = 5000
@@ -253,7 +253,7 @@ def render_line(line: DisplayLine, styles: dict[str, str]) -> Text:
     if line.time:
         text.append(line.time + " ", style="dim")
     style = styles.get(line.level, "")
-    if line.level not in ("", "INFO", "PHASE", "RESULT"):
+    if line.level not in ("", "INFO", "PHASE", "RESULT", "END"):
         text.append(line.level + " ", style=style)
     if line.guest:
         text.append(line.guest, style="bold")

@@ -27,20 +27,29 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Label, Select, Static
 
-from guestsafe.engine.api import Engine
-from guestsafe.engine.archive.store import MARKER, Archive, VersionInfo
-from guestsafe.engine.backup.runlog import escape
-from guestsafe.engine.devices.udev import BlockDevice, DevicesChanged, DeviceWatcher
+from guestsafe.engine.api import (
+    MARKER,
+    Archive,
+    BlockDevice,
+    DevicesChanged,
+    DeviceWatcher,
+    Engine,
+    RestorePlan,
+    RestoreResult,
+    VersionInfo,
+    escape,
+    is_crash_consistent,
+    short_mode_label,
+)
 from guestsafe.engine.errors import GuestsafeError
 from guestsafe.engine.events import Event
-from guestsafe.engine.modes import is_crash_consistent, short_label
-from guestsafe.engine.restore import RestorePlan, RestoreResult
 
 from . import formatting as fmt
 from .devices_panel import DeviceRow, ExternalDevicesPanel
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
-from .reporting import BatchingReporter
+from .model import text as plain
+from .model.reporting import BatchingReporter
 from .restore_form import RestoreForm
 from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors
@@ -199,12 +208,13 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         styles = status_styles(self.app)
         warning = f"bold {self.app.current_theme.warning or 'yellow'}"
         for index, v in enumerate(self._versions):
+            mode_style = warning if is_crash_consistent(v.mode) else ""
             table.add_row(
                 fmt.literal(v.guest),
                 Text(str(v.number), justify="right"),
-                fmt.literal(fmt.short_time(v.date)),
-                Text(fmt.size(v.size), justify="right"),
-                fmt.literal(short_label(v.mode), warning if is_crash_consistent(v.mode) else ""),
+                fmt.literal(plain.short_time(v.date)),
+                Text(plain.size(v.size), justify="right"),
+                fmt.literal(short_mode_label(v.mode), mode_style),
                 fmt.verified(v.verified, styles),
                 key=str(index),
             )

@@ -464,7 +464,7 @@ def run_job(
         ctx.cleanup.close()
         for outcome in result.outcomes:
             runlog(outcome)
-        events.info(runlog, "finished backup" if result.ok else "backup failed")
+        runlog(events.backup_ended(result.ok))
         runlog.close()
     return result
 

@@ -14,8 +14,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestsafe.engine.backup.hooks import check_programs
-from guestsafe.engine.jobs.model import (
+from guestsafe.engine.api import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
@@ -26,6 +25,7 @@ from guestsafe.engine.jobs.model import (
     Job,
     Schedule,
     check_job_runtime,
+    check_programs,
     validate_job,
 )
 
