@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
-from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import ModalScreen
@@ -45,7 +44,7 @@ from .messages import (
 )
 from .model.keymap import keymap_path, load_keymap
 from .restore_pane import RestorePane
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 # Tab ids, in the order shown. Each label underlines the key that opens it.
 TABS = {
@@ -137,12 +136,12 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
 
     # --- start-up ----------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="connect", exit_on_error=False)
+    @background(group="connect")
     def _connect(self) -> None:
         host = self.engine.hostname
         self.call_from_thread(setattr, self, "title", f"guestsafe on {escape(host)}")
 
-    @work(thread=True, exclusive=True, group="recover", exit_on_error=False)
+    @background(group="recover")
     def _recover(self) -> None:
         """Finish what an interrupted run left: restart guests it stopped, drop partials."""
         seen: list[Event] = []
@@ -222,7 +221,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.log_pane.expect_own_run()
         self._run(name, self._cancel_run)
 
-    @work(thread=True, exclusive=True, group="run", exit_on_error=False)
+    @background(group="run")
     def _run(self, name: str, cancel: threading.Event) -> RunResult:
         def log_opened(path: Path) -> None:
             self.post_message(RunLogOpened(path))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -52,7 +52,7 @@ from .model.job_form import (
     check_job,
     hook_field,
 )
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 FORM_LEVEL = "form"  # problems that belong to no one field, shown at the top
 
@@ -321,7 +321,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                 self.query_one(f"#f-{field}").focus()
                 return
 
-    @work(thread=True, exclusive=True, group="save", exit_on_error=False)
+    @background(group="save")
     def _save(self, job: Job, previous: str | None) -> None:
         try:
             self._engine.save_job(job, previous_name=previous)
@@ -335,7 +335,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
     # --- external devices ----------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="form-devices", exit_on_error=False)
+    @background(group="form-devices")
     def _find_devices(self) -> None:
         try:
             found = self._engine.devices()

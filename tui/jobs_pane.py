@@ -6,7 +6,6 @@ from datetime import datetime
 from typing import ClassVar
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
@@ -21,7 +20,7 @@ from .job_form import JobFormScreen
 from .messages import JobsChanged, StartJobRequested
 from .model import text as plain
 from .styles import status_styles
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 # The destination comes last: it is the longest, and on a narrow terminal it is
 # the one to scroll to, not the last result.
@@ -71,7 +70,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         row = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         return str(row.value) if row.value is not None else None
 
-    @work(thread=True, exclusive=True, group="jobs-load", exit_on_error=False)
+    @background(group="jobs-load")
     def reload(self) -> None:
         jobs = self._engine.jobs()
         results = self._engine.last_results()
@@ -163,7 +162,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             return
         self._open_form(name)
 
-    @work(thread=True, exclusive=True, group="jobs-form", exit_on_error=False)
+    @background(group="jobs-form")
     def _open_form(self, name: str | None) -> None:
         jobs = self._engine.jobs()
         job = next((j for j in jobs if j.name == name), None) if name is not None else None
@@ -204,7 +203,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         detail = "Its backups stay on disk; only the job is removed."
         self.app.push_screen(ConfirmModal(question, detail, yes="Delete"), answered)
 
-    @work(thread=True, exclusive=True, group="jobs-delete", exit_on_error=False)
+    @background(group="jobs-delete")
     def _delete(self, name: str) -> None:
         self._engine.delete_job(name)
         self.app.call_from_thread(self._deleted, name)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -52,7 +52,7 @@ from .model import text as plain
 from .model.reporting import BatchingReporter
 from .restore_form import RestoreForm
 from .styles import status_styles
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 COLUMNS = ("Guest", "Version", "Date", "Size", "Mode", "Verified")
 # Archive choices that are devices carry this before the device's spec.
@@ -138,7 +138,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     def source(self) -> Source | None:
         return self.destination or self.device_spec
 
-    @work(thread=True, exclusive=True, group="restore-dests", exit_on_error=False)
+    @background(group="restore-dests")
     def reload(self) -> None:
         """Reload the destinations (from the jobs) and the selected archive's versions."""
         destinations = self._engine.destinations()
@@ -179,7 +179,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             return
         self._load_versions(source)
 
-    @work(thread=True, exclusive=True, group="restore-versions", exit_on_error=False)
+    @background(group="restore-versions")
     def _load_versions(self, source: Source) -> None:
         if isinstance(source, str):
             with self._engine.device_archive(source) as archive:
@@ -222,6 +222,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             table.move_cursor(row=min(row, len(self._versions) - 1))
 
     @property
+    def versions(self) -> list[VersionInfo]:
+        """The chosen archive's versions, as the table lists them."""
+        return list(self._versions)
+
+    @property
     def selected_version(self) -> VersionInfo | None:
         table = self.query_one("#archive-table", DataTable)
         if not self._versions or table.row_count == 0:
@@ -245,7 +250,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         """The external devices shown, once the watcher has reported them."""
         return list(self._devices)
 
-    @work(thread=True, exclusive=True, group="restore-devices", exit_on_error=False)
+    @background(group="restore-devices")
     def _watch_devices(self) -> None:
         def changed(change: DevicesChanged) -> None:
             self.post_message(DevicesSeen(list(change.devices)))
@@ -279,7 +284,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         known = self._markers.get(_marker_key(device))
         return device.with_marker(*known) if known else device
 
-    @work(thread=True, group="restore-probe", exit_on_error=False)
+    @background(group="restore-probe", exclusive=False)
     def _probe(self, devices: list[BlockDevice]) -> None:
         self.post_message(MarkersProbed(self._engine.probe_markers(devices)))
 
@@ -330,7 +335,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             with nullcontext(self._engine.archive(source)) as archive:
                 yield archive
 
-    @work(thread=True, exclusive=True, group="restore-plan", exit_on_error=False)
+    @background(group="restore-plan")
     def _plan(self, source: Source, guest: str, number: int, new_name: str) -> None:
         with self._archive(source) as archive:
             plan = self._engine.plan_restore(archive, guest, number, new_name)
@@ -360,7 +365,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self.post_message(ActivityStarted(title))
         self._restore(plan, choices, self._cancel, source)
 
-    @work(thread=True, exclusive=True, group="restore-run", exit_on_error=False)
+    @background(group="restore-run")
     def _restore(
         self,
         plan: RestorePlan,
