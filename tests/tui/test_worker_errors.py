@@ -57,6 +57,7 @@ async def test_a_failing_worker_shows_in_the_error_modal(
         else:
             app.action_refresh()  # the tabs load again
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        await settle(pilot)  # the modal drawn
         text = str(app.screen.query_one("#error-message", Static).render())
         assert text == f"RuntimeError: {call} broke"
         if owner == "JobFormScreen":
@@ -71,6 +72,7 @@ async def test_the_apps_own_worker_shows_in_the_error_modal(
     app = GuestsafeApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        await settle(pilot)  # the modal drawn
         text = str(app.screen.query_one("#error-message", Static).render())
         assert text == "RuntimeError: hostname broke"
         assert app.is_running
