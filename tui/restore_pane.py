@@ -45,10 +45,11 @@ from guestsafe.engine.errors import GuestsafeError
 from guestsafe.engine.events import Event
 
 from . import formatting as fmt
-from .devices_panel import DeviceRow, ExternalDevicesPanel
+from .devices_panel import ExternalDevicesPanel
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
 from .model import text as plain
+from .model.devices import DeviceRow
 from .model.reporting import BatchingReporter
 from .restore_form import RestoreForm
 from .styles import status_styles
