@@ -181,7 +181,7 @@ def _line(record: Record) -> str:
 class ParsedLine:
     time: str
     level: str
-    guest: str | None  # as written: escaped, a space as \\x20
+    guest: str | None  # as written: escaped, a space as \x20
     text: str  # for people, without the fields
     event: Event | None  # the fact a structured line records; None for prose
 
