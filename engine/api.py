@@ -1,42 +1,76 @@
 """The engine's front door: what the CLI and the console call.
 
-Both front-ends are thin clients of this class. It owns the paths, the jobs
-file and one hypervisor connection, and runs crash recovery before the first
-real command.
+Both front-ends are thin clients of this module: they import nothing of the
+engine but it, ``errors`` and ``events`` (a test holds them to it). ``Engine``
+owns the paths, the jobs file and one hypervisor connection, and runs crash
+recovery before the first real command; the block below re-exports the types
+and helpers the front-ends name. What differs in demo mode is one ``Site``
+passed in: where the guests and the external devices come from.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
-from guestsafe.engine import demo, events, notify
-from guestsafe.engine.archive.store import Archive
+# isort: split
+# --- the engine, and the re-exports for the front-ends -----------------------
+# The CLI and the console take every engine type and helper they name from
+# here (``__all__``). When an engine module moves, only this block changes.
+from guestsafe.engine import __version__, demo, events, notify
+from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.backup import recovery, runner
-from guestsafe.engine.backup.runlog import RunLog
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.backup import recovery, results, runner
+from guestsafe.engine.backup.hooks import check_programs
+from guestsafe.engine.backup.results import LastResult, RunResult
+from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
+from guestsafe.engine.demo import Sandbox, ensure_sandbox, reset_sandbox
 from guestsafe.engine.devices import mounts, preflight
 from guestsafe.engine.devices.resolve import resolve
 from guestsafe.engine.devices.udev import BlockDevice, list_devices
-from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher, ManualWatcher
-from guestsafe.engine.errors import ConfigError, GuestsafeError, JobNotFound, NotFoundError
+from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher
+from guestsafe.engine.errors import (
+    ConfigError,
+    FieldError,
+    GuestsafeError,
+    JobConfigError,
+    JobNotFound,
+    NotFoundError,
+)
 from guestsafe.engine.events import Reporter
-from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule, timers
-from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.jobs.model import (
+    DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_KEEP,
+    DEFAULT_LOCK_WAIT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    HOOK_PHASES,
+    MODES,
+    ON_TIMEOUT,
+    Hooks,
+    Job,
+    Schedule,
+    as_choice,
+)
+from guestsafe.engine.jobs.schedule import DueRun, on_calendar
+from guestsafe.engine.jobs.timers import TimerChanges, UnitSettings
+from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
+from guestsafe.engine.modes import Mode, OnTimeout, is_crash_consistent
+from guestsafe.engine.modes import label as mode_label
+from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore import (
+    KEEP,
     NEW,
     RestorePlan,
     RestoreResult,
@@ -44,17 +78,130 @@ from guestsafe.engine.restore import (
     restore_clone,
     restore_over_original,
 )
+from guestsafe.engine.sizes import byte_size
 
-RESULTS_DIR = "results"
+__all__ = [
+    "DEFAULT_HOOK_TIMEOUT",
+    "DEFAULT_KEEP",
+    "DEFAULT_LOCK_WAIT",
+    "DEFAULT_SHUTDOWN_TIMEOUT",
+    "HOOK_PHASES",
+    "KEEP",
+    "MARKER",
+    "MODES",
+    "NEW",
+    "ON_TIMEOUT",
+    "Archive",
+    "BlockDevice",
+    "DeviceWatcher",
+    "DevicesChanged",
+    "DueRun",
+    "Engine",
+    "FieldError",
+    "GuestInfo",
+    "Hooks",
+    "HostSite",
+    "Job",
+    "JobConfigError",
+    "JobNotFound",
+    "LastResult",
+    "Mode",
+    "OnTimeout",
+    "ParsedLine",
+    "Paths",
+    "Record",
+    "RestorePlan",
+    "RestoreResult",
+    "RunResult",
+    "Sandbox",
+    "Schedule",
+    "Site",
+    "TimerChanges",
+    "UnitSettings",
+    "VerifyReport",
+    "VersionInfo",
+    "__version__",
+    "as_choice",
+    "byte_size",
+    "check_job_runtime",
+    "check_programs",
+    "ensure_sandbox",
+    "escape",
+    "is_crash_consistent",
+    "mode_label",
+    "on_calendar",
+    "parse_line",
+    "record_of",
+    "reset_sandbox",
+    "short_mode_label",
+    "validate_job",
+]
+# --- end of the re-exports -----------------------------------------------------
+
+
+class Site(Protocol):
+    """Where the engine's guests and external devices are: this host, or a sandbox.
+
+    ``HostSite`` is libvirt, udev and real mounts; ``demo.Sandbox`` is the demo's
+    test-driver guests and its one make-believe USB disk. The engine calls the
+    same methods on either.
+    """
+
+    @property
+    def uri(self) -> str | None:
+        """The hypervisor's libvirt URI; None for the default."""
+        ...
+
+    def free_devices(self, hv: Callable[[], Hypervisor]) -> list[BlockDevice]:
+        """External devices with a filesystem that nothing uses."""
+        ...
+
+    def probe_markers(self, found: list[BlockDevice], state_dir: Path) -> list[BlockDevice]:
+        """``found`` with ``has_marker`` filled in."""
+        ...
+
+    def watch_devices(
+        self, callback: Callable[[DevicesChanged], None], hv: Callable[[], Hypervisor]
+    ) -> DeviceWatcher:
+        """A started watcher telling ``callback`` what came and went."""
+        ...
+
+    def device_archive(self, spec: str, state_dir: Path) -> AbstractContextManager[Archive]:
+        """The archive on device ``spec``, readable for the ``with`` block."""
+        ...
+
+    def closing(self, hv: Hypervisor) -> None:
+        """The engine is about to close its connection."""
+        ...
 
 
 @dataclass(frozen=True)
-class LastResult:
-    job: str
-    ok: bool
-    finished: str
-    log_path: str
-    summary: list[str]
+class HostSite:
+    """This machine: its libvirt daemon, its udev and its mounts."""
+
+    uri: str | None = None
+
+    def free_devices(self, hv: Callable[[], Hypervisor]) -> list[BlockDevice]:
+        try:
+            guest_disks = preflight.guest_disk_devnums(hv())
+        except GuestsafeError:
+            guest_disks = {}  # no hypervisor: list the devices all the same
+        listed = list_devices()
+        return [d for d in listed if preflight.guest_user(d, guest_disks) is None]
+
+    def probe_markers(self, found: list[BlockDevice], state_dir: Path) -> list[BlockDevice]:
+        return mounts.probe_markers(found, state_dir)
+
+    def watch_devices(
+        self, callback: Callable[[DevicesChanged], None], hv: Callable[[], Hypervisor]
+    ) -> DeviceWatcher:
+        return DeviceWatcher(callback, lister=lambda: self.free_devices(hv)).start()
+
+    def device_archive(self, spec: str, state_dir: Path) -> AbstractContextManager[Archive]:
+        return mounts.browse_archive(spec, state_dir)
+
+    def closing(self, hv: Hypervisor) -> None:
+        return None
 
 
 class Engine:
@@ -63,27 +210,31 @@ class Engine:
         *,
         uri: str | None = None,
         paths: Paths | None = None,
-        sandbox: demo.Sandbox | None = None,
+        site: Site | None = None,
         unit_dir: Path | None = None,
     ) -> None:
-        self.uri = resolve_uri(uri)
+        self.site: Site = site if site is not None else HostSite(uri)
+        self.uri = resolve_uri(uri if uri is not None else self.site.uri)
         self.paths = paths or Paths.default()
-        self.sandbox = sandbox
         # Where systemd timers go: /etc/systemd/system unless GUESTSAFE_UNIT_DIR says.
         self.unit_dir = unit_dir or timers.default_unit_dir()
         self._hv: Hypervisor | None = None
         self._hv_lock = threading.Lock()
 
     @classmethod
-    def demo(cls, sandbox: demo.Sandbox) -> Engine:
-        """An engine on the demo sandbox's test-driver guests and its own config."""
+    def demo(cls, sandbox: demo.Sandbox | None = None) -> Engine:
+        """An engine on the demo sandbox's test-driver guests and its own config.
+
+        Without ``sandbox``, the default one, built on first use.
+        """
+        sandbox = sandbox if sandbox is not None else demo.ensure_sandbox()
         paths = Paths(
             config_file=sandbox.home / "config" / "jobs.toml",
             state_dir=sandbox.home / "state",
             log_dir=sandbox.home / "log",
             cache_dir=sandbox.home / "cache",
         )
-        return cls(uri=sandbox.uri, paths=paths, sandbox=sandbox, unit_dir=sandbox.home / "systemd")
+        return cls(paths=paths, site=sandbox, unit_dir=sandbox.home / "systemd")
 
     # --- connection --------------------------------------------------------
 
@@ -94,10 +245,14 @@ class Engine:
                 self._hv = Hypervisor(self.uri)
             return self._hv
 
+    @property
+    def hostname(self) -> str:
+        """The hypervisor host's name (connects if need be)."""
+        return self.hv.hostname
+
     def close(self) -> None:
         if self._hv is not None:
-            if self.sandbox is not None:
-                demo.save_state(self.sandbox, self._hv.connection)
+            self.site.closing(self._hv)  # the demo writes its guests back
             self._hv.close()
             self._hv = None
 
@@ -142,7 +297,7 @@ class Engine:
         result = runner.run_job(
             job, self.hv, self.paths, reporter, cancel=cancel, on_log_path=on_log_path
         )
-        self._save_result(result)
+        results.save(self.paths.state_dir, result)
         self._notify(result, reporter)
         return result
 
@@ -167,28 +322,8 @@ class Engine:
         finally:
             log.close()
 
-    def _save_result(self, result: RunResult) -> None:
-        directory = self.paths.state_dir / RESULTS_DIR
-        ensure_dir(directory)
-        last = LastResult(
-            result.job,
-            result.ok,
-            runner._now_iso(),
-            str(result.log_path),
-            [f"{o.guest}: {o.message}" for o in result.outcomes] + result.problems,
-        )
-        atomic_write_bytes(directory / f"{result.job}.json", json.dumps(asdict(last)).encode())
-
     def last_results(self) -> dict[str, LastResult]:
-        directory = self.paths.state_dir / RESULTS_DIR
-        found: dict[str, LastResult] = {}
-        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-            try:
-                last = LastResult(**json.loads(path.read_text()))
-            except (OSError, ValueError, TypeError):
-                continue
-            found[last.job] = last
-        return found
+        return results.load(self.paths.state_dir)
 
     def log_files(self) -> list[Path]:
         """Past runs' logs, newest first."""
@@ -201,38 +336,24 @@ class Engine:
     # --- devices -----------------------------------------------------------
 
     def devices(self, *, probe_marker: bool = False) -> list[BlockDevice]:
-        """External devices with a filesystem that nothing uses (engine/devices.py).
+        """External devices with a filesystem that nothing uses (engine/devices/).
 
         ``probe_marker`` mounts each one briefly, read-only and in a private
         directory, to fill in ``has_marker``; without it ``has_marker`` is None.
         """
-        found = self._free_devices()
+        found = self.site.free_devices(lambda: self.hv)
         return self.probe_markers(found) if probe_marker else found
 
     def probe_markers(self, found: list[BlockDevice]) -> list[BlockDevice]:
         """``found`` with ``has_marker`` filled in by brief read-only mounts."""
-        if self.sandbox is not None:
-            return found
-        return mounts.probe_markers(found, self.paths.state_dir)
-
-    def _free_devices(self) -> list[BlockDevice]:
-        if self.sandbox is not None:
-            return demo.devices()
-        try:
-            guest_disks = preflight.guest_disk_devnums(self.hv)
-        except GuestsafeError:
-            guest_disks = {}  # no hypervisor: list the devices all the same
-        listed = list_devices()
-        return [d for d in listed if preflight.guest_user(d, guest_disks) is None]
+        return self.site.probe_markers(found, self.paths.state_dir)
 
     def watch_devices(self, callback: Callable[[DevicesChanged], None]) -> DeviceWatcher:
         """A started watcher: ``callback`` hears, on the watcher's thread, what came and went.
 
         Call ``stop()`` on it when done.
         """
-        if self.sandbox is not None:
-            return ManualWatcher(callback, demo.devices()).start()
-        return DeviceWatcher(callback, lister=self._free_devices).start()
+        return self.site.watch_devices(callback, lambda: self.hv)
 
     def resolve_device(self, spec: str) -> BlockDevice:
         """The device a job's ``device`` (``/dev/sdb1``, ``UUID=...``, ``LABEL=...``) names now."""
@@ -245,38 +366,39 @@ class Engine:
         Listing, planning and restoring all happen inside the block; the device is
         unmounted afterwards (left as it was if it was mounted already).
         """
-        if self.sandbox is not None:
-            yield Archive.open(demo.device_root(self.sandbox, spec))
-            return
-        with mounts.browse_archive(spec, self.paths.state_dir) as archive:
+        with self.site.device_archive(spec, self.paths.state_dir) as archive:
             yield archive
 
     # --- schedule ----------------------------------------------------------
+
+    def now(self) -> datetime:
+        """The time the schedules count from: the host's clock, in its zone."""
+        return schedule.current_time()
 
     def next_run(self, job: Job, now: datetime | None = None) -> datetime | None:
         """When ``job`` runs next, in the host's zone; None for a manual job."""
         return schedule.next_run(job, now)
 
-    def unit_settings(self) -> timers.UnitSettings:
+    def unit_settings(self) -> UnitSettings:
         home = os.environ.get(HOME_ENV) or None
         program = timers.find_program()
-        return timers.UnitSettings(program, self.paths.config_file, self.uri, home)
+        return UnitSettings(program, self.paths.config_file, self.uri, home)
 
     def timer_states(self, job_list: list[Job] | None = None) -> dict[str, str]:
         """Each job's timer: ``manual``, ``installed``, ``outdated`` or ``missing``."""
         try:
-            settings: timers.UnitSettings | None = self.unit_settings()
+            settings: UnitSettings | None = self.unit_settings()
         except GuestsafeError:
             settings = None  # no guestsafe command to compare with: presence only
         listed = self.jobs() if job_list is None else job_list
         return {job.name: timers.timer_state(job, self.unit_dir, settings) for job in listed}
 
-    def install_timers(self, unit_dir: Path | None = None) -> timers.TimerChanges:
+    def install_timers(self, unit_dir: Path | None = None) -> TimerChanges:
         """Write a timer and service per scheduled job; drop those of other jobs."""
         target = unit_dir or self.unit_dir
         return timers.install_timers(self.jobs(), self.unit_settings(), target)
 
-    def remove_timers(self, unit_dir: Path | None = None) -> timers.TimerChanges:
+    def remove_timers(self, unit_dir: Path | None = None) -> TimerChanges:
         return timers.remove_timers(unit_dir or self.unit_dir)
 
     def _update_timers(self) -> None:
@@ -288,7 +410,7 @@ class Engine:
         except GuestsafeError as exc:
             raise ConfigError(f"the job is saved, but its timer was not updated: {exc}") from exc
 
-    def run_due(self, reporter: Reporter = events.null_reporter) -> list[schedule.DueRun]:
+    def run_due(self, reporter: Reporter = events.null_reporter) -> list[DueRun]:
         """Run each scheduled job whose time came since its last run, once (for cron)."""
 
         def run(job: Job) -> bool:

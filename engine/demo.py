@@ -6,6 +6,10 @@ the sandbox, so backup, verify and restore copy real bytes. The test driver
 keeps its state in memory per connection, so ``save_state`` writes the guests
 back to the node file after each command: a clone restored by one command is
 there for the next.
+
+A ``Sandbox`` is also the engine's site in demo mode (``api.Site``): it names the
+hypervisor, offers one make-believe USB disk holding the sandbox's archive, and
+writes the guests back when the engine closes its connection.
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ import shutil
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 
+from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.devices.udev import BlockDevice
+from guestsafe.engine.devices.watch import DevicesChanged, ManualWatcher
 from guestsafe.engine.errors import DeviceError
 from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs.jobs_file import save_jobs
 from guestsafe.engine.jobs.model import Job, Schedule
 
@@ -71,6 +80,31 @@ class Sandbox:
     @property
     def uri(self) -> str:
         return f"test://{self.node_file}"
+
+    # --- the engine's site (api.Site) ------------------------------------------
+
+    def free_devices(self, hv: Callable[[], Hypervisor]) -> list[BlockDevice]:
+        return devices()
+
+    def probe_markers(self, found: list[BlockDevice], state_dir: Path) -> list[BlockDevice]:
+        return found  # the demo device says it holds an archive; nothing to mount
+
+    def watch_devices(
+        self, callback: Callable[[DevicesChanged], None], hv: Callable[[], Hypervisor]
+    ) -> ManualWatcher:
+        return ManualWatcher(callback, devices()).start()
+
+    def device_archive(self, spec: str, state_dir: Path) -> AbstractContextManager[Archive]:
+        return _archive_at(device_root(self, spec))
+
+    def closing(self, hv: Hypervisor) -> None:
+        save_state(self, hv.connection)
+
+
+@contextmanager
+def _archive_at(root: Path) -> Iterator[Archive]:
+    # Nothing is mounted: the engine reads the archive folder in the device's place.
+    yield Archive.open(root)
 
 
 def default_root() -> Path:

@@ -2,7 +2,10 @@
 
 The engine never prints. It hands small event dataclasses to a ``Reporter``,
 a plain callable. The CLI prints them, the TUI posts them to its UI thread,
-and the runner also writes them to the run's log file.
+and the runner also writes them to the run's log file (``backup/runlog.py``),
+from which the console reads them back. ``LogLine`` is prose for people; the
+other events are the facts front-ends act on, so rewording a message changes
+no front-end's view.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,14 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class GuestDowntime:
+    """The guest runs again after ``seconds`` down (its outcome says it once more)."""
+
+    guest: str
+    seconds: float
+
+
+@dataclass(frozen=True)
 class GuestOutcome:
     """The one-line summary of a guest's backup."""
 
@@ -46,7 +58,22 @@ class GuestOutcome:
     message: str
 
 
-Event = LogLine | PhaseChanged | Progress | GuestOutcome
+class RunKind(StrEnum):
+    BACKUP = "backup"
+    RESTORE = "restore"
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    """The last event of a backup job or of a restore, and whether it went well."""
+
+    kind: RunKind
+    ok: bool
+    message: str  # for people: "finished backup"; front-ends show their own words
+    guest: str | None = None
+
+
+Event = LogLine | PhaseChanged | Progress | GuestDowntime | GuestOutcome | RunEnded
 Reporter = Callable[[Event], None]
 
 
@@ -64,3 +91,8 @@ def warn(reporter: Reporter, message: str, guest: str | None = None) -> None:
 
 def error(reporter: Reporter, message: str, guest: str | None = None) -> None:
     reporter(LogLine(logging.ERROR, message, guest))
+
+
+def backup_ended(ok: bool) -> RunEnded:
+    """The last event of a backup job."""
+    return RunEnded(RunKind.BACKUP, ok, "finished backup" if ok else "backup failed")

@@ -303,7 +303,7 @@ def restore_clone(
     if start:
         reporter(PhaseChanged(name, "start"))
         hv.start(name)
-    events.info(reporter, "restore successful", name)
+    reporter(events.RunEnded(events.RunKind.RESTORE, True, "restore successful", name))
     return RestoreResult(name, new_uuid, macs, copied, start, warnings)
 
 
@@ -459,7 +459,7 @@ def restore_over_original(
             raise
         for moved in aside.values():
             moved.unlink(missing_ok=True)
-    events.info(reporter, "restore successful", guest)
+    reporter(events.RunEnded(events.RunKind.RESTORE, True, "restore successful", guest))
     return RestoreResult(guest, info.uuid, info.macs, [dst for _, dst in targets], False, warnings)
 
 

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 from typing import ClassVar
 
-from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.screen import ModalScreen
@@ -22,9 +21,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from guestsafe import themes
-from guestsafe.engine.api import Engine
-from guestsafe.engine.backup.runlog import escape
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.api import Engine, RunResult, escape
 from guestsafe.engine.events import Event
 
 from .commands import GuestsafeCommands
@@ -32,7 +29,6 @@ from .confirm_modal import ConfirmModal
 from .error_modal import ErrorModal
 from .guests_pane import GuestsPane
 from .jobs_pane import JobsPane
-from .keymap import keymap_path, load_keymap
 from .log_pane import LogPane
 from .messages import (
     ActivityStarted,
@@ -46,8 +42,9 @@ from .messages import (
     StartJobRequested,
     SwitchTab,
 )
+from .model.keymap import keymap_path, load_keymap
 from .restore_pane import RestorePane
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 # Tab ids, in the order shown. Each label underlines the key that opens it.
 TABS = {
@@ -139,12 +136,12 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
 
     # --- start-up ----------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="connect", exit_on_error=False)
+    @background(group="connect")
     def _connect(self) -> None:
-        host = self.engine.hv.hostname
+        host = self.engine.hostname
         self.call_from_thread(setattr, self, "title", f"guestsafe on {escape(host)}")
 
-    @work(thread=True, exclusive=True, group="recover", exit_on_error=False)
+    @background(group="recover")
     def _recover(self) -> None:
         """Finish what an interrupted run left: restart guests it stopped, drop partials."""
         seen: list[Event] = []
@@ -224,7 +221,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.log_pane.expect_own_run()
         self._run(name, self._cancel_run)
 
-    @work(thread=True, exclusive=True, group="run", exit_on_error=False)
+    @background(group="run")
     def _run(self, name: str, cancel: threading.Event) -> RunResult:
         def log_opened(path: Path) -> None:
             self.post_message(RunLogOpened(path))

@@ -15,22 +15,31 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TextIO
 
-import humanize
-
-from guestsafe.engine import __version__
-from guestsafe.engine.api import Engine, LastResult
-from guestsafe.engine.archive.store import MARKER, Archive
-from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.api import (
+    KEEP,
+    MARKER,
+    NEW,
+    Archive,
+    Engine,
+    Job,
+    LastResult,
+    Paths,
+    VersionInfo,
+    __version__,
+    byte_size,
+    escape,
+    mode_label,
+    on_calendar,
+)
 from guestsafe.engine.errors import GuestsafeError, RestoreError, RunFailed
-from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
-from guestsafe.engine.jobs import schedule
-from guestsafe.engine.jobs.model import Job
-from guestsafe.engine.modes import label as mode_label
-from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore import KEEP, NEW
+from guestsafe.engine.events import (
+    Event,
+    GuestOutcome,
+    LogLine,
+)
+
+from .model.printing import ConsoleReporter
 
 EXIT_INTERRUPTED = 130
 DEVICE_HELP = (
@@ -113,53 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ConsoleReporter:
-    """Prints engine events; on a TTY, progress is one line redrawn in place."""
-
-    def __init__(self, out: TextIO = sys.stderr) -> None:
-        self.out = out
-        self.tty = out.isatty()
-        self._progress_shown = False
-        self._lock = threading.Lock()
-
-    def __call__(self, event: Event) -> None:
-        with self._lock:
-            if isinstance(event, Progress):
-                self._progress(event)
-                return
-            self._clear_progress()
-            if isinstance(event, LogLine):
-                level = (
-                    "" if event.level <= logging.INFO else logging.getLevelName(event.level) + ": "
-                )
-                self._print(event.guest, level + event.message)
-            elif isinstance(event, PhaseChanged):
-                self._print(event.guest, f"-- {event.phase}")
-            elif isinstance(event, GuestOutcome):
-                self._print(event.guest, event.message)
-
-    def _print(self, guest: str | None, text: str) -> None:
-        prefix = f"{escape(guest)}: " if guest else ""
-        print(prefix + escape(text), file=self.out, flush=True)
-
-    def _progress(self, event: Progress) -> None:
-        if not self.tty or event.total <= 0:
-            return
-        pct = 100 * event.done / event.total
-        done = humanize.naturalsize(event.done, binary=True)
-        total = humanize.naturalsize(event.total, binary=True)
-        self.out.write(
-            f"\r{escape(event.guest)}: {event.item} {pct:5.1f}% ({done} of {total})\x1b[K"
-        )
-        self.out.flush()
-        self._progress_shown = True
-
-    def _clear_progress(self) -> None:
-        if self._progress_shown:
-            self.out.write("\r\x1b[K")
-            self._progress_shown = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -174,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.demo:
-        from guestsafe.engine import demo
-
-        engine = Engine.demo(demo.ensure_sandbox())
+        engine = Engine.demo()
     else:
         engine = Engine(uri=args.connect, paths=Paths.default(args.config))
     if args.command is None:
@@ -328,7 +288,7 @@ def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
                     str(v.number),
                     v.date,
                     mode_label(v.mode),
-                    humanize.naturalsize(v.size, binary=True),
+                    byte_size(v.size),
                     verified,
                     where,
                 )
@@ -424,7 +384,7 @@ def cmd_devices(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
                 dev.label or "-",
                 dev.uuid or "-",
                 dev.filesystem,
-                humanize.naturalsize(dev.size, binary=True),
+                byte_size(dev.size),
                 " ".join(x for x in (dev.vendor, dev.model) if x) or "-",
                 dev.bus or "-",
                 {True: "yes", False: "no", None: "?"}[dev.has_marker],
@@ -462,7 +422,7 @@ def cmd_schedule(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepo
         rows = [("JOB", "ON CALENDAR", "NEXT RUN", "TIMER")]
         states = engine.timer_states()
         for job in engine.jobs():
-            calendar = schedule.on_calendar(job) or "-"
+            calendar = on_calendar(job) or "-"
             rows.append((job.name, calendar, _next_run(engine, job, "installed"), states[job.name]))
         _table(rows)
         print(f"units in {unit_dir}")

@@ -11,7 +11,7 @@ from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.content import Content
 from textual.fuzzy import Matcher
 
-from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.api import escape
 
 from ..themes import THEMES
 

@@ -2,43 +2,23 @@
 
 The Restore pane feeds it from the engine's device watcher, so the list follows
 plugging and unplugging live. ``set_devices`` takes any sequence of
-``DeviceRow``; ``DeviceRow.from_device`` maps the engine's records to rows.
+``DeviceRow`` (``model/devices.py``), which maps the engine's records to rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from guestsafe.engine.devices.udev import BlockDevice
-
 from . import formatting as fmt
+from .model import text as plain
+from .model.devices import DeviceRow
 
 COLUMNS = ("Node", "Label", "Filesystem", "Size", "Model", "Bus", "Archive")
 ARCHIVE_CELL = {True: "yes", False: "no", None: "?"}
-
-
-@dataclass(frozen=True)
-class DeviceRow:
-    node: str
-    label: str
-    filesystem: str
-    size: int
-    model: str
-    bus: str
-    archive: bool | None = None  # holds a guestsafe archive; None: not known (yet)
-    spec: str = ""  # how a job names it: UUID=... where it has one
-
-    @classmethod
-    def from_device(cls, dev: BlockDevice) -> DeviceRow:
-        model = " ".join(part for part in (dev.vendor, dev.model) if part)
-        return cls(
-            dev.node, dev.label, dev.filesystem, dev.size, model, dev.bus, dev.has_marker, dev.spec
-        )
 
 
 class ExternalDevicesPanel(Vertical):
@@ -70,7 +50,7 @@ class ExternalDevicesPanel(Vertical):
                 fmt.literal(dev.node),
                 fmt.literal(dev.label or "-"),
                 fmt.literal(dev.filesystem or "-"),
-                fmt.size(dev.size),
+                plain.size(dev.size),
                 fmt.literal(dev.model or "-"),
                 fmt.literal(dev.bus or "-"),
                 ARCHIVE_CELL[dev.archive],

@@ -1,22 +1,21 @@
-"""Turning engine values into cell and label text.
+"""Turning engine values into Rich text for cells and labels.
 
 Names come from libvirt and from files an operator or a guest may have chosen,
 so they can hold Rich markup ("[b]x[/b]") or control characters. Everything
 shown here goes through ``literal``: control characters become visible escapes
-and the result is a ``Text``, which is never parsed as markup.
+and the result is a ``Text``, which is never parsed as markup. The plain texts
+(sizes, times, schedules) are in ``model/text.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
-import humanize
 from rich.text import Text
 
-from guestsafe.engine.api import LastResult
-from guestsafe.engine.backup.runlog import escape
-from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.api import LastResult, escape
+
+from .model.text import short_time
 
 
 @dataclass(frozen=True)
@@ -38,77 +37,6 @@ def literal(value: object, style: str = "", *, multiline: bool = False) -> Text:
     if multiline:
         return Text("\n".join(escape(line) for line in text.split("\n")), style=style)
     return Text(escape(text), style=style)
-
-
-def size(n: int | float) -> str:
-    return str(humanize.naturalsize(n, binary=True))
-
-
-def rate(bytes_per_second: float) -> str:
-    return f"{size(bytes_per_second)}/s"
-
-
-def duration(seconds: float) -> str:
-    """A short, stable duration: 45s, 3m 05s, 1h 02m."""
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02d}m"
-    if minutes:
-        return f"{minutes}m {secs:02d}s"
-    return f"{secs}s"
-
-
-def schedule(job: Job) -> str:
-    """When a job runs: "02:00 daily", "03:30 sun" or "manual"."""
-    if job.schedule.time is None:
-        return "manual"
-    days = ",".join(job.schedule.weekdays) if job.schedule.weekdays else "daily"
-    return f"{job.schedule.time} {days}"
-
-
-_TIMER_NOTE = {"installed": "", "outdated": " old timer", "missing": " no timer"}
-_TIMER_DETAIL = {
-    "installed": "timer installed",
-    "outdated": "timer out of date: guestsafe schedule install",
-    "missing": "no timer: guestsafe schedule install",
-}
-
-
-def next_run(when: datetime | None, timer: str | None, now: datetime) -> str:
-    """The Jobs table's next run: "Mon 02:00", "no timer" added when none would start it."""
-    if when is None:
-        return "manual"
-    # A weekday names the day unambiguously only within the coming week.
-    shown = when.strftime("%a %H:%M" if when - now < timedelta(days=7) else "%m-%d %H:%M")
-    return shown + _TIMER_NOTE.get(timer or "", "")
-
-
-def schedule_detail(job: Job, when: datetime | None, timer: str | None) -> str:
-    """One line on when the job runs next and whether a timer will start it."""
-    if when is None:
-        return "Manual job: it runs when started here or with guestsafe run."
-    timer_text = _TIMER_DETAIL.get(timer or "", "")
-    return f"Next run {when:%a %Y-%m-%d %H:%M %Z} ({schedule(job)}); {timer_text}"
-
-
-def where(job: Job) -> str:
-    """The destination, or the device and where it is mounted."""
-    if job.device:
-        return f"{job.device} -> {job.destination}"
-    return str(job.destination)
-
-
-def short_time(iso: str) -> str:
-    """An ISO timestamp as local "YYYY-MM-DD HH:MM"; anything else as it is."""
-    try:
-        stamp = datetime.fromisoformat(iso)
-    except ValueError:
-        return iso
-    if stamp.tzinfo is not None:
-        stamp = stamp.astimezone()
-    return stamp.strftime("%Y-%m-%d %H:%M")
 
 
 def last_result(result: LastResult | None, styles: StatusStyles) -> Text:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from textual import work
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable
 
-from guestsafe.engine.api import Engine
-from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+from guestsafe.engine.api import Engine, GuestInfo
 
 from . import formatting as fmt
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 COLUMNS = ("Guest", "State", "Disks backed up", "MACs")
 
@@ -35,7 +33,7 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
     def guests(self) -> list[GuestInfo]:
         return list(self._guests)
 
-    @work(thread=True, exclusive=True, group="guests-load", exit_on_error=False)
+    @background(group="guests-load")
     def reload(self) -> None:
         guests = self._engine.guests()
         self.app.call_from_thread(self._loaded, guests)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -29,28 +29,31 @@ from textual.widgets import (
     Static,
 )
 
-from guestsafe.engine.api import Engine
-from guestsafe.engine.devices.udev import BlockDevice
-from guestsafe.engine.errors import FieldError, GuestsafeError, JobConfigError
-from guestsafe.engine.jobs.model import (
+from guestsafe.engine.api import (
     HOOK_PHASES,
     MODES,
     ON_TIMEOUT,
+    BlockDevice,
+    Engine,
+    FieldError,
     Job,
 )
+from guestsafe.engine.errors import GuestsafeError, JobConfigError
 
 from .field_input import FieldInput
 from .formatting import literal
-from .job_form_model import (
+from .model.job_form import (
     FIELDS,
     HOOK_FIELDS,
     MODE_HELP,
     JobFormValues,
     by_field,
     check_job,
+    device_hint,
     hook_field,
+    node_note,
 )
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 FORM_LEVEL = "form"  # problems that belong to no one field, shown at the top
 
@@ -190,7 +193,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         self.query_one("#f-name", Input).focus()
         self._show_mode_help()
         self._validate()
-        self._show_device_hint()
+        self._showdevice_hint()
         self._find_devices()
 
     # --- reading the fields ------------------------------------------------
@@ -319,7 +322,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                 self.query_one(f"#f-{field}").focus()
                 return
 
-    @work(thread=True, exclusive=True, group="save", exit_on_error=False)
+    @background(group="save")
     def _save(self, job: Job, previous: str | None) -> None:
         try:
             self._engine.save_job(job, previous_name=previous)
@@ -328,12 +331,12 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             self.app.call_from_thread(self.show_problems, problems)
             return
         if job.device and job.device.startswith("/dev/"):
-            self.app.notify(_node_note(job.device, self._detected), timeout=10, markup=False)
+            self.app.notify(node_note(job.device, self._detected), timeout=10, markup=False)
         self.app.call_from_thread(self.dismiss, job.name)
 
     # --- external devices ----------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="form-devices", exit_on_error=False)
+    @background(group="form-devices")
     def _find_devices(self) -> None:
         try:
             found = self._engine.devices()
@@ -346,39 +349,22 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         names = [d.spec for d in found] + [d.node for d in found]
         names += [f"LABEL={d.label}" for d in found if d.label]
         self.query_one("#f-device", Input).suggester = SuggestFromList(names, case_sensitive=True)
-        self._show_device_hint()
+        self._showdevice_hint()
 
     @on(Input.Changed, "#f-device")
     def _device_changed(self) -> None:
-        self._show_device_hint()
+        self._showdevice_hint()
 
     def on_descendant_focus(self) -> None:
-        self._show_device_hint()  # shown while the device field has focus
+        self._showdevice_hint()  # shown while the device field has focus
 
     def on_descendant_blur(self) -> None:
-        self._show_device_hint()
+        self._showdevice_hint()
 
-    def _show_device_hint(self) -> None:
+    def _showdevice_hint(self) -> None:
         """The detected devices while the field has focus; the UUID tip for a /dev node."""
         field = self.query_one("#f-device", Input)
         value = field.value.strip()
         hint = self.query_one("#device-hint", Static)
-        hint.update(literal(_device_hint(value, self._detected)))
+        hint.update(literal(device_hint(value, self._detected)))
         hint.display = field.has_focus or value.startswith("/dev/")
-
-
-def _device_hint(value: str, detected: Sequence[BlockDevice]) -> str:
-    if value.startswith("/dev/"):
-        return "tip: " + _node_note(value, detected)
-    if not detected:
-        return "no external device detected; plug one in, or type /dev/..., UUID=..., LABEL=..."
-    shown = [f"{d.spec} ({d.label or 'no label'}, {d.node}, {d.filesystem})" for d in detected]
-    return "detected: " + "; ".join(shown)
-
-
-def _node_note(node: str, detected: Sequence[BlockDevice]) -> str:
-    """Why the UUID form is better than the node the operator typed."""
-    match = next((d for d in detected if d.node == node), None)
-    if match is not None and match.uuid:
-        return f"{match.spec} names this disk even after re-plugging; {node} may not"
-    return f"UUID=... names a disk even after re-plugging; {node} may be another disk next time"

@@ -6,23 +6,21 @@ from datetime import datetime
 from typing import ClassVar
 
 from rich.text import Text
-from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.api import Engine, Job, LastResult
 from guestsafe.engine.errors import GuestsafeError
-from guestsafe.engine.jobs import schedule
-from guestsafe.engine.jobs.model import Job
 
 from . import formatting as fmt
 from .confirm_modal import ConfirmModal
 from .job_form import JobFormScreen
 from .messages import JobsChanged, StartJobRequested
+from .model import text as plain
 from .styles import status_styles
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 # The destination comes last: it is the longest, and on a narrow terminal it is
 # the one to scroll to, not the last result.
@@ -72,7 +70,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         row = table.coordinate_to_cell_key(table.cursor_coordinate).row_key
         return str(row.value) if row.value is not None else None
 
-    @work(thread=True, exclusive=True, group="jobs-load", exit_on_error=False)
+    @background(group="jobs-load")
     def reload(self) -> None:
         jobs = self._engine.jobs()
         results = self._engine.last_results()
@@ -95,7 +93,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         keep = self.selected
         table.clear()
         styles = status_styles(self.app)
-        now = schedule.current_time()
+        now = self._engine.now()
         for job in self._jobs:
             if job.name == self._running_job:
                 last = Text("running...", style=styles.ok)
@@ -107,7 +105,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
                 Text(str(job.keep)),
                 Text(self._next_run(job, now)),
                 last,
-                fmt.literal(fmt.where(job)),
+                fmt.literal(plain.where(job)),
                 key=job.name,
             )
         if not self._jobs:
@@ -122,7 +120,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         self._show_detail()
 
     def _next_run(self, job: Job, now: datetime) -> str:
-        return fmt.next_run(self._engine.next_run(job), self._timer_states.get(job.name), now)
+        return plain.next_run(self._engine.next_run(job), self._timer_states.get(job.name), now)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()
@@ -139,7 +137,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             detail.update(Text(""))
             return
         when = self._engine.next_run(job)
-        text = fmt.literal(fmt.schedule_detail(job, when, self._timer_states.get(name)))
+        text = fmt.literal(plain.schedule_detail(job, when, self._timer_states.get(name)))
         if result is None:
             text.append("\nNo run yet.")
             detail.update(text)
@@ -164,7 +162,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             return
         self._open_form(name)
 
-    @work(thread=True, exclusive=True, group="jobs-form", exit_on_error=False)
+    @background(group="jobs-form")
     def _open_form(self, name: str | None) -> None:
         jobs = self._engine.jobs()
         job = next((j for j in jobs if j.name == name), None) if name is not None else None
@@ -205,7 +203,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         detail = "Its backups stay on disk; only the job is removed."
         self.app.push_screen(ConfirmModal(question, detail, yes="Delete"), answered)
 
-    @work(thread=True, exclusive=True, group="jobs-delete", exit_on_error=False)
+    @background(group="jobs-delete")
     def _delete(self, name: str) -> None:
         self._engine.delete_job(name)
         self.app.call_from_thread(self._deleted, name)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -28,11 +28,11 @@ from guestsafe.engine.events import Event
 
 from . import formatting as fmt
 from .messages import CancelRunRequested, LogLines
+from .model.run_tracker import DisplayLine, ProgressView, RunTracker
+from .model.tailing import LogFollower
 from .run_progress import RunProgressPanel
-from .run_tracker import DisplayLine, RunTracker
 from .styles import status_styles
-from .tailing import LogFollower
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 MAX_LINES = 5000
 FLUSH_INTERVAL = 0.2
@@ -89,6 +89,11 @@ class LogPane(ReportsWorkerErrors, Vertical):
         """The log file on show, if any."""
         return self._current
 
+    @property
+    def progress(self) -> ProgressView:
+        """What the run on show has got to, as the progress panel shows it."""
+        return self._tracker.view
+
     # --- what to show ------------------------------------------------------
 
     def _begin(self, title: str) -> None:
@@ -140,7 +145,7 @@ class LogPane(ReportsWorkerErrors, Vertical):
         now = time.time()
         self._write(self._tracker.feed_event(event, now) for event in events)
 
-    @work(thread=True, exclusive=True, group="tail", exit_on_error=False)
+    @background(group="tail")
     def _tail(self, path: Path, generation: int) -> None:
         worker = get_current_worker()
         follower = LogFollower(path)
@@ -186,7 +191,7 @@ class LogPane(ReportsWorkerErrors, Vertical):
 
     # --- past runs ---------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="scan", exit_on_error=False)
+    @background(group="scan")
     def scan(self) -> None:
         """List the past runs' logs, and offer to follow a run this console did not start."""
         files = self._engine.log_files()
@@ -230,7 +235,7 @@ class LogPane(ReportsWorkerErrors, Vertical):
     def action_follow_latest(self) -> None:
         self._follow_latest()
 
-    @work(thread=True, exclusive=True, group="latest", exit_on_error=False)
+    @background(group="latest")
     def _follow_latest(self) -> None:
         files = self._engine.log_files()
         if not files:
@@ -253,7 +258,7 @@ def render_line(line: DisplayLine, styles: dict[str, str]) -> Text:
     if line.time:
         text.append(line.time + " ", style="dim")
     style = styles.get(line.level, "")
-    if line.level not in ("", "INFO", "PHASE", "RESULT"):
+    if line.level not in ("", "INFO", "PHASE", "RESULT", "END"):
         text.append(line.level + " ", style=style)
     if line.guest:
         text.append(line.guest, style="bold")

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, RadioButton, RadioSet, Static
 
-from guestsafe.engine.restore import KEEP, NEW, RestorePlan
+from guestsafe.engine.api import KEEP, NEW, RestorePlan
 
 from .formatting import literal
 

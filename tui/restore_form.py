@@ -10,7 +10,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
 
-from guestsafe.engine.backup.runlog import escape
+from guestsafe.engine.api import escape
 
 from .field_input import FieldInput
 from .formatting import literal

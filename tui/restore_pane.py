@@ -20,32 +20,40 @@ from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Label, Select, Static
 
-from guestsafe.engine.api import Engine
-from guestsafe.engine.archive.store import MARKER, Archive
-from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.backup.runlog import escape
-from guestsafe.engine.devices.udev import BlockDevice
-from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher
+from guestsafe.engine.api import (
+    MARKER,
+    Archive,
+    BlockDevice,
+    DevicesChanged,
+    DeviceWatcher,
+    Engine,
+    RestorePlan,
+    RestoreResult,
+    VersionInfo,
+    escape,
+    is_crash_consistent,
+    short_mode_label,
+)
 from guestsafe.engine.errors import GuestsafeError
 from guestsafe.engine.events import Event
-from guestsafe.engine.modes import is_crash_consistent, short_label
-from guestsafe.engine.restore import RestorePlan, RestoreResult
 
 from . import formatting as fmt
-from .devices_panel import DeviceRow, ExternalDevicesPanel
+from .devices_panel import ExternalDevicesPanel
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
-from .reporting import BatchingReporter
+from .model import text as plain
+from .model.devices import DeviceRow
+from .model.reporting import BatchingReporter
 from .restore_form import RestoreForm
 from .styles import status_styles
-from .worker_errors import ReportsWorkerErrors
+from .worker_errors import ReportsWorkerErrors, background
 
 COLUMNS = ("Guest", "Version", "Date", "Size", "Mode", "Verified")
 # Archive choices that are devices carry this before the device's spec.
@@ -131,7 +139,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     def source(self) -> Source | None:
         return self.destination or self.device_spec
 
-    @work(thread=True, exclusive=True, group="restore-dests", exit_on_error=False)
+    @background(group="restore-dests")
     def reload(self) -> None:
         """Reload the destinations (from the jobs) and the selected archive's versions."""
         destinations = self._engine.destinations()
@@ -172,7 +180,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             return
         self._load_versions(source)
 
-    @work(thread=True, exclusive=True, group="restore-versions", exit_on_error=False)
+    @background(group="restore-versions")
     def _load_versions(self, source: Source) -> None:
         if isinstance(source, str):
             with self._engine.device_archive(source) as archive:
@@ -201,17 +209,23 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         styles = status_styles(self.app)
         warning = f"bold {self.app.current_theme.warning or 'yellow'}"
         for index, v in enumerate(self._versions):
+            mode_style = warning if is_crash_consistent(v.mode) else ""
             table.add_row(
                 fmt.literal(v.guest),
                 Text(str(v.number), justify="right"),
-                fmt.literal(fmt.short_time(v.date)),
-                Text(fmt.size(v.size), justify="right"),
-                fmt.literal(short_label(v.mode), warning if is_crash_consistent(v.mode) else ""),
+                fmt.literal(plain.short_time(v.date)),
+                Text(plain.size(v.size), justify="right"),
+                fmt.literal(short_mode_label(v.mode), mode_style),
                 fmt.verified(v.verified, styles),
                 key=str(index),
             )
         if self._versions:
             table.move_cursor(row=min(row, len(self._versions) - 1))
+
+    @property
+    def versions(self) -> list[VersionInfo]:
+        """The chosen archive's versions, as the table lists them."""
+        return list(self._versions)
 
     @property
     def selected_version(self) -> VersionInfo | None:
@@ -237,7 +251,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         """The external devices shown, once the watcher has reported them."""
         return list(self._devices)
 
-    @work(thread=True, exclusive=True, group="restore-devices", exit_on_error=False)
+    @background(group="restore-devices")
     def _watch_devices(self) -> None:
         def changed(change: DevicesChanged) -> None:
             self.post_message(DevicesSeen(list(change.devices)))
@@ -271,7 +285,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         known = self._markers.get(_marker_key(device))
         return device.with_marker(*known) if known else device
 
-    @work(thread=True, group="restore-probe", exit_on_error=False)
+    @background(group="restore-probe", exclusive=False)
     def _probe(self, devices: list[BlockDevice]) -> None:
         self.post_message(MarkersProbed(self._engine.probe_markers(devices)))
 
@@ -322,7 +336,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             with nullcontext(self._engine.archive(source)) as archive:
                 yield archive
 
-    @work(thread=True, exclusive=True, group="restore-plan", exit_on_error=False)
+    @background(group="restore-plan")
     def _plan(self, source: Source, guest: str, number: int, new_name: str) -> None:
         with self._archive(source) as archive:
             plan = self._engine.plan_restore(archive, guest, number, new_name)
@@ -352,7 +366,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self.post_message(ActivityStarted(title))
         self._restore(plan, choices, self._cancel, source)
 
-    @work(thread=True, exclusive=True, group="restore-run", exit_on_error=False)
+    @background(group="restore-run")
     def _restore(
         self,
         plan: RestorePlan,

@@ -8,7 +8,8 @@ from textual.containers import Vertical
 from textual.widgets import ProgressBar, Static
 
 from . import formatting as fmt
-from .run_tracker import ProgressView
+from .model import text as plain
+from .model.run_tracker import ProgressView
 
 IDLE = "No run on show. Press f to follow the newest log, or open a past run."
 
@@ -58,9 +59,9 @@ class RunProgressPanel(Vertical):
 def numbers(view: ProgressView) -> str:
     if view.total <= 0:
         return ""
-    parts = [f"{fmt.size(view.done)} of {fmt.size(view.total)}"]
+    parts = [f"{plain.size(view.done)} of {plain.size(view.total)}"]
     if view.rate is not None:
-        parts.append(fmt.rate(view.rate))
+        parts.append(plain.rate(view.rate))
     if view.eta is not None and view.done < view.total:
-        parts.append(f"ETA {fmt.duration(view.eta)}")
+        parts.append(f"ETA {plain.duration(view.eta)}")
     return "  ".join(parts)

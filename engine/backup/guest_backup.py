@@ -35,7 +35,7 @@ from guestsafe.engine.errors import (
     io_failure,
     naming,
 )
-from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged, Progress
+from guestsafe.engine.events import GuestDowntime, GuestOutcome, LogLine, PhaseChanged, Progress
 from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
@@ -56,6 +56,7 @@ class GuestBackup:
             say=self._say,
             enter=self._enter,
             progress=self._progress,
+            downtime_known=self._downtime,
         )
         self.entry: JournalEntry | None = None
         self.lock: locks.Lock | None = None
@@ -326,6 +327,9 @@ class GuestBackup:
 
     def _progress(self, item: str, done: int, total: int) -> None:
         self.ctx.report(Progress(self.name, item, done, total))
+
+    def _downtime(self, seconds: float) -> None:
+        self.ctx.report(GuestDowntime(self.name, seconds))
 
 
 def _seconds(value: float | None) -> str:

@@ -30,6 +30,8 @@ Say = Callable[[int, str], None]
 EnterPhase = Callable[[Phase, Path | None], None]
 # progress(item, done, total): how far the copy or hash of ``item`` has come.
 ReportProgress = Callable[[str, int, int], None]
+# downtime(seconds): the guest runs again after this long; the run log records it.
+ReportDowntime = Callable[[float], None]
 
 
 def _no_phase(_phase: Phase, _partial: Path | None) -> None:
@@ -37,6 +39,10 @@ def _no_phase(_phase: Phase, _partial: Path | None) -> None:
 
 
 def _no_progress(_item: str, _done: int, _total: int) -> None:
+    """For a run nobody watches."""
+
+
+def _no_downtime(_seconds: float) -> None:
     """For a run nobody watches."""
 
 
@@ -54,6 +60,7 @@ class GuestRun:
     say: Say
     enter: EnterPhase = _no_phase
     progress: ReportProgress = _no_progress
+    downtime_known: ReportDowntime = _no_downtime
     info: GuestInfo | None = None
     was_state: str = "unknown"  # the power state before the job
     partial: PartialVersion | None = None
@@ -86,6 +93,7 @@ class GuestRun:
         """The guest runs again: the downtime is from the shutdown request to now."""
         if self.stopped_at is not None:
             self.downtime = time.monotonic() - self.stopped_at
+            self.downtime_known(self.downtime)
 
     def copy_progress(self, item: str) -> Callable[[int, int], None]:
         """The copier's progress callback for ``item``."""

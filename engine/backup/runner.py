@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from guestsafe.engine import events, locks
@@ -23,6 +22,7 @@ from guestsafe.engine.backup.guest_backup import GuestBackup
 from guestsafe.engine.backup.guest_run import now_iso
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal
+from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.backup.runlog import RunLog, new_log_path
 from guestsafe.engine.devices import mounts
 from guestsafe.engine.errors import (
@@ -30,7 +30,6 @@ from guestsafe.engine.errors import (
     GuestsafeError,
     JobConfigError,
     PreflightError,
-    RunFailed,
 )
 from guestsafe.engine.events import GuestOutcome, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
@@ -51,24 +50,6 @@ STEPS: tuple[Step, ...] = (
     GuestBackup.commit,
     GuestBackup.verify_and_retain,
 )
-
-
-@dataclass
-class RunResult:
-    job: str
-    log_path: Path
-    outcomes: list[GuestOutcome] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # job-level, e.g. a failed job-end hook
-
-    @property
-    def ok(self) -> bool:
-        return all(o.ok for o in self.outcomes) and not self.problems
-
-    def raise_for_failure(self) -> None:
-        if not self.ok:
-            failed = ", ".join(o.guest for o in self.outcomes if not o.ok)
-            what = f"backup failed for {failed}" if failed else "; ".join(self.problems)
-            raise RunFailed(f"job {self.job}: {what} (log: {self.log_path})")
 
 
 def run_job(
@@ -116,7 +97,7 @@ def run_job(
         ctx.cleanup.close()
         for outcome in result.outcomes:
             runlog(outcome)
-        events.info(runlog, "finished backup" if result.ok else "backup failed")
+        runlog(events.backup_ended(result.ok))
         runlog.close()
     return result
 

@@ -20,7 +20,7 @@ from rig import DiskSpec, GuestFactory, MiB
 from rig.gs import GS, fill_random
 from rig.loopdisk import LoopDisks, Part, make_loop_disks, mount_points
 
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.events import Event, LogLine
 
 pytestmark = pytest.mark.integration

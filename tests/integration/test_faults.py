@@ -17,7 +17,7 @@ from rig import DiskSpec, GuestFactory, MiB, TestGuest
 from rig.gs import GS, file_digests, fill_random, wait_stderr
 
 from guestsafe.engine import locks
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.events import PhaseChanged
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,7 @@ from rig import DiskSpec, GuestFactory, MiB
 from rig.gs import GS, fill_random
 
 from guestsafe.engine import locks
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.errors import LockBusy
 
 pytestmark = pytest.mark.integration

@@ -137,8 +137,9 @@ async def test_unplugging_the_chosen_device_goes_back_to_a_destination(engine: E
         await wait_for(pilot, lambda: pane.device_spec is not None)
 
         await asyncio.to_thread(watcher_of(app).set_devices, [])
-        assert engine.sandbox is not None
-        await wait_for(pilot, lambda: pane.destination == engine.sandbox.archive_dir)
+        sandbox = engine.site
+        assert isinstance(sandbox, demo.Sandbox)
+        await wait_for(pilot, lambda: pane.destination == sandbox.archive_dir)
         assert app.query_one("#devices-empty", Static).display
 
 

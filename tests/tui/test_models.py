@@ -12,10 +12,11 @@ from guestsafe import themes
 from guestsafe.engine.events import LogLine, PhaseChanged, Progress
 from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.tui import formatting as fmt
-from guestsafe.tui.job_form_model import JobFormValues, by_field, check_job
-from guestsafe.tui.reporting import BatchingReporter
-from guestsafe.tui.run_tracker import RunTracker
-from guestsafe.tui.tailing import LogFollower
+from guestsafe.tui.model import text as plain
+from guestsafe.tui.model.job_form import JobFormValues, by_field, check_job
+from guestsafe.tui.model.reporting import BatchingReporter
+from guestsafe.tui.model.run_tracker import RunTracker
+from guestsafe.tui.model.tailing import LogFollower
 
 pytestmark = pytest.mark.tui
 
@@ -129,9 +130,12 @@ def test_progress_lines_give_bytes_rate_and_eta() -> None:
 
 def test_the_final_line_marks_the_run_done_or_failed() -> None:
     ok, bad = RunTracker(), RunTracker()
-    ok.feed_line("2025-01-06T02:00:09+00:00 INFO - finished backup")
-    bad.feed_line("2025-01-06T02:00:09+00:00 FAILED web1 failed: guest is running, no version")
-    bad.feed_line("2025-01-06T02:00:09+00:00 INFO - backup failed")
+    ok.feed_line("2025-01-06T02:00:09+00:00 END - finished backup [run=backup status=ok]")
+    bad.feed_line(
+        "2025-01-06T02:00:09+00:00 FAILED web1 failed: guest is running, no version "
+        "[version=- downtime=- bytes=0 seconds=0.0]"
+    )
+    bad.feed_line("2025-01-06T02:00:09+00:00 END - backup failed [run=backup status=failed]")
     assert (ok.view.finished, ok.view.ok) == ("finished backup", True)
     assert (bad.view.finished, bad.view.ok) == ("backup failed", False)
 
@@ -187,7 +191,7 @@ def test_theme_names_and_aliases() -> None:
 
 
 def test_durations_are_short_and_stable() -> None:
-    assert [fmt.duration(s) for s in (5, 185, 3725)] == ["5s", "3m 05s", "1h 02m"]
+    assert [plain.duration(s) for s in (5, 185, 3725)] == ["5s", "3m 05s", "1h 02m"]
 
 
 # --- keys -------------------------------------------------------------------------
@@ -221,7 +225,7 @@ def test_every_binding_has_an_id_and_avoids_keys_terminals_eat() -> None:
 
 
 def test_keys_toml_moves_bindings_and_refuses_terminal_keys(tmp_path: Path) -> None:
-    from guestsafe.tui.keymap import load_keymap
+    from guestsafe.tui.model.keymap import load_keymap
 
     path = tmp_path / "keys.toml"
     assert load_keymap(path) == ({}, [])

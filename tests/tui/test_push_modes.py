@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,12 +12,12 @@ from tui_support import settle
 
 from guestsafe.engine.api import Engine
 from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.events import GuestOutcome, LogLine, PhaseChanged
+from guestsafe.engine.events import GuestDowntime, GuestOutcome, PhaseChanged
 from guestsafe.engine.jobs.model import Job
 from guestsafe.tui.app import GuestsafeApp
-from guestsafe.tui.job_form_model import JobFormValues, build_job
+from guestsafe.tui.model.job_form import JobFormValues, build_job
+from guestsafe.tui.model.run_tracker import RunTracker
 from guestsafe.tui.run_progress import RunProgressPanel
-from guestsafe.tui.run_tracker import RunTracker
 
 pytestmark = pytest.mark.tui
 
@@ -27,6 +26,7 @@ STOP_SHORT_LOG = (
     "2025-01-06T02:00:02+00:00 PHASE web1 start",
     "2025-01-06T02:00:03+00:00 INFO web1 guest is running again; QEMU copies its disks "
     "meanwhile (downtime 2.9 s)",
+    "2025-01-06T02:00:03+00:00 DOWNTIME web1 2.9 s",
     "2025-01-06T02:00:03+00:00 PHASE web1 backup",
     "2025-01-06T02:00:04+00:00 PROGRESS web1 backup 1073741824 8589934592",
 )
@@ -48,7 +48,7 @@ def test_the_downtime_line_of_a_log_reaches_the_progress_header() -> None:
 def test_the_downtime_of_events_and_results_is_noted_per_guest() -> None:
     tracker = RunTracker()
     tracker.feed_event(PhaseChanged("web1", "start"), 0.0)
-    tracker.feed_event(LogLine(logging.INFO, "guest is running again (downtime 1.5 s)", "web1"), 1)
+    tracker.feed_event(GuestDowntime("web1", 1.5), 1)
     assert tracker.view.downtime == "1.5 s"
     tracker.feed_event(PhaseChanged("db1", "shutdown"), 2.0)
     assert tracker.view.downtime is None  # db1's is not known yet

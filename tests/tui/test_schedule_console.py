@@ -10,10 +10,10 @@ from tui_support import FIXED_NOW, fill, freeze, settle, type_into, wait_for
 
 from guestsafe.engine.api import Engine
 from guestsafe.engine.jobs.model import Hooks, Schedule
-from guestsafe.tui import formatting as fmt
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.job_form import JobFormScreen
-from guestsafe.tui.job_form_model import JobFormValues, by_field, check_job
+from guestsafe.tui.model import text as fmt
+from guestsafe.tui.model.job_form import JobFormValues, by_field, check_job
 
 pytestmark = pytest.mark.tui
 

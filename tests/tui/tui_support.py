@@ -1,4 +1,4 @@
-"""Helpers shared by the console's Pilot tests, snapshot tests and screenshot script."""
+"""Helpers shared by the console's Pilot tests and snapshot tests."""
 
 from __future__ import annotations
 
@@ -14,13 +14,15 @@ from typing import Any
 
 from textual.pilot import Pilot
 from textual.widgets import Input
-from textual.worker import WorkerState
 
 from guestsafe.engine import demo, restore
 from guestsafe.engine.api import Engine, LastResult
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs import schedule
+from guestsafe.tui.headless import busy_workers as busy_workers  # shared with the screenshots
+from guestsafe.tui.headless import settle as settle
+from guestsafe.tui.headless import wait_for as wait_for
 
 # Snapshots show paths, so their sandbox always lives here (recreated per test).
 SNAPSHOT_DEMO_DIR = Path("/tmp/guestsafe-snapshot-demo")
@@ -28,33 +30,6 @@ FIXED_HOST = "demo-host"
 FIXED_DATE = "2025-01-06T02:00:00+00:00"
 # The console's "now" for next runs: a Monday morning before the nightly job.
 FIXED_NOW = datetime(2025, 1, 6, 1, 0, tzinfo=UTC)
-# Workers that run until cancelled, so "idle" means all the others are done.
-ENDLESS_GROUPS = frozenset({"tail"})
-
-
-async def wait_for(pilot: Pilot[Any], predicate: Callable[[], object], timeout: float = 30) -> None:
-    """Pause the test (never the app) until ``predicate`` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {predicate}")
-        await pilot.pause(0.05)
-
-
-def busy_workers(pilot: Pilot[Any]) -> list[str]:
-    return [
-        f"{w.group}:{w.name}"
-        for w in pilot.app.workers
-        if w.group not in ENDLESS_GROUPS and w.state in (WorkerState.PENDING, WorkerState.RUNNING)
-    ]
-
-
-async def settle(pilot: Pilot[Any], timeout: float = 30) -> None:
-    """Wait until every worker but the log tail is done, and the UI has caught up."""
-    await pilot.pause()
-    await wait_for(pilot, lambda: not busy_workers(pilot), timeout)
-    await pilot.pause()
-    await pilot.pause()
 
 
 async def type_into(pilot: Pilot[Any], selector: str, text: str) -> None:

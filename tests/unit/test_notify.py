@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from guestsafe.engine.api import Engine
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.errors import ConfigError
 from guestsafe.engine.events import GuestOutcome
 from guestsafe.engine.jobs.jobs_file import load_jobs, load_notify, upsert_job

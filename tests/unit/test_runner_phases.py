@@ -27,7 +27,7 @@ from guestsafe.engine.backup.guest_backup import GuestBackup
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal
 from guestsafe.engine.backup.phases import Phase
-from guestsafe.engine.backup.runner import RunResult
+from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.errors import (
     Cancelled,
     CopyError,
@@ -38,7 +38,7 @@ from guestsafe.engine.errors import (
     io_failure,
     naming,
 )
-from guestsafe.engine.events import Event, PhaseChanged, Progress
+from guestsafe.engine.events import Event, GuestDowntime, GuestOutcome, PhaseChanged, Progress
 from guestsafe.engine.hypervisor.connection import Hypervisor, ShutdownResult
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF, DiskInfo, GuestInfo
 from guestsafe.engine.jobs.model import Hooks, Job
@@ -244,6 +244,16 @@ def test_one_guest_goes_through_the_phases_in_order(rig: Rig) -> None:
     assert version.number == 1 and result.outcomes[0].version == 1
     assert _b3(version.path / "vda.raw") == _b3(disk)
     assert rig.partials() == [] and Journal(rig.paths.state_dir).entries() == []
+
+
+def test_the_downtime_is_reported_as_a_fact_before_the_guests_result(rig: Rig) -> None:
+    rig.add_guest("web1")
+
+    result = rig.run(rig.job(["web1"]))
+
+    facts = [e for e in rig.events if isinstance(e, GuestDowntime | GuestOutcome)]
+    assert [type(e) for e in facts] == [GuestDowntime, GuestOutcome]
+    assert facts[0].guest == "web1" and facts[0].seconds == result.outcomes[0].downtime
 
 
 def test_the_journal_keeps_its_spellings(rig: Rig) -> None:

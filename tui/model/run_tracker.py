@@ -2,32 +2,44 @@
 
 One tracker reads either source the console has: lines of a log file (a run
 started here, by the timer or from a shell) or engine events (a restore, which
-writes no log file). Rates come from the lines' own timestamps, so a past log
-shows the throughput it had, and the view is the same every time it is drawn.
+writes no log file). Both come down to the same engine events: the log's
+structured lines are parsed back into them by the engine (``parse_line``), and
+prose lines are only shown, never read, so rewording a message changes nothing
+here. Rates come from the lines' own timestamps, so a past log shows the
+throughput it had, and the view is the same every time it is drawn.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime
 
-from guestsafe.engine.backup.runlog import escape, parse_line
-from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, Progress
+from guestsafe.engine.api import escape, parse_line, record_of
+from guestsafe.engine.events import (
+    Event,
+    GuestDowntime,
+    GuestOutcome,
+    PhaseChanged,
+    Progress,
+    RunEnded,
+    RunKind,
+)
 
-# Lines that end an engine call, and whether they mean it went well.
-_FINAL = {"finished backup": True, "backup failed": False, "restore successful": True}
 RATE_WINDOW = 10.0
-# "guest is running again (downtime 2.9 s)" and the guest's result line say it.
-_DOWNTIME = re.compile(r"\bdowntime (\d+(?:\.\d+)? s)\b")
+# The progress header's words for a run's end: the console's own, not the log's.
+FINISHED = {
+    (RunKind.BACKUP, True): "finished backup",
+    (RunKind.BACKUP, False): "backup failed",
+    (RunKind.RESTORE, True): "restore successful",
+    (RunKind.RESTORE, False): "restore failed",
+}
 
 
 @dataclass(frozen=True)
 class DisplayLine:
     time: str  # "HH:MM:SS", or "" for a line that is not in the log format
-    level: str  # INFO, WARNING, ERROR, PHASE, RESULT, FAILED, or ""
+    level: str  # INFO, WARNING, ERROR, PHASE, RESULT, FAILED, END, or ""
     guest: str | None
     text: str
 
@@ -41,7 +53,7 @@ class ProgressView:
     total: int = 0
     rate: float | None = None  # bytes per second
     eta: float | None = None  # seconds
-    finished: str | None = None  # the final line, once there is one
+    finished: str | None = None  # how the run ended, once it has
     ok: bool = True
     downtime: str | None = None  # "2.9 s": the guest's measured downtime, once known
 
@@ -70,43 +82,40 @@ class RunTracker:
             return DisplayLine("", "", None, escape(raw)) if raw.strip() else None
         when = _epoch(parsed.time)
         clock = parsed.time[11:19] if len(parsed.time) >= 19 else parsed.time
-        if parsed.level == "PROGRESS":
-            fields = parsed.text.rsplit(" ", 2)
-            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit() and when:
-                self._progress(parsed.guest or "-", fields[0], int(fields[1]), int(fields[2]), when)
+        event = parsed.event
+        # Progress needs the line's time for its rate; without one it is just text.
+        if event is not None and (when is not None or not isinstance(event, Progress)):
+            self._take(event, when or 0.0)
+            if parsed.quiet:
                 return None
-        self._note_downtime(parsed.text)
-        if parsed.level == "PHASE":
-            self._set_phase(parsed.guest, parsed.text)
-        elif parsed.level == "FAILED":
-            self._ok = False
-        elif parsed.level in ("INFO", "ERROR"):
-            self._check_final(parsed.text)
         return DisplayLine(clock, parsed.level, parsed.guest, parsed.text)
 
     def feed_event(self, event: Event, when: float) -> DisplayLine | None:
         """Take one engine event received at ``when`` (epoch seconds)."""
-        clock = datetime.fromtimestamp(when).strftime("%H:%M:%S")
-        if isinstance(event, Progress):
-            self._progress(event.guest, event.item, event.done, event.total, when)
+        self._take(event, when)
+        record = record_of(event)
+        if record is None or record.quiet:
             return None
-        if isinstance(event, PhaseChanged):
-            self._set_phase(event.guest, event.phase)
-            return DisplayLine(clock, "PHASE", escape(event.guest), escape(event.phase))
-        if isinstance(event, GuestOutcome | LogLine):
-            self._note_downtime(event.message)
-        if isinstance(event, GuestOutcome):
-            self._ok = self._ok and event.ok
-            level = "RESULT" if event.ok else "FAILED"
-            return DisplayLine(clock, level, escape(event.guest), escape(event.message))
-        if isinstance(event, LogLine):
-            self._check_final(event.message)
-            level = logging.getLevelName(event.level)
-            guest = escape(event.guest) if event.guest else None
-            return DisplayLine(clock, str(level), guest, escape(event.message))
-        return None
+        clock = datetime.fromtimestamp(when).strftime("%H:%M:%S")
+        guest = escape(record.guest) if record.guest else None
+        return DisplayLine(clock, record.level, guest, escape(record.text))
 
     # --- state -------------------------------------------------------------
+
+    def _take(self, event: Event, when: float) -> None:
+        if isinstance(event, Progress):
+            self._progress(event.guest, event.item, event.done, event.total, when)
+        elif isinstance(event, PhaseChanged):
+            self._set_phase(event.guest, event.phase)
+        elif isinstance(event, GuestDowntime):
+            self._note_downtime(event.seconds)
+        elif isinstance(event, GuestOutcome):
+            self._ok = self._ok and event.ok
+            self._note_downtime(event.downtime)
+        elif isinstance(event, RunEnded):
+            self._finished = FINISHED[(event.kind, event.ok)]
+            self._ok = self._ok and event.ok
+            self._phase = "done" if event.ok else "failed"
 
     def _set_phase(self, guest: str | None, phase: str) -> None:
         if guest != self._guest:
@@ -114,16 +123,9 @@ class RunTracker:
         self._guest = guest
         self._phase = phase
 
-    def _note_downtime(self, text: str) -> None:
-        match = _DOWNTIME.search(text)
-        if match:
-            self._downtime = match.group(1)
-
-    def _check_final(self, text: str) -> None:
-        if text in _FINAL:
-            self._finished = text
-            self._ok = self._ok and _FINAL[text]
-            self._phase = "done" if _FINAL[text] else "failed"
+    def _note_downtime(self, seconds: float | None) -> None:
+        if seconds is not None:  # None: no measurement, the last one stays
+            self._downtime = f"{seconds:.1f} s"
 
     def _progress(self, guest: str, item: str, done: int, total: int, when: float) -> None:
         key = (guest, item)

@@ -1,10 +1,10 @@
-#!/usr/bin/env python3
-"""Regenerate the SVG screenshots in screenshots/ from the real console.
+"""Regenerate the README's SVG screenshots from the real console.
 
 The console runs headless on a fresh demo sandbox, backs up the nightly job
-for real, and is photographed on each tab and dialog, at 100x32 and at 80x24::
+for real, and is photographed on each tab and dialog, at 100x32 and at 80x24.
+From the repository's top::
 
-    .venv/bin/python tests/tui/make_screenshots.py [--out screenshots]
+    .venv/bin/python -m guestsafe.tui.screenshots [DIR]     # DIR: screenshots/
 """
 
 from __future__ import annotations
@@ -12,27 +12,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from textual.pilot import Pilot
-from tui_support import fresh_sandbox, settle, wait_for
+from textual.screen import Screen
 
-from guestsafe.engine.api import Engine
-from guestsafe.tui.app import GuestsafeApp, quiet_libvirt
-from guestsafe.tui.confirm_modal import ConfirmModal
-from guestsafe.tui.job_form import JobFormScreen
-from guestsafe.tui.mac_modal import MacClashScreen
+from guestsafe.engine.api import Engine, reset_sandbox
 
-REPO = Path(__file__).resolve().parents[2]
+from .app import GuestsafeApp, quiet_libvirt
+from .confirm_modal import ConfirmModal
+from .headless import settle, wait_for
+from .job_form import JobFormScreen
+from .mac_modal import MacClashScreen
+
 DEMO_DIR = Path("/tmp/guestsafe-demo-screenshots")
 SIZES = {"": (100, 32), "-80x24": (80, 24)}
+Shot = Callable[[str], Awaitable[None]]
 
 
 async def capture(out: Path, suffix: str, size: tuple[int, int]) -> list[Path]:
-    engine = Engine.demo(fresh_sandbox(DEMO_DIR))
+    engine = Engine.demo(reset_sandbox(DEMO_DIR))
     app = GuestsafeApp(engine)
     saved: list[Path] = []
     try:
@@ -49,12 +50,13 @@ async def capture(out: Path, suffix: str, size: tuple[int, int]) -> list[Path]:
             await shot("confirm-start")
             await pilot.press("y")
             await wait_for(pilot, lambda: app.running_job is None, timeout=120)
-            await wait_for(pilot, lambda: app.log_pane._tracker.view.finished is not None)
+            await wait_for(pilot, lambda: app.log_pane.progress.finished is not None)
             await shot("log")
             await pilot.press("r")
-            await wait_for(pilot, lambda: app.restore_pane._versions and app.restore_pane.devices)
+            await wait_for(pilot, lambda: app.restore_pane.versions and app.restore_pane.devices)
             await shot("restore")
-            web1 = next(i for i, v in enumerate(app.restore_pane._versions) if v.guest == "web1")
+            versions = app.restore_pane.versions
+            web1 = next(i for i, v in enumerate(versions) if v.guest == "web1")
             await pilot.press("home", *["down"] * web1, "enter")
             await pilot.press("home", "ctrl+k", *"web1-copy", "enter")
             await wait_for(pilot, lambda: isinstance(app.screen, MacClashScreen))
@@ -68,7 +70,7 @@ async def capture(out: Path, suffix: str, size: tuple[int, int]) -> list[Path]:
 
 
 async def open_and_close(
-    pilot: Pilot[Any], key: str, screen: type, shot: Any, name: str
+    pilot: Pilot[Any], key: str, screen: type[Screen[Any]], shot: Shot, name: str
 ) -> None:
     await pilot.press(key)
     await wait_for(pilot, lambda: isinstance(pilot.app.screen, screen))
@@ -77,10 +79,13 @@ async def open_and_close(
     await settle(pilot)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "screenshots")
-    args = parser.parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "out", nargs="?", type=Path, default=Path("screenshots"), metavar="DIR",
+        help="where the SVGs go (default: screenshots)",
+    )
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     quiet_libvirt()
     for suffix, size in SIZES.items():

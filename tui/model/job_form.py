@@ -14,21 +14,24 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from guestsafe.engine.backup.hooks import check_programs
-from guestsafe.engine.errors import FieldError
-from guestsafe.engine.jobs.model import (
+from guestsafe.engine.api import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
+    BlockDevice,
+    FieldError,
     Hooks,
     Job,
+    Mode,
+    OnTimeout,
     Schedule,
     as_choice,
+    check_job_runtime,
+    check_programs,
+    validate_job,
 )
-from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
-from guestsafe.engine.modes import Mode, OnTimeout
 
 
 def hook_field(phase: str) -> str:
@@ -248,3 +251,24 @@ def by_field(problems: Sequence[FieldError]) -> dict[str, str]:
     for problem in problems:
         found.setdefault(form_field(problem.field), problem.message)
     return found
+
+
+# --- the device field's hints ----------------------------------------------------
+
+
+def device_hint(value: str, detected: Sequence[BlockDevice]) -> str:
+    """What the device field says under it: the detected devices, or the UUID tip."""
+    if value.startswith("/dev/"):
+        return "tip: " + node_note(value, detected)
+    if not detected:
+        return "no external device detected; plug one in, or type /dev/..., UUID=..., LABEL=..."
+    shown = [f"{d.spec} ({d.label or 'no label'}, {d.node}, {d.filesystem})" for d in detected]
+    return "detected: " + "; ".join(shown)
+
+
+def node_note(node: str, detected: Sequence[BlockDevice]) -> str:
+    """Why the UUID form is better than the node the operator typed."""
+    match = next((d for d in detected if d.node == node), None)
+    if match is not None and match.uuid:
+        return f"{match.spec} names this disk even after re-plugging; {node} may not"
+    return f"UUID=... names a disk even after re-plugging; {node} may be another disk next time"

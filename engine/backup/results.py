@@ -1,0 +1,74 @@
+"""A run's result, and each job's last run, kept for the Jobs tab and ``guestsafe jobs``.
+
+One small JSON file per job in ``<state>/results``, replaced atomically after
+every run: whether it went well, when it ended, its log, and one line per guest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from guestsafe.engine.errors import RunFailed
+from guestsafe.engine.events import GuestOutcome
+from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.paths import ensure_dir
+
+RESULTS_DIR = "results"
+
+
+@dataclass
+class RunResult:
+    job: str
+    log_path: Path
+    outcomes: list[GuestOutcome] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # job-level, e.g. a failed job-end hook
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outcomes) and not self.problems
+
+    def raise_for_failure(self) -> None:
+        if not self.ok:
+            failed = ", ".join(o.guest for o in self.outcomes if not o.ok)
+            what = f"backup failed for {failed}" if failed else "; ".join(self.problems)
+            raise RunFailed(f"job {self.job}: {what} (log: {self.log_path})")
+
+
+@dataclass(frozen=True)
+class LastResult:
+    job: str
+    ok: bool
+    finished: str  # ISO time, UTC
+    log_path: str
+    summary: list[str]  # "guest: message" per guest, then the job's own problems
+
+
+def save(state_dir: Path, result: RunResult) -> LastResult:
+    """Keep ``result`` as its job's last run, in place of the one before."""
+    directory = state_dir / RESULTS_DIR
+    ensure_dir(directory)
+    last = LastResult(
+        result.job,
+        result.ok,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        str(result.log_path),
+        [f"{o.guest}: {o.message}" for o in result.outcomes] + result.problems,
+    )
+    atomic_write_bytes(directory / f"{result.job}.json", json.dumps(asdict(last)).encode())
+    return last
+
+
+def load(state_dir: Path) -> dict[str, LastResult]:
+    """Every job's last run, by job name; files that do not read are left out."""
+    directory = state_dir / RESULTS_DIR
+    found: dict[str, LastResult] = {}
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        try:
+            last = LastResult(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        found[last.job] = last
+    return found
