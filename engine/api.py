@@ -6,6 +6,10 @@ owns the paths, the jobs file and one hypervisor connection, and runs crash
 recovery before the first real command; the block below re-exports the types
 and helpers the front-ends name. What differs in demo mode is one ``Site``
 passed in: where the guests and the external devices come from.
+
+It runs a little over 500 lines on purpose: one method per thing a front-end
+can do, each a few lines that hand over to the package that does it, so that
+the whole surface the front-ends see reads in one file.
 """
 
 from __future__ import annotations

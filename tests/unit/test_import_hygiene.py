@@ -71,6 +71,59 @@ def test_importing_the_whole_engine_loads_no_textual() -> None:
     assert out.stdout.strip() == ""
 
 
+def _engine_graph() -> dict[str, set[str]]:
+    """Each engine module and the engine modules it imports (``from a import b``
+    counts as importing ``a.b`` where that is a module)."""
+    modules = {_module_name(p): p for p in _engine_modules()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        # A package's __init__ is not a dependency worth a cycle: it holds a docstring.
+        imported = found & modules.keys()
+        graph[name] = {m for m in imported if m != name and modules[m].stem != "__init__"}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle, as the modules along it, or [] when there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> list[str]:
+        state[module] = 1
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if state.get(imported) == 1:
+                return [*path[path.index(imported) :], imported]
+            if imported not in state and (found := visit(imported)):
+                return found
+        state[module] = 2
+        path.pop()
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module)):
+            return found
+    return []
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_engine_has_no_import_cycle() -> None:
+    graph = _engine_graph()
+    assert "guestsafe.engine.archive.store" in graph["guestsafe.engine.backup.runner"]
+    assert _cycle(graph) == []
+
+
 def test_no_bare_engine_or_tui_package_is_importable() -> None:
     code = (
         "import importlib.util\n"
