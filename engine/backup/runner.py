@@ -19,7 +19,6 @@ from guestsafe.engine import events, locks
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.context import JobContext, take_lock
 from guestsafe.engine.backup.guest_backup import GuestBackup
-from guestsafe.engine.backup.guest_run import now_iso
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal
 from guestsafe.engine.backup.results import RunResult
@@ -36,9 +35,6 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
-
-# engine/api.py stamps its saved results with this.
-_now_iso = now_iso
 
 Step = Callable[[GuestBackup], None]
 # The steps of one guest, in order; settle() follows whatever happened.
