@@ -12,7 +12,7 @@ from pathlib import Path
 
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
-from guestsafe.engine.backup.guest_run import GuestRun, check_still_off
+from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
@@ -51,12 +51,7 @@ class ColdCopy:
 
     def copy(self) -> None:
         run = self.run
-        with naming("creating a partial version in", self.archive.root):
-            run.partial = self.archive.begin(run.name)
-        run.enter(Phase.COPY, run.partial.path)
-        xml = self.hv.xml(run.name)
-        with naming("writing the domain XML to", run.partial.path):
-            run.partial.write_domain_xml(xml)
+        begin_partial(run, self.archive, self.hv, Phase.COPY)
         with self.hv.watch_started(run.name) as started:
             self._cancel = AnyEvent(run.cancel, started)
             try:

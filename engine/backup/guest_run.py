@@ -17,8 +17,9 @@ from pathlib import Path
 
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.partial import PartialVersion
+from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.phases import Phase
-from guestsafe.engine.errors import CopyError
+from guestsafe.engine.errors import CopyError, naming
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import SHUTOFF, GuestInfo
 from guestsafe.engine.modes import Mode
@@ -102,6 +103,17 @@ class GuestRun:
             self.progress(item, done, total)
 
         return report
+
+
+def begin_partial(run: GuestRun, archive: Archive, hv: Hypervisor, phase: Phase) -> PartialVersion:
+    """The guest's next partial version, journalled as ``phase``, with its domain.xml."""
+    with naming("creating a partial version in", archive.root):
+        run.partial = archive.begin(run.name)
+    run.enter(phase, run.partial.path)
+    xml = hv.xml(run.name)
+    with naming("writing the domain XML to", run.partial.path):
+        run.partial.write_domain_xml(xml)
+    return run.partial
 
 
 def check_still_off(hv: Hypervisor, run: GuestRun) -> None:

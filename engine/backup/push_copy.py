@@ -36,7 +36,7 @@ import libvirt
 from guestsafe.engine import failpoints, modes
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
-from guestsafe.engine.backup.guest_run import GuestRun, check_still_off
+from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.backup.push_files import (
     CLOSE_WAIT_SECONDS,
@@ -150,20 +150,15 @@ class PushCopy:
         """The partial version, its domain.xml, and QEMU's way into it."""
         b = self.run
         assert b.info is not None
-        with naming("creating a partial version in", self.archive.root):
-            b.partial = self.archive.begin(b.name)
-        b.enter(Phase.PREPARE, b.partial.path)
-        xml = self._hv.xml(b.name)
-        with naming("writing the domain XML to", b.partial.path):
-            b.partial.write_domain_xml(xml)
+        partial = begin_partial(b, self.archive, self._hv, Phase.PREPARE)
         for disk in b.info.disks:
             if disk.backs_up and disk.source is not None:
                 fmt = disk.format or "raw"
-                path = b.partial.file_path(disk_files.archive_file_name(disk.target, fmt))
+                path = partial.file_path(disk_files.archive_file_name(disk.target, fmt))
                 self.targets.append(PushTarget(disk.target, disk.source, fmt, path))
             elif disk.source:
                 b.say_info(f"skipping {disk.target} ({disk.device}, read-only or not a disk)")
-        self.access = QemuAccess(qemu_uid(self._hv, b.name), self.archive.root, b.partial.path)
+        self.access = QemuAccess(qemu_uid(self._hv, b.name), self.archive.root, partial.path)
         self.access.grant()
 
     # --- copy --------------------------------------------------------------------
