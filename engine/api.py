@@ -73,15 +73,9 @@ from guestsafe.engine.modes import Mode, OnTimeout, is_crash_consistent
 from guestsafe.engine.modes import label as mode_label
 from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
-from guestsafe.engine.restore import (
-    KEEP,
-    NEW,
-    RestorePlan,
-    RestoreResult,
-    plan_restore,
-    restore_clone,
-    restore_over_original,
-)
+from guestsafe.engine.restore.clone import restore_clone
+from guestsafe.engine.restore.over_original import restore_over_original
+from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
 from guestsafe.engine.sizes import byte_size
 
 __all__ = [

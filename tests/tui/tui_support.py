@@ -15,11 +15,12 @@ from typing import Any
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from guestsafe.engine import demo, restore
+from guestsafe.engine import demo
 from guestsafe.engine.api import Engine, LastResult
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs import schedule
+from guestsafe.engine.restore import plan as restore_plan
 from guestsafe.tui.headless import busy_workers as busy_workers  # shared with the screenshots
 from guestsafe.tui.headless import settle as settle
 from guestsafe.tui.headless import wait_for as wait_for
@@ -74,7 +75,7 @@ def counting_macs() -> Callable[[set[str]], str]:
     def new_mac(taken: set[str]) -> str:
         while True:
             state["n"] += 1
-            mac = f"{restore.MAC_PREFIX}:aa:00:{state['n']:02x}"
+            mac = f"{restore_plan.MAC_PREFIX}:aa:00:{state['n']:02x}"
             if mac not in taken:
                 taken.add(mac)
                 return mac
@@ -87,7 +88,7 @@ def freeze(monkeypatch: Any) -> None:
     monkeypatch.setenv("TZ", "UTC")
     time.tzset()
     monkeypatch.setattr(Hypervisor, "hostname", property(lambda self: FIXED_HOST))
-    monkeypatch.setattr(restore, "new_mac", counting_macs())
+    monkeypatch.setattr(restore_plan, "new_mac", counting_macs())
     monkeypatch.setattr(schedule, "current_time", lambda: FIXED_NOW)
 
 

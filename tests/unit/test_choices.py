@@ -31,7 +31,7 @@ from guestsafe.engine.jobs.timers import TimerState
 from guestsafe.engine.jobs.validation import validate_job
 from guestsafe.engine.modes import Mode, OnTimeout, label, parse_mode
 from guestsafe.engine.notify import Delivery, delivery_of
-from guestsafe.engine.restore import KEEP, NEW, MacChoice
+from guestsafe.engine.restore.plan import KEEP, NEW, MacChoice
 
 
 def test_the_spellings_are_the_files_and_the_clis() -> None:

@@ -23,7 +23,10 @@ from guestsafe.engine.events import Event, PhaseChanged
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
 from guestsafe.engine.modes import Mode
 from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore import (
+from guestsafe.engine.restore.clone import restore_clone
+from guestsafe.engine.restore.clone_xml import rewrite_clone_xml
+from guestsafe.engine.restore.over_original import restore_over_original
+from guestsafe.engine.restore.plan import (
     KEEP,
     MAC_PREFIX,
     NEW,
@@ -32,9 +35,6 @@ from guestsafe.engine.restore import (
     choose_macs,
     new_mac,
     plan_restore,
-    restore_clone,
-    restore_over_original,
-    rewrite_clone_xml,
 )
 
 UUID = "6f2d8d1e-5a3c-4b59-9d61-1a2b3c4d5e6f"

@@ -1,0 +1,63 @@
+"""Copying a version's files out of the archive, checked against the manifest."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from guestsafe.engine import events
+from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.versions import VersionInfo
+from guestsafe.engine.copier import copy_file
+from guestsafe.engine.errors import RestoreError, VerifyError
+from guestsafe.engine.events import Progress, Reporter
+
+
+def check_verified(version: VersionInfo, force: bool, reporter: Reporter, who: str) -> list[str]:
+    if version.verified is False:
+        message = f"version {version.number} of {version.guest} failed its last verification"
+        if not force:
+            raise RestoreError(message + "; restore it anyway with --force")
+        events.warn(reporter, message + "; restoring anyway (--force)", who)
+        return [message]
+    return []
+
+
+def restore_file(
+    version: VersionInfo,
+    rec: DiskRecord,
+    dst: Path,
+    force: bool,
+    reporter: Reporter,
+    who: str,
+    cancel: threading.Event | None,
+    warnings: list[str],
+) -> None:
+    src = version.path / rec.file
+    if src.is_symlink() or not src.is_file():
+        raise RestoreError(f"{src} is missing or not a regular file; the version is damaged")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    events.info(reporter, f"restoring {rec.file} to {dst}", who)
+
+    def progress(done: int, total: int) -> None:
+        reporter(Progress(who, rec.target, done, total))
+
+    result = copy_file(src, dst, progress=progress, cancel=cancel)
+    if result.blake3 != rec.blake3:
+        message = (
+            f"{rec.file} of {version.guest} version {version.number} does not match its "
+            f"manifest (blake3 {result.blake3[:12]}.. != {rec.blake3[:12]}..)"
+        )
+        if not force:
+            dst.unlink(missing_ok=True)
+            raise VerifyError(message + "; restore it anyway with --force")
+        events.warn(reporter, message + "; kept anyway (--force)", who)
+        warnings.append(message)
+
+
+def free_path(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{n}-{path.name}")
+        n += 1
+    return candidate

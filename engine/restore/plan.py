@@ -1,0 +1,258 @@
+"""Planning a restore: the checks a version must pass, the clone's new name, paths
+and MACs, and the plan the console shows before anything is written.
+
+A clone gets a new name, a new UUID, new disk, NVRAM and console-log paths
+that never overwrite a file, and for each interface either its old MAC or a
+new unique one. Two guests with one MAC (and so one DHCP lease) break the
+network, so a MAC that any defined guest already uses is reported as a clash
+and, unless the caller keeps it, replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+import blake3
+
+from guestsafe.engine import events
+from guestsafe.engine.archive.manifest import DOMAIN_XML_FILE, DiskRecord
+from guestsafe.engine.archive.names import encode_guest_name, libvirt_accepts, printable
+from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.archive.versions import VersionInfo
+from guestsafe.engine.errors import RestoreError, VerifyError
+from guestsafe.engine.events import Reporter
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
+
+
+class MacChoice(StrEnum):
+    """What a clone's interface gets: its old MAC, or a new unique one (the CLI's spelling)."""
+
+    KEEP = "keep"
+    NEW = "new"
+
+
+# Module-level names kept for the console and the CLI.
+KEEP = MacChoice.KEEP
+NEW = MacChoice.NEW
+MAC_PREFIX = "52:54:00"
+
+
+@dataclass(frozen=True)
+class InterfacePlan:
+    index: int
+    mac: str
+    clash_with: str | None
+    new_mac: str
+
+    @property
+    def clashes(self) -> bool:
+        return self.clash_with is not None
+
+
+@dataclass
+class RestorePlan:
+    version: VersionInfo
+    new_name: str
+    disks: list[tuple[DiskRecord, Path]]
+    nvram: tuple[DiskRecord, Path] | None
+    interfaces: list[InterfacePlan]
+    xml: str
+    # Set when domain.xml does not match its manifest: restoring needs force.
+    xml_problem: str | None = None
+
+    @property
+    def clashes(self) -> list[InterfacePlan]:
+        return [i for i in self.interfaces if i.clashes]
+
+
+@dataclass
+class RestoreResult:
+    name: str
+    uuid: str
+    macs: list[str]
+    disk_paths: list[Path]
+    started: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def new_mac(taken: set[str]) -> str:
+    """A random locally administered QEMU MAC that no defined guest uses."""
+    rng = random.SystemRandom()
+    while True:
+        mac = MAC_PREFIX + "".join(f":{rng.randrange(256):02x}" for _ in range(3))
+        if mac not in taken:
+            taken.add(mac)
+            return mac
+
+
+def plan_restore(
+    archive: Archive,
+    guest: str,
+    number: int,
+    new_name: str,
+    hv: Hypervisor,
+    *,
+    target_dir: Path | None = None,
+) -> RestorePlan:
+    """Work out every new path and MAC, touching nothing."""
+    version = archive.version(guest, number)
+    if not new_name or new_name != new_name.strip():
+        raise RestoreError(f"new name {new_name!r} is empty or has surrounding spaces")
+    if not libvirt_accepts(new_name):
+        raise RestoreError(
+            f"new name {new_name!r} holds '/' or a control character; libvirt refuses such names"
+        )
+    if hv.exists(new_name):
+        raise RestoreError(f"a guest named {new_name!r} is already defined; choose another name")
+    check_plain_files(version)
+    if target_dir is None:
+        check_sources(version)
+    xml = read_domain_xml(version)
+    try:
+        xml_interfaces = parse_domain_xml(xml).interfaces
+    except ET.ParseError as exc:
+        raise RestoreError(
+            f"{DOMAIN_XML_FILE} of {_where(version)} is not valid XML ({exc}); "
+            "the version is damaged"
+        ) from exc
+    taken_paths: set[Path] = set()
+    disk_plan = [
+        (rec, _new_path(rec, new_name, target_dir, taken_paths)) for rec in version.manifest.disks
+    ]
+    nvram = version.manifest.nvram
+    nvram_plan = (nvram, _new_path(nvram, new_name, target_dir, taken_paths)) if nvram else None
+    all_macs = hv.all_macs()
+    taken = set(all_macs)
+    interfaces = [
+        InterfacePlan(i, mac, all_macs.get(mac), new_mac(taken))
+        for i, mac in enumerate(m.mac or "" for m in xml_interfaces)
+    ]
+    problem = domain_xml_problem(version, xml)
+    return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml, problem)
+
+
+def _where(version: VersionInfo) -> str:
+    return f"version {version.number} of {printable(version.guest)}"
+
+
+def check_plain_files(version: VersionInfo) -> None:
+    """Refuse, before anything is copied, a version whose files are not plain files.
+
+    guestsafe writes only regular files into a version. A symlink there was planted:
+    following it would restore whatever it points at, so not even --force does.
+    """
+    for name in [r.file for r in version.manifest.records] + [DOMAIN_XML_FILE]:
+        path = version.path / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise RestoreError(
+                f"{name} of {_where(version)} is missing ({path}); the version is damaged"
+            ) from None
+        if stat.S_ISLNK(st.st_mode):
+            raise RestoreError(
+                f"{name} of {_where(version)} is a symlink to {printable(os.readlink(path))}; "
+                "a version holds plain files only and guestsafe never follows links in an "
+                "archive (it was edited; check it with guestsafe verify)"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise RestoreError(
+                f"{name} of {_where(version)} is not a regular file ({path}); "
+                "the version is damaged"
+            )
+
+
+def check_sources(version: VersionInfo) -> None:
+    """Refuse source paths that would put restored files somewhere unexpected."""
+    for rec in version.manifest.records:
+        source = PurePosixPath(rec.source)
+        if not source.is_absolute() or ".." in source.parts or "\x00" in rec.source:
+            raise RestoreError(
+                f"the manifest of {_where(version)} gives {printable(rec.target)} the source "
+                f"{printable(rec.source)}, not a plain absolute path; it was edited or is "
+                "corrupt (restore as a new guest with --target-dir)"
+            )
+
+
+def read_domain_xml(version: VersionInfo) -> str:
+    """The version's domain.xml, never read through a symlink planted in its place."""
+    path = version.path / DOMAIN_XML_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RestoreError(
+            f"{DOMAIN_XML_FILE} of {_where(version)} cannot be read ({exc.strerror or exc}); "
+            "the version is damaged"
+        ) from exc
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RestoreError(f"{DOMAIN_XML_FILE} of {_where(version)} is not a regular file")
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RestoreError(
+            f"{DOMAIN_XML_FILE} of {_where(version)} is not UTF-8 text (byte {exc.start}); "
+            "the version is damaged"
+        ) from exc
+
+
+def domain_xml_problem(version: VersionInfo, xml: str) -> str | None:
+    """Why domain.xml cannot be trusted (it differs from its manifest), or None."""
+    expected = version.manifest.domain_xml_blake3
+    actual = str(blake3.blake3(xml.encode("utf-8")).hexdigest())
+    if expected is None or actual == expected:
+        return None
+    return (
+        f"{DOMAIN_XML_FILE} of {printable(version.guest)} version {version.number} does not "
+        f"match its manifest (blake3 {actual[:12]}.. != {expected[:12]}..)"
+    )
+
+
+def accept_damage(
+    problem: str | None, force: bool, reporter: Reporter, who: str, warnings: list[str]
+) -> None:
+    if problem is None:
+        return
+    if not force:
+        raise VerifyError(problem + "; restore it anyway with --force")
+    events.warn(reporter, problem + "; used anyway (--force)", who)
+    warnings.append(problem)
+
+
+def _new_path(rec: DiskRecord, new_name: str, target_dir: Path | None, taken: set[Path]) -> Path:
+    directory = target_dir or Path(rec.source).parent
+    # Long names are cut so the file name stays within NAME_MAX (255 bytes).
+    base = f"{encode_guest_name(new_name)[:160]}-{rec.file}"
+    candidate = directory / base
+    n = 1
+    while candidate.exists() or candidate in taken:
+        candidate = directory / f"{n}-{base}"
+        n += 1
+    taken.add(candidate)
+    return candidate
+
+
+def choose_macs(plan: RestorePlan, policy: str, choices: Mapping[int, str] | None) -> list[str]:
+    """The MAC each interface ends up with.
+
+    ``choices`` (interface index -> keep/new) wins; otherwise ``policy`` new
+    replaces clashing MACs only and ``policy`` keep keeps them all.
+    """
+    macs = []
+    for iface in plan.interfaces:
+        choice = (choices or {}).get(iface.index)
+        if choice is None:
+            choice = NEW if policy == NEW and iface.clashes else KEEP
+        if choice not in tuple(MacChoice):
+            raise RestoreError(f"interface {iface.index}: choose 'keep' or 'new', not {choice!r}")
+        macs.append(iface.new_mac if choice == NEW or not iface.mac else iface.mac)
+    return macs
