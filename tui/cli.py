@@ -353,6 +353,8 @@ def _restore_from(
     print(
         f"restored {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})"
     )
+    for note in result.notes:  # what the clone got instead of the original's, or lost
+        print(f"note: {escape(note)}")
     return 0
 
 

@@ -388,9 +388,13 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         finally:
             reporter.flush()
             self.app.call_from_thread(self._finished)
-        macs = ", ".join(result.macs) or "no interfaces"
+        remarks = result.warnings + result.notes
         self.app.notify(
-            f"restore successful: {escape(result.name)} is defined (MACs {macs})", markup=False
+            restore_summary(result),
+            severity="warning" if remarks else "information",
+            # Long enough to read what the clone lost or got instead.
+            timeout=10 + 4 * len(remarks) if remarks else None,
+            markup=False,
         )
         self.post_message(GuestsChanged())
 
@@ -422,6 +426,15 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     @property
     def busy(self) -> bool:
         return self._busy
+
+
+def restore_summary(result: RestoreResult) -> str:
+    """A finished restore in a few lines: what was defined, then each warning and device note."""
+    macs = ", ".join(result.macs) or "no interfaces"
+    lines = [f"restore successful: {escape(result.name)} is defined (MACs {macs})"]
+    lines += [f"warning: {escape(w)}" for w in result.warnings]
+    lines += [f"note: {escape(n)}" for n in result.notes]
+    return "\n".join(lines)
 
 
 def _marker_key(device: BlockDevice) -> tuple[str, str]:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore.clone_xml import rewrite_clone_xml
+from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.plan import (
     NEW,
@@ -22,7 +23,12 @@ from guestsafe.engine.restore.plan import (
     accept_damage,
     check_plain_files,
     choose_macs,
+    new_mac,
 )
+
+MACS_LOCK = "macs"
+# Long enough for another restore to check and define, short enough for a person.
+MACS_LOCK_WAIT = 60.0
 
 
 def restore_clone(
@@ -55,10 +61,16 @@ def restore_clone(
                 restore_file(plan.version, rec, dst, force, reporter, name, cancel, warnings)
                 copied.append(dst)
             reporter(PhaseChanged(name, "define"))
-            xml = rewrite_clone_xml(plan, new_uuid, macs)
-            if hv.exists(name):
-                raise RestoreError(f"a guest named {name!r} was defined meanwhile; nothing defined")
-            hv.define(xml)
+            # One restore at a time checks the MACs and defines: two consoles cloning
+            # one version must not both pass the check, then both define one MAC.
+            with locks.acquire(paths.state_dir, MACS_LOCK, purpose, wait=MACS_LOCK_WAIT):
+                if hv.exists(name):
+                    raise RestoreError(
+                        f"a guest named {name!r} was defined meanwhile; nothing defined"
+                    )
+                macs = recheck_macs(plan, macs, hv.all_macs())
+                clone = build_clone_xml(plan, new_uuid, macs)
+                hv.define(clone.xml)
         except BaseException:
             for path in copied:
                 path.unlink(missing_ok=True)
@@ -68,7 +80,31 @@ def restore_clone(
         reporter(PhaseChanged(name, "start"))
         hv.start(name)
     reporter(events.RunEnded(events.RunKind.RESTORE, True, "restore successful", name))
-    return RestoreResult(name, new_uuid, macs, copied, start, warnings)
+    return RestoreResult(name, new_uuid, macs, copied, start, warnings, clone.notes)
+
+
+def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, str]) -> list[str]:
+    """The MACs again, against the guests defined now, not when the plan was made.
+
+    A MAC the plan made up and someone took meanwhile is made up again. A kept MAC
+    that a guest took meanwhile (another restore of the same version) is refused:
+    the caller chose to keep it knowing only of the clash the plan showed.
+    """
+    taken = set(in_use) | set(macs)
+    checked = []
+    for iface, mac in zip(plan.interfaces, macs, strict=True):
+        owner = in_use.get(mac)
+        if owner is None or owner == iface.clash_with:
+            checked.append(mac)
+        elif mac == iface.new_mac and mac != iface.mac:
+            checked.append(new_mac(taken))
+        else:
+            raise RestoreError(
+                f"interface {iface.index}: MAC {mac} is used by guest {printable(owner)}, "
+                f"defined after this restore was planned; nothing defined (plan again, or "
+                "choose a new MAC)"
+            )
+    return checked
 
 
 def _copies(plan: RestorePlan) -> list[tuple[DiskRecord, Path]]:

@@ -81,6 +81,8 @@ class RestoreResult:
     disk_paths: list[Path]
     started: bool
     warnings: list[str] = field(default_factory=list)
+    # What the clone got instead of the original's devices, or lost (see clone_xml).
+    notes: list[str] = field(default_factory=list)
 
 
 def new_mac(taken: set[str]) -> str:
