@@ -449,9 +449,23 @@ class Engine:
         raise NotFoundError(f"no job destination holds backups of {guest!r}; name one with --dest")
 
     def verify(
-        self, destination: Path, guest: str | None = None, number: int | None = None
+        self,
+        destination: Path | None = None,
+        guest: str | None = None,
+        number: int | None = None,
+        *,
+        device: str | None = None,
     ) -> list[VerifyReport]:
-        return self.archive(destination).verify(guest, number)
+        """Re-read and check versions in ``destination``, or on ``device`` (mounted
+        read-only meanwhile, so the result is shown but not recorded there)."""
+        if device is None:
+            if destination is None:
+                raise ConfigError("verify: give the archive's destination or its device")
+            return self.archive(destination).verify(guest, number)
+        if destination is not None:
+            raise ConfigError("verify: give a destination or a device, not both")
+        with self.device_archive(device) as archive:
+            return archive.verify(guest, number)
 
     # --- restore -----------------------------------------------------------
 

@@ -25,6 +25,7 @@ from guestsafe.engine.api import (
     Job,
     LastResult,
     Paths,
+    VerifyReport,
     VersionInfo,
     __version__,
     byte_size,
@@ -32,7 +33,7 @@ from guestsafe.engine.api import (
     mode_label,
     on_calendar,
 )
-from guestsafe.engine.errors import GuestsafeError, RestoreError, RunFailed
+from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
 from guestsafe.engine.events import (
     Event,
     GuestOutcome,
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("guest", nargs="?")
     verify.add_argument("version", nargs="?", type=int)
     verify.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
+    verify.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
     sub.add_parser("recover", help="finish the clean-up of an interrupted run")
     sub.add_parser("guests", help="list the hypervisor's guests")
     sub.add_parser(
@@ -301,21 +303,32 @@ def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
 
 
 def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    failed = 0
-    checked = 0
+    if args.device is not None:
+        if args.dest is not None:
+            raise ConfigError("give --dest or --device, not both")
+        # Mounted read-only meanwhile: the results are shown, not recorded on the device.
+        found = engine.verify(guest=args.guest, number=args.version, device=args.device)
+        return _exit_code(_printed(found))
+    reports: list[VerifyReport] = []
     for dest in _listed_archives(engine, args.dest):
-        archive = engine.archive(dest)
-        if args.guest is not None and args.guest not in archive.guests():
+        if args.guest is not None and args.guest not in engine.archive(dest).guests():
             continue
-        for report in archive.verify(args.guest, args.version):
-            checked += 1
-            status = "ok" if report.ok else "FAILED: " + "; ".join(report.problems)
-            print(f"{escape(report.guest)} version {report.number}: {escape(status)}")
-            failed += not report.ok
-    if checked == 0:
+        reports += _printed(engine.verify(dest, args.guest, args.version))
+    return _exit_code(reports)
+
+
+def _printed(reports: list[VerifyReport]) -> list[VerifyReport]:
+    for report in reports:
+        status = "ok" if report.ok else "FAILED: " + "; ".join(report.problems)
+        print(f"{escape(report.guest)} version {report.number}: {escape(status)}")
+    return reports
+
+
+def _exit_code(reports: list[VerifyReport]) -> int:
+    if not reports:
         print("nothing to verify", file=sys.stderr)
         return 3
-    return 8 if failed else 0
+    return 8 if any(not report.ok for report in reports) else 0
 
 
 def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
