@@ -137,3 +137,97 @@ def test_restore_over_a_running_guest_is_refused(gs: GS, guest_factory: GuestFac
     assert proc.returncode == 9
     assert re.search(r"is running; shut it off", proc.stderr)
     assert guest.is_running() and vda.stat().st_mtime_ns >= before
+
+
+def _free_port(low: int = 5900) -> int:
+    import socket
+
+    for port in range(low + 50, low + 2000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free TCP port")
+
+
+def _redefine_with(
+    libvirt_conn: libvirt.virConnect, xml: str, *, sysinfo: bool = False, ports: bool = False
+) -> tuple[int, int]:
+    """The shut-off guest again, with an SMBIOS UUID and/or a fixed VNC port and TCP serial."""
+    root = ET.fromstring(xml)
+    vnc, serial = _free_port(5900), _free_port(24000)
+    if sysinfo:
+        info = ET.SubElement(root, "sysinfo", type="smbios")
+        ET.SubElement(ET.SubElement(info, "system"), "entry", name="uuid").text = root.findtext(
+            "uuid"
+        )
+        os_el = root.find("os")
+        assert os_el is not None
+        ET.SubElement(os_el, "smbios", mode="sysinfo")
+    if ports:
+        devices = root.find("devices")
+        assert devices is not None
+        ET.SubElement(
+            devices, "graphics", type="vnc", port=str(vnc), autoport="no", listen="127.0.0.1"
+        )
+        tcp = ET.SubElement(devices, "serial", type="tcp")
+        ET.SubElement(tcp, "source", mode="bind", host="127.0.0.1", service=str(serial))
+        ET.SubElement(tcp, "protocol", type="raw")
+        ET.SubElement(tcp, "target", port="1")
+    libvirt_conn.defineXML(ET.tostring(root, encoding="unicode"))
+    return vnc, serial
+
+
+def test_case_04_a_clone_of_a_guest_with_an_smbios_uuid_is_defined_and_boots(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("smbios", start=False)
+    _redefine_with(libvirt_conn, original.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE), sysinfo=True)
+    gs.job("s", [original])
+    assert gs.engine.run_job("s").ok
+    clone_name = original.name + "-c"
+    guest_factory.adopt(clone_name)
+
+    proc = gs.cli("restore", original.name, "1", clone_name, "--start")
+
+    assert proc.returncode == 0, proc.stderr
+    clone = libvirt_conn.lookupByName(clone_name)
+    assert clone.isActive()
+    [entry] = ET.fromstring(clone.XMLDesc(0)).findall("./sysinfo/system/entry[@name='uuid']")
+    assert entry.text == clone.UUIDString() != original.dom.UUIDString()
+    _wait_boot(_console_path(clone.XMLDesc(0)))
+
+
+def test_case_05_a_clone_with_a_fixed_vnc_port_and_tcp_serial_starts_beside_the_original(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("ports", start=False)
+    xml = original.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    vnc, serial = _redefine_with(libvirt_conn, xml, ports=True)
+    original.start()
+    before = original.console_size()
+    gs.job("p", [original])
+    assert gs.engine.run_job("p").ok
+    at_shutdown = shutdown_counter(original, before)
+    assert original.is_running()
+    clone_name = original.name + "-c"
+    guest_factory.adopt(clone_name)
+
+    proc = gs.cli("restore", original.name, "1", clone_name, "--start")
+
+    assert proc.returncode == 0, proc.stderr
+    clone = libvirt_conn.lookupByName(clone_name)
+    live = ET.fromstring(clone.XMLDesc(0))
+    assert clone.isActive() and original.is_running()
+    assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+    graphics = live.find("./devices/graphics")
+    assert graphics is not None and graphics.get("autoport") == "yes"
+    assert graphics.get("port") != str(vnc)
+    [tcp] = [s for s in live.findall("./devices/serial") if s.get("type") == "tcp"]
+    source = tcp.find("source")
+    assert source is not None and source.get("service") not in (None, str(serial))
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: ")]
+    assert any("vnc display" in n and f"port {vnc}" in n for n in notes), proc.stdout
+    assert any(f"original's port {serial}" in n for n in notes), proc.stdout
