@@ -261,3 +261,17 @@ def test_case_05_a_passed_through_tpm_is_dropped_an_emulated_one_starts_empty(
         "TPM: dropped; it is the host's TPM, passed through to the original",
         "TPM: starts empty; the original's TPM state is not part of a version",
     ]
+
+
+def test_case_05_the_console_summary_lists_each_warning_and_note() -> None:
+    from guestsafe.engine.restore.plan import RestoreResult
+    from guestsafe.tui.restore_pane import restore_summary
+
+    result = RestoreResult("web-copy", NEW_UUID, ["52:54:00:00:00:01"], [], False, ["w1"])
+    result.notes = ["vnc display: gets free ports", "host device pci: dropped"]
+    assert restore_summary(result).splitlines() == [
+        "restore successful: web-copy is defined (MACs 52:54:00:00:00:01)",
+        "warning: w1",
+        "note: vnc display: gets free ports",
+        "note: host device pci: dropped",
+    ]
