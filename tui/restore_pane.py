@@ -462,9 +462,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             answers.append(bool(yes))
             answered.set()
 
-        detail = "\n".join(
-            [*notice.lines()[1:], "(guestsafe restore ... --overwrite --keep-replaced keeps them)"]
-        )
+        # The console deletes the replaced files after success; the CLI can keep them.
+        detail = "\n".join(notice.lines()[1:])
         question = f"Restore version {notice.number} over {notice.guest}?"
         self.app.call_from_thread(
             self.app.push_screen, ConfirmModal(question, detail, yes="Replace"), settle

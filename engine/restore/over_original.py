@@ -67,7 +67,10 @@ class OverwriteNotice:
             else:
                 lines.append(f"  {path}: replaced; the current file is deleted after success")
         if not self.keep_replaced and any(k for _, k in self.replaced):
-            lines.append("  data written since the version was taken is lost (--keep-replaced)")
+            lines.append(
+                "  anything written since the version was taken is lost "
+                "(guestsafe restore --overwrite --keep-replaced keeps the current files)"
+            )
         if self.discards_saved_memory:
             lines.append("  the guest's saved memory image is discarded")
         return lines
