@@ -23,7 +23,7 @@ from guestsafe.engine import events, failpoints, locks
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.errors import Cancelled, RestoreError
+from guestsafe.engine.errors import Cancelled, RestoreError, io_failure
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
@@ -192,21 +192,26 @@ def _swap_and_define(
     hv: Hypervisor, journal: RestoreJournal, entry: RestoreEntry, reporter: Reporter
 ) -> GuestInfo:
     journal.phase(entry, SwapPhase.SWAP)
-    failpoints.hit("restore-over.swap")
+    current: str | None = None
     try:
+        failpoints.hit("restore-over.swap")
         reporter(PhaseChanged(entry.guest, "swap"))
         for planned in entry.files:
+            current = planned.path
             swap.swap_in(planned)
             failpoints.hit("restore-over.swapped")
+        current = None
         journal.phase(entry, SwapPhase.DEFINE)
         failpoints.hit("restore-over.define")
         return hv.define(entry.new_xml)
-    except BaseException:
+    except BaseException as exc:
         # Not a crash: the originals can go straight back, and the old definition stayed.
         for planned in reversed(entry.files):
             swap.put_back(planned)
         journal.remove(entry)
         events.warn(reporter, "restore failed: every file was put back as it was", entry.guest)
+        if isinstance(exc, OSError):
+            raise io_failure("putting the restored copy in place", current, exc) from exc
         raise
 
 

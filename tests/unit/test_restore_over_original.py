@@ -281,3 +281,15 @@ def test_case_23_keep_replaced_keeps_them_dated_beside_the_original(setup: Setup
         assert len(name) == len(path.name + ".replaced-20261202-1503")
         assert _digest(path.parent / name) == setup.current[path]
         assert f"kept the replaced {path} as {path.parent / name}" in out + err
+
+
+@pytest.mark.parametrize("point", ["restore-over.swapped", "restore-over.define"])
+def test_case_02_a_failure_during_the_swap_puts_every_original_back(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    monkeypatch.setenv("GUESTSAFE_FAILPOINTS", f"{point}=raise")
+    code, _out, err = setup.cli("restore", GUEST, "1", "--overwrite", "--yes")
+    assert code == 6, err
+    assert "put back as it was" in err
+    assert setup.digests() == setup.current and setup.leftovers() == []
+    assert RestoreJournal(setup.home / "state").entries() == []
