@@ -74,7 +74,8 @@ from guestsafe.engine.modes import label as mode_label
 from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore.clone import restore_clone
-from guestsafe.engine.restore.over_original import restore_over_original
+from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over_original
+from guestsafe.engine.restore.over_recovery import recover_restores
 from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
 from guestsafe.engine.sizes import byte_size
 
@@ -105,6 +106,7 @@ __all__ = [
     "LastResult",
     "Mode",
     "OnTimeout",
+    "OverwriteNotice",
     "ParsedLine",
     "Paths",
     "Record",
@@ -255,7 +257,7 @@ class Engine:
             self._hv = None
 
     def recover(self, reporter: Reporter = events.null_reporter) -> list[str]:
-        return recovery.recover(self.paths, reporter)
+        return recovery.recover(self.paths, reporter) + recover_restores(self.paths, reporter)
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
@@ -510,8 +512,21 @@ class Engine:
         number: int,
         *,
         force: bool = False,
+        keep_replaced: bool = False,
+        confirm: Callable[[OverwriteNotice], bool] | None = None,
         reporter: Reporter = events.null_reporter,
+        cancel: threading.Event | None = None,
     ) -> RestoreResult:
+        """Restore over the original; ``confirm`` is asked after every check, before any write."""
         return restore_over_original(
-            archive, guest, number, self.hv, self.paths, force=force, reporter=reporter
+            archive,
+            guest,
+            number,
+            self.hv,
+            self.paths,
+            force=force,
+            keep_replaced=keep_replaced,
+            confirm=confirm,
+            reporter=reporter,
+            cancel=cancel,
         )

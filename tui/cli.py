@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from guestsafe.engine.api import (
@@ -24,6 +24,7 @@ from guestsafe.engine.api import (
     Engine,
     Job,
     LastResult,
+    OverwriteNotice,
     Paths,
     VerifyReport,
     VersionInfo,
@@ -90,7 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         "--overwrite",
         action="store_true",
-        help="restore over the original guest (it must be shut off)",
+        help="restore over the original guest (it must be shut off); asks first",
+    )
+    restore.add_argument(
+        "--yes", action="store_true", help="with --overwrite: do not ask (for scripts)"
+    )
+    restore.add_argument(
+        "--keep-replaced",
+        action="store_true",
+        help="with --overwrite: keep the replaced files beside the originals, dated",
     )
     restore.add_argument(
         "--force", action="store_true", help="restore a version that fails its checks"
@@ -331,6 +340,28 @@ def _exit_code(reports: list[VerifyReport]) -> int:
     return 8 if any(not report.ok for report in reports) else 0
 
 
+def _confirm_overwrite(yes: bool) -> Callable[[OverwriteNotice], bool]:
+    """Ask on the terminal; without one, only --yes goes ahead."""
+
+    def confirm(notice: OverwriteNotice) -> bool:
+        if yes:
+            return True
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise RestoreError(
+                f"restore over {notice.guest!r} replaces its disks and asks first, but "
+                "there is no terminal to ask on; nothing was changed (add --yes to confirm)"
+            )
+        for line in notice.lines():
+            print(escape(line), file=sys.stderr)
+        try:
+            answer = input("go ahead? [y/N] ")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+    return confirm
+
+
 def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     if args.device is None:
         return _restore_from(engine, engine.find_archive(args.guest, args.dest), args, reporter)
@@ -346,8 +377,18 @@ def _restore_from(
     if args.overwrite:
         if args.new_name not in (None, args.guest):
             raise RestoreError("--overwrite restores over the original; give no new name")
-        engine.restore_over(archive, args.guest, args.version, force=args.force, reporter=reporter)
+        engine.restore_over(
+            archive,
+            args.guest,
+            args.version,
+            force=args.force,
+            keep_replaced=args.keep_replaced,
+            confirm=_confirm_overwrite(args.yes),
+            reporter=reporter,
+        )
         return 0
+    if args.yes or args.keep_replaced:
+        raise RestoreError("--yes and --keep-replaced go with --overwrite")
     if args.new_name is None:
         raise RestoreError("give a new name for the restored guest, or --overwrite")
     plan = engine.plan_restore(

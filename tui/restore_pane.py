@@ -34,6 +34,7 @@ from guestsafe.engine.api import (
     DevicesChanged,
     DeviceWatcher,
     Engine,
+    OverwriteNotice,
     RestorePlan,
     RestoreResult,
     VersionInfo,
@@ -41,10 +42,11 @@ from guestsafe.engine.api import (
     is_crash_consistent,
     short_mode_label,
 )
-from guestsafe.engine.errors import GuestsafeError
+from guestsafe.engine.errors import Cancelled, GuestsafeError
 from guestsafe.engine.events import Event
 
 from . import formatting as fmt
+from .confirm_modal import ConfirmModal
 from .devices_panel import ExternalDevicesPanel
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
@@ -81,6 +83,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("a", "choose_archive", "Archive", id="restore.archive"),
         Binding("t", "restore", "Restore", id="restore.start"),
+        Binding("o", "restore_over", "Over original", id="restore.over"),
     ]
 
     def __init__(self, engine: Engine, *, id: str | None = None) -> None:
@@ -360,9 +363,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     ) -> None:
         self._busy = True
         self._cancel = threading.Event()
-        title = (
-            f"restore {plan.version.guest} version {plan.version.number} as {plan.new_name}"
-        )
+        title = f"restore {plan.version.guest} version {plan.version.number} as {plan.new_name}"
         self.post_message(ActivityStarted(title))
         self._restore(plan, choices, self._cancel, source)
 
@@ -414,6 +415,67 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             return self._engine.restore(
                 fresh, mac_choices=choices, reporter=reporter, cancel=cancel
             )
+
+    # --- restore over the original ----------------------------------------
+
+    def action_restore_over(self) -> None:
+        source, version = self.source, self.selected_version
+        if source is None or version is None:
+            self.app.notify("Choose a version first.", severity="warning")
+            return
+        if self._busy:
+            self.app.notify("A restore is already running.", severity="warning")
+            return
+        self._busy = True
+        self._cancel = threading.Event()
+        self.post_message(
+            ActivityStarted(f"restore {version.guest} version {version.number} over the original")
+        )
+        self._restore_over(source, version.guest, version.number, self._cancel)
+
+    @background(group="restore-run")
+    def _restore_over(
+        self, source: Source, guest: str, number: int, cancel: threading.Event
+    ) -> None:
+        def deliver(events: list[Event]) -> None:
+            self.post_message(EngineEvents(events))
+
+        reporter = BatchingReporter(deliver)
+        try:
+            with self._archive(source) as archive:
+                self._engine.restore_over(
+                    archive, guest, number, confirm=self._ask_over, reporter=reporter, cancel=cancel
+                )
+        except Cancelled as exc:
+            self.app.notify(escape(str(exc.message)), markup=False)
+            return
+        finally:
+            reporter.flush()
+            self.app.call_from_thread(self._finished)
+        self.app.notify(
+            f"restore successful: {escape(guest)} has version {number} again", markup=False
+        )
+        self.post_message(GuestsChanged())
+
+    def _ask_over(self, notice: OverwriteNotice) -> bool:
+        """Asked from the worker once every check passed, before anything is written."""
+        answers: list[bool] = []
+        answered = threading.Event()
+
+        def settle(yes: bool | None) -> None:
+            answers.append(bool(yes))
+            answered.set()
+
+        # The console deletes the replaced files after success; the CLI can keep them.
+        detail = "\n".join(notice.lines()[1:])
+        question = f"Restore version {notice.number} over {notice.guest}?"
+        self.app.call_from_thread(
+            self.app.push_screen, ConfirmModal(question, detail, yes="Replace"), settle
+        )
+        while not answered.wait(0.2):
+            if self._cancel.is_set() or self._closed:
+                return False  # cancelled or closing: nothing was changed
+        return answers[0]
 
     def _finished(self) -> None:
         self._busy = False

@@ -241,6 +241,28 @@ class Hypervisor:
                     macs.setdefault(mac, info.name)
         return macs
 
+    def disk_users(self) -> dict[str, set[str]]:
+        """Every disk and NVRAM path of every defined guest (live and persistent config),
+        mapped to the names of the guests that use it."""
+        users: dict[str, set[str]] = {}
+        for dom in self._call(self._live().listAllDomains, 0):
+            for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+                try:
+                    info = parse_domain_xml(dom.XMLDesc(flags))
+                except libvirt.libvirtError:
+                    continue  # undefined between the listing and the lookup
+                sources = [d.source for d in info.disks if d.source] + [info.nvram or ""]
+                for source in filter(None, sources):
+                    users.setdefault(source, set()).add(info.name)
+        return users
+
+    def has_managed_save(self, name: str) -> bool:
+        """Whether the guest has a saved memory image (``virsh managedsave``) it resumes from."""
+        return bool(self._call(self._domain(name).hasManagedSaveImage, 0))
+
+    def discard_managed_save(self, name: str) -> None:
+        self._call(self._domain(name).managedSaveRemove, 0)
+
     def xml(self, name: str, *, inactive: bool = True) -> str:
         """The domain XML with secure info (it may hold console passwords)."""
         flags = libvirt.VIR_DOMAIN_XML_SECURE

@@ -115,7 +115,7 @@ def test_damaged_versions_need_force_and_retention_keeps_the_last_good_one(
     assert v3.number == 3
     os.truncate(v3.path / "vdb.raw", 4 * MiB)
     originals = {p: _digest(p) for p in guest.disk_paths}
-    proc = gs.cli("restore", guest.name, "3", "--overwrite")
+    proc = gs.cli("restore", guest.name, "3", "--overwrite", "--yes")
     assert proc.returncode == 8, proc.stderr
     assert "vdb.raw of" in proc.stderr and "does not match its manifest" in proc.stderr
     assert {p: _digest(p) for p in guest.disk_paths} == originals

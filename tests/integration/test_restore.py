@@ -115,7 +115,7 @@ def test_restore_over_the_original_puts_the_old_disk_back(
     guest.shutdown()
     assert guest.read_counter() > backed_up
 
-    running = gs.cli("restore", guest.name, "1", "--overwrite")
+    running = gs.cli("restore", guest.name, "1", "--overwrite", "--yes")
     assert running.returncode == 0, running.stderr
 
     assert guest.read_counter() == backed_up

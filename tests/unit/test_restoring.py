@@ -8,7 +8,10 @@ moments where tests/integration/test_restore.py boots real guests.
 from __future__ import annotations
 
 import os
+import threading
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +119,30 @@ class FakeHypervisor:
 
     def state(self, name: str) -> str:
         return self.states.get(name, GuestState.SHUTOFF)
+
+    # Restore over the original also asks these.
+    uri: str = "test:///fake"
+    managed_saves: set[str] = field(default_factory=set)
+    start_event: threading.Event = field(default_factory=threading.Event)
+
+    def disk_users(self) -> dict[str, set[str]]:
+        users: dict[str, set[str]] = {}
+        for xml in self.guests.values():
+            info = parse_domain_xml(xml)
+            for source in [d.source for d in info.disks] + [info.nvram]:
+                if source:
+                    users.setdefault(source, set()).add(info.name)
+        return users
+
+    def has_managed_save(self, name: str) -> bool:
+        return name in self.managed_saves
+
+    def discard_managed_save(self, name: str) -> None:
+        self.managed_saves.discard(name)
+
+    @contextmanager
+    def watch_started(self, name: str) -> Iterator[threading.Event]:
+        yield self.start_event
 
 
 @dataclass
