@@ -434,16 +434,17 @@ class Archive:
     # --- retention and recovery ------------------------------------------------
 
     def apply_retention(self, guest: str, keep: int) -> list[int]:
-        """Delete the oldest versions beyond ``keep``; return their numbers.
+        """Delete the oldest good versions beyond ``keep``, and bad ones it outlived.
 
-        Never deletes the newest version, nor the newest one whose last
-        verification passed: with an old verified version kept, ``keep + 1``
-        versions remain. Call it only after the new version is committed.
+        ``keep`` counts good versions only (``retention.prune``). Never deletes
+        the newest version, nor the newest one whose last verification passed:
+        with an old verified version kept, ``keep + 1`` good versions remain.
+        Call it only after the new version is committed.
         """
         if keep < 1:
             raise ArchiveError(f"keep must be at least 1 for guest {printable(guest)}, not {keep}")
         folder = self._guest_dir(guest)
-        return [] if folder is None else prune(folder, keep)
+        return [] if folder is None else prune(folder, guest, keep)
 
     def recover(self) -> list[Path]:
         """Remove unfinished and half-deleted versions and stray temporary files.
