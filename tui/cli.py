@@ -3,6 +3,7 @@
 Exit codes: 0 success; the engine error's ``exit_code`` otherwise (2 bad
 configuration, 3 not found, 4 hypervisor, 5 refused, 6 copy, 7 archive,
 8 verification, 9 restore, 10 device, 11 a backup failed); 130 interrupted.
+``run`` exits with its run's most specific cause (``RunResult.exit_code``).
 """
 
 from __future__ import annotations

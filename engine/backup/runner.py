@@ -84,11 +84,13 @@ def run_job(
             for backup in backups:
                 run_one(backup)
         result.outcomes = [b.outcome() for b in backups]
+        result.causes = {b.name: b.error.exit_code for b in backups if b.error is not None}
     except GuestsafeError as exc:
         events.error(runlog, exc.message)
         result.outcomes = [
             GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in job.guests
         ]
+        result.causes = dict.fromkeys(job.guests, exc.exit_code)
     finally:
         ctx.cleanup.close()
         for outcome in result.outcomes:
