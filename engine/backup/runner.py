@@ -178,7 +178,9 @@ def run_one(backup: GuestBackup) -> None:
 def run_group(backups: list[GuestBackup]) -> None:
     """Stop all in order, copy all, start in reverse order: one consistent set."""
     try:
-        _each(backups, GuestBackup.preflight)
+        # Preflight takes each guest's lock: in one canonical order (by UUID), so
+        # two groups that share guests never each hold one the other waits for.
+        _each(_lock_order(backups), GuestBackup.preflight)
         _each(backups, GuestBackup.stop)
         _each(backups, GuestBackup.copy)
         _each(reversed(backups), GuestBackup.start)
@@ -192,6 +194,18 @@ def run_group(backups: list[GuestBackup]) -> None:
     finally:
         for backup in reversed(backups):
             backup.settle()
+
+
+def _lock_order(backups: list[GuestBackup]) -> list[GuestBackup]:
+    """The guests sorted by UUID; one that cannot be looked up first (it fails at once)."""
+
+    def key(backup: GuestBackup) -> tuple[str, str]:
+        try:
+            return (backup.ctx.hv.guest(backup.name).uuid, backup.name)
+        except GuestsafeError:
+            return ("", backup.name)
+
+    return sorted(backups, key=key)
 
 
 def _each(backups: Iterable[GuestBackup], step: Step) -> None:

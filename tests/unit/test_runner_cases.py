@@ -4,13 +4,16 @@ busy guests (16) and libvirt errors (18)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import test_runner_phases as phases
 
+from guestsafe.engine import locks
 from guestsafe.engine.errors import RunFailed
 from guestsafe.engine.hypervisor.domain_xml import PAUSED
+from guestsafe.engine.jobs.model import Job
 
 Rig = phases.Rig
 
@@ -76,3 +79,56 @@ def test_case_22_a_hook_failure_exits_11_and_success_0(rig: Rig) -> None:
     result = rig.run(rig.job(["web1"], hooks=hooks))
 
     assert _exit_code_of(rig, result) == 11
+
+
+# --- case 17: group jobs take their guest locks in one order ---------------------------
+
+UUID_A = "00000000-0000-4000-8000-00000000000a"
+UUID_B = "00000000-0000-4000-8000-00000000000b"
+
+
+def _two_guests(rig: Rig) -> None:
+    for name, uuid in (("beta", UUID_B), ("alpha", UUID_A)):
+        rig.add_guest(name)
+        rig.hv.guests[name].uuid = uuid
+
+
+def _slow_guest_locks(monkeypatch: pytest.MonkeyPatch, taken: list[str]) -> None:
+    """Each guest lock is held a moment before the next is asked for: a deadlock shows."""
+    acquire = locks.acquire
+
+    def slow(state_dir: Path, key: str, purpose: str, *, wait: float = 0.0) -> locks.Lock:
+        lock = acquire(state_dir, key, purpose, wait=wait)
+        if key.startswith("guest:"):
+            taken.append(key)
+            time.sleep(0.5)
+        return lock
+
+    monkeypatch.setattr(locks, "acquire", slow)
+
+
+def test_case_17_group_jobs_lock_their_guests_in_one_canonical_order(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _two_guests(rig)
+    taken: list[str] = []
+    _slow_guest_locks(monkeypatch, taken)
+    other = rig.root / "archive2"
+    other.mkdir(mode=0o700)
+    forward = rig.job(["beta", "alpha"], group=True, lock_wait=20)
+    backward = Job("weekly", ["alpha", "beta"], other, group=True, lock_wait=20)
+    results: dict[str, phases.RunResult] = {}
+
+    def run(job: Job) -> None:
+        results[job.name] = rig.run(job)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in (forward, backward)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert all(r.ok for r in results.values()), results
+    assert time.monotonic() - started < 15  # nobody waited out lock_wait
+    assert taken == [f"guest:{UUID_A}", f"guest:{UUID_B}"] * 2  # alpha's UUID first, always
