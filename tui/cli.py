@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("jobs", help="list the jobs")
     run = sub.add_parser("run", help="run a job now")
     run.add_argument("job")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait up to the job's lock_wait for a busy guest or destination "
+        "(the timers do); without it a busy one fails at once, naming its holder",
+    )
     lst = sub.add_parser("list", help="list backed-up versions")
     lst.add_argument("guest", nargs="?")
     lst.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
@@ -210,7 +216,9 @@ def _print_summaries(results: dict[str, LastResult]) -> None:
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    result = engine.run_job(args.job, reporter, cancel=cancel_on_signals())
+    result = engine.run_job(
+        args.job, reporter, cancel=cancel_on_signals(), interactive=not args.wait
+    )
     print(f"log: {result.log_path}", file=sys.stderr)
     result.raise_for_failure()
     return 0

@@ -30,18 +30,22 @@ class JobContext:
     # Closed when the job ends, whatever happened: unmounts the job's device.
     cleanup: ExitStack = field(default_factory=ExitStack)
     hooks: HookRunner | None = None
+    # A person is waiting for the answer (the console, `guestsafe run`): a busy
+    # guest or destination is reported at once, not waited for (README).
+    interactive: bool = False
 
 
 def take_lock(ctx: JobContext, key: str, what: str) -> locks.Lock:
     """The lock on ``key``, waiting up to the job's ``lock_wait`` for its holder.
 
+    An interactive run does not wait: it says at once who holds the lock.
     Waits in short steps so a cancel is seen; never runs alongside the holder.
     """
     state_dir, purpose = ctx.paths.state_dir, f"backup of job {ctx.job.name}"
     try:
         return locks.acquire(state_dir, key, purpose)
     except LockBusy as exc:
-        if ctx.job.lock_wait <= 0:
+        if ctx.interactive or ctx.job.lock_wait <= 0:
             raise _busy(ctx, key, what) from exc
     held = _held_by(ctx, key)
     events.info(ctx.report, f"{what} is busy ({held}); waiting up to {ctx.job.lock_wait} s")
@@ -63,5 +67,10 @@ def _held_by(ctx: JobContext, key: str) -> str:
 
 
 def _busy(ctx: JobContext, key: str, what: str) -> LockBusy:
-    waited = f"; gave up after {ctx.job.lock_wait} s" if ctx.job.lock_wait > 0 else ""
+    if ctx.interactive:
+        waited = f"; try again later, or run it with --wait (up to {ctx.job.lock_wait} s)"
+    elif ctx.job.lock_wait > 0:
+        waited = f"; gave up after {ctx.job.lock_wait} s"
+    else:
+        waited = ""
     return LockBusy(f"busy: {what} {_held_by(ctx, key)}{waited}")

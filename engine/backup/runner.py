@@ -56,8 +56,13 @@ def run_job(
     *,
     cancel: threading.Event | None = None,
     on_log_path: Callable[[Path], None] | None = None,
+    interactive: bool = False,
 ) -> RunResult:
     """Back up every guest of ``job``; never raises for a guest's failure.
+
+    ``interactive``: a person waits for the result, so a busy guest or
+    destination fails at once naming its holder; otherwise (timers, run-due)
+    the run waits up to the job's ``lock_wait``.
 
     A device path naming something other than a block device is refused with
     JobConfigError before anything is written or any guest touched.
@@ -71,6 +76,7 @@ def run_job(
         on_log_path(log_path)
     runlog = RunLog(log_path, reporter)
     ctx = JobContext(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
+    ctx.interactive = interactive
     ctx.hooks = HookRunner(job, runlog, ctx.cancel)
     result = RunResult(job.name, log_path)
     try:

@@ -3,6 +3,7 @@ busy guests (16) and libvirt errors (18)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -11,9 +12,13 @@ import pytest
 import test_runner_phases as phases
 
 from guestsafe.engine import locks
+from guestsafe.engine.backup import runner
 from guestsafe.engine.errors import RunFailed
 from guestsafe.engine.hypervisor.domain_xml import PAUSED
-from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.jobs import timers
+from guestsafe.engine.jobs.model import Job, Schedule
+from guestsafe.engine.jobs.timers import UnitSettings
+from guestsafe.tui.cli import build_parser
 
 Rig = phases.Rig
 
@@ -132,3 +137,51 @@ def test_case_17_group_jobs_lock_their_guests_in_one_canonical_order(
     assert all(r.ok for r in results.values()), results
     assert time.monotonic() - started < 15  # nobody waited out lock_wait
     assert taken == [f"guest:{UUID_A}", f"guest:{UUID_B}"] * 2  # alpha's UUID first, always
+
+
+# --- case 16: a person hears at once that a guest is busy; timers wait ------------------
+
+
+def _hold_guest(rig: Rig, name: str) -> locks.Lock:
+    key = locks.guest_key(rig.hv.guests[name].uuid)
+    return locks.acquire(rig.paths.state_dir, key, "restore to web1-test")
+
+
+def test_case_16_an_interactive_run_reports_a_busy_guest_at_once(rig: Rig) -> None:
+    rig.add_guest("web1")
+    rig.paths.ensure()
+    job = rig.job(["web1"], lock_wait=30)
+
+    with _hold_guest(rig, "web1"):
+        started = time.monotonic()
+        result = runner.run_job(job, rig._hv(), rig.paths, rig.report, interactive=True)
+        waited = time.monotonic() - started
+
+    assert waited < 5
+    message = result.outcomes[0].message
+    assert f"busy: guest web1 held by PID {os.getpid()} on " in message, message
+    assert "(restore to web1-test); try again later, or run it with --wait" in message
+    assert result.exit_code == 5 and rig.calls() == []
+
+
+def test_case_16_a_timer_run_waits_for_a_busy_guest(rig: Rig) -> None:
+    rig.add_guest("web1")
+    rig.paths.ensure()
+    job = rig.job(["web1"], lock_wait=2)
+
+    with _hold_guest(rig, "web1"):
+        started = time.monotonic()
+        result = rig.run(job)  # run-due and Engine.run_job's default: not interactive
+        waited = time.monotonic() - started
+
+    assert waited >= 2 and "gave up after 2 s" in result.outcomes[0].message
+
+
+def test_case_16_the_cli_and_the_timers_choose_the_policy(tmp_path: Path) -> None:
+    assert build_parser().parse_args(["run", "nightly"]).wait is False
+    assert build_parser().parse_args(["run", "nightly", "--wait"]).wait is True
+    settings = UnitSettings(timers.find_program(), tmp_path / "jobs.toml", "qemu:///system")
+    job = Job("nightly", ["web1"], Path("/srv/backup"), schedule=Schedule("02:00"))
+    service = timers.render_units(job, settings)["guestsafe-nightly.service"]
+    [exec_line] = [line for line in service.splitlines() if line.startswith("ExecStart=")]
+    assert exec_line.endswith('"run" "nightly" "--wait"')
