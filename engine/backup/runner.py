@@ -27,11 +27,12 @@ from guestsafe.engine.devices import mounts
 from guestsafe.engine.errors import (
     Cancelled,
     GuestsafeError,
+    HypervisorError,
     JobConfigError,
     PreflightError,
 )
 from guestsafe.engine.events import GuestOutcome, Reporter
-from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.connection import Hypervisor, LibvirtError
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
@@ -177,6 +178,8 @@ def run_one(backup: GuestBackup) -> None:
         backup.fail(exc)
     except OSError as exc:
         backup.fail(backup.unclaimed(exc))
+    except LibvirtError as exc:
+        backup.fail(_libvirt_failure(backup, exc))
     finally:
         backup.settle()
 
@@ -224,9 +227,20 @@ def _step(backup: GuestBackup, step: Step) -> None:
     try:
         step(backup)
     except OSError as exc:
-        error = backup.unclaimed(exc)
+        error: GuestsafeError = backup.unclaimed(exc)
+        backup.fail(error)
+        raise error from exc
+    except LibvirtError as exc:
+        error = _libvirt_failure(backup, exc)
         backup.fail(error)
         raise error from exc
     except GuestsafeError as exc:
         backup.fail(exc)
         raise
+
+
+def _libvirt_failure(backup: GuestBackup, exc: LibvirtError) -> HypervisorError:
+    """A libvirt error the hypervisor layer did not name, named after its guest and phase."""
+    reason = str(exc.get_error_message() or exc).strip()
+    phase = backup.phase or "the backup"
+    return HypervisorError(f"guest {backup.name!r}, during {phase}: {reason}")

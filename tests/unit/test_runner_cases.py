@@ -6,15 +6,19 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import libvirt
 import pytest
 import test_runner_phases as phases
 
 from guestsafe.engine import locks
 from guestsafe.engine.backup import runner
-from guestsafe.engine.errors import RunFailed
-from guestsafe.engine.hypervisor.domain_xml import PAUSED
+from guestsafe.engine.errors import HypervisorError, RunFailed
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING
 from guestsafe.engine.jobs import timers
 from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.jobs.timers import UnitSettings
@@ -185,3 +189,79 @@ def test_case_16_the_cli_and_the_timers_choose_the_policy(tmp_path: Path) -> Non
     service = timers.render_units(job, settings)["guestsafe-nightly.service"]
     [exec_line] = [line for line in service.splitlines() if line.startswith("ExecStart=")]
     assert exec_line.endswith('"run" "nightly" "--wait"')
+
+
+# --- case 18: a libvirt error fails its guest only, and names it --------------------------
+
+
+class _FlakyDomain:
+    """A real test-driver domain whose shutdown and isActive fail as libvirt can."""
+
+    def __init__(self, dom: Any) -> None:
+        self._dom = dom
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._dom, name)
+
+    def shutdown(self) -> None:
+        raise libvirt.libvirtError("Guest agent is not responding")
+
+    def createWithFlags(self, flags: int) -> None:
+        raise libvirt.libvirtError("internal error: process exited while connecting to monitor")
+
+    def isActive(self) -> int:
+        raise libvirt.libvirtError("Cannot recv data: Connection reset by peer")
+
+
+@pytest.fixture
+def flaky_hv(monkeypatch: pytest.MonkeyPatch) -> Iterator[Hypervisor]:
+    """libvirt's own test driver, with guest 'test' failing the way a real one can."""
+    hv = Hypervisor("test:///default")
+    lookup = hv._domain
+    monkeypatch.setattr(hv, "_domain", lambda name: _FlakyDomain(lookup(name)))
+    try:
+        yield hv
+    finally:
+        hv.close()
+
+
+def test_case_18_the_hypervisor_names_the_guest_in_every_libvirt_error(
+    flaky_hv: Hypervisor,
+) -> None:
+    with pytest.raises(HypervisorError, match=r"^cannot ask guest 'test' to shut down: Guest"):
+        flaky_hv.shutdown("test", timeout=1)
+    with pytest.raises(HypervisorError, match=r"^guest 'test': Cannot recv data"):
+        flaky_hv.start("test")
+    with pytest.raises(HypervisorError, match=r"^guest 'test': Cannot recv data"):
+        flaky_hv.destroy("test")
+
+
+class _RawErrorHypervisor(phases.FakeHypervisor):
+    """A hypervisor that lets libvirt's own error out, as connection.py once did."""
+
+    def shutdown(self, name: str, **options: Any) -> phases.ShutdownResult:
+        if name == "web1":
+            raise libvirt.libvirtError("Requested operation is not valid: domain is not running")
+        return super().shutdown(name, **options)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_case_18_a_libvirt_error_fails_its_guest_and_the_next_guest_still_runs(
+    rig: Rig, group: bool
+) -> None:
+    rig.hv = _RawErrorHypervisor(rig.timeline)
+    rig.add_guest("web1")
+    rig.add_guest("web2")
+
+    result = rig.run(rig.job(["web1", "web2"], group=group))
+
+    first, second = result.outcomes
+    assert not first.ok
+    assert "guest 'web1', during shutdown: Requested operation is not valid" in first.message
+    assert rig.hv.state("web1") == RUNNING and rig.hv.state("web2") == RUNNING
+    if group:  # the group stops before anything is stopped
+        assert not second.ok and rig.calls() == []  # web2 was never stopped
+    else:
+        assert second.ok, second.message
+        assert rig.versions("web2") == [1]
+    assert result.exit_code == 4
