@@ -16,15 +16,20 @@ import test_runner_phases as phases
 
 from guestsafe.engine import locks
 from guestsafe.engine.backup import runner
+from guestsafe.engine.devices import preflight
+from guestsafe.engine.devices.mountinfo import MountEntry
 from guestsafe.engine.errors import HypervisorError, RunFailed
+from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING
 from guestsafe.engine.jobs import timers
 from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.jobs.timers import UnitSettings
+from guestsafe.engine.sizes import SPACE_MARGIN
 from guestsafe.tui.cli import build_parser
 
 Rig = phases.Rig
+MiB = phases.MiB
 
 
 @pytest.fixture
@@ -265,3 +270,36 @@ def test_case_18_a_libvirt_error_fails_its_guest_and_the_next_guest_still_runs(
         assert second.ok, second.message
         assert rig.versions("web2") == [1]
     assert result.exit_code == 4
+
+
+# --- case 19: no holes on FAT and exFAT, so the full size must fit ----------------------
+
+
+def _filesystem(monkeypatch: pytest.MonkeyPatch, fstype: str, free: int) -> None:
+    def mount_of(path: str) -> MountEntry:
+        return MountEntry(1, 1, "/", "/", frozenset(), fstype, "/dev/sdz1")
+
+    monkeypatch.setattr(preflight, "mount_containing", mount_of, raising=False)
+    monkeypatch.setattr(disk_files, "free_space", lambda _directory: free)
+
+
+@pytest.mark.parametrize(("fstype", "fits"), [("exfat", False), ("vfat", False), ("ext4", True)])
+def test_case_19_the_free_space_check_counts_the_full_size_where_there_are_no_holes(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, fstype: str, fits: bool
+) -> None:
+    disk = rig.add_guest("web1", size=8 * MiB)  # half data, half hole
+    allocated = disk.stat().st_blocks * 512
+    assert allocated <= 5 * MiB
+    _filesystem(monkeypatch, fstype, free=SPACE_MARGIN + allocated + MiB)  # < the full 8 MiB
+
+    result = rig.run(rig.job(["web1"]))
+
+    assert result.ok is fits, result.outcomes[0].message
+    if not fits:
+        assert "need 72.0 MiB on " in result.outcomes[0].message
+        assert rig.calls() == [] and result.exit_code == 5  # refused before the stop
+
+
+def test_case_19_a_share_of_unknown_kind_is_probed(tmp_path: Path) -> None:
+    assert preflight._probe_holes(tmp_path) is True  # tmp_path keeps holes
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
