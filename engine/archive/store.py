@@ -10,9 +10,10 @@ after every file and the manifest are fsynced. Nothing else in a committed
 version is ever rewritten; verification results live in a ``verified.json``
 sidecar next to the manifest.
 
-One process writes to an archive at a time (the runner's lock sees to it);
-``recover`` in particular removes unfinished versions without asking whose they
-are. Reading is safe at any time.
+One process writes to an archive at a time: the runner holds the lock kept in
+the archive (``locks.archive_lock``, FORMAT.md 10.4), whichever host or path it
+comes from. ``recover`` removes unfinished versions without asking whose they
+are, so call it only with that lock held. Reading is safe at any time.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.store import Archive
-from guestsafe.engine.backup.context import JobContext, take_lock
+from guestsafe.engine.backup.context import JobContext, take_archive_lock, take_lock
 from guestsafe.engine.backup.guest_backup import GuestBackup
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal
@@ -144,12 +144,26 @@ def _open_archive(ctx: JobContext) -> None:
 
 
 def _clear_leftovers(ctx: JobContext) -> None:
-    """Remove partials and half-deleted versions a crash left in this archive.
+    """Take the archive's own lock, then remove what a dead writer left in it.
 
-    The journal names most of them, but not one begun a moment before the
-    crash. Safe here: the destination lock keeps every other writer out.
+    The journal names most leftovers, but not one begun a moment before the
+    crash, nor one of another host. Partials belong to the archive lock's
+    holder: once we hold it, their owner is gone (its lock died with it), on
+    whichever host and through whichever path it wrote. Should the last holder
+    recorded still run on this host, the lock is not doing its job here, and
+    nothing is removed.
     """
     assert ctx.archive is not None
+    lock = take_archive_lock(ctx, ctx.archive.root)
+    ctx.cleanup.callback(lock.release)  # before the device's unmount
+    previous = lock.previous
+    if previous is not None and previous.pid != os.getpid() and locks.holder_alive(previous):
+        events.warn(
+            ctx.report,
+            f"{ctx.archive.root}: its last writer, {previous.describe()}, still runs, though "
+            "its lock is free (a filesystem without working locks?); its partials are kept",
+        )
+        return
     for leftover in ctx.archive.recover():
         events.info(ctx.report, f"removed {leftover}, left by an interrupted run")
 
