@@ -213,7 +213,9 @@ def test_retention_and_recovery_never_follow_symlinks_out_of_the_archive(
 
     proc = gs.cli("verify", guest.name, "1", "--dest", str(gs.archive))
     assert proc.returncode == 8 and "planted-file is a symlink" in proc.stdout
-    proc = gs.cli("restore", guest.name, "1", unique_name("links"), "--force")
+    clone = unique_name("links")
+    guest_factory.adopt(clone)  # case 20: the restored guest goes with the test's others
+    proc = gs.cli("restore", guest.name, "1", clone, "--force")
     assert proc.returncode == 0, proc.stderr  # the version's own files are plain files
     # The run first clears the planted leftovers, then retention removes version 1,
     # links and all.
