@@ -121,6 +121,13 @@ class Lock:
             self._wait_for(fd, wait)
             self.previous = _read_holder(fd)
             self._record(fd)
+        except OSError as exc:
+            os.close(fd)
+            # ENOLCK: an NFSv3 share without its lock daemon (rpc.statd).
+            raise PreflightError(
+                f"cannot lock {self.path}: {exc.strerror}; guestsafe needs working file "
+                "locks there (on NFS: run rpc.statd, or use NFSv4)"
+            ) from exc
         except BaseException:
             os.close(fd)
             raise

@@ -450,7 +450,8 @@ class Archive:
     def recover(self) -> list[Path]:
         """Remove unfinished and half-deleted versions and stray temporary files.
 
-        Run it only while no other guestsafe process writes to this archive.
+        Run it only while holding the archive's lock (``locks.archive_lock``):
+        then no other guestsafe process, on any host, writes to this archive.
         """
         removed: list[Path] = []
         for name in os.listdir(self.root):

@@ -7,6 +7,8 @@ other writer is a real process, so its PID, its death and its lock are real.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
@@ -131,3 +133,21 @@ def test_case_15_a_live_last_writer_keeps_its_partials_where_locks_do_not_work(
     assert result.ok
     assert partial.path.is_dir()
     assert f"its last writer, PID {os.getppid()} on " in result.log_path.read_text()
+
+
+def test_case_15_a_filesystem_without_locks_is_refused_in_words(
+    rig: phases.Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_locks(fd: int, cmd: int, arg: object = 0) -> object:
+        if cmd == fcntl.F_OFD_SETLK:
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        return real(fd, cmd, arg)
+
+    real = fcntl.fcntl
+    monkeypatch.setattr(fcntl, "fcntl", no_locks)
+
+    result = rig.run(rig.job(["web1"]))
+
+    assert not result.ok and result.exit_code == 5
+    assert "No locks available; guestsafe needs working file locks" in result.outcomes[0].message
+    assert rig.calls() == []
