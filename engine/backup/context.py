@@ -96,7 +96,10 @@ def _held_by(current: locks.LockHolder | None) -> str:
 
 def _busy(ctx: JobContext, what: str, current: locks.LockHolder | None) -> LockBusy:
     if ctx.interactive:
-        waited = f"; try again later, or run it with --wait (up to {ctx.job.lock_wait} s)"
+        waited = (
+            f"; try again once it is free ('guestsafe run --wait' waits up to "
+            f"{ctx.job.lock_wait} s)"
+        )
     elif ctx.job.lock_wait > 0:
         waited = f"; gave up after {ctx.job.lock_wait} s"
     else:

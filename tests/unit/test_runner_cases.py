@@ -169,7 +169,7 @@ def test_case_16_an_interactive_run_reports_a_busy_guest_at_once(rig: Rig) -> No
     assert waited < 5
     message = result.outcomes[0].message
     assert f"busy: guest web1 held by PID {os.getpid()} on " in message, message
-    assert "(restore to web1-test); try again later, or run it with --wait" in message
+    assert "(restore to web1-test); try again once it is free ('guestsafe run --wait'" in message
     assert result.exit_code == 5 and rig.calls() == []
 
 
