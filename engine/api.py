@@ -289,13 +289,21 @@ class Engine:
         *,
         cancel: threading.Event | None = None,
         on_log_path: Callable[[Path], None] | None = None,
+        interactive: bool = False,
     ) -> RunResult:
+        """Run job ``name``; ``interactive`` (a person waits): a busy guest fails at once."""
         job = self.job(name)
         if job.schedule.time is not None:
             # Whoever starts it (timer, console, cron), this run serves the schedule.
             schedule.write_state(self.paths.state_dir, job, datetime.now(UTC))
         result = runner.run_job(
-            job, self.hv, self.paths, reporter, cancel=cancel, on_log_path=on_log_path
+            job,
+            self.hv,
+            self.paths,
+            reporter,
+            cancel=cancel,
+            on_log_path=on_log_path,
+            interactive=interactive,
         )
         results.save(self.paths.state_dir, result)
         self._notify(result, reporter)

@@ -12,6 +12,16 @@ a non-empty file that is not locked is just what a killed holder left behind.
 
 Lock files are never deleted: a process could lock a file another has just
 unlinked, and two processes would then hold "the same" lock.
+
+An archive has one more lock, kept in the archive itself (``archive_lock``):
+``<root>/.guestsafe-lock``. A state-folder lock only keeps out processes of this
+host that spell the path the same way; the one in the archive also holds against
+another host on the same NFS share and against this host reaching the archive
+through another path (a bind mount, a symlinked parent). It is a POSIX record
+lock owned by the open file (``F_OFD_SETLK``): NFSv4 carries those to the server,
+where ``flock`` may stay local, and unlike ``lockf`` closing another descriptor
+of the file does not drop it. The server drops it when the holder dies (at once,
+or when the client's lease expires).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +42,7 @@ from guestsafe.engine.errors import LockBusy, PreflightError
 from guestsafe.engine.paths import ensure_dir
 
 LOCKS_DIR = "locks"
+ARCHIVE_LOCK_FILE = ".guestsafe-lock"
 # How long a lock that carries no holder record may stay so before it counts as
 # busy: another process may have just locked it and not yet written its record,
 # or `holder()` may be probing it.
@@ -45,6 +57,7 @@ class LockHolder:
     host: str
     since: datetime  # timezone-aware
     purpose: str
+    started: int | None = None  # the holder's start in ticks since boot: tells a reused PID
 
     def describe(self) -> str:
         since = self.since.astimezone().strftime("%Y-%m-%d %H:%M:%S")
@@ -73,13 +86,20 @@ class Lock:
     process is refused as if it came from another process.
     """
 
-    def __init__(self, state_dir: Path, key: str, purpose: str) -> None:
+    def __init__(
+        self, state_dir: Path, key: str, purpose: str, *, path: Path | None = None
+    ) -> None:
         self.state_dir = state_dir
         self.key = key
         # One line, so the busy message stays one line.
         self.purpose = " ".join(purpose.split())
-        self.path = lock_path(state_dir, key)
+        # A lock at a given path (the archive's) is a record lock, one in the state
+        # folder an flock.
+        self.record_lock = path is not None
+        self.path = path if path is not None else lock_path(state_dir, key)
         self._fd: int | None = None
+        # The record the last holder left, read before ours replaces it.
+        self.previous: LockHolder | None = None
 
     @property
     def held(self) -> bool:
@@ -99,7 +119,15 @@ class Lock:
             raise PreflightError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
         try:
             self._wait_for(fd, wait)
+            self.previous = _read_holder(fd)
             self._record(fd)
+        except OSError as exc:
+            os.close(fd)
+            # ENOLCK: an NFSv3 share without its lock daemon (rpc.statd).
+            raise PreflightError(
+                f"cannot lock {self.path}: {exc.strerror}; guestsafe needs working file "
+                "locks there (on NFS: run rpc.statd, or use NFSv4)"
+            ) from exc
         except BaseException:
             os.close(fd)
             raise
@@ -133,7 +161,7 @@ class Lock:
 
     def _wait_for(self, fd: int, wait: float) -> None:
         start = time.monotonic()
-        while not _try_flock(fd, fcntl.LOCK_EX):
+        while not _try_lock(fd, exclusive=True, record=self.record_lock):
             waited = time.monotonic() - start
             current = _read_holder(fd)
             if waited >= max(wait, 0.0) and (current is not None or waited >= _SETTLE_SECONDS):
@@ -147,6 +175,7 @@ class Lock:
             "host": socket.gethostname(),
             "since": datetime.now().astimezone().isoformat(timespec="seconds"),
             "purpose": self.purpose,
+            "started": process_start(os.getpid()),
         }
         data = (json.dumps(record) + "\n").encode()
         os.ftruncate(fd, 0)
@@ -164,27 +193,69 @@ def acquire(state_dir: Path, key: str, purpose: str, *, wait: float = 0.0) -> Lo
 
 def holder(state_dir: Path, key: str) -> LockHolder | None:
     """Who holds the lock on ``key`` now, or None if nobody does."""
+    return _holder_at(lock_path(state_dir, key), record=False)
+
+
+def archive_lock(root: Path, purpose: str) -> Lock:
+    """The lock on the archive at ``root``, kept in the archive (see the module's notes)."""
+    return Lock(root, f"archive {root}", purpose, path=root / ARCHIVE_LOCK_FILE)
+
+
+def archive_holder(root: Path) -> LockHolder | None:
+    """Who holds the archive at ``root`` now, or None if nobody does."""
+    return _holder_at(root / ARCHIVE_LOCK_FILE, record=True)
+
+
+def holder_alive(record: LockHolder) -> bool | None:
+    """Whether the process a record names still runs; None if it ran on another host."""
+    if record.host != socket.gethostname():
+        return None
+    started = process_start(record.pid)
+    if started is None:
+        return False
+    # A PID handed out again belongs to a process started later.
+    return record.started is None or record.started == started
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None if there is none."""
     try:
-        fd = os.open(lock_path(state_dir, key), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses; count from its end.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _holder_at(path: Path, *, record: bool) -> LockHolder | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     try:
-        record = _read_holder(fd)
+        found = _read_holder(fd)
         # An empty record means free (or just taken); a record on an unlocked
         # file is what a killed holder left. Probing only in the second case keeps
         # this from briefly blocking a process that wants the lock.
-        if record is None or _try_flock(fd, fcntl.LOCK_SH):
+        if found is None or _try_lock(fd, exclusive=False, record=record):
             return None
-        return record
+        return found
     finally:
         os.close(fd)
 
 
-def _try_flock(fd: int, operation: int) -> bool:
+def _try_lock(fd: int, *, exclusive: bool, record: bool) -> bool:
+    """One attempt at the lock; a probe's shared lock goes with its descriptor."""
     try:
-        fcntl.flock(fd, operation | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
+        if record:
+            kind = fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK
+            # struct flock, whole file; l_pid must be 0 for an open-file lock.
+            request = struct.pack("@hhqqixxxx", kind, os.SEEK_SET, 0, 0, 0)
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, request)
+        else:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        return False  # EAGAIN, or EACCES as some filesystems say it for record locks
     return True
 
 
@@ -197,10 +268,15 @@ def _read_holder(fd: int) -> LockHolder | None:
             host=str(record["host"]),
             since=datetime.fromisoformat(record["since"]),
             purpose=str(record["purpose"]),
+            started=_int_or_none(record.get("started")),
         )
     except (ValueError, KeyError, TypeError):
         # Empty, or caught half-written by its holder.
         return None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if type(value) is int else None
 
 
 def _busy_message(key: str, current: LockHolder | None) -> str:

@@ -226,7 +226,8 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         def log_opened(path: Path) -> None:
             self.post_message(RunLogOpened(path))
 
-        return self.engine.run_job(name, cancel=cancel, on_log_path=log_opened)
+        # Someone is watching: a busy guest is reported at once, not waited for.
+        return self.engine.run_job(name, cancel=cancel, on_log_path=log_opened, interactive=True)
 
     def on_cancel_run_requested(self, message: CancelRunRequested) -> None:
         name, cancel = self.running_job, self._cancel_run

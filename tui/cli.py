@@ -3,6 +3,7 @@
 Exit codes: 0 success; the engine error's ``exit_code`` otherwise (2 bad
 configuration, 3 not found, 4 hypervisor, 5 refused, 6 copy, 7 archive,
 8 verification, 9 restore, 10 device, 11 a backup failed); 130 interrupted.
+``run`` exits with its run's most specific cause (``RunResult.exit_code``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("jobs", help="list the jobs")
     run = sub.add_parser("run", help="run a job now")
     run.add_argument("job")
+    run.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait up to the job's lock_wait for a busy guest or destination "
+        "(the timers do); without it a busy one fails at once, naming its holder",
+    )
     lst = sub.add_parser("list", help="list backed-up versions")
     lst.add_argument("guest", nargs="?")
     lst.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
@@ -220,7 +227,9 @@ def _print_summaries(results: dict[str, LastResult]) -> None:
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    result = engine.run_job(args.job, reporter, cancel=cancel_on_signals())
+    result = engine.run_job(
+        args.job, reporter, cancel=cancel_on_signals(), interactive=not args.wait
+    )
     print(f"log: {result.log_path}", file=sys.stderr)
     result.raise_for_failure()
     return 0

@@ -1,4 +1,11 @@
-"""Retention: which old versions of a guest go, and deleting one safely."""
+"""Retention: which old versions of a guest go, and deleting one safely.
+
+``keep`` counts good versions only. A version is bad when its last verification
+failed or its manifest cannot be read; a bad version never counts toward
+``keep``, so it can neither protect itself nor push a good version out. It is
+deleted once ``keep`` good versions newer than it exist (FORMAT.md, section 11):
+until then it may be the operator's only clue to what went wrong.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +16,46 @@ from pathlib import Path
 
 from guestsafe.engine import failpoints
 from guestsafe.engine.archive.layout import DELETING_PREFIX, remove, version_numbers
-from guestsafe.engine.archive.versions import read_verified
+from guestsafe.engine.archive.versions import read_verified, read_version
+from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.fsutil import fsync_dir
 
 
-def prune(folder: Path, keep: int) -> list[int]:
-    """Delete the versions in a guest folder beyond the newest ``keep``; their numbers.
+def prune(folder: Path, guest: str, keep: int) -> list[int]:
+    """Delete the versions of ``guest`` in ``folder`` that ``keep`` lets go; their numbers.
 
-    The newest version and the newest one whose last verification passed are
-    never deleted (see ``Archive.apply_retention``).
+    Kept: the newest ``keep`` good versions, the newest version, and the newest
+    one whose last verification passed. A bad version goes once ``keep`` good
+    versions are newer than it.
     """
     # Only real folders: a symlink named like a version is not ours to delete.
     found = [n for n in version_numbers(folder) if stat.S_ISDIR(os.lstat(folder / str(n)).st_mode)]
-    protected = set(found[-1:])
-    verified = [n for n in found if read_verified(folder / str(n)) is True]
+    good = [n for n in found if is_good(folder / str(n), guest)]
+    protected = set(found[-1:]) | set(good[-keep:])
+    verified = [n for n in good if read_verified(folder / str(n)) is True]
     protected.update(verified[-1:])
-    doomed = [n for n in found[: max(len(found) - keep, 0)] if n not in protected]
+    doomed = [n for n in found if n not in protected and _let_go(n, good, keep)]
     for number in doomed:
         delete_version(folder, number)
     return doomed
+
+
+def is_good(version: Path, guest: str) -> bool:
+    """A version that counts toward ``keep``: its manifest reads and no verification failed.
+
+    Never verified counts as good: a job may run without ``verify``.
+    """
+    try:
+        read_version(guest, version)
+    except (ArchiveError, OSError):
+        return False
+    return read_verified(version) is not False
+
+
+def _let_go(number: int, good: list[int], keep: int) -> bool:
+    if number in good:
+        return True  # a good version outside the protected set is beyond ``keep``
+    return sum(1 for n in good if n > number) >= keep
 
 
 def delete_version(folder: Path, number: int) -> None:

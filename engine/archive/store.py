@@ -10,9 +10,10 @@ after every file and the manifest are fsynced. Nothing else in a committed
 version is ever rewritten; verification results live in a ``verified.json``
 sidecar next to the manifest.
 
-One process writes to an archive at a time (the runner's lock sees to it);
-``recover`` in particular removes unfinished versions without asking whose they
-are. Reading is safe at any time.
+One process writes to an archive at a time: the runner holds the lock kept in
+the archive (``locks.archive_lock``, FORMAT.md 10.4), whichever host or path it
+comes from. ``recover`` removes unfinished versions without asking whose they
+are, so call it only with that lock held. Reading is safe at any time.
 """
 
 from __future__ import annotations
@@ -434,21 +435,23 @@ class Archive:
     # --- retention and recovery ------------------------------------------------
 
     def apply_retention(self, guest: str, keep: int) -> list[int]:
-        """Delete the oldest versions beyond ``keep``; return their numbers.
+        """Delete the oldest good versions beyond ``keep``, and bad ones it outlived.
 
-        Never deletes the newest version, nor the newest one whose last
-        verification passed: with an old verified version kept, ``keep + 1``
-        versions remain. Call it only after the new version is committed.
+        ``keep`` counts good versions only (``retention.prune``). Never deletes
+        the newest version, nor the newest one whose last verification passed:
+        with an old verified version kept, ``keep + 1`` good versions remain.
+        Call it only after the new version is committed.
         """
         if keep < 1:
             raise ArchiveError(f"keep must be at least 1 for guest {printable(guest)}, not {keep}")
         folder = self._guest_dir(guest)
-        return [] if folder is None else prune(folder, keep)
+        return [] if folder is None else prune(folder, guest, keep)
 
     def recover(self) -> list[Path]:
         """Remove unfinished and half-deleted versions and stray temporary files.
 
-        Run it only while no other guestsafe process writes to this archive.
+        Run it only while holding the archive's lock (``locks.archive_lock``):
+        then no other guestsafe process, on any host, writes to this archive.
         """
         removed: list[Path] = []
         for name in os.listdir(self.root):

@@ -25,6 +25,7 @@ from guestsafe.engine.backup.guest_run import GuestRun, now_iso
 from guestsafe.engine.backup.journal import JournalEntry
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.backup.push_copy import choose_push
+from guestsafe.engine.devices.preflight import space_needed_in
 from guestsafe.engine.errors import (
     Cancelled,
     CopyError,
@@ -94,7 +95,10 @@ class GuestBackup:
             disk_files.check_backup_disks(run.info)
         self.strategy = self._choose_strategy()
         with naming(f"measuring the disk files of guest {run.name!r}", None):
-            needed = self.strategy.space_needed(run.info) + SPACE_MARGIN
+            sparse_need = self.strategy.space_needed(run.info)
+        with naming("reading the filesystem of", job.destination):
+            # FAT and exFAT keep no holes: a sparse disk takes its full size there.
+            needed = space_needed_in(job.destination, run.info, sparse_need) + SPACE_MARGIN
         with naming("reading the free space on", job.destination):
             free = disk_files.free_space(job.destination)
         if needed > free:

@@ -11,12 +11,36 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from guestsafe.engine.errors import RunFailed
+from guestsafe.engine.errors import (
+    ArchiveError,
+    Cancelled,
+    CopyError,
+    DeviceError,
+    HypervisorError,
+    NotFoundError,
+    PreflightError,
+    RunFailed,
+)
 from guestsafe.engine.events import GuestOutcome
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.paths import ensure_dir
 
 RESULTS_DIR = "results"
+
+# The exit code of a failed run is its most specific cause; when guests failed for
+# different causes, the first of these that any of them has (README, "Exit codes"):
+# an interrupted run, then a device error, a refusal before anything stopped, a
+# failed copy, the hypervisor, a guest not found, the archive. Anything else,
+# hooks included, is 11.
+EXIT_PRIORITY = (
+    Cancelled.exit_code,
+    DeviceError.exit_code,
+    PreflightError.exit_code,
+    CopyError.exit_code,
+    HypervisorError.exit_code,
+    NotFoundError.exit_code,
+    ArchiveError.exit_code,
+)
 
 
 @dataclass
@@ -25,16 +49,29 @@ class RunResult:
     log_path: Path
     outcomes: list[GuestOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # job-level, e.g. a failed job-end hook
+    causes: dict[str, int] = field(default_factory=dict)  # failed guest: its error's exit code
 
     @property
     def ok(self) -> bool:
         return all(o.ok for o in self.outcomes) and not self.problems
 
+    @property
+    def exit_code(self) -> int:
+        """0, or the most specific cause of the failure by ``EXIT_PRIORITY``."""
+        if self.ok:
+            return 0
+        found = set(self.causes.values())
+        return next((code for code in EXIT_PRIORITY if code in found), RunFailed.exit_code)
+
     def raise_for_failure(self) -> None:
         if not self.ok:
             failed = ", ".join(o.guest for o in self.outcomes if not o.ok)
             what = f"backup failed for {failed}" if failed else "; ".join(self.problems)
-            raise RunFailed(f"job {self.job}: {what} (log: {self.log_path})")
+            error = RunFailed(f"job {self.job}: {what} (log: {self.log_path})")
+            error.exit_code = self.exit_code
+            if error.exit_code == Cancelled.exit_code:
+                error.title = Cancelled.title
+            raise error
 
 
 @dataclass(frozen=True)

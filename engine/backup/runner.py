@@ -17,7 +17,7 @@ from pathlib import Path
 
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.store import Archive
-from guestsafe.engine.backup.context import JobContext, take_lock
+from guestsafe.engine.backup.context import JobContext, take_archive_lock, take_lock
 from guestsafe.engine.backup.guest_backup import GuestBackup
 from guestsafe.engine.backup.hooks import HookRunner
 from guestsafe.engine.backup.journal import Journal
@@ -27,11 +27,12 @@ from guestsafe.engine.devices import mounts
 from guestsafe.engine.errors import (
     Cancelled,
     GuestsafeError,
+    HypervisorError,
     JobConfigError,
     PreflightError,
 )
 from guestsafe.engine.events import GuestOutcome, Reporter
-from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.connection import Hypervisor, LibvirtError
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
@@ -56,8 +57,13 @@ def run_job(
     *,
     cancel: threading.Event | None = None,
     on_log_path: Callable[[Path], None] | None = None,
+    interactive: bool = False,
 ) -> RunResult:
     """Back up every guest of ``job``; never raises for a guest's failure.
+
+    ``interactive``: a person waits for the result, so a busy guest or
+    destination fails at once naming its holder; otherwise (timers, run-due)
+    the run waits up to the job's ``lock_wait``.
 
     A device path naming something other than a block device is refused with
     JobConfigError before anything is written or any guest touched.
@@ -71,6 +77,7 @@ def run_job(
         on_log_path(log_path)
     runlog = RunLog(log_path, reporter)
     ctx = JobContext(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
+    ctx.interactive = interactive
     ctx.hooks = HookRunner(job, runlog, ctx.cancel)
     result = RunResult(job.name, log_path)
     try:
@@ -84,11 +91,13 @@ def run_job(
             for backup in backups:
                 run_one(backup)
         result.outcomes = [b.outcome() for b in backups]
+        result.causes = {b.name: b.error.exit_code for b in backups if b.error is not None}
     except GuestsafeError as exc:
         events.error(runlog, exc.message)
         result.outcomes = [
             GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in job.guests
         ]
+        result.causes = dict.fromkeys(job.guests, exc.exit_code)
     finally:
         ctx.cleanup.close()
         for outcome in result.outcomes:
@@ -135,12 +144,26 @@ def _open_archive(ctx: JobContext) -> None:
 
 
 def _clear_leftovers(ctx: JobContext) -> None:
-    """Remove partials and half-deleted versions a crash left in this archive.
+    """Take the archive's own lock, then remove what a dead writer left in it.
 
-    The journal names most of them, but not one begun a moment before the
-    crash. Safe here: the destination lock keeps every other writer out.
+    The journal names most leftovers, but not one begun a moment before the
+    crash, nor one of another host. Partials belong to the archive lock's
+    holder: once we hold it, their owner is gone (its lock died with it), on
+    whichever host and through whichever path it wrote. Should the last holder
+    recorded still run on this host, the lock is not doing its job here, and
+    nothing is removed.
     """
     assert ctx.archive is not None
+    lock = take_archive_lock(ctx, ctx.archive.root)
+    ctx.cleanup.callback(lock.release)  # before the device's unmount
+    previous = lock.previous
+    if previous is not None and previous.pid != os.getpid() and locks.holder_alive(previous):
+        events.warn(
+            ctx.report,
+            f"{ctx.archive.root}: its last writer, {previous.describe()}, still runs, though "
+            "its lock is free (a filesystem without working locks?); its partials are kept",
+        )
+        return
     for leftover in ctx.archive.recover():
         events.info(ctx.report, f"removed {leftover}, left by an interrupted run")
 
@@ -169,6 +192,8 @@ def run_one(backup: GuestBackup) -> None:
         backup.fail(exc)
     except OSError as exc:
         backup.fail(backup.unclaimed(exc))
+    except LibvirtError as exc:
+        backup.fail(_libvirt_failure(backup, exc))
     finally:
         backup.settle()
 
@@ -176,7 +201,9 @@ def run_one(backup: GuestBackup) -> None:
 def run_group(backups: list[GuestBackup]) -> None:
     """Stop all in order, copy all, start in reverse order: one consistent set."""
     try:
-        _each(backups, GuestBackup.preflight)
+        # Preflight takes each guest's lock: in one canonical order (by UUID), so
+        # two groups that share guests never each hold one the other waits for.
+        _each(_lock_order(backups), GuestBackup.preflight)
         _each(backups, GuestBackup.stop)
         _each(backups, GuestBackup.copy)
         _each(reversed(backups), GuestBackup.start)
@@ -192,6 +219,18 @@ def run_group(backups: list[GuestBackup]) -> None:
             backup.settle()
 
 
+def _lock_order(backups: list[GuestBackup]) -> list[GuestBackup]:
+    """The guests sorted by UUID; one that cannot be looked up first (it fails at once)."""
+
+    def key(backup: GuestBackup) -> tuple[str, str]:
+        try:
+            return (backup.ctx.hv.guest(backup.name).uuid, backup.name)
+        except GuestsafeError:
+            return ("", backup.name)
+
+    return sorted(backups, key=key)
+
+
 def _each(backups: Iterable[GuestBackup], step: Step) -> None:
     for backup in backups:
         _step(backup, step)
@@ -202,9 +241,20 @@ def _step(backup: GuestBackup, step: Step) -> None:
     try:
         step(backup)
     except OSError as exc:
-        error = backup.unclaimed(exc)
+        error: GuestsafeError = backup.unclaimed(exc)
+        backup.fail(error)
+        raise error from exc
+    except LibvirtError as exc:
+        error = _libvirt_failure(backup, exc)
         backup.fail(error)
         raise error from exc
     except GuestsafeError as exc:
         backup.fail(exc)
         raise
+
+
+def _libvirt_failure(backup: GuestBackup, exc: LibvirtError) -> HypervisorError:
+    """A libvirt error the hypervisor layer did not name, named after its guest and phase."""
+    reason = str(exc.get_error_message() or exc).strip()
+    phase = backup.phase or "the backup"
+    return HypervisorError(f"guest {backup.name!r}, during {phase}: {reason}")

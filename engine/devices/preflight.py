@@ -19,7 +19,13 @@ import libvirt
 import pyudev
 
 from guestsafe.engine.devices.mounter import NO_OWNERS
-from guestsafe.engine.devices.mountinfo import is_self_bind, mount_at, mounts_of, read_mounts
+from guestsafe.engine.devices.mountinfo import (
+    is_self_bind,
+    mount_at,
+    mount_containing,
+    mounts_of,
+    read_mounts,
+)
 from guestsafe.engine.devices.udev import BlockDevice, usage_of
 from guestsafe.engine.errors import DeviceError, GuestsafeError, HypervisorError
 from guestsafe.engine.hypervisor.connection import Hypervisor
@@ -31,6 +37,10 @@ FAT_MAX_FILE = 4 * 1024**3 - 1
 # Filesystems without holes: a sparse disk file takes its whole length there.
 NON_SPARSE = frozenset({"vfat", "msdos", "exfat", "hfsplus"})
 FAT = frozenset({"vfat", "msdos"})
+# Filesystems whose holes the mount table cannot vouch for (exFAT through FUSE,
+# a share whose server decides): a sparse test file tells.
+UNKNOWN_HOLES = ("fuse", "nfs", "cifs", "smb3", "9p", "virtiofs")
+_PROBE_LENGTH = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,47 @@ def _lengths(source: str) -> tuple[int, int]:
     finally:
         os.close(fd)
     return length, length
+
+
+def space_needed_in(directory: Path, info: GuestInfo, sparse_need: int) -> int:
+    """Bytes a version of ``info`` takes in ``directory``, given what it takes with holes.
+
+    On a filesystem that keeps no holes (FAT, exFAT) a sparse disk file takes its
+    whole length, so the full size is needed there.
+    """
+    if keeps_holes(directory):
+        return sparse_need
+    return max(sparse_need, sum(f.length for f in guest_files([info])))
+
+
+def keeps_holes(directory: Path) -> bool:
+    """Whether a sparse file written in ``directory`` stays sparse."""
+    fstype = mount_containing(os.path.realpath(directory)).fstype
+    if fstype in NON_SPARSE:
+        return False
+    if fstype.startswith(UNKNOWN_HOLES):
+        return _probe_holes(directory)
+    return True
+
+
+def _probe_holes(directory: Path) -> bool:
+    """Write a file that is one hole and a byte, and see what it takes on disk."""
+    fd, name = _temp_file(directory)
+    try:
+        os.pwrite(fd, b"x", _PROBE_LENGTH - 1)
+        os.fsync(fd)
+        return os.fstat(fd).st_blocks * 512 < _PROBE_LENGTH // 2
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def _temp_file(directory: Path) -> tuple[int, Path]:
+    # A .tmp- name: if we die before the unlink, the archive's recovery removes it.
+    name = directory / f".tmp-{os.urandom(6).hex()}-holes"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(name, flags, 0o600), name
 
 
 def needs(device: BlockDevice, files: Sequence[GuestFile]) -> dict[str, int]:

@@ -24,6 +24,11 @@ from guestsafe.engine.modes import OnTimeout
 
 DEFAULT_URI = "qemu:///system"
 
+# What libvirt raises; every method here turns it into a HypervisorError naming the
+# guest, and the runner catches any that slips by, so one guest's error never
+# skips the job's other guests.
+LibvirtError = libvirt.libvirtError
+
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: GuestState.NOSTATE,
     libvirt.VIR_DOMAIN_RUNNING: GuestState.RUNNING,
@@ -147,7 +152,12 @@ class Hypervisor:
         with suppress(libvirt.libvirtError):  # already gone with the old daemon
             self._conn.close()
         self._conn = self._open()
-        self._callback_id = self._subscribe()
+        try:
+            self._callback_id = self._subscribe()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"reconnected to {self.uri}, but cannot watch guest events: {_libvirt_message(exc)}"
+            ) from exc
 
     def _open(self) -> libvirt.virConnect:
         try:
@@ -217,11 +227,11 @@ class Hypervisor:
         return sorted(infos, key=lambda g: g.name)
 
     def guest(self, name: str) -> GuestInfo:
-        return self._info(self._domain(name))
+        return self._info(self._domain(name), name)
 
-    def _info(self, dom: libvirt.virDomain) -> GuestInfo:
-        xml = self._call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE)
-        persistent = bool(self._call(dom.isPersistent))
+    def _info(self, dom: libvirt.virDomain, name: str | None = None) -> GuestInfo:
+        xml = self._call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, guest=name)
+        persistent = bool(self._call(dom.isPersistent, guest=name))
         return parse_domain_xml(xml, _state_of(dom), persistent)
 
     def state(self, name: str) -> str:
@@ -268,7 +278,7 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_XML_SECURE
         if inactive:
             flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
-        return str(self._call(self._domain(name).XMLDesc, flags))
+        return str(self._call(self._domain(name).XMLDesc, flags, guest=name))
 
     # --- changing guests ---------------------------------------------------
 
@@ -298,7 +308,7 @@ class Hypervisor:
                 dom.createWithFlags(flags)
                 return
             except libvirt.libvirtError as exc:
-                if dom.isActive():
+                if self._call(dom.isActive, guest=name):
                     return
                 if attempt + 1 == attempts or not _transient(exc):
                     raise HypervisorError(
@@ -307,12 +317,12 @@ class Hypervisor:
                 time.sleep(0.5 * (attempt + 1))
 
     def resume(self, name: str) -> None:
-        self._call(self._domain(name).resume)
+        self._call(self._domain(name).resume, guest=name)
 
     def destroy(self, name: str) -> None:
         dom = self._domain(name)
-        if dom.isActive():
-            self._call(dom.destroy)
+        if self._call(dom.isActive, guest=name):
+            self._call(dom.destroy, guest=name)
 
     def shutdown(
         self,
@@ -328,11 +338,11 @@ class Hypervisor:
         ShutdownTimeout is raised. Under ``force`` it is powered off.
         """
         dom = self._domain(name)
-        uuid = dom.UUIDString()
+        uuid = str(self._call(dom.UUIDString, guest=name))
         t0 = time.monotonic()
         if _state_of(dom) == GuestState.SHUTOFF:
             return ShutdownResult(False, 0.0)
-        if self._request_shutdown(dom, uuid, t0, timeout):
+        if self._request_shutdown(dom, name, uuid, t0, timeout):
             return ShutdownResult(False, time.monotonic() - t0)
         if on_timeout != OnTimeout.FORCE:
             raise ShutdownTimeout(
@@ -344,13 +354,13 @@ class Hypervisor:
             dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
         except libvirt.libvirtError:
             if _state_of(dom) != GuestState.SHUTOFF:
-                self._call(dom.destroy)
+                self._call(dom.destroy, guest=name)
         if not self._wait_stopped(dom, uuid, t0, 30):
             raise HypervisorError(f"guest {name!r} could not be powered off")
         return ShutdownResult(True, time.monotonic() - t0)
 
     def _request_shutdown(
-        self, dom: libvirt.virDomain, uuid: str, t0: float, timeout: float
+        self, dom: libvirt.virDomain, name: str, uuid: str, t0: float, timeout: float
     ) -> bool:
         """Ask for a shutdown, and ask again now and then until the timeout.
 
@@ -361,10 +371,12 @@ class Hypervisor:
         while True:
             try:
                 dom.shutdown()
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as exc:
                 if _state_of(dom) == GuestState.SHUTOFF:
                     return True
-                raise
+                raise HypervisorError(
+                    f"cannot ask guest {name!r} to shut down: {_libvirt_message(exc)}"
+                ) from exc
             window = min(SHUTDOWN_RESEND_SECONDS, deadline - time.monotonic())
             if self._wait_stopped(dom, uuid, t0, time.monotonic() - t0 + max(window, 0)):
                 return True
@@ -397,7 +409,7 @@ class Hypervisor:
     @contextmanager
     def watch_started(self, name: str) -> Iterator[threading.Event]:
         """An Event that libvirt's next STARTED event for this guest sets."""
-        uuid = self._domain(name).UUIDString()
+        uuid = str(self._call(self._domain(name).UUIDString, guest=name))
         flag = threading.Event()
         self._board.watch_starts(uuid, flag)
         try:
@@ -407,7 +419,7 @@ class Hypervisor:
 
     def started_since(self, name: str, t0: float) -> bool:
         """Whether libvirt reported the guest starting after monotonic time ``t0``."""
-        uuid = self._domain(name).UUIDString()
+        uuid = str(self._call(self._domain(name).UUIDString, guest=name))
         return any(e == libvirt.VIR_DOMAIN_EVENT_STARTED for e, _ in self._board.since(uuid, t0))
 
     def wait_state(self, name: str, state: str, timeout: float) -> bool:
@@ -419,11 +431,12 @@ class Hypervisor:
             self._board.wait(min(remaining, 0.2))
         return True
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, guest: str | None = None) -> Any:
         try:
             return fn(*args)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(_libvirt_message(exc)) from exc
+            where = f"guest {guest!r}: " if guest is not None else ""
+            raise HypervisorError(f"{where}{_libvirt_message(exc)}") from exc
 
 
 @contextmanager

@@ -89,7 +89,7 @@ def render_units(job: Job, settings: UnitSettings) -> dict[str, str]:
         return {}
     timer, service = unit_names(job.name)
     argv = [str(settings.program), "--connect", settings.uri]
-    argv += ["--config", str(settings.config_file), "run", job.name]
+    argv += ["--config", str(settings.config_file), "run", job.name, "--wait"]
     environment = ""
     if settings.home:
         environment = f"Environment={_env_arg(f'{HOME_ENV}={settings.home}')}\n"

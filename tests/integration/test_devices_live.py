@@ -372,5 +372,5 @@ def test_cli_run_of_a_refused_device_job_exits_with_the_failure(
 
     proc = gs.cli("run", "nodisk")
 
-    assert proc.returncode == 11
+    assert proc.returncode == 10  # case 22: a device error
     assert "LABEL=gs-no-such-label is not plugged in" in proc.stderr

@@ -6,9 +6,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import pytest_textual_snapshot
+from tui_support import normalise_snapshot_folder
 
 from guestsafe.engine import demo
 from guestsafe.engine.api import Engine
+
+
+@pytest.fixture(autouse=True)
+def _snapshots_show_the_fixed_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run has its own sandbox folder; the SVGs name the fixed one (tui_support)."""
+    original = pytest_textual_snapshot.normalize_svg
+    monkeypatch.setattr(
+        pytest_textual_snapshot,
+        "normalize_svg",
+        lambda svg: original(normalise_snapshot_folder(svg)),
+    )
 
 
 @pytest.fixture

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import random
 import shutil
+import string
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -25,8 +28,13 @@ from guestsafe.tui.headless import busy_workers as busy_workers  # shared with t
 from guestsafe.tui.headless import settle as settle
 from guestsafe.tui.headless import wait_for as wait_for
 
-# Snapshots show paths, so their sandbox always lives here (recreated per test).
+# Snapshots show paths, so the SVGs always show this folder. Each test run keeps its
+# sandbox in a folder of its own (``snapshot_dir``), whose name has exactly this
+# length, so every line lays out the same; the conftest writes this name in its
+# place before an SVG is compared.
 SNAPSHOT_DEMO_DIR = Path("/tmp/guestsafe-snapshot-demo")
+_SNAPSHOT_PREFIX = str(SNAPSHOT_DEMO_DIR)[: -len("demo")]
+_run_dir: Path | None = None
 FIXED_HOST = "demo-host"
 FIXED_DATE = "2025-01-06T02:00:00+00:00"
 # The console's "now" for next runs: a Monday morning before the nightly job.
@@ -49,8 +57,37 @@ async def fill(pilot: Pilot[Any], selector: str, text: str) -> None:
     await pilot.pause()
 
 
-def fresh_sandbox(root: Path = SNAPSHOT_DEMO_DIR) -> demo.Sandbox:
-    shutil.rmtree(root, ignore_errors=True)
+def snapshot_dir() -> Path:
+    """This test run's own sandbox folder, ``/tmp/guestsafe-snapshot-xxxx``; removed at exit."""
+    global _run_dir
+    while _run_dir is None:
+        suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=4))
+        candidate = Path(_SNAPSHOT_PREFIX + suffix)
+        if candidate == SNAPSHOT_DEMO_DIR:
+            continue  # the name the SVGs show belongs to no run
+        try:
+            candidate.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another run's
+        _run_dir = candidate
+        atexit.register(shutil.rmtree, candidate, ignore_errors=True)
+    return _run_dir
+
+
+def normalise_snapshot_folder(svg: str) -> str:
+    """An SVG with this run's folder shown as ``SNAPSHOT_DEMO_DIR``."""
+    return svg if _run_dir is None else svg.replace(str(_run_dir), str(SNAPSHOT_DEMO_DIR))
+
+
+def fresh_sandbox(root: Path | None = None) -> demo.Sandbox:
+    """An empty demo sandbox, by default in this run's snapshot folder (recreated per test)."""
+    root = snapshot_dir() if root is None else root
+    # Emptied, not removed: the folder's existence is what keeps its name this run's.
+    for child in root.iterdir() if root.is_dir() else []:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     return demo.ensure_sandbox(root)
 
 

@@ -81,7 +81,7 @@ def _refused(node: DriverNode, engine: Engine, dest: Path, reason: str) -> None:
     assert sorted(os.listdir(dest)) == []  # not even an archive marker
 
     proc = run_cli(node, engine.paths.config_file.parent.parent, "run", "nightly")
-    assert proc.returncode == 11
+    assert proc.returncode == 5  # case 22: refused before anything stopped
     assert reason in proc.stderr
     assert sorted(os.listdir(dest)) == []
 

@@ -250,7 +250,7 @@ def test_service_runs_this_guestsafe_with_the_config(settings: UnitSettings) -> 
     assert exec_line.startswith(f'ExecStart="{program}" "--connect" "qemu:///system" "--config" ')
     # % and $ are escaped for systemd, so the path arrives as it is.
     assert "conf dir %%h $$HOME/jobs.toml" in exec_line
-    assert exec_line.endswith('"run" "nightly"')
+    assert exec_line.endswith('"run" "nightly" "--wait"')  # case 16: timers wait
     assert f'Environment="GUESTSAFE_HOME={settings.home}"' in service
     assert "Type=oneshot" in service
     assert service.startswith(UNIT_MARKER)
