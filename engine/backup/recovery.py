@@ -332,8 +332,9 @@ def recover_leftover(entry: JournalEntry, log: Log, hv: _Hv) -> bool:
             return True
         may_be_frozen = entry.phase in (Phase.FREEZE, Phase.BACKUP_BEGIN)
         if may_be_frozen and dom.isActive():
-            problem = push_jobs.thaw(dom, 3)
-            if problem is not None and push_jobs.agent_connected(str(dom.XMLDesc(0))):
+            agent = push_jobs.agent_connected(str(dom.XMLDesc(0)))
+            problem = push_jobs.thaw(dom, 3 if agent else 1)
+            if problem is not None and agent:
                 log(
                     f"recovery could not thaw the filesystems of guest {entry.guest}: {problem}; "
                     f"run 'virsh domfsthaw {dom.name()}' now (the next command tries again)"
