@@ -18,6 +18,7 @@ from typing import Any
 
 import libvirt
 
+from guestsafe.engine import failpoints
 from guestsafe.engine.errors import Cancelled, HypervisorError, NotFoundError, ShutdownTimeout
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
 from guestsafe.engine.modes import OnTimeout
@@ -34,6 +35,9 @@ _STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: GuestState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: GuestState.PMSUSPENDED,
 }
+
+# Tests arm it (failpoints.py): after each shutdown request, before the power-off.
+SHUTDOWN_FAILPOINT = "shutdown.requested"
 
 # How often an unanswered shutdown request is repeated.
 SHUTDOWN_RESEND_SECONDS = 5.0
@@ -351,6 +355,7 @@ class Hypervisor:
                 if _state_of(dom) == GuestState.SHUTOFF:
                     return True
                 raise
+            failpoints.hit(SHUTDOWN_FAILPOINT)  # a crash with the request in flight
             window = min(SHUTDOWN_RESEND_SECONDS, deadline - time.monotonic())
             if self._wait_stopped(dom, uuid, t0, time.monotonic() - t0 + max(window, 0), cancel):
                 return True
