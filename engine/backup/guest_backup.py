@@ -48,6 +48,9 @@ LATE_POWEROFF_GRACE = 30.0
 # A guest may act on a shutdown request long after the job's timeout (a Windows
 # guest installing updates): until then it has not settled.
 LATE_POWEROFF_MARGIN = 1800.0
+# After a cancel in the shutdown wait, how long the guest is watched for acting on
+# the request already sent (it cannot be withdrawn); later, recover() starts it.
+CANCEL_POWEROFF_WATCH = 5.0
 # A failed restart is tried again at once, before the commit: pauses between tries.
 RESTART_BACKOFF = (2.0, 5.0)
 
@@ -340,6 +343,10 @@ class GuestBackup:
         else:
             journal.remove(entry)
 
+    def _request_unanswered(self) -> bool:
+        entry = self.entry
+        return entry is not None and entry.shutdown_requested is not None and entry.off_at is None
+
     def _request_in_flight(self, entry: JournalEntry) -> bool:
         """A shutdown request the guest has not acted on yet, and may still."""
         if entry.shutdown_requested is None or entry.off_at is not None:
@@ -357,6 +364,9 @@ class GuestBackup:
         if run.was_state != RUNNING:
             return True
         try:
+            if isinstance(self.error, Cancelled) and self._request_unanswered():
+                # The ACPI request is out: a guest that acts on it now is started again.
+                self.ctx.hv.wait_state(run.name, SHUTOFF, CANCEL_POWEROFF_WATCH)
             state = self.ctx.hv.state(run.name)
             if state == SHUTOFF:
                 if self.entry is not None and self.entry.off_at is None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 from rig import GuestFactory
 from rig.gs import GS, wait_stderr
@@ -85,3 +86,33 @@ def test_case_9_recover_waits_for_a_guest_the_dead_run_was_shutting_down(
     # It stays up: nothing of the dead run powers it off later.
     time.sleep(5)
     assert guest.is_running()
+
+
+def test_case_7_a_redefined_guest_is_left_off_said_once_and_started_on_request(
+    gs: GS, guest_factory: GuestFactory
+) -> None:
+    guest = guest_factory("recdef")
+    gs.job("recdef", [guest])
+    proc = gs.popen("run", "recdef", extra_env={"GUESTSAFE_FAILPOINTS": "copy.chunk=kill"})
+    proc.wait(timeout=180)
+    assert proc.returncode == -signal.SIGKILL
+    assert not guest.is_running()
+    # The administrator redefines the guest before any guestsafe command runs.
+    flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+    xml = guest.dom.XMLDesc(flags)
+    changed = xml.replace("</name>", "</name><description>kept off</description>", 1)
+    guest.dom.connect().defineXML(changed)
+
+    first = gs.cli("list", "--dest", str(gs.archive), check=True)
+    second = gs.cli("list", "--dest", str(gs.archive), check=True)
+
+    assert not guest.is_running()
+    assert "redefined" in first.stderr and "guestsafe recover --start" in first.stderr
+    assert "recover --start" not in second.stderr  # said once
+    assert gs.partials() == []
+
+    started = gs.cli("recover", "--start", check=True)
+
+    assert guest.is_running(), started.stderr
+    assert "started again" in started.stderr
+    assert Journal(gs.home / "state").entries() == []

@@ -28,7 +28,7 @@ from guestsafe.engine.backup.journal import Journal, JournalEntry, config_digest
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.errors import Cancelled, HypervisorError, ShutdownTimeout
 from guestsafe.engine.hypervisor.connection import Hypervisor, _LifecycleBoard
-from guestsafe.engine.hypervisor.domain_xml import RUNNING, parse_domain_xml
+from guestsafe.engine.hypervisor.domain_xml import RUNNING, SHUTOFF, parse_domain_xml
 from guestsafe.engine.jobs import timers
 from guestsafe.engine.jobs.model import Job, Schedule
 from guestsafe.engine.jobs.timers import UnitSettings, install_timers
@@ -508,3 +508,24 @@ def test_case_21_a_cancel_in_the_shutdown_wait_leaves_the_guest_as_it_was(
     # The ACPI request may still be acted on: recovery starts it if it powers off.
     [entry] = Journal(rig.paths.state_dir).entries()
     assert entry.phase == "shutdown" and entry.detached
+
+
+def test_case_21_a_guest_that_went_down_before_the_cancel_is_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = Rig(tmp_path)
+    rig.add_guest("web1")
+    cancel = threading.Event()
+
+    def acted_then_cancelled(name: str, **_kw: Any) -> None:
+        rig.hv.guests[name].state = SHUTOFF  # it acted on the request meanwhile
+        cancel.set()
+        raise Cancelled("run cancelled during the shutdown wait (after 3 s)")
+
+    monkeypatch.setattr(rig.hv, "shutdown", acted_then_cancelled)
+
+    result = rig.run(rig.job(["web1"]), cancel=cancel)
+
+    assert not result.ok and rig.hv.state("web1") == RUNNING
+    assert ("start", "web1") in rig.calls()
+    assert Journal(rig.paths.state_dir).entries() == []  # settled: nothing left in flight
