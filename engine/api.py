@@ -256,8 +256,13 @@ class Engine:
             self._hv.close()
             self._hv = None
 
-    def recover(self, reporter: Reporter = events.null_reporter) -> list[str]:
-        return recovery.recover(self.paths, reporter) + recover_restores(self.paths, reporter)
+    def recover(
+        self, reporter: Reporter = events.null_reporter, *, start: bool = False
+    ) -> list[str]:
+        """Finish what interrupted runs left; ``start``: also start guests the rule leaves off."""
+        return recovery.recover(self.paths, reporter, start=start) + recover_restores(
+            self.paths, reporter
+        )
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()

@@ -118,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("version", nargs="?", type=int)
     verify.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
     verify.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
-    sub.add_parser("recover", help="finish the clean-up of an interrupted run")
+    recover = sub.add_parser("recover", help="finish the clean-up of an interrupted run")
+    recover.add_argument(
+        "--start",
+        action="store_true",
+        help="also start a guest an interrupted backup left off that recovery would not "
+        "start by itself (it says why)",
+    )
     sub.add_parser("guests", help="list the hypervisor's guests")
     sub.add_parser(
         "run-due", help="run each job whose scheduled time has come (for a one-minute cron line)"
@@ -161,7 +167,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _open_console(engine, args)
     reporter = ConsoleReporter()
     try:
-        engine.recover(reporter)
+        if args.command != "recover":  # that one recovers itself, maybe with --start
+            engine.recover(reporter)
         handler = _COMMANDS[args.command]
         return handler(engine, args, reporter)
     finally:
@@ -422,8 +429,8 @@ def _restore_from(
 
 
 def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    # The automatic recovery in _dispatch already ran; say what state things are in.
-    print("nothing left to recover" if not engine.recover(reporter) else "recovered")
+    recovered = engine.recover(reporter, start=args.start)
+    print("recovered" if recovered else "nothing left to recover")
     return 0
 
 

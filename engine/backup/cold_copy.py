@@ -118,3 +118,6 @@ class ColdCopy:
 
     def settle(self) -> None:
         """Nothing of this copy outlives it: the copier removes what it left half-done."""
+
+    def still_frozen(self) -> bool:
+        return False  # nothing is frozen in a cold copy

@@ -55,3 +55,7 @@ class CopyStrategy(Protocol):
     def settle(self) -> None:
         """Whatever happened, before the partial is removed: nothing left writing into it."""
         ...
+
+    def still_frozen(self) -> bool:
+        """After settle: the guest's filesystems could not be thawed (recovery retries)."""
+        ...

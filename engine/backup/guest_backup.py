@@ -22,7 +22,7 @@ from guestsafe.engine.backup.cold_copy import ColdCopy
 from guestsafe.engine.backup.context import JobContext, take_lock
 from guestsafe.engine.backup.copy_strategy import CopyStrategy
 from guestsafe.engine.backup.guest_run import GuestRun, now_iso
-from guestsafe.engine.backup.journal import JournalEntry
+from guestsafe.engine.backup.journal import JournalEntry, config_digest, newest_mtime_ns
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.backup.push_copy import choose_push
 from guestsafe.engine.devices.preflight import space_needed_in
@@ -30,6 +30,7 @@ from guestsafe.engine.errors import (
     Cancelled,
     CopyError,
     GuestsafeError,
+    HypervisorError,
     IOFailure,
     PreflightError,
     ShutdownTimeout,
@@ -41,8 +42,18 @@ from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 
-# How long, after a shutdown timeout under "abort", a late power-off is watched for.
+# How long, after a shutdown timeout under "abort", a late power-off is watched for
+# by the run itself; after that the journal entry stays until LATE_POWEROFF_MARGIN
+# past the timeout, and recover() starts a guest that powers off meanwhile.
 LATE_POWEROFF_GRACE = 30.0
+# A guest may act on a shutdown request long after the job's timeout (a Windows
+# guest installing updates): until then it has not settled.
+LATE_POWEROFF_MARGIN = 1800.0
+# After a cancel in the shutdown wait, how long the guest is watched for acting on
+# the request already sent (it cannot be withdrawn); later, recover() starts it.
+CANCEL_POWEROFF_WATCH = 5.0
+# A failed restart is tried again at once, before the commit: pauses between tries.
+RESTART_BACKOFF = (2.0, 5.0)
 
 
 class GuestBackup:
@@ -107,6 +118,7 @@ class GuestBackup:
                 f"(guest {run.name})"
             )
         self.entry = JournalEntry(job.name, run.name, run.info.uuid, hv.uri, run.was_state)
+        self.entry.config_digest = config_digest(hv.xml(run.name))
         with naming("writing the journal in", self.ctx.journal.dir):
             self.ctx.journal.write(self.entry)
 
@@ -132,6 +144,7 @@ class GuestBackup:
             self.ctx.hooks.veto("pre-stop", guest=run.name)
         run.stopped_at = time.monotonic()
         job = self.ctx.job
+        self._journal_request()
         run.say_info(f"shutting down (timeout {job.shutdown_timeout} s, then {job.on_timeout})")
         try:
             result = self.ctx.hv.shutdown(
@@ -139,23 +152,52 @@ class GuestBackup:
                 timeout=job.shutdown_timeout,
                 on_timeout=job.on_timeout,
                 log=run.warn,
+                cancel=self.ctx.cancel,
             )
         except ShutdownTimeout:
             self._watch_late_poweroff()
             raise
+        self._journal_off()
         if result.forced:
             run.warnings.append("powered off after the shutdown timeout")
         run.say_info(f"guest is off after {result.seconds:.1f} s")
         self._hook("post-stop")
 
+    def _journal_request(self) -> None:
+        """Before the request: a crash from here on may leave the guest going down."""
+        if self.entry is None:
+            return
+        now = time.time()
+        self.entry.shutdown_requested = now
+        self.entry.shutdown_deadline = now + self.ctx.job.shutdown_timeout
+        self.entry.settle_by = self.entry.shutdown_deadline + LATE_POWEROFF_MARGIN
+        with naming("writing the journal in", self.ctx.journal.dir):
+            self.ctx.journal.write(self.entry)
+
+    def _journal_off(self) -> None:
+        """The guest is off by our hand: what recovery compares to see it untouched."""
+        if self.entry is None or self.run.info is None:
+            return
+        self.entry.off_at = time.time()
+        disks = [d.source for d in self.run.info.disks if d.backs_up and d.source]
+        self.entry.disks_mtime_ns = newest_mtime_ns(disks)
+        with naming("writing the journal in", self.ctx.journal.dir):
+            self.ctx.journal.write(self.entry)
+
     def _watch_late_poweroff(self) -> None:
         """A guest may still act on the request just after the timeout; notice it.
 
-        settle() then starts it again, so it ends as it began: running.
+        settle() then starts it again, so it ends as it began: running. A later
+        power-off is left to recover(): the journal entry stays (see settle).
+        A cancel ends the watch at once.
         """
-        grace = min(LATE_POWEROFF_GRACE, self.ctx.job.shutdown_timeout)
-        if self.ctx.hv.wait_state(self.name, SHUTOFF, grace):
-            self.run.warn("guest powered off after the shutdown timeout; starting it again")
+        deadline = time.monotonic() + min(LATE_POWEROFF_GRACE, self.ctx.job.shutdown_timeout)
+        while not self.ctx.cancel.is_set():
+            if self.ctx.hv.wait_state(self.name, SHUTOFF, min(1.0, deadline - time.monotonic())):
+                self.run.warn("guest powered off after the shutdown timeout; starting it again")
+                return
+            if time.monotonic() >= deadline:
+                return
 
     def copy(self) -> None:
         assert self.run.info is not None
@@ -169,6 +211,14 @@ class GuestBackup:
         self._enter(Phase.START, None)
         self._hook("pre-start")
         failure = strategy.start()
+        for pause in RESTART_BACKOFF:
+            if failure is None:
+                break
+            # Retried now, not after the commit, verify and retention: each of
+            # those could add hours of downtime. A cancel does not stop this.
+            self.run.warn(f"{failure.message}; trying again in {pause:g} s")
+            time.sleep(pause)
+            failure = strategy.start()
         if failure is not None:
             self.fail(failure)
             return
@@ -258,18 +308,59 @@ class GuestBackup:
                 run.warn(f"could not remove {run.partial.path}: {exc}")
             run.partial = None
         restored = self._restore_power_state()
+        frozen = self.strategy is not None and self.strategy.still_frozen()
+        if frozen:
+            self._still_frozen()
         if self.hooks_armed:
             self.hooks_armed = False
             self._hook("backup-end" if self.error is None else "backup-abort")
         if self.entry is not None:
-            if restored:
-                self.ctx.journal.remove(self.entry)
-            else:
-                # Left for recover(): the next guestsafe command tries again.
-                self.ctx.journal.phase(self.entry, Phase.RESTART_FAILED)
+            self._settle_entry(self.entry, restored, frozen)
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def _still_frozen(self) -> None:
+        error = HypervisorError(
+            f"the filesystems of guest {self.name!r} are still frozen: run "
+            f"'virsh domfsthaw {self.name}' now (guestsafe recover tries again)"
+        )
+        self.run.say_error(error.message)
+        self.error = self.error or error
+
+    def _settle_entry(self, entry: JournalEntry, restored: bool, frozen: bool) -> None:
+        """Remove the journal entry, or leave it to recover() with what is left to do."""
+        journal = self.ctx.journal
+        entry.detached = True  # our lock goes: recover() may act on it from now on
+        if not restored:
+            # Left for recover(): the next guestsafe command tries again.
+            journal.phase(entry, Phase.RESTART_FAILED)
+        elif frozen:
+            journal.phase(entry, Phase.FREEZE)
+        elif self._request_in_flight(entry):
+            until = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.settle_by))
+            self.run.say_info(
+                "the guest may still act on the shutdown request; if it powers off before "
+                f"{until}, the next guestsafe command (or 'guestsafe recover') starts it again"
+            )
+            journal.phase(entry, Phase.SHUTDOWN)
+        else:
+            journal.remove(entry)
+
+    def _request_unanswered(self) -> bool:
+        entry = self.entry
+        return entry is not None and entry.shutdown_requested is not None and entry.off_at is None
+
+    def _request_in_flight(self, entry: JournalEntry) -> bool:
+        """A shutdown request the guest has not acted on yet, and may still."""
+        if entry.shutdown_requested is None or entry.off_at is not None:
+            return False
+        if entry.settle_by is None or time.time() >= entry.settle_by:
+            return False
+        try:
+            return self.ctx.hv.state(self.name) == RUNNING
+        except GuestsafeError:
+            return True  # unknown: keep the entry, recovery looks again
 
     def _restore_power_state(self) -> bool:
         """Start or resume a guest that ran before the job; False if that failed."""
@@ -277,8 +368,13 @@ class GuestBackup:
         if run.was_state != RUNNING:
             return True
         try:
+            if isinstance(self.error, Cancelled) and self._request_unanswered():
+                # The ACPI request is out: a guest that acts on it now is started again.
+                self.ctx.hv.wait_state(run.name, SHUTOFF, CANCEL_POWEROFF_WATCH)
             state = self.ctx.hv.state(run.name)
             if state == SHUTOFF:
+                if self.entry is not None and self.entry.off_at is None:
+                    self.entry.off_at = time.time()  # it acted on the request: not in flight
                 self.ctx.hv.start(run.name)
                 run.running_again()
                 run.say_info("guest is running again")

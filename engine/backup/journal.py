@@ -9,6 +9,7 @@ engine had stopped, and removes their partial versions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,11 +49,43 @@ class JournalEntry:
     pid_start: str | None = field(default_factory=lambda: process_start_time(os.getpid()))
     host: str = field(default_factory=socket.gethostname)
     entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # What recovery needs to tell "guestsafe stopped it and nothing touched it
+    # since" (recovery.py's docstring has the rule). Times are wall-clock epochs.
+    config_digest: str | None = None  # of the inactive domain XML at preflight
+    shutdown_requested: float | None = None  # the clean shutdown was asked for
+    shutdown_deadline: float | None = None  # ... and the job's timeout ends then
+    settle_by: float | None = None  # a running guest may still power off until then
+    off_at: float | None = None  # guestsafe saw the guest off
+    disks_mtime_ns: int | None = None  # the newest disk file's mtime, seen off
+    told: bool = False  # the operator was told why recovery left it alone
+    detached: bool = False  # the runner is done with it (its lock released)
 
     def owner_alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # not ours to judge
         return process_start_time(self.pid) == self.pid_start
+
+    def recoverable(self) -> bool:
+        """Whether recovery may act on it: its runner is gone, or done with it."""
+        if self.host != socket.gethostname():
+            return False
+        return self.detached or not self.owner_alive()
+
+
+def config_digest(xml: str) -> str:
+    """A digest of a domain definition, to notice that it was redefined."""
+    return hashlib.sha256(xml.encode()).hexdigest()
+
+
+def newest_mtime_ns(paths: list[str]) -> int | None:
+    """The newest mtime of ``paths`` (a guest's disk files), None if none can be read."""
+    found = []
+    for path in paths:
+        try:
+            found.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            continue
+    return max(found) if found else None
 
 
 class Journal:
@@ -90,7 +123,7 @@ class Journal:
         return found
 
     def orphans(self) -> list[JournalEntry]:
-        return [e for e in self.entries() if not e.owner_alive()]
+        return [e for e in self.entries() if e.recoverable()]
 
 
 def remove_partial(partial: str | None, log: Callable[[str], None]) -> None:

@@ -411,6 +411,10 @@ class PushCopy:
         if self.access is not None:
             self.access.revoke()
 
+    def still_frozen(self) -> bool:
+        """The thaw failed every time, in the run and in settle: recovery retries it."""
+        return self.frozen
+
     def _abort(self, dom: libvirt.virDomain) -> None:
         b = self.run
         stopped = push_jobs.abort(self._hv.connection, dom, self.watch)

@@ -24,6 +24,10 @@ and refuses with a ``DeviceError`` before any guest stops when a step fails:
    whatever archive it finds;
 6. afterwards, also when the job failed, unmount it, lazily if it is busy.
 
+While mounted, ``<state>/mounts/<id>.json`` records the mount and the process
+that made it. If that process dies (SIGKILL, a crash), ``recover_mounts``, which
+``recover()`` runs before every command, unmounts what it left.
+
 A destination where the job's own device is already mounted is used as it is
 and left mounted. ``browse_archive`` mounts a device read-only in a private
 temporary directory to list and restore, and unmounts it afterwards.
@@ -35,16 +39,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyudev
 
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.store import MARKER, Archive
-from guestsafe.engine.devices.mounter import Mounted, mount_device, temporary_mount
-from guestsafe.engine.devices.mountinfo import mounts_of
+from guestsafe.engine.devices.mounter import Mounted, _umount, mount_device, temporary_mount
+from guestsafe.engine.devices.mountinfo import mount_at, mounts_of
 from guestsafe.engine.devices.preflight import (
     GuestFile,
     check_capacity,
@@ -72,6 +78,100 @@ NO_REPLAY = {"ext2": "noload", "ext3": "noload", "ext4": "noload", "xfs": "norec
 
 def _device_key(device: BlockDevice) -> str:
     return f"device:{device.uuid or device.node}"
+
+
+# --- the mount journal: what a dead run left mounted -------------------------------------
+
+MOUNTS_DIR = "mounts"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid``, so a recycled PID is not taken for the mounter."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+@dataclass
+class MountRecord:
+    """One mount a job made, and who made it."""
+
+    job: str
+    node: str
+    devnum: int
+    target: str
+    bind: bool
+    pid: int = field(default_factory=os.getpid)
+    pid_start: str | None = field(default_factory=lambda: _process_start(os.getpid()))
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def path(self, state_dir: Path) -> Path:
+        return state_dir / MOUNTS_DIR / f"{self.record_id}.json"
+
+    def owner_alive(self) -> bool:
+        return _process_start(self.pid) == self.pid_start
+
+
+def _journal_mount(state_dir: Path, job: Job, mounted: Mounted) -> MountRecord:
+    record = MountRecord(
+        job.name, mounted.device.node, mounted.device.devnum, str(mounted.target), mounted.bind
+    )
+    ensure_dir(state_dir / MOUNTS_DIR)
+    data = json.dumps(asdict(record), indent=1).encode()
+    atomic_write_bytes(record.path(state_dir), data, mode=0o600)
+    return record
+
+
+def _mount_records(state_dir: Path) -> list[MountRecord]:
+    folder = state_dir / MOUNTS_DIR
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            found.append(MountRecord(**json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError):
+            continue  # junk: never a reason to unmount anything
+    return found
+
+
+def recover_mounts(state_dir: Path, report: Reporter = events.null_reporter) -> list[str]:
+    """Unmount what dead runs left mounted (lazily if busy); the mount points done."""
+    done = []
+    for record in _mount_records(state_dir):
+        if record.owner_alive():
+            continue
+        purpose = f"recovery unmounts {record.node} from {record.target}"
+        try:
+            lock = locks.acquire(state_dir, f"mountpoint:{record.target}", purpose)
+        except GuestsafeError:
+            continue  # a live job uses the mount point now
+        with lock:
+            if _unmount_left(record, report):
+                record.path(state_dir).unlink(missing_ok=True)
+                done.append(record.target)
+    return done
+
+
+def _unmount_left(record: MountRecord, report: Reporter) -> bool:
+    """Unmount the record's device if it is still the top mount at its target."""
+    target = Path(record.target)
+    top = mount_at(target)
+    if top is None or not top.is_of(record.devnum):
+        return True  # unmounted since, or another mount on top: not ours to remove
+    try:
+        warning = _umount(target)
+        below = mount_at(target)
+        if record.bind and below is not None and not below.is_of(record.devnum):
+            warning = _umount(target) or warning
+    except DeviceError as exc:
+        events.error(report, f"recovery: {exc.message}; unmount it before unplugging the disk")
+        return False
+    message = f"recovered: unmounted {record.node} from {target}, left by an interrupted run"
+    events.info(report, message + (f" ({warning})" if warning else ""))
+    return True
 
 
 class DeviceMemory:
@@ -151,18 +251,21 @@ def job_archive(job: Job, hv: Hypervisor, state_dir: Path, report: Reporter) -> 
         locks.acquire(state_dir, f"mountpoint:{dest}", purpose),
     ):
         mounted: Mounted | None = None
+        record: MountRecord | None = None
         if check_free_to_mount(device, dest, hv, context):
             events.info(report, f"{device.describe()} is already mounted at {dest}; using it")
         else:
             if any(dest.iterdir()):
                 events.warn(report, f"mount point {dest} is not empty; the device hides its files")
             mounted = mount_device(device, dest)
+            record = _journal_mount(state_dir, job, mounted)
             events.info(report, f"mounted {device.describe()} at {dest} (nosuid,nodev,noexec)")
         try:
             yield _checked_archive(job, device, dest, files, state_dir, report)
         finally:
-            if mounted is not None:
-                _unmount_logged(mounted, report)
+            if mounted is not None and _unmount_logged(mounted, report) and record is not None:
+                with suppress(OSError):
+                    record.path(state_dir).unlink(missing_ok=True)
 
 
 def _checked_archive(
@@ -182,16 +285,17 @@ def _checked_archive(
     return archive
 
 
-def _unmount_logged(mounted: Mounted, report: Reporter) -> None:
+def _unmount_logged(mounted: Mounted, report: Reporter) -> bool:
     try:
         warning = mounted.unmount()
     except DeviceError as exc:
         events.error(report, f"{exc.message}; unmount it before unplugging the disk")
-        return
+        return False
     if warning:
         events.warn(report, warning)
     else:
         events.info(report, f"unmounted {mounted.device.node} from {mounted.target}")
+    return True
 
 
 @contextmanager

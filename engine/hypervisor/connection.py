@@ -18,7 +18,8 @@ from typing import Any
 
 import libvirt
 
-from guestsafe.engine.errors import HypervisorError, NotFoundError, ShutdownTimeout
+from guestsafe.engine import failpoints
+from guestsafe.engine.errors import Cancelled, HypervisorError, NotFoundError, ShutdownTimeout
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
 from guestsafe.engine.modes import OnTimeout
 
@@ -39,6 +40,9 @@ _STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: GuestState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: GuestState.PMSUSPENDED,
 }
+
+# Tests arm it (failpoints.py): after each shutdown request, before the power-off.
+SHUTDOWN_FAILPOINT = "shutdown.requested"
 
 # How often an unanswered shutdown request is repeated.
 SHUTDOWN_RESEND_SECONDS = 5.0
@@ -331,18 +335,21 @@ class Hypervisor:
         timeout: float,
         on_timeout: str = OnTimeout.ABORT,
         log: Callable[[str], None] = lambda _msg: None,
+        cancel: threading.Event | None = None,
     ) -> ShutdownResult:
         """Shut a guest down cleanly and wait until libvirt says it stopped.
 
         Under ``abort`` a guest that ignores the request keeps running and
-        ShutdownTimeout is raised. Under ``force`` it is powered off.
+        ShutdownTimeout is raised. Under ``force`` it is powered off. A set
+        ``cancel`` ends the wait within a second with ``Cancelled``; the guest is
+        left as it is then (the request may still be acted on later).
         """
         dom = self._domain(name)
         uuid = str(self._call(dom.UUIDString, guest=name))
         t0 = time.monotonic()
         if _state_of(dom) == GuestState.SHUTOFF:
             return ShutdownResult(False, 0.0)
-        if self._request_shutdown(dom, name, uuid, t0, timeout):
+        if self._request_shutdown(dom, name, uuid, t0, timeout, cancel or threading.Event()):
             return ShutdownResult(False, time.monotonic() - t0)
         if on_timeout != OnTimeout.FORCE:
             raise ShutdownTimeout(
@@ -360,7 +367,13 @@ class Hypervisor:
         return ShutdownResult(True, time.monotonic() - t0)
 
     def _request_shutdown(
-        self, dom: libvirt.virDomain, name: str, uuid: str, t0: float, timeout: float
+        self,
+        dom: libvirt.virDomain,
+        name: str,
+        uuid: str,
+        t0: float,
+        timeout: float,
+        cancel: threading.Event,
     ) -> bool:
         """Ask for a shutdown, and ask again now and then until the timeout.
 
@@ -377,15 +390,26 @@ class Hypervisor:
                 raise HypervisorError(
                     f"cannot ask guest {name!r} to shut down: {_libvirt_message(exc)}"
                 ) from exc
+            failpoints.hit(SHUTDOWN_FAILPOINT)  # a crash with the request in flight
             window = min(SHUTDOWN_RESEND_SECONDS, deadline - time.monotonic())
-            if self._wait_stopped(dom, uuid, t0, time.monotonic() - t0 + max(window, 0)):
+            if self._wait_stopped(dom, uuid, t0, time.monotonic() - t0 + max(window, 0), cancel):
                 return True
             if time.monotonic() >= deadline:
                 return False
 
-    def _wait_stopped(self, dom: libvirt.virDomain, uuid: str, t0: float, timeout: float) -> bool:
+    def _wait_stopped(
+        self,
+        dom: libvirt.virDomain,
+        uuid: str,
+        t0: float,
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> bool:
         deadline = t0 + timeout
         while True:
+            if cancel is not None and cancel.is_set():
+                waited = time.monotonic() - t0
+                raise Cancelled(f"run cancelled during the shutdown wait (after {waited:.0f} s)")
             stopped = any(
                 e == libvirt.VIR_DOMAIN_EVENT_STOPPED for e, _ in self._board.since(uuid, t0)
             )

@@ -33,6 +33,12 @@ UNIT_MARKER = "# Written by guestsafe schedule install; guestsafe rewrites or re
 WATCH = "guestsafe_timers"
 WANTS_DIRS = {".timer": "timers.target.wants", ".path": "paths.target.wants"}
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)'s own test
+# What a cancelled run may still need after `systemctl stop`, beyond its hooks:
+# the shutdown wait notices the cancel within seconds, then a push job is aborted
+# (up to 30 s) and the guest started again (a few seconds, retried).
+STOP_MARGIN_SECONDS = 180
+# Hooks a cancelled run still runs, each up to the job's hook timeout.
+HOOKS_AFTER_CANCEL = ("pre-start", "post-start", "backup-abort", "job-end")
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,9 @@ def render_units(job: Job, settings: UnitSettings) -> dict[str, str]:
     if calendar is None:
         return {}
     timer, service = unit_names(job.name)
-    argv = [str(settings.program), "--connect", settings.uri]
-    argv += ["--config", str(settings.config_file), "run", job.name, "--wait"]
+    base = [str(settings.program), "--connect", settings.uri]
+    base += ["--config", str(settings.config_file)]
+    argv = [*base, "run", job.name, "--wait"]
     environment = ""
     if settings.home:
         environment = f"Environment={_env_arg(f'{HOME_ENV}={settings.home}')}\n"
@@ -104,6 +111,7 @@ def render_units(job: Job, settings: UnitSettings) -> dict[str, str]:
         f"{environment}"
         # A backup may take hours; the job's own timeouts bound every wait.
         "TimeoutStartSec=infinity\n"
+        f"{_stop_path(job, base)}"
     )
     timer_text = (
         f"{UNIT_MARKER}[Unit]\n"
@@ -120,6 +128,30 @@ def render_units(job: Job, settings: UnitSettings) -> dict[str, str]:
         "WantedBy=timers.target\n"
     )
     return {timer: timer_text, service: service_text}
+
+
+def stop_timeout(job: Job) -> int:
+    """Seconds `systemctl stop` leaves a cancelled run to start its guest again."""
+    return STOP_MARGIN_SECONDS + len(HOOKS_AFTER_CANCEL) * job.hooks.timeout
+
+
+def _stop_path(job: Job, base: list[str]) -> str:
+    """How `systemctl stop` (or a shutdown of the host) ends a run.
+
+    SIGTERM to guestsafe alone (``KillMode=mixed``): its handler cancels the run,
+    which starts the guest again and removes the partial, as a Ctrl-C does. Hooks
+    and QEMU children are not signalled meanwhile. Only after ``TimeoutStopSec``
+    does systemd SIGKILL what is left, and ``ExecStopPost=guestsafe recover`` then
+    finishes the clean-up that a killed run could not (it also runs after a run
+    that ended by itself, where it finds nothing to do).
+    """
+    recover = [*base, "recover"]
+    return (
+        "KillMode=mixed\n"
+        "KillSignal=SIGTERM\n"
+        f"TimeoutStopSec={stop_timeout(job)}\n"
+        f"ExecStopPost={' '.join(_exec_arg(a) for a in recover)}\n"
+    )
 
 
 def render_watch(settings: UnitSettings, unit_dir: Path) -> dict[str, str]:

@@ -92,6 +92,7 @@ class FakeHypervisor:
         timeout: float,
         on_timeout: str = "abort",
         log: Callable[[str], None] = lambda _m: None,
+        cancel: threading.Event | None = None,
     ) -> ShutdownResult:
         self.timeline.append(("shutdown", name))
         self.guests[name].state = SHUTOFF
