@@ -243,8 +243,14 @@ class Hypervisor:
         return _state_of(self._domain(name))
 
     def all_macs(self) -> dict[str, str]:
-        """Every MAC of every defined guest, live and persistent config, mapped to its guest."""
-        macs: dict[str, str] = {}
+        """Every MAC of every defined guest, live and persistent config, mapped to the first
+        guest listed that uses it."""
+        return {mac: owners[0] for mac, owners in self.mac_owners().items()}
+
+    def mac_owners(self) -> dict[str, list[str]]:
+        """Every MAC of every defined guest, mapped to all the guests that use it, in
+        libvirt's listing order."""
+        macs: dict[str, list[str]] = {}
         for dom in self._call(self._live().listAllDomains, 0):
             for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
                 try:
@@ -252,7 +258,9 @@ class Hypervisor:
                 except libvirt.libvirtError:
                     continue  # undefined between the listing and the lookup
                 for mac in info.macs:
-                    macs.setdefault(mac, info.name)
+                    owners = macs.setdefault(mac, [])
+                    if info.name not in owners:
+                        owners.append(info.name)
         return macs
 
     def disk_users(self) -> dict[str, set[str]]:

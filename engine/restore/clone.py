@@ -68,7 +68,7 @@ def restore_clone(
                     raise RestoreError(
                         f"a guest named {name!r} was defined meanwhile; nothing defined"
                     )
-                macs = recheck_macs(plan, macs, hv.all_macs())
+                macs = recheck_macs(plan, macs, hv.mac_owners())
                 clone = build_clone_xml(plan, new_uuid, macs)
                 hv.define(clone.xml)
         except BaseException:
@@ -83,7 +83,9 @@ def restore_clone(
     return RestoreResult(name, new_uuid, macs, copied, start, warnings, clone.notes)
 
 
-def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, str]) -> list[str]:
+def recheck_macs(
+    plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[str]]
+) -> list[str]:
     """The MACs again, against the guests defined now, not when the plan was made.
 
     A MAC the plan made up and someone took meanwhile is made up again. A kept MAC
@@ -93,14 +95,15 @@ def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, str]) 
     taken = set(in_use) | set(macs)
     checked = []
     for iface, mac in zip(plan.interfaces, macs, strict=True):
-        owner = in_use.get(mac)
-        if owner is None or owner == iface.clash_with:
+        # Only the clash the plan showed was accepted; any other owner is new.
+        others = [g for g in in_use.get(mac, []) if g != iface.clash_with]
+        if not others:
             checked.append(mac)
         elif mac == iface.new_mac and mac != iface.mac:
             checked.append(new_mac(taken))
         else:
             raise RestoreError(
-                f"interface {iface.index}: MAC {mac} is used by guest {printable(owner)}, "
+                f"interface {iface.index}: MAC {mac} is used by guest {printable(others[0])}, "
                 f"defined after this restore was planned; nothing defined (plan again, or "
                 "choose a new MAC)"
             )

@@ -233,6 +233,18 @@ def test_case_06_a_kept_clash_the_plan_showed_is_still_allowed(setup: Setup) -> 
     assert result.macs == [MAC_WEB, MAC_OTHER]
 
 
+def test_case_06_two_plans_keeping_the_originals_mac_the_second_define_is_refused(
+    setup: Setup,
+) -> None:
+    # Both know of the clash with the original; neither knows of the other clone.
+    first = _plan(setup, "web-a")
+    second = _plan(setup, "web-b")
+    restore_clone(first, setup.hv, setup.paths, mac_policy=KEEP)  # type: ignore[arg-type]
+    with pytest.raises(RestoreError, match=rf"MAC {MAC_WEB} is used by guest web-a"):
+        restore_clone(second, setup.hv, setup.paths, mac_policy=KEEP)  # type: ignore[arg-type]
+    assert sorted(setup.hv.guests) == ["web", "web-a"]
+
+
 def test_case_06_a_new_mac_taken_meanwhile_is_made_up_again(setup: Setup) -> None:
     plan = _plan(setup, "web-a")
     stolen = plan.interfaces[0].new_mac

@@ -100,11 +100,16 @@ class FakeHypervisor:
         return name in self.guests
 
     def all_macs(self) -> dict[str, str]:
-        macs: dict[str, str] = {}
+        return {mac: owners[0] for mac, owners in self.mac_owners().items()}
+
+    def mac_owners(self) -> dict[str, list[str]]:
+        macs: dict[str, list[str]] = {}
         for xml in self.guests.values():
             info = parse_domain_xml(xml)
             for mac in info.macs:
-                macs.setdefault(mac, info.name)
+                owners = macs.setdefault(mac, [])
+                if info.name not in owners:
+                    owners.append(info.name)
         return macs
 
     def define(self, xml: str) -> GuestInfo:
