@@ -124,6 +124,18 @@ def test_the_engine_has_no_import_cycle() -> None:
     assert _cycle(graph) == []
 
 
+def test_test_files_have_distinct_names() -> None:
+    # pytest's default import mode needs them: two test_x.py in tests/ break collection.
+    tests = ENGINE.parent / "tests"
+    names = [
+        p.name
+        for p in tests.rglob("test_*.py")
+        if "__snapshots__" not in p.parts and "__pycache__" not in p.parts
+    ]
+    assert len(names) > 40
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
 def test_no_bare_engine_or_tui_package_is_importable() -> None:
     code = (
         "import importlib.util\n"

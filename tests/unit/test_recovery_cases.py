@@ -1,6 +1,6 @@
 """Issue 12, recovery and power state: cases 7-13 and 21 that fakes can hold.
 
-The real-guest halves are in tests/integration/test_recovery_cases.py.
+The real-guest halves are in tests/integration/test_recovery_cases_live.py.
 """
 
 from __future__ import annotations

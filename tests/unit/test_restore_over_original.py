@@ -2,7 +2,7 @@
 
 Real disk files and real guestsafe processes (the CLI), a test-driver hypervisor.
 The boots that show which data a real guest has after a crash are in
-tests/integration/test_restore_over_original.py.
+tests/integration/test_restore_over_original_live.py.
 """
 
 from __future__ import annotations
