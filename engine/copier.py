@@ -235,13 +235,17 @@ class _Source:
         """Fill ``view[:length]`` from ``offset``; ``view`` may be longer (alignment)."""
         got = 0
         while got < length:
-            want = _align_up(length) if self.direct else length
+            # Two reader threads share the fd: the other may go buffered while this
+            # read is refused, so the refusal is judged by how this read was made.
+            direct = self.direct
+            want = _align_up(length) if direct else length
             try:
                 count = os.preadv(self.fd, [view[got:want]], offset + got)
             except OSError as exc:
-                if exc.errno != errno.EINVAL or not self.direct:
+                if exc.errno != errno.EINVAL or not direct:
                     raise
-                self._go_buffered()
+                if self.direct:
+                    self._go_buffered()
                 continue
             if count == 0:
                 raise _Shrank
