@@ -27,7 +27,12 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
-from guestsafe.engine.archive.calendar_retention import RULES, RetentionPolicy
+from guestsafe.engine.archive.calendar_retention import (
+    RULES,
+    Candidate,
+    RetentionPolicy,
+    keep_reasons,
+)
 from guestsafe.engine.archive.layout import (
     COUNTER_FILE,
     DELETING_PREFIX,
@@ -53,7 +58,7 @@ from guestsafe.engine.archive.names import (
     printable,
 )
 from guestsafe.engine.archive.partial import PartialVersion
-from guestsafe.engine.archive.retention import plan, prune
+from guestsafe.engine.archive.retention import candidates, plan, prune
 from guestsafe.engine.archive.verify import (
     ProgressFn,
     VerifyReport,
@@ -454,6 +459,17 @@ class Archive:
         """Per version of ``guest``, the rules that keep it (empty: it goes); deletes nothing."""
         folder = self._guest_dir(guest)
         return {} if folder is None else plan(folder, guest, policy, tz)
+
+    def retention_rows(
+        self, guest: str, policy: RetentionPolicy
+    ) -> list[tuple[Candidate, list[str]]]:
+        """Each version of ``guest``, newest first, with the rules that keep it; for a dry run."""
+        folder = self._guest_dir(guest)
+        if folder is None:
+            return []
+        found = candidates(folder, guest)
+        reasons = keep_reasons(found, policy)
+        return [(c, reasons[c.number]) for c in reversed(found)]
 
     def recover(self) -> list[Path]:
         """Remove unfinished and half-deleted versions and stray temporary files.
