@@ -9,7 +9,7 @@ rules is kept once and names them all (FORMAT.md, section 11).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 
@@ -51,16 +51,17 @@ class Candidate:
     verified: bool = False  # its last verification passed
 
 
-def _bucket(rule: str, when: datetime) -> Callable[[int], object]:
-    """The key of ``when``'s bucket; ``last`` makes every version its own bucket."""
-    keys: dict[str, Callable[[int], object]] = {
-        "last": lambda number: number,
-        "daily": lambda _: when.date(),
-        "weekly": lambda _: when.isocalendar()[:2],  # ISO year and week, as restic
-        "monthly": lambda _: (when.year, when.month),
-        "yearly": lambda _: when.year,
-    }
-    return keys[rule]
+def _bucket(rule: str, when: datetime, number: int) -> object:
+    """The key of a version's bucket for ``rule``; ``last`` gives each its own."""
+    if rule == "last":
+        return number
+    if rule == "daily":
+        return when.date()
+    if rule == "weekly":
+        return when.isocalendar()[:2]  # ISO year and week, as restic
+    if rule == "monthly":
+        return (when.year, when.month)
+    return when.year
 
 
 def keep_reasons(
@@ -94,8 +95,9 @@ def _kept_by(rule: str, count: int, good: Sequence[Candidate], tz: tzinfo | None
     for v in good:
         if len(kept) >= count:
             break
+        # A good version's manifest reads, so it has a start; min only satisfies typing.
         when = v.started.astimezone(tz) if v.started else datetime.min
-        key = _bucket(rule, when)(v.number)
+        key = _bucket(rule, when, v.number)
         if key != last:
             kept.append(v.number)
             last = key

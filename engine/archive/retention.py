@@ -1,9 +1,11 @@
 """Retention: which old versions of a guest go, and deleting one safely.
 
-``keep`` counts good versions only. A version is bad when its last verification
+Which rules keep a version is decided in ``calendar_retention`` (``keep`` is its
+``last`` rule); this module reads the versions and deletes. Rules count good
+versions only. A version is bad when its last verification
 failed or its manifest cannot be read; a bad version never counts toward
-``keep``, so it can neither protect itself nor push a good version out. It is
-deleted once ``keep`` good versions newer than it exist (FORMAT.md, section 11):
+a rule, so it can neither protect itself nor push a good version out. It is
+deleted once ``max(last, 1)`` good versions newer than it exist (FORMAT.md, section 11):
 until then it may be the operator's only clue to what went wrong.
 """
 

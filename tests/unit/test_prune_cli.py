@@ -12,6 +12,7 @@ import pytest
 import tomli_w
 from test_archive import fill
 
+from guestsafe.engine.archive.calendar_retention import RetentionPolicy
 from guestsafe.engine.archive.store import Archive
 from guestsafe.tui.cli import main
 
@@ -84,3 +85,9 @@ def test_without_dry_run_prune_says_so_and_deletes_nothing(
 def test_an_unknown_job_is_not_found(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", "--dry-run", "weekly"]) == 3
     assert "weekly" in capsys.readouterr().err
+
+
+def test_retention_deletes_what_the_dry_run_says_would_go(home: Path) -> None:
+    archive = Archive.open(home / "backup")
+    assert archive.apply_retention("web", RetentionPolicy(daily=2)) == [1, 2]
+    assert [v.number for v in archive.versions("web")] == [3, 4]
