@@ -28,6 +28,7 @@ from typing import Protocol
 # The CLI and the console take every engine type and helper they name from
 # here (``__all__``). When an engine module moves, only this block changes.
 from guestsafe.engine import __version__, demo, events, notify
+from guestsafe.engine.archive.calendar_retention import Candidate, RetentionPolicy, describe_policy
 from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
@@ -65,6 +66,7 @@ from guestsafe.engine.jobs.model import (
     Job,
     Schedule,
     as_choice,
+    retention_policy,
 )
 from guestsafe.engine.jobs.schedule import DueRun, on_calendar
 from guestsafe.engine.jobs.timers import TimerChanges, UnitSettings
@@ -92,6 +94,7 @@ __all__ = [
     "ON_TIMEOUT",
     "Archive",
     "BlockDevice",
+    "Candidate",
     "DeviceWatcher",
     "DevicesChanged",
     "DueRun",
@@ -112,6 +115,7 @@ __all__ = [
     "Record",
     "RestorePlan",
     "RestoreResult",
+    "RetentionPolicy",
     "RunResult",
     "Sandbox",
     "Schedule",
@@ -125,6 +129,7 @@ __all__ = [
     "byte_size",
     "check_job_runtime",
     "check_programs",
+    "describe_policy",
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
@@ -133,6 +138,7 @@ __all__ = [
     "parse_line",
     "record_of",
     "reset_sandbox",
+    "retention_policy",
     "short_mode_label",
     "validate_job",
 ]
@@ -449,6 +455,25 @@ class Engine:
 
     def versions(self, destination: Path, guest: str | None = None) -> list[VersionInfo]:
         return self.archive(destination).versions(guest)
+
+    @contextmanager
+    def job_archive(self, job: Job) -> Iterator[Archive]:
+        """The archive ``job`` writes to; a device's is mounted read-only for the block."""
+        if job.device is None:
+            yield self.archive(job.destination)
+            return
+        with self.device_archive(job.device) as archive:
+            yield archive
+
+    def retention_preview(self, job: Job) -> list[tuple[str, list[tuple[Candidate, list[str]]]]]:
+        """Per guest of ``job``, each version (newest first) with the rules that keep it.
+
+        An empty list of rules: the job's retention would delete that version.
+        Nothing is deleted; the archive may be read-only.
+        """
+        policy = retention_policy(job)
+        with self.job_archive(job) as archive:
+            return [(guest, archive.retention_rows(guest, policy)) for guest in job.guests]
 
     def find_archive(self, guest: str, destination: Path | None = None) -> Archive:
         """The archive holding ``guest``: the one given, or the first job destination with it."""

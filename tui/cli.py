@@ -22,6 +22,7 @@ from guestsafe.engine.api import (
     MARKER,
     NEW,
     Archive,
+    Candidate,
     Engine,
     Job,
     LastResult,
@@ -31,9 +32,11 @@ from guestsafe.engine.api import (
     VersionInfo,
     __version__,
     byte_size,
+    describe_policy,
     escape,
     mode_label,
     on_calendar,
+    retention_policy,
 )
 from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
 from guestsafe.engine.events import (
@@ -124,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also start a guest an interrupted backup left off that recovery would not "
         "start by itself (it says why)",
+    )
+    prune = sub.add_parser(
+        "prune", help="show which versions the job's retention keeps and which would go"
+    )
+    prune.add_argument("job", nargs="?", help="the job (default: every job)")
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show only, delete nothing (required: retention itself runs after each backup)",
     )
     sub.add_parser("guests", help="list the hypervisor's guests")
     sub.add_parser(
@@ -521,7 +533,35 @@ def _table(raw_rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def cmd_prune(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    if not args.dry_run:
+        # Deleting by hand would need the runner's guest and archive locks; until
+        # it takes them, retention deletes only after a backup, under those locks.
+        raise ConfigError("prune runs only with --dry-run for now; retention runs after a backup")
+    jobs = [engine.job(args.job)] if args.job is not None else engine.jobs()
+    if not jobs:
+        print(f"no jobs yet in {engine.paths.config_file}")
+        return 0
+    rows = [("JOB", "GUEST", "VERSION", "STARTED", "KEPT BY")]
+    for job in jobs:
+        print(f"{escape(job.name)}: {describe_policy(retention_policy(job))}")
+        for guest, versions in engine.retention_preview(job):
+            rows += [(job.name, guest, *_prune_row(c, why)) for c, why in versions]
+            if not versions:
+                rows.append((job.name, guest, "-", "-", "no versions"))
+    _table(rows)
+    return 0
+
+
+def _prune_row(candidate: Candidate, reasons: list[str]) -> tuple[str, str, str]:
+    # Local time: the calendar rules bucket by the host's local dates.
+    when = "-" if candidate.started is None else candidate.started.astimezone()
+    started = when if isinstance(when, str) else when.strftime("%Y-%m-%d %a %H:%M")
+    return str(candidate.number), started, ", ".join(reasons) or "would go"
+
+
 _COMMANDS = {
+    "prune": cmd_prune,
     "jobs": cmd_jobs,
     "run": cmd_run,
     "list": cmd_list,

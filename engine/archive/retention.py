@@ -1,9 +1,11 @@
 """Retention: which old versions of a guest go, and deleting one safely.
 
-``keep`` counts good versions only. A version is bad when its last verification
+Which rules keep a version is decided in ``calendar_retention`` (``keep`` is its
+``last`` rule); this module reads the versions and deletes. Rules count good
+versions only. A version is bad when its last verification
 failed or its manifest cannot be read; a bad version never counts toward
-``keep``, so it can neither protect itself nor push a good version out. It is
-deleted once ``keep`` good versions newer than it exist (FORMAT.md, section 11):
+a rule, so it can neither protect itself nor push a good version out. It is
+deleted once ``max(last, 1)`` good versions newer than it exist (FORMAT.md, section 11):
 until then it may be the operator's only clue to what went wrong.
 """
 
@@ -12,32 +14,54 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from datetime import datetime, tzinfo
 from pathlib import Path
 
 from guestsafe.engine import failpoints
+from guestsafe.engine.archive.calendar_retention import Candidate, RetentionPolicy, keep_reasons
 from guestsafe.engine.archive.layout import DELETING_PREFIX, remove, version_numbers
 from guestsafe.engine.archive.versions import read_verified, read_version
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.fsutil import fsync_dir
 
 
-def prune(folder: Path, guest: str, keep: int) -> list[int]:
-    """Delete the versions of ``guest`` in ``folder`` that ``keep`` lets go; their numbers.
+def prune(folder: Path, guest: str, policy: RetentionPolicy) -> list[int]:
+    """Delete the versions of ``guest`` in ``folder`` that ``policy`` lets go; their numbers.
 
-    Kept: the newest ``keep`` good versions, the newest version, and the newest
-    one whose last verification passed. A bad version goes once ``keep`` good
-    versions are newer than it.
+    Kept: what a rule of ``policy`` keeps (``calendar_retention.keep_reasons``),
+    the newest version, and the newest one whose last verification passed. A bad
+    version goes once ``max(policy.last, 1)`` good versions are newer than it.
     """
-    # Only real folders: a symlink named like a version is not ours to delete.
-    found = [n for n in version_numbers(folder) if stat.S_ISDIR(os.lstat(folder / str(n)).st_mode)]
-    good = [n for n in found if is_good(folder / str(n), guest)]
-    protected = set(found[-1:]) | set(good[-keep:])
-    verified = [n for n in good if read_verified(folder / str(n)) is True]
-    protected.update(verified[-1:])
-    doomed = [n for n in found if n not in protected and _let_go(n, good, keep)]
+    reasons = plan(folder, guest, policy)
+    doomed = [n for n, why in sorted(reasons.items()) if not why]
     for number in doomed:
         delete_version(folder, number)
     return doomed
+
+
+def plan(
+    folder: Path, guest: str, policy: RetentionPolicy, tz: tzinfo | None = None
+) -> dict[int, list[str]]:
+    """Per version of ``guest`` in ``folder``, the rules that keep it; empty: it would go."""
+    return keep_reasons(candidates(folder, guest), policy, tz)
+
+
+def candidates(folder: Path, guest: str) -> list[Candidate]:
+    """The versions in ``folder`` as retention sees them, oldest first."""
+    # Only real folders: a symlink named like a version is not ours to delete.
+    found = [n for n in version_numbers(folder) if stat.S_ISDIR(os.lstat(folder / str(n)).st_mode)]
+    return [_candidate(folder / str(n), guest) for n in found]
+
+
+def _candidate(version: Path, guest: str) -> Candidate:
+    number = int(version.name)
+    try:
+        info = read_version(guest, version)
+    except (ArchiveError, OSError):
+        return Candidate(number, None, good=False)
+    verified = read_verified(version)
+    started = datetime.fromisoformat(info.manifest.started)
+    return Candidate(number, started, good=verified is not False, verified=verified is True)
 
 
 def is_good(version: Path, guest: str) -> bool:
@@ -45,17 +69,7 @@ def is_good(version: Path, guest: str) -> bool:
 
     Never verified counts as good: a job may run without ``verify``.
     """
-    try:
-        read_version(guest, version)
-    except (ArchiveError, OSError):
-        return False
-    return read_verified(version) is not False
-
-
-def _let_go(number: int, good: list[int], keep: int) -> bool:
-    if number in good:
-        return True  # a good version outside the protected set is beyond ``keep``
-    return sum(1 for n in good if n > number) >= keep
+    return _candidate(version, guest).good
 
 
 def delete_version(folder: Path, number: int) -> None:

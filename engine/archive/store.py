@@ -23,9 +23,16 @@ import os
 import stat
 import threading
 import uuid as uuidlib
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
+from guestsafe.engine.archive.calendar_retention import (
+    RULES,
+    Candidate,
+    RetentionPolicy,
+    keep_reasons,
+)
 from guestsafe.engine.archive.layout import (
     COUNTER_FILE,
     DELETING_PREFIX,
@@ -51,7 +58,7 @@ from guestsafe.engine.archive.names import (
     printable,
 )
 from guestsafe.engine.archive.partial import PartialVersion
-from guestsafe.engine.archive.retention import prune
+from guestsafe.engine.archive.retention import candidates, plan, prune
 from guestsafe.engine.archive.verify import (
     ProgressFn,
     VerifyReport,
@@ -434,18 +441,35 @@ class Archive:
 
     # --- retention and recovery ------------------------------------------------
 
-    def apply_retention(self, guest: str, keep: int) -> list[int]:
-        """Delete the oldest good versions beyond ``keep``, and bad ones it outlived.
+    def apply_retention(self, guest: str, keep: int | RetentionPolicy) -> list[int]:
+        """Delete the versions no rule keeps, and bad ones it outlived; their numbers.
 
-        ``keep`` counts good versions only (``retention.prune``). Never deletes
-        the newest version, nor the newest one whose last verification passed:
-        with an old verified version kept, ``keep + 1`` good versions remain.
-        Call it only after the new version is committed.
+        ``keep`` is a ``RetentionPolicy`` or, as before calendar rules, a count of
+        good versions (``keep_last``). Never deletes the newest version, nor the
+        newest one whose last verification passed. Call it only after the new
+        version is committed.
         """
-        if keep < 1:
-            raise ArchiveError(f"keep must be at least 1 for guest {printable(guest)}, not {keep}")
+        policy = _as_policy(guest, keep)
         folder = self._guest_dir(guest)
-        return [] if folder is None else prune(folder, guest, keep)
+        return [] if folder is None else prune(folder, guest, policy)
+
+    def retention_plan(
+        self, guest: str, policy: RetentionPolicy, tz: tzinfo | None = None
+    ) -> dict[int, list[str]]:
+        """Per version of ``guest``, the rules that keep it (empty: it goes); deletes nothing."""
+        folder = self._guest_dir(guest)
+        return {} if folder is None else plan(folder, guest, policy, tz)
+
+    def retention_rows(
+        self, guest: str, policy: RetentionPolicy
+    ) -> list[tuple[Candidate, list[str]]]:
+        """Each version of ``guest``, newest first, with the rules that keep it; for a dry run."""
+        folder = self._guest_dir(guest)
+        if folder is None:
+            return []
+        found = candidates(folder, guest)
+        reasons = keep_reasons(found, policy)
+        return [(c, reasons[c.number]) for c in reversed(found)]
 
     def recover(self) -> list[Path]:
         """Remove unfinished and half-deleted versions and stray temporary files.
@@ -481,3 +505,15 @@ class Archive:
             if is_truncated(name) or self._guest_of(path) is not None:
                 found.append(path)
         return sorted(found)
+
+
+def _as_policy(guest: str, keep: int | RetentionPolicy) -> RetentionPolicy:
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ArchiveError(f"keep must be at least 1 for guest {printable(guest)}, not {keep}")
+        return RetentionPolicy(last=keep)
+    policy = keep
+    counts = [policy.count(rule) for rule in RULES]
+    if min(counts) < 0 or sum(counts) < 1:
+        raise ArchiveError(f"retention for guest {printable(guest)} keeps no version: {policy}")
+    return policy

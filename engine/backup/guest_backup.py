@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from guestsafe.engine import __version__, failpoints, locks
+from guestsafe.engine.archive.calendar_retention import describe_policy
 from guestsafe.engine.archive.manifest import Manifest
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.cold_copy import ColdCopy
@@ -40,6 +41,7 @@ from guestsafe.engine.errors import (
 from guestsafe.engine.events import GuestDowntime, GuestOutcome, LogLine, PhaseChanged, Progress
 from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
+from guestsafe.engine.jobs.model import retention_policy
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 
 # How long, after a shutdown timeout under "abort", a late power-off is watched for
@@ -280,9 +282,11 @@ class GuestBackup:
             self.run.say_info(f"version {number} verified")
         self._enter(Phase.RETENTION, None)
         with naming("removing old versions next to", self.version.path):
-            deleted = archive.apply_retention(self.name, job.keep)
+            policy = retention_policy(job)
+            deleted = archive.apply_retention(self.name, policy)
         if deleted:
-            self.run.say_info(f"retention (keep {job.keep}) removed versions {_numbers(deleted)}")
+            rules = describe_policy(policy)
+            self.run.say_info(f"retention ({rules}) removed versions {_numbers(deleted)}")
 
     # --- whatever happened -------------------------------------------------
 

@@ -8,7 +8,11 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     guests = ["web1", "db1"]          # backed up one at a time, in this order
     destination = "/srv/backup"       # absolute; the mount point when device is set
     device = "UUID=1234-abcd"         # optional: /dev/..., UUID=... or LABEL=...
-    keep = 3                          # versions kept per guest, at least 1
+    keep = 3                          # good versions kept per guest (keep_last means the same)
+    keep_daily = 0                    # calendar rules as restic's forget: the newest version
+    keep_weekly = 0                   #   of each of the last N days, ISO weeks, months, years;
+    keep_monthly = 0                  #   with only these set, keep defaults to 0
+    keep_yearly = 0                   #   (FORMAT.md, section 11)
     time = "02:00"                    # HH:MM, 24 h; leave out for manual-only jobs
     weekdays = ["mon", "tue"]         # empty or left out: every day
     mode = "stop"                     # stop, stop-short or snapshot
@@ -52,6 +56,7 @@ import tomli_w
 from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, JobNotFound
 from guestsafe.engine.fsutil import atomic_write_bytes
 from guestsafe.engine.jobs.model import (
+    CALENDAR_KEYS,
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
@@ -72,6 +77,8 @@ _JOB_KEYS = (
     "destination",
     "device",
     "keep",
+    "keep_last",
+    *CALENDAR_KEYS,
     "time",
     "weekdays",
     "mode",
@@ -157,13 +164,20 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
     problems += [
         FieldError(name, k, f"{k} is required") for k in ("guests", "destination") if k not in table
     ]
+    if "keep" in table and "keep_last" in table:
+        message = "keep and keep_last mean the same; set only one of them"
+        problems.append(FieldError(name, "keep_last", message))
     hooks, hook_problems = _parse_hooks(name, table.get("hooks", {}))
     job = Job(
         name=name,
         guests=table.get("guests", []),
         destination=_as_path(table.get("destination", "")),
         device=table.get("device"),
-        keep=table.get("keep", DEFAULT_KEEP),
+        keep=_keep_last(table),
+        keep_daily=table.get("keep_daily", 0),
+        keep_weekly=table.get("keep_weekly", 0),
+        keep_monthly=table.get("keep_monthly", 0),
+        keep_yearly=table.get("keep_yearly", 0),
         schedule=Schedule(
             time=table.get("time"),
             weekdays=table.get("weekdays", []),
@@ -182,6 +196,17 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
     reported = {problem.field for problem in problems + hook_problems}
     checked = [p for p in validate_job(job) if p.field not in reported]
     return job, problems + hook_problems + checked
+
+
+def _keep_last(table: dict[str, Any]) -> Any:
+    """``keep`` or its other name ``keep_last``; the default depends on the calendar rules.
+
+    With only calendar rules set (``keep_daily = 7``) the operator asked for those
+    alone, as in restic; otherwise the default ``keep = 3`` holds.
+    """
+    if "keep" in table or "keep_last" in table:
+        return table.get("keep", table.get("keep_last"))
+    return 0 if any(key in table for key in CALENDAR_KEYS) else DEFAULT_KEEP
 
 
 def _as_path(value: Any) -> Any:
@@ -284,6 +309,7 @@ def _job_table(job: Job) -> dict[str, Any]:
     if job.device is not None:
         table["device"] = job.device
     table["keep"] = job.keep
+    table |= {key: getattr(job, key) for key in CALENDAR_KEYS if getattr(job, key)}
     if job.schedule.time is not None:
         table["time"] = job.schedule.time
     table["weekdays"] = list(job.schedule.weekdays)

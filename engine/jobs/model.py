@@ -14,6 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar, cast
 
+from guestsafe.engine.archive.calendar_retention import RetentionPolicy
 from guestsafe.engine.modes import Mode, OnTimeout
 
 
@@ -48,6 +49,8 @@ ON_TIMEOUT: tuple[str, ...] = tuple(OnTimeout)
 HOOK_PHASES: tuple[str, ...] = tuple(HookPhase)
 WEEKDAYS: tuple[str, ...] = tuple(Weekday)
 DEFAULT_KEEP = 3
+# The calendar rules' keys, beside keep (alias keep_last), in the file and the Job.
+CALENDAR_KEYS: tuple[str, ...] = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 DEFAULT_SHUTDOWN_TIMEOUT = 300
 DEFAULT_HOOK_TIMEOUT = 300
 DEFAULT_LOCK_WAIT = 1800
@@ -89,7 +92,11 @@ class Job:
     guests: list[str]
     destination: Path
     device: str | None = None
-    keep: int = DEFAULT_KEEP
+    keep: int = DEFAULT_KEEP  # keep_last in jobs.toml means the same (FORMAT.md, section 11)
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
     schedule: Schedule = field(default_factory=Schedule)
     mode: Mode = Mode.STOP
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT
@@ -115,3 +122,14 @@ def as_choice(kind: type[_Choice], value: object) -> _Choice:
     if isinstance(value, str) and value in {member.value for member in kind}:
         return kind(value)
     return cast(_Choice, value)
+
+
+def retention_policy(job: Job) -> RetentionPolicy:
+    """The archive's retention policy for ``job``: ``keep`` is its ``keep_last``."""
+    return RetentionPolicy(
+        last=job.keep,
+        daily=job.keep_daily,
+        weekly=job.keep_weekly,
+        monthly=job.keep_monthly,
+        yearly=job.keep_yearly,
+    )

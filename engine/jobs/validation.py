@@ -11,6 +11,7 @@ from pathlib import Path
 from guestsafe.engine.archive.names import libvirt_accepts
 from guestsafe.engine.errors import FieldError
 from guestsafe.engine.jobs.model import (
+    CALENDAR_KEYS,
     HOOK_PHASES,
     MODES,
     ON_TIMEOUT,
@@ -39,7 +40,7 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
         _check_guests(job.guests),
         _check_destination(job.destination),
         _check_device(job.device),
-        _check_count("keep", job.keep),
+        *_check_retention(job),
         _check_time(job.schedule.time),
         _check_weekdays(job.schedule.weekdays),
         _check_choice("mode", job.mode, MODES),
@@ -140,6 +141,23 @@ def _check_count(name: str, value: object) -> tuple[str, str] | None:
         return (name, f"{name} must be a whole number, not {value!r}")
     if value < 1:
         return (name, f"{name} must be at least 1, not {value}")
+    return None
+
+
+def _check_retention(job: Job) -> list[tuple[str, str] | None]:
+    counts = {"keep": job.keep} | {key: getattr(job, key) for key in CALENDAR_KEYS}
+    if not any(counts[key] for key in CALENDAR_KEYS):
+        return [_check_count("keep", job.keep)]  # keep = N alone, as before: at least 1
+    # A calendar rule is set and non-zero, so at least one version is kept.
+    return [_check_whole(key, value) for key, value in counts.items()]
+
+
+def _check_whole(name: str, value: object) -> tuple[str, str] | None:
+    # A calendar rule may be 0 (off); so may keep beside one.
+    if not isinstance(value, int) or isinstance(value, bool):
+        return (name, f"{name} must be a whole number, not {value!r}")
+    if value < 0:
+        return (name, f"{name} must be 0 or more, not {value}")
     return None
 
 

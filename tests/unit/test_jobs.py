@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import tomli_w
 
+from guestsafe.engine.archive.calendar_retention import RetentionPolicy
 from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, NotFoundError
 from guestsafe.engine.jobs.jobs_file import delete_job, load_jobs, save_jobs, upsert_job
 from guestsafe.engine.jobs.model import (
@@ -15,6 +16,7 @@ from guestsafe.engine.jobs.model import (
     Hooks,
     Job,
     Schedule,
+    retention_policy,
 )
 from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
 
@@ -464,3 +466,56 @@ def test_all_hook_phases_round_trip(tmp_path: Path) -> None:
     save_jobs(tmp_path / "jobs.toml", [_job(hooks=hooks)])
     loaded = load_jobs(tmp_path / "jobs.toml")[0].hooks
     assert loaded == Hooks({p: [f"/usr/bin/{p}"] for p in HOOK_PHASES}, timeout=9)
+
+
+# --- retention by calendar ----------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(-1, "0 or more"), ("7", "whole number"), (True, "whole number"), (1.5, "whole number")],
+)
+def test_calendar_keys_are_whole_numbers_naming_the_field(
+    key: str, value: object, message: str
+) -> None:
+    problems = validate_job(_job(**{key: value}))
+    assert [p.field for p in problems] == [key]
+    assert message in problems[0].message and key in problems[0].message
+
+
+def test_keep_may_be_0_beside_a_calendar_rule_but_not_alone() -> None:
+    assert validate_job(_job(keep=0, keep_daily=7)) == []
+    problems = validate_job(_job(keep=0))
+    assert [p.field for p in problems] == ["keep"]
+    assert "at least 1" in problems[0].message
+
+
+def test_calendar_keys_load_and_save(tmp_path: Path) -> None:
+    table = {"guests": ["web1"], "destination": "/srv/backup", "keep_daily": 7, "keep_yearly": 2}
+    path = _write(tmp_path / "jobs.toml", table)
+    (job,) = load_jobs(path)
+    assert (job.keep, job.keep_daily, job.keep_weekly, job.keep_yearly) == (0, 7, 0, 2)
+    assert retention_policy(job) == RetentionPolicy(daily=7, yearly=2)
+    save_jobs(path, [job])
+    (again,) = load_jobs(path)
+    assert again == job
+
+
+def test_keep_last_is_keep(tmp_path: Path) -> None:
+    table = {"guests": ["web1"], "destination": "/srv/backup", "keep_last": 4, "keep_daily": 7}
+    (job,) = load_jobs(_write(tmp_path / "jobs.toml", table))
+    assert retention_policy(job) == RetentionPolicy(last=4, daily=7)
+
+
+def test_keep_and_keep_last_together_are_refused(tmp_path: Path) -> None:
+    table = {"guests": ["web1"], "destination": "/srv/backup", "keep": 3, "keep_last": 4}
+    _, problems = _problems(_write(tmp_path / "jobs.toml", table))
+    assert [p.field for p in problems] == ["keep_last"]
+    assert "keep and keep_last mean the same" in problems[0].message
+
+
+def test_without_calendar_keys_keep_defaults_to_3(tmp_path: Path) -> None:
+    table = {"guests": ["web1"], "destination": "/srv/backup"}
+    (job,) = load_jobs(_write(tmp_path / "jobs.toml", table))
+    assert retention_policy(job) == RetentionPolicy(last=3)

@@ -173,7 +173,11 @@ def build_job(
     destination = values.destination.strip()
     if not destination:
         problems.append(FieldError(name, "destination", "destination is required"))
-    keep = _whole_number("keep", values.keep, problems, name)
+    # The form has no calendar fields yet; the edited job's rules are kept, and
+    # beside them keep may be 0 (FORMAT.md, section 11).
+    calendar = _calendar_rules(base)
+    least = 0 if any(calendar.values()) else 1
+    keep = _whole_number("keep", values.keep, problems, name, minimum=least)
     timeout = _whole_number("shutdown_timeout", values.shutdown_timeout, problems, name)
     lock_wait = _whole_number("lock_wait", values.lock_wait, problems, name, minimum=0)
     typed_hooks = _hooks(values, problems, name)
@@ -186,6 +190,7 @@ def build_job(
         destination=Path(destination or "/"),
         device=values.device.strip() or None,
         keep=keep,
+        **calendar,
         schedule=schedule,
         mode=as_choice(Mode, values.mode),
         shutdown_timeout=timeout,
@@ -197,6 +202,11 @@ def build_job(
         lock_wait=lock_wait,
     )
     return job, problems
+
+
+def _calendar_rules(base: Job | None) -> dict[str, int]:
+    keys = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+    return {key: getattr(base, key) for key in keys} if base is not None else {}
 
 
 def check_job(
