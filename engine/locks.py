@@ -227,6 +227,13 @@ def process_start(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def process_start_stamp(pid: int) -> str | None:
+    """``process_start`` as the journals record it, so a recycled PID is not taken for
+    the process that wrote an entry."""
+    started = process_start(pid)
+    return None if started is None else str(started)
+
+
 def _holder_at(path: Path, *, record: bool) -> LockHolder | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)

@@ -19,21 +19,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from guestsafe.engine import locks
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.fsutil import atomic_write_bytes
 
 JOURNAL_DIR = "journal"
 
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid``, so a recycled PID is not mistaken for ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses; fields follow the last ')'.
-    fields = stat.rsplit(")", 1)[1].split()
-    return fields[19]
 
 
 @dataclass
@@ -46,7 +37,7 @@ class JournalEntry:
     phase: str = Phase.PREFLIGHT  # a Phase's spelling; read back as a plain str
     partial: str | None = None
     pid: int = field(default_factory=os.getpid)
-    pid_start: str | None = field(default_factory=lambda: process_start_time(os.getpid()))
+    pid_start: str | None = field(default_factory=lambda: locks.process_start_stamp(os.getpid()))
     host: str = field(default_factory=socket.gethostname)
     entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # What recovery needs to tell "guestsafe stopped it and nothing touched it
@@ -63,7 +54,7 @@ class JournalEntry:
     def owner_alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # not ours to judge
-        return process_start_time(self.pid) == self.pid_start
+        return locks.process_start_stamp(self.pid) == self.pid_start
 
     def recoverable(self) -> bool:
         """Whether recovery may act on it: its runner is gone, or done with it."""

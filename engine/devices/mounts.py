@@ -85,14 +85,6 @@ def _device_key(device: BlockDevice) -> str:
 MOUNTS_DIR = "mounts"
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid``, so a recycled PID is not taken for the mounter."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
 
 @dataclass
 class MountRecord:
@@ -104,14 +96,14 @@ class MountRecord:
     target: str
     bind: bool
     pid: int = field(default_factory=os.getpid)
-    pid_start: str | None = field(default_factory=lambda: _process_start(os.getpid()))
+    pid_start: str | None = field(default_factory=lambda: locks.process_start_stamp(os.getpid()))
     record_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def path(self, state_dir: Path) -> Path:
         return state_dir / MOUNTS_DIR / f"{self.record_id}.json"
 
     def owner_alive(self) -> bool:
-        return _process_start(self.pid) == self.pid_start
+        return locks.process_start_stamp(self.pid) == self.pid_start
 
 
 def _journal_mount(state_dir: Path, job: Job, mounted: Mounted) -> MountRecord:

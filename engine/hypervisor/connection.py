@@ -251,32 +251,32 @@ class Hypervisor:
         """Every MAC of every defined guest, mapped to all the guests that use it, in
         libvirt's listing order."""
         macs: dict[str, list[str]] = {}
-        for dom in self._call(self._live().listAllDomains, 0):
-            for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
-                try:
-                    info = parse_domain_xml(dom.XMLDesc(flags))
-                except libvirt.libvirtError:
-                    continue  # undefined between the listing and the lookup
-                for mac in info.macs:
-                    owners = macs.setdefault(mac, [])
-                    if info.name not in owners:
-                        owners.append(info.name)
+        for info in self._every_config():
+            for mac in info.macs:
+                owners = macs.setdefault(mac, [])
+                if info.name not in owners:
+                    owners.append(info.name)
         return macs
 
     def disk_users(self) -> dict[str, set[str]]:
         """Every disk and NVRAM path of every defined guest (live and persistent config),
         mapped to the names of the guests that use it."""
         users: dict[str, set[str]] = {}
+        for info in self._every_config():
+            sources = [d.source for d in info.disks if d.source] + [info.nvram or ""]
+            for source in filter(None, sources):
+                users.setdefault(source, set()).add(info.name)
+        return users
+
+    def _every_config(self) -> Iterator[GuestInfo]:
+        """Each defined guest's live and persistent configuration, in listing order."""
         for dom in self._call(self._live().listAllDomains, 0):
             for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
                 try:
-                    info = parse_domain_xml(dom.XMLDesc(flags))
+                    xml = dom.XMLDesc(flags)
                 except libvirt.libvirtError:
                     continue  # undefined between the listing and the lookup
-                sources = [d.source for d in info.disks if d.source] + [info.nvram or ""]
-                for source in filter(None, sources):
-                    users.setdefault(source, set()).add(info.name)
-        return users
+                yield parse_domain_xml(xml)
 
     def has_managed_save(self, name: str) -> bool:
         """Whether the guest has a saved memory image (``virsh managedsave``) it resumes from."""

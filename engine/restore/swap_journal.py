@@ -26,6 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from guestsafe.engine import locks
 from guestsafe.engine.fsutil import atomic_write_bytes, fsync_dir
 from guestsafe.engine.paths import ensure_dir
 
@@ -38,15 +39,6 @@ class SwapPhase(StrEnum):
     DEFINE = "define"
     CLEANUP = "cleanup"
 
-
-def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid``, so a recycled PID is not mistaken for ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name may hold spaces and parentheses; fields follow the last ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 @dataclass
@@ -70,14 +62,14 @@ class RestoreEntry:
     keep_replaced: bool
     phase: str = SwapPhase.COPY
     pid: int = field(default_factory=os.getpid)
-    pid_start: str | None = field(default_factory=lambda: process_start_time(os.getpid()))
+    pid_start: str | None = field(default_factory=lambda: locks.process_start_stamp(os.getpid()))
     host: str = field(default_factory=socket.gethostname)
     entry_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def owner_alive(self) -> bool:
         if self.host != socket.gethostname():
             return True  # not ours to judge
-        return process_start_time(self.pid) == self.pid_start
+        return locks.process_start_stamp(self.pid) == self.pid_start
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RestoreEntry:
