@@ -80,10 +80,10 @@ class Mounted:
         warnings = []
         top = mount_at(self.target)
         if top is not None and top.is_of(self.device.devnum):
-            warnings.append(_umount(self.target))
+            warnings.append(umount_target(self.target))
         top = mount_at(self.target)
         if self.bind and top is not None and not top.is_of(self.device.devnum):
-            warnings.append(_umount(self.target))
+            warnings.append(umount_target(self.target))
         return "; ".join(w for w in warnings if w) or None
 
 
@@ -132,7 +132,7 @@ def _share_mount_point(target: Path) -> bool:
         result = _run([*argv, "--", str(target), *([str(target)] if "--bind" in argv else [])])
         if result.returncode != 0:
             with contextlib.suppress(DeviceError):
-                _umount(target)
+                umount_target(target)
             raise DeviceError(
                 f"cannot prepare mount point {target} ({' '.join(argv[1:])}): "
                 f"{_one_line(result.stderr)}"
@@ -155,7 +155,7 @@ def _check_mounted(device: BlockDevice, target: Path, read_only: bool) -> None:
         raise DeviceError(f"could not mount {device.node} with {','.join(SAFE_OPTIONS)}")
 
 
-def _umount(target: Path) -> str | None:
+def umount_target(target: Path) -> str | None:
     """Unmount the top mount at ``target``, lazily if busy; a warning, or None."""
     result = _run(["umount", "--", str(target)])
     if result.returncode == 0:

@@ -49,7 +49,7 @@ import pyudev
 
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.store import MARKER, Archive
-from guestsafe.engine.devices.mounter import Mounted, _umount, mount_device, temporary_mount
+from guestsafe.engine.devices.mounter import Mounted, mount_device, temporary_mount, umount_target
 from guestsafe.engine.devices.mountinfo import mount_at, mounts_of
 from guestsafe.engine.devices.preflight import (
     GuestFile,
@@ -154,10 +154,10 @@ def _unmount_left(record: MountRecord, report: Reporter) -> bool:
     if top is None or not top.is_of(record.devnum):
         return True  # unmounted since, or another mount on top: not ours to remove
     try:
-        warning = _umount(target)
+        warning = umount_target(target)
         below = mount_at(target)
         if record.bind and below is not None and not below.is_of(record.devnum):
-            warning = _umount(target) or warning
+            warning = umount_target(target) or warning
     except DeviceError as exc:
         events.error(report, f"recovery: {exc.message}; unmount it before unplugging the disk")
         return False
