@@ -28,7 +28,12 @@ from typing import Protocol
 # The CLI and the console take every engine type and helper they name from
 # here (``__all__``). When an engine module moves, only this block changes.
 from guestsafe.engine import __version__, demo, events, notify
-from guestsafe.engine.archive.calendar_retention import Candidate, RetentionPolicy, describe_policy
+from guestsafe.engine.archive.calendar_retention import (
+    Candidate,
+    RetentionPolicy,
+    describe_policy,
+    keep_reasons,
+)
 from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
@@ -62,6 +67,7 @@ from guestsafe.engine.jobs.model import (
     HOOK_PHASES,
     MODES,
     ON_TIMEOUT,
+    WEEKDAYS,
     Hooks,
     Job,
     Schedule,
@@ -92,6 +98,7 @@ __all__ = [
     "MODES",
     "NEW",
     "ON_TIMEOUT",
+    "WEEKDAYS",
     "Archive",
     "BlockDevice",
     "Candidate",
@@ -133,6 +140,7 @@ __all__ = [
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
+    "keep_reasons",
     "mode_label",
     "on_calendar",
     "parse_line",

@@ -8,6 +8,8 @@ and if ``save_job`` still refuses, its ``FieldError``s land at the fields too.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
@@ -24,25 +26,29 @@ from textual.widgets import (
     Footer,
     Input,
     Label,
-    RadioButton,
     RadioSet,
     Static,
 )
 
 from guestsafe.engine.api import (
     HOOK_PHASES,
+    MARKER,
     MODES,
     ON_TIMEOUT,
+    WEEKDAYS,
     BlockDevice,
     Engine,
     FieldError,
     Job,
+    RetentionPolicy,
 )
 from guestsafe.engine.errors import GuestsafeError, JobConfigError
 
+from .choice_button import ChoiceButton
 from .field_input import FieldInput
 from .formatting import literal
 from .model.job_form import (
+    CALENDAR_FIELDS,
     FIELDS,
     HOOK_FIELDS,
     MODE_HELP,
@@ -51,11 +57,22 @@ from .model.job_form import (
     check_job,
     device_hint,
     hook_field,
+    next_runs_text,
     node_note,
+    split_guests,
+    split_weekdays,
 )
+from .model.prune_preview import GuestHistory, policy_of, preview_lines
+from .tick_box import TickBox
 from .worker_errors import ReportsWorkerErrors, background
 
 FORM_LEVEL = "form"  # problems that belong to no one field, shown at the top
+CALENDAR_LABELS = {
+    "keep_daily": "Keep daily",
+    "keep_weekly": "Keep weekly",
+    "keep_monthly": "Keep monthly",
+    "keep_yearly": "Keep yearly",
+}
 
 
 class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
@@ -86,6 +103,9 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         # a new form waits until a field is changed or Save is pressed.
         self._show_all = job is not None
         self._detected: list[BlockDevice] = []
+        # The versions the prune preview shows; the newest load wins.
+        self._histories: list[GuestHistory] = []
+        self._history_load = 0
 
     # --- layout ------------------------------------------------------------
 
@@ -104,37 +124,49 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                     "device", "Device", v.device, "optional: /dev/sdb1, UUID=..., LABEL=..."
                 )
                 yield Static("", id="device-hint", classes="field-hint")
-                yield from self._text("keep", "Keep versions", v.keep, "3", integer=True)
+                yield from self._text("keep", "Keep last", v.keep, "3", integer=True)
+                for field, label in CALENDAR_LABELS.items():
+                    yield from self._text(field, label, getattr(v, field), "0: off", integer=True)
+                yield Static("", id="prune-preview", classes="field-hint")
                 yield from self._text("time", "Time (HH:MM)", v.time, "empty: manual only")
-                yield from self._text(
-                    "weekdays", "Weekdays", v.weekdays, "mon, fri (empty: every day)"
-                )
+                yield from self._row("weekdays", "Weekdays", self._weekday_boxes(v.weekdays))
+                yield Static("", id="next-runs", classes="field-hint")
                 yield from self._row("mode", "Mode", self._radio_set("mode", MODES, v.mode))
                 yield Static(id="mode-help", classes="field-hint")
                 yield from self._row(
-                    "fallback_to_stop", "Fallback",
-                    Checkbox(
+                    "fallback_to_stop",
+                    "Fallback",
+                    TickBox(
                         "copy as in stop where push backups cannot run",
-                        v.fallback_to_stop, compact=True,
+                        v.fallback_to_stop,
+                        compact=True,
                     ),
                 )
                 yield from self._text(
-                    "shutdown_timeout", "Shutdown timeout", v.shutdown_timeout, "seconds",
+                    "shutdown_timeout",
+                    "Shutdown timeout",
+                    v.shutdown_timeout,
+                    "seconds",
                     integer=True,
                 )
                 yield from self._row(
-                    "on_timeout", "On timeout",
+                    "on_timeout",
+                    "On timeout",
                     self._radio_set("on_timeout", ON_TIMEOUT, v.on_timeout, horizontal=True),
                 )
                 yield from self._row(
-                    "verify", "Verify", Checkbox("read the copy back", v.verify, compact=True)
+                    "verify", "Verify", TickBox("read the copy back", v.verify, compact=True)
                 )
                 yield from self._row(
-                    "group", "Group",
-                    Checkbox("stop all, copy, start in reverse", v.group, compact=True),
+                    "group",
+                    "Group",
+                    TickBox("stop all, copy, start in reverse", v.group, compact=True),
                 )
                 yield from self._text(
-                    "lock_wait", "Busy wait", v.lock_wait, "seconds to wait for a busy guest",
+                    "lock_wait",
+                    "Busy wait",
+                    v.lock_wait,
+                    "seconds to wait for a busy guest",
                     integer=True,
                 )
                 yield from self._hook_rows(v)
@@ -176,13 +208,23 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         field: str, choices: Sequence[str], value: str, *, horizontal: bool = False
     ) -> RadioSet:
         buttons = [
-            RadioButton(choice, value == choice, id=f"{field}-{choice}", compact=True)
+            ChoiceButton(choice, value == choice, id=f"{field}-{choice}", compact=True)
             for choice in choices
         ]
         radio_set = RadioSet(*buttons, compact=True)
         if horizontal:
             radio_set.add_class("horizontal")
         return radio_set
+
+    @staticmethod
+    def _weekday_boxes(weekdays: str) -> Horizontal:
+        """One box per day, as ArchivistaVM shows them; none ticked: every day."""
+        chosen = set(split_weekdays(weekdays))
+        boxes = [
+            TickBox(day.capitalize()[:2], day in chosen, id=f"wd-{day}", compact=True)
+            for day in WEEKDAYS
+        ]
+        return Horizontal(*boxes, classes="weekday-boxes")
 
     def _guest_hint(self) -> str:
         if self._known is None:
@@ -195,6 +237,9 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         self._validate()
         self._showdevice_hint()
         self._find_devices()
+        self._show_next_runs()
+        self._show_prune_preview()
+        self._reload_history()
 
     # --- reading the fields ------------------------------------------------
 
@@ -214,8 +259,11 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             destination=text("destination"),
             device=text("device"),
             keep=text("keep"),
+            **{field: text(field) for field in CALENDAR_FIELDS},
             time=text("time"),
-            weekdays=text("weekdays"),
+            weekdays=", ".join(
+                day for day in WEEKDAYS if self.query_one(f"#wd-{day}", Checkbox).value
+            ),
             mode=choice("mode", "stop"),
             shutdown_timeout=text("shutdown_timeout"),
             on_timeout=choice("on_timeout", "abort"),
@@ -267,8 +315,74 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
     @on(Input.Changed)
     @on(Checkbox.Changed)
-    def _field_changed(self) -> None:
+    def _field_changed(self, event: Input.Changed | Checkbox.Changed) -> None:
         self._validate()
+        field = (event.control.id or "").removeprefix("f-")
+        if field in ("keep", *CALENDAR_FIELDS):
+            self._show_prune_preview()
+        elif field in ("time",) or field.startswith("wd-"):
+            self._show_next_runs()
+        elif field in ("guests", "destination", "device"):
+            self._reload_history()
+
+    # --- previews ----------------------------------------------------------
+
+    def _show_next_runs(self) -> None:
+        """The next three runs the time and weekdays give, in the host's zone."""
+        job, problems = self._check()
+        broken = {p.field for p in problems} & {"time", "weekdays"}
+        times: list[datetime] = []
+        if not broken and job.schedule.time is not None:
+            when = self._engine.next_run(job)
+            while when is not None and len(times) < 3:
+                times.append(when)
+                when = self._engine.next_run(job, when)
+        text = next_runs_text(times, job.schedule.time, bool(broken))
+        self.query_one("#next-runs", Static).update(literal(text))
+
+    def _show_prune_preview(self) -> None:
+        values = self.values()
+        counts = {"keep": values.keep} | {f: getattr(values, f) for f in CALENDAR_FIELDS}
+        lines = preview_lines(self._histories, policy_of(counts), self._engine.now())
+        self.query_one("#prune-preview", Static).update(literal("\n".join(lines), multiline=True))
+
+    def _reload_history(self) -> None:
+        values = self.values()
+        self._history_load += 1
+        original = self._original
+        same = (
+            original is not None
+            and values.destination.strip() == str(original.destination)
+            and values.device.strip() == (original.device or "")
+        )
+        guests = split_guests(values.guests)
+        self._load_history(self._history_load, values.destination.strip(), guests, same)
+
+    @background(group="form-history")
+    def _load_history(self, load: int, destination: str, guests: list[str], same: bool) -> None:
+        """The guests' versions in the archive; none when it is not there (a new path)."""
+        histories: list[GuestHistory] = []
+        try:
+            if same and self._original is not None and self._original.device:
+                # The edited job's device: mounted read-only for the look.
+                job = self._original
+                rows = self._engine.retention_preview(job)
+                histories = [GuestHistory(g, [c for c, _ in r]) for g, r in rows if g in guests]
+            elif destination and (Path(destination) / MARKER).exists():
+                archive = self._engine.archive(Path(destination))
+                histories = [
+                    GuestHistory(g, [c for c, _ in archive.retention_rows(g, RetentionPolicy())])
+                    for g in guests
+                ]
+        except (GuestsafeError, OSError):
+            histories = []  # no archive to read: the preview simulates
+        self.app.call_from_thread(self._history_loaded, load, histories)
+
+    def _history_loaded(self, load: int, histories: list[GuestHistory]) -> None:
+        if load != self._history_load:
+            return  # the fields changed meanwhile: a newer load is on its way
+        self._histories = histories
+        self._show_prune_preview()
 
     @on(RadioSet.Changed)
     def _choice_changed(self, event: RadioSet.Changed) -> None:

@@ -127,7 +127,9 @@ async def test_form_edits_weekdays_and_hooks(
         await wait_for(pilot, lambda: isinstance(app.screen, JobFormScreen))
         await pilot.pause()
         await type_into(pilot, "#f-time", "02:30")
-        await type_into(pilot, "#f-weekdays", "mon, fri")
+        for day in ("mon", "fri"):
+            app.screen.query_one(f"#wd-{day}").focus()
+            await pilot.press("space")
         await fill(pilot, "#f-hook_pre_stop", f"{hook_dir}/freeze --all")
         await fill(pilot, "#f-hook_post_start", f"{hook_dir}/thaw")
         await type_into(pilot, "#f-hook_timeout", "45")

@@ -12,6 +12,7 @@ import re
 import shlex
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from guestsafe.engine.api import (
@@ -40,6 +41,8 @@ def hook_field(phase: str) -> str:
 
 
 HOOK_FIELDS = tuple(hook_field(phase) for phase in HOOK_PHASES)
+# The calendar retention rules, beside keep (keep_last); 0 turns one off.
+CALENDAR_FIELDS = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 
 # The form's fields, top to bottom; a FieldError's ``field`` is one of these.
 FIELDS = (
@@ -48,6 +51,7 @@ FIELDS = (
     "destination",
     "device",
     "keep",
+    *CALENDAR_FIELDS,
     "time",
     "weekdays",
     "mode",
@@ -82,6 +86,10 @@ class JobFormValues:
     destination: str = ""
     device: str = ""
     keep: str = str(DEFAULT_KEEP)
+    keep_daily: str = "0"
+    keep_weekly: str = "0"
+    keep_monthly: str = "0"
+    keep_yearly: str = "0"
     time: str = ""
     weekdays: str = ""
     mode: str = "stop"
@@ -110,6 +118,7 @@ class JobFormValues:
             destination=str(job.destination),
             device=job.device or "",
             keep=str(job.keep),
+            **{key: str(getattr(job, key)) for key in CALENDAR_FIELDS},
             time=job.schedule.time or "",
             weekdays=", ".join(job.schedule.weekdays),
             mode=job.mode,
@@ -173,9 +182,11 @@ def build_job(
     destination = values.destination.strip()
     if not destination:
         problems.append(FieldError(name, "destination", "destination is required"))
-    # The form has no calendar fields yet; the edited job's rules are kept, and
-    # beside them keep may be 0 (FORMAT.md, section 11).
-    calendar = _calendar_rules(base)
+    # Beside a calendar rule keep may be 0 (FORMAT.md, section 11).
+    calendar = {
+        key: _whole_number(key, getattr(values, key), problems, name, minimum=0)
+        for key in CALENDAR_FIELDS
+    }
     least = 0 if any(calendar.values()) else 1
     keep = _whole_number("keep", values.keep, problems, name, minimum=least)
     timeout = _whole_number("shutdown_timeout", values.shutdown_timeout, problems, name)
@@ -202,11 +213,6 @@ def build_job(
         lock_wait=lock_wait,
     )
     return job, problems
-
-
-def _calendar_rules(base: Job | None) -> dict[str, int]:
-    keys = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
-    return {key: getattr(base, key) for key in keys} if base is not None else {}
 
 
 def check_job(
@@ -282,3 +288,16 @@ def node_note(node: str, detected: Sequence[BlockDevice]) -> str:
     if match is not None and match.uuid:
         return f"{match.spec} names this disk even after re-plugging; {node} may not"
     return f"UUID=... names a disk even after re-plugging; {node} may be another disk next time"
+
+
+# --- the schedule's preview ----------------------------------------------------------
+
+
+def next_runs_text(times: Sequence[datetime], time: str | None, broken: bool) -> str:
+    """The line under the weekdays: the next three runs, or why there are none."""
+    if broken:
+        return "next: fix the time or the weekdays first"
+    if time is None:
+        return "next: manual only (no time set)"
+    shown = ", ".join(f"{when:%a %m-%d %H:%M}" for when in times)
+    return f"next: {shown}" if shown else "next: none"
