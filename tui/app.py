@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
+from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
@@ -28,6 +29,7 @@ from .commands import GuestsafeCommands
 from .confirm_modal import ConfirmModal
 from .error_modal import ErrorModal
 from .guests_pane import GuestsPane
+from .help_screen import HelpScreen, help_rows
 from .jobs_pane import JobsPane
 from .log_pane import LogPane
 from .messages import (
@@ -46,13 +48,9 @@ from .model.keymap import keymap_path, load_keymap
 from .restore_pane import RestorePane
 from .worker_errors import ReportsWorkerErrors, background
 
-# Tab ids, in the order shown. Each label underlines the key that opens it.
-TABS = {
-    "jobs": "[u]J[/u]obs",
-    "restore": "[u]R[/u]estore",
-    "log": "[u]L[/u]og",
-    "guests": "[u]G[/u]uests",
-}
+# Tab ids, in the order shown, with their names. Each label names the key that
+# opens it (after keys.toml), in letters, so a monochrome terminal shows it too.
+TABS = {"jobs": "Jobs", "restore": "Restore", "log": "Log", "guests": "Guests"}
 
 
 # App actions that stay out of reach while a dialog is open.
@@ -70,6 +68,9 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         Binding("r", "show_tab('restore')", "Restore", show=False, id="app.restore"),
         Binding("l", "show_tab('log')", "Log", show=False, id="app.log"),
         Binding("g", "show_tab('guests')", "Guests", show=False, id="app.guests"),
+        Binding("question_mark", "help", "Keys", id="app.help"),
+        # F1 works everywhere, in a dialog and in a text field too, where ? is typed.
+        Binding("f1", "help", "Keys", show=False, priority=True, id="app.help_anywhere"),
         Binding("f5", "refresh", "Refresh", id="app.refresh"),
         Binding("q", "quit", "Quit", id="app.quit"),
     ]
@@ -94,15 +95,25 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
     def compose(self) -> ComposeResult:
         yield Header()
         with TabbedContent(id="tabs", initial="jobs"):
-            with TabPane(TABS["jobs"], id="jobs"):
+            with TabPane(self._tab_label("jobs"), id="jobs"):
                 yield JobsPane(self.engine, id="jobs-pane")
-            with TabPane(TABS["restore"], id="restore"):
+            with TabPane(self._tab_label("restore"), id="restore"):
                 yield RestorePane(self.engine, id="restore-pane")
-            with TabPane(TABS["log"], id="log"):
+            with TabPane(self._tab_label("log"), id="log"):
                 yield LogPane(self.engine, id="log-pane")
-            with TabPane(TABS["guests"], id="guests"):
+            with TabPane(self._tab_label("guests"), id="guests"):
                 yield GuestsPane(self.engine, id="guests-pane")
         yield Footer()
+
+    def _tab_label(self, tab: str) -> Content:
+        """``Jobs (j)``: the tab's name and its key, as keys.toml may have moved it."""
+        default = next(b.key for b in self._bindings_of_class() if b.id == f"app.{tab}")
+        key = self._keymap.get(f"app.{tab}", default).split(",")[0].strip()
+        return Content(f"{TABS[tab]} ({key})")  # Content: a key like "[" is no markup
+
+    @classmethod
+    def _bindings_of_class(cls) -> list[Binding]:
+        return [b for b in cls.BINDINGS if isinstance(b, Binding)]
 
     def on_mount(self) -> None:
         self.sub_title = escape(self.engine.uri)
@@ -171,6 +182,19 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
             "guests": self.guests_pane.focus_table,
         }
         focus[tab]()
+
+    def action_help(self) -> None:
+        """Every key of the screen in front, as it works now (keys.toml applied)."""
+        screen = self.screen
+        if isinstance(screen, HelpScreen):
+            screen.dismiss(None)
+            return
+        rows = help_rows(screen.active_bindings, self._keymap, self.get_key_display)
+        if isinstance(screen, ModalScreen):
+            where = getattr(screen, "HELP_TITLE", "this dialog")
+        else:
+            where = f"the {TABS.get(self.active_tab, self.active_tab)} tab"
+        self.push_screen(HelpScreen(f"Keys of {where}", rows))
 
     def on_switch_tab(self, message: SwitchTab) -> None:
         self.action_show_tab(message.tab)

@@ -14,6 +14,7 @@ from .formatting import literal
 
 
 class ConfirmModal(ModalScreen[bool]):
+    HELP_TITLE = "the question"  # the help screen's name for it
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("y", "answer(True)", "Yes", id="confirm.yes"),
         Binding("n", "answer(False)", "No", id="confirm.no"),

@@ -14,6 +14,7 @@ from .formatting import literal
 
 
 class ErrorModal(ModalScreen[None]):
+    HELP_TITLE = "the error dialog"  # the help screen's name for it
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "close", "OK", id="error.close"),
         Binding("o", "close", "OK", show=False, id="error.ok"),

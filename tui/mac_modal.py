@@ -9,10 +9,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, RadioButton, RadioSet, Static
+from textual.widgets import Button, Footer, RadioSet, Static
 
 from guestsafe.engine.api import KEEP, NEW, RestorePlan
 
+from .choice_button import ChoiceButton
 from .formatting import literal
 
 WHY = (
@@ -23,6 +24,7 @@ WHY = (
 
 class MacClashScreen(ModalScreen[dict[int, str] | None]):
     """Returns {interface index: "keep" | "new"}, or None when cancelled."""
+    HELP_TITLE = "the MAC choice"  # the help screen's name for it
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f2", "restore", "Restore", id="mac.restore"),
@@ -49,10 +51,10 @@ class MacClashScreen(ModalScreen[dict[int, str] | None]):
                     yield Static(line, classes="mac-clash")
                     # The safe choice first: the cursor starts on it, and it is pressed.
                     yield RadioSet(
-                        RadioButton(
+                        ChoiceButton(
                             f"new {iface.new_mac}", True, id=f"mac-{iface.index}-new", compact=True
                         ),
-                        RadioButton(
+                        ChoiceButton(
                             f"keep {iface.mac}", id=f"mac-{iface.index}-keep", compact=True
                         ),
                         id=f"mac-{iface.index}",
