@@ -71,7 +71,7 @@ class HelpScreen(ModalScreen[None]):
             yield Static(literal(self._title), classes="dialog-title")
             yield DataTable(id="help-table", cursor_type="row", zebra_stripes=True)
             yield Static(
-                "Move a key in keys.toml next to jobs.toml: [keys] \"jobs.start\" = \"f9\". "
+                'Move a key in keys.toml next to jobs.toml: [keys] "jobs.start" = "f9". '
                 "Keys it moved are marked (keys.toml).",
                 id="help-note",
                 markup=False,

@@ -77,6 +77,7 @@ CALENDAR_LABELS = {
 
 class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
     """Returns the saved job's name, or None when cancelled."""
+
     HELP_TITLE = "the job form"  # the help screen's name for it
 
     BINDINGS: ClassVar[list[BindingType]] = [

@@ -24,6 +24,7 @@ WHY = (
 
 class MacClashScreen(ModalScreen[dict[int, str] | None]):
     """Returns {interface index: "keep" | "new"}, or None when cancelled."""
+
     HELP_TITLE = "the MAC choice"  # the help screen's name for it
 
     BINDINGS: ClassVar[list[BindingType]] = [

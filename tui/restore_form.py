@@ -14,6 +14,7 @@ from guestsafe.engine.api import escape
 
 from .field_input import FieldInput
 from .formatting import literal
+from .tick_box import TickBox
 
 
 class RestoreForm(Vertical):
@@ -22,6 +23,7 @@ class RestoreForm(Vertical):
         guest: str
         number: int
         new_name: str
+        start: bool = False  # start the restored guest, as the CLI's --start
 
     # The row taken last: (its name as shown, its real name).
     _chosen: tuple[str, str] | None = None
@@ -34,6 +36,7 @@ class RestoreForm(Vertical):
             yield FieldInput(id="r-version", placeholder="n", type="integer", compact=True)
             yield Label("New ID", classes="restore-label")
             yield FieldInput(id="r-new", placeholder="new guest name", compact=True)
+            yield TickBox("start", id="r-start", compact=True)
             yield Button("Restore", id="r-submit", variant="primary", compact=True)
         yield Static("", id="r-error", classes="field-error")
 
@@ -91,4 +94,5 @@ class RestoreForm(Vertical):
             self._input("r-new").focus()
             return
         self._error("")
-        self.post_message(self.Submitted(guest, int(version), new_name))
+        start = self.query_one("#r-start", TickBox).value
+        self.post_message(self.Submitted(guest, int(version), new_name, start))

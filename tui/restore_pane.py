@@ -25,7 +25,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
-from textual.widgets import DataTable, Label, Select, Static
+from textual.widgets import DataTable, Input, Label, Select, Static
 
 from guestsafe.engine.api import (
     MARKER,
@@ -60,6 +60,9 @@ from .worker_errors import ReportsWorkerErrors, background
 COLUMNS = ("Guest", "Version", "Date", "Size", "Mode", "Verified")
 # Archive choices that are devices carry this before the device's spec.
 DEVICE_PREFIX = "device:"
+# The archive choice's first entry: what the list holds, or that it is empty.
+NO_ARCHIVES = "no job destination or device archive yet"
+CHOOSE_ARCHIVE = "choose an archive"
 
 
 @dataclass
@@ -84,12 +87,16 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         Binding("a", "choose_archive", "Archive", id="restore.archive"),
         Binding("t", "restore", "Restore", id="restore.start"),
         Binding("o", "restore_over", "Over original", id="restore.over"),
+        Binding("slash", "filter", "Filter", id="restore.filter"),
     ]
 
     def __init__(self, engine: Engine, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._engine = engine
-        self._versions: list[VersionInfo] = []
+        self._versions: list[VersionInfo] = []  # the archive's, all of them
+        self._shown: list[VersionInfo] = []  # those whose guest matches the filter
+        self._status = ""  # how many versions the archive holds, or why none
+        self._start_restored = False  # the form's "start" box, at the last submit
         self._busy = False
         self._cancel = threading.Event()
         self._destinations: list[Path] = []
@@ -102,8 +109,13 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     def compose(self) -> ComposeResult:
         with Horizontal(id="archive-bar"):
             yield Label("Archive", classes="restore-label")
-            yield Select[str]([], id="dest-select", prompt="no job destinations", compact=True)
+            yield Select[str]([], id="dest-select", prompt=NO_ARCHIVES, compact=True)
             yield Static("", id="archive-status")
+        with Horizontal(id="filter-bar"):
+            yield Label("Guest", classes="restore-label")
+            yield Input(
+                id="guest-filter", placeholder="type to filter by guest name (/)", compact=True
+            )
         yield DataTable(id="archive-table", cursor_type="row", zebra_stripes=True)
         yield RestoreForm(id="restore-form")
         yield ExternalDevicesPanel(id="devices")
@@ -164,6 +176,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             if d.has_marker
         ]
         with select.prevent(Select.Changed):
+            select.prompt = CHOOSE_ARCHIVE if options else NO_ARCHIVES
             select.set_options(options)
             if current in [value for _label, value in options]:
                 select.value = current
@@ -202,7 +215,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
 
     def _loaded(self, versions: list[VersionInfo], status: str) -> None:
         self._versions = versions
-        self.query_one("#archive-status", Static).update(status)
+        self._status = status
         self._fill()
 
     def _fill(self) -> None:
@@ -211,7 +224,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         table.clear()
         styles = status_styles(self.app)
         warning = f"bold {self.app.current_theme.warning or 'yellow'}"
-        for index, v in enumerate(self._versions):
+        wanted = self.query_one("#guest-filter", Input).value.strip().casefold()
+        self._shown = [v for v in self._versions if wanted in v.guest.casefold()]
+        status = f"{len(self._shown)} shown of {self._status}" if wanted else self._status
+        self.query_one("#archive-status", Static).update(status)
+        for index, v in enumerate(self._shown):
             mode_style = warning if is_crash_consistent(v.mode) else ""
             table.add_row(
                 fmt.literal(v.guest),
@@ -222,20 +239,31 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 fmt.verified(v.verified, styles),
                 key=str(index),
             )
-        if self._versions:
-            table.move_cursor(row=min(row, len(self._versions) - 1))
+        if self._shown:
+            table.move_cursor(row=min(row, len(self._shown) - 1))
 
     @property
     def versions(self) -> list[VersionInfo]:
-        """The chosen archive's versions, as the table lists them."""
-        return list(self._versions)
+        """The chosen archive's versions the table lists (those the filter lets through)."""
+        return list(self._shown)
 
     @property
     def selected_version(self) -> VersionInfo | None:
         table = self.query_one("#archive-table", DataTable)
-        if not self._versions or table.row_count == 0:
+        if not self._shown or table.row_count == 0:
             return None
-        return self._versions[min(table.cursor_row, len(self._versions) - 1)]
+        return self._shown[min(table.cursor_row, len(self._shown) - 1)]
+
+    @on(Input.Changed, "#guest-filter")
+    def _filter_changed(self) -> None:
+        self._fill()
+
+    @on(Input.Submitted, "#guest-filter")
+    def _filter_done(self) -> None:
+        self.focus_table()
+
+    def action_filter(self) -> None:
+        self.query_one("#guest-filter", Input).focus()
 
     @on(DataTable.RowHighlighted, "#archive-table")
     def _row_highlighted(self) -> None:
@@ -327,6 +355,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         if self._busy:
             self.app.notify("A restore is already running.", severity="warning")
             return
+        self._start_restored = event.start
         self._plan(source, event.guest, event.number, event.new_name)
 
     @contextmanager
@@ -384,7 +413,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 result = self._restore_from_device(source, plan, choices, reporter, cancel)
             else:
                 result = self._engine.restore(
-                    plan, mac_choices=choices, reporter=reporter, cancel=cancel
+                    plan,
+                    mac_choices=choices,
+                    start=self._start_restored,
+                    reporter=reporter,
+                    cancel=cancel,
                 )
         finally:
             reporter.flush()
@@ -413,7 +446,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             fresh = self._engine.plan_restore(archive, version.guest, version.number, plan.new_name)
             fresh.interfaces = plan.interfaces  # the MACs the operator was shown
             return self._engine.restore(
-                fresh, mac_choices=choices, reporter=reporter, cancel=cancel
+                fresh,
+                mac_choices=choices,
+                start=self._start_restored,
+                reporter=reporter,
+                cancel=cancel,
             )
 
     # --- restore over the original ----------------------------------------
