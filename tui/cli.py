@@ -317,7 +317,8 @@ def _mounted_archives(engine: Engine, destinations: list[Path]) -> list[Path]:
 
 
 def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
-    rows = [("GUEST", "VERSION", "DATE", "MODE", "SIZE", "VERIFIED", "ARCHIVE")]
+    # ON DISK: the version folder's size; a run log's "copied" is the data read.
+    rows = [("GUEST", "VERSION", "DATE", "MODE", "ON DISK", "VERIFIED", "ARCHIVE")]
     for where, versions in archives:
         for v in versions:
             verified = {True: "ok", False: "FAILED", None: "-"}[v.verified]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import ClassVar
 
 from rich.text import Text
@@ -11,7 +12,14 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from guestsafe.engine.api import Engine, Job, LastResult
+from guestsafe.engine.api import (
+    MARKER,
+    Engine,
+    Job,
+    LastResult,
+    describe_policy,
+    retention_policy,
+)
 from guestsafe.engine.errors import GuestsafeError
 
 from . import formatting as fmt
@@ -24,7 +32,22 @@ from .worker_errors import ReportsWorkerErrors, background
 
 # The destination comes last: it is the longest, and on a narrow terminal it is
 # the one to scroll to, not the last result.
-COLUMNS = ("Job", "Guests", "Keep", "Next run", "Last result", "Destination / device")
+COLUMNS = (
+    "Job",
+    "Guests",
+    "Keep",
+    "Next run",
+    "Last result",
+    "Took",
+    "Size",
+    "Destination / device",
+)
+# Which columns stay when the terminal is too narrow for all: the first ones
+# here; the detail panel under the table says everything.
+PRIORITY = ("Job", "Last result", "Guests", "Keep", "Next run", "Took", "Size")
+# Long names are cut to this many cells, with an ellipsis.
+MAX_WIDTH = {"Job": 18, "Guests": 22, "Destination / device": 40}
+CELL_PADDING = 2  # a DataTable cell's padding, both sides together
 
 
 class JobsPane(ReportsWorkerErrors, Vertical):
@@ -43,15 +66,14 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         # Job name -> its timer: installed, outdated, missing or manual.
         self._timer_states: dict[str, str] = {}
         self._running_job: str | None = None
+        # Job name -> bytes its guests' versions take on disk; None: not readable now.
+        self._sizes: dict[str, int | None] = {}
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="jobs-table", cursor_type="row", zebra_stripes=True)
         yield Static("", id="job-detail")
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        for column in COLUMNS:
-            table.add_column(column, key=column)
         self.app.theme_changed_signal.subscribe(self, lambda _theme: self._fill())
         self.reload()
 
@@ -75,12 +97,32 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         jobs = self._engine.jobs()
         results = self._engine.last_results()
         timers = self._engine.timer_states(jobs)
-        self.app.call_from_thread(self._loaded, jobs, results, timers)
+        sizes = {job.name: self._versions_size(job) for job in jobs}
+        self.app.call_from_thread(self._loaded, jobs, results, timers, sizes)
+
+    def _versions_size(self, job: Job) -> int | None:
+        """What the job's guests' versions take on disk; None: none, or a device job."""
+        if job.device or not (Path(job.destination) / MARKER).exists():
+            return None  # a device is only mounted to restore or back up, not to count
+        try:
+            versions = self._engine.versions(job.destination)
+        except GuestsafeError:
+            return None
+        sizes = [v.size for v in versions if v.guest in job.guests]
+        return sum(sizes) if sizes else None
 
     def _loaded(
-        self, jobs: list[Job], results: dict[str, LastResult], timers: dict[str, str]
+        self,
+        jobs: list[Job],
+        results: dict[str, LastResult],
+        timers: dict[str, str],
+        sizes: dict[str, int | None],
     ) -> None:
         self._jobs, self._results, self._timer_states = jobs, results, timers
+        self._sizes = sizes
+        self._fill()
+
+    def on_resize(self) -> None:
         self._fill()
 
     def set_running(self, job: str | None) -> None:
@@ -90,24 +132,14 @@ class JobsPane(ReportsWorkerErrors, Vertical):
 
     def _fill(self) -> None:
         table = self.query_one(DataTable)
-        keep = self.selected
-        table.clear()
-        styles = status_styles(self.app)
-        now = self._engine.now()
-        for job in self._jobs:
-            if job.name == self._running_job:
-                last = Text("running...", style=styles.ok)
-            else:
-                last = fmt.last_result(self._results.get(job.name), styles)
-            table.add_row(
-                fmt.literal(job.name),
-                fmt.literal(", ".join(job.guests)),
-                Text(str(job.keep)),
-                Text(self._next_run(job, now)),
-                last,
-                fmt.literal(plain.where(job)),
-                key=job.name,
-            )
+        keep = self.selected if table.columns else None
+        rows = [self._cells(job) for job in self._jobs]
+        shown = fitting_columns(rows, self.size.width or 80)
+        table.clear(columns=True)
+        for column in shown:
+            table.add_column(column, key=column)
+        for job, cells in zip(self._jobs, rows, strict=True):
+            table.add_row(*(cells[column] for column in shown), key=job.name)
         if not self._jobs:
             where = self._engine.paths.config_file
             self.query_one("#job-detail", Static).update(
@@ -118,6 +150,26 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         if keep in names:
             table.move_cursor(row=names.index(keep))
         self._show_detail()
+
+    def _cells(self, job: Job) -> dict[str, Text]:
+        styles = status_styles(self.app)
+        result = self._results.get(job.name)
+        if job.name == self._running_job:
+            last = Text("running...", style=styles.ok)
+        else:
+            last = fmt.last_result(result, styles)
+        seconds = result.seconds if result is not None else None
+        size = self._sizes.get(job.name)
+        return {
+            "Job": _cut(fmt.literal(job.name), "Job"),
+            "Guests": _cut(fmt.literal(", ".join(job.guests)), "Guests"),
+            "Keep": Text(plain.keep_summary(job)),
+            "Next run": Text(self._next_run(job, self._engine.now())),
+            "Last result": last,
+            "Took": Text(plain.duration(seconds) if seconds is not None else "-", justify="right"),
+            "Size": Text(plain.size(size) if size is not None else "-", justify="right"),
+            "Destination / device": _cut(fmt.literal(plain.where(job)), "Destination / device"),
+        }
 
     def _next_run(self, job: Job, now: datetime) -> str:
         return plain.next_run(self._engine.next_run(job), self._timer_states.get(job.name), now)
@@ -138,6 +190,8 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             return
         when = self._engine.next_run(job)
         text = fmt.literal(plain.schedule_detail(job, when, self._timer_states.get(name)))
+        text.append("\n")
+        text.append_text(fmt.literal(self._where_detail(job)))
         if result is None:
             text.append("\nNo run yet.")
             detail.update(text)
@@ -145,10 +199,23 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         styles = status_styles(self.app)
         text.append("\nLast run: ")
         text.append_text(fmt.last_result(result, styles))
+        if result.seconds is not None:
+            text.append(f", took {plain.duration(result.seconds)}")
         for line in result.summary:
             text.append("\n  ")
             text.append_text(fmt.literal(line))
         detail.update(text)
+
+    def _where_detail(self, job: Job) -> str:
+        """The destination in full, the retention and what the versions take."""
+        size = self._sizes.get(job.name)
+        if size is not None:
+            on_disk = f"versions {plain.size(size)} on disk"
+        else:
+            on_disk = "device: not counted" if job.device else "no versions yet"
+        guests = ", ".join(job.guests)
+        policy = describe_policy(retention_policy(job))
+        return f"{guests} to {plain.where(job)}; {policy}; {on_disk}"
 
     # --- actions -----------------------------------------------------------
 
@@ -215,3 +282,23 @@ class JobsPane(ReportsWorkerErrors, Vertical):
 
     def focus_table(self) -> None:
         self.query_one(DataTable).focus()
+
+
+def _cut(text: Text, column: str) -> Text:
+    """A long name cut to its column's width with an ellipsis; the panel shows it whole."""
+    text.truncate(MAX_WIDTH[column], overflow="ellipsis")
+    return text
+
+
+def fitting_columns(rows: list[dict[str, Text]], width: int) -> list[str]:
+    """The columns that fit ``width`` cells, by ``PRIORITY``, in the table's order."""
+    def needed(column: str) -> int:
+        return max([len(column), *(row[column].cell_len for row in rows)]) + CELL_PADDING
+
+    chosen: set[str] = set()
+    used = 1  # the table's own edge
+    for column in (*PRIORITY, *[c for c in COLUMNS if c not in PRIORITY]):
+        if used + needed(column) <= width or column == "Job":
+            chosen.add(column)
+            used += needed(column)
+    return [column for column in COLUMNS if column in chosen]

@@ -57,7 +57,7 @@ from .restore_form import RestoreForm
 from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors, background
 
-COLUMNS = ("Guest", "Version", "Date", "Size", "Mode", "Verified")
+COLUMNS = ("Guest", "Version", "Date", "On disk", "Mode", "Verified")
 # Archive choices that are devices carry this before the device's spec.
 DEVICE_PREFIX = "device:"
 # The archive choice's first entry: what the list holds, or that it is empty.

@@ -92,6 +92,7 @@ class GuestBackup:
 
     def preflight(self) -> None:
         run, hv, job = self.run, self.ctx.hv, self.ctx.job
+        run.t0 = time.monotonic()  # this guest's time, not the job's
         self._enter(Phase.PREFLIGHT, None)
         run.info = hv.guest(run.name)
         key = locks.guest_key(run.info.uuid)
@@ -323,6 +324,7 @@ class GuestBackup:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        run.ended = time.monotonic()
 
     def _still_frozen(self) -> None:
         error = HypervisorError(
@@ -393,9 +395,10 @@ class GuestBackup:
 
     def outcome(self) -> GuestOutcome:
         run = self.run
-        duration = time.monotonic() - run.t0
+        duration = (run.ended or time.monotonic()) - run.t0
         number = self.version.number if self.version else None
-        spent = f"{byte_size(run.bytes_copied)} in {duration:.1f} s"
+        # Data copied, not the version's size on disk (which ``list`` shows).
+        spent = f"{byte_size(run.bytes_copied)} copied in {duration:.1f} s"
         if self.error is None:
             message = f"ok: version {number}, downtime {_seconds(run.downtime)}, {spent}"
         else:

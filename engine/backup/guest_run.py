@@ -68,7 +68,10 @@ class GuestRun:
     records: list[DiskRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # the version's notes
     # Timings: monotonic seconds, except the ISO start for the manifest.
+    # t0 is reset when this guest's own work begins (preflight), and ended set
+    # when it is settled: in a job of several guests each has its own duration.
     t0: float = field(default_factory=time.monotonic)
+    ended: float | None = None
     started_iso: str = field(default_factory=now_iso)
     stopped_at: float | None = None  # when the shutdown was asked for
     downtime: float | None = None

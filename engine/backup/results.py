@@ -50,6 +50,8 @@ class RunResult:
     outcomes: list[GuestOutcome] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # job-level, e.g. a failed job-end hook
     causes: dict[str, int] = field(default_factory=dict)  # failed guest: its error's exit code
+    # When the run began (ISO, UTC): made with the result, at the run's start.
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
     def ok(self) -> bool:
@@ -81,6 +83,17 @@ class LastResult:
     finished: str  # ISO time, UTC
     log_path: str
     summary: list[str]  # "guest: message" per guest, then the job's own problems
+    started: str = ""  # ISO time, UTC; "" in results kept before it was recorded
+
+    @property
+    def seconds(self) -> float | None:
+        """How long the run took, or None when its start is not known."""
+        try:
+            began = datetime.fromisoformat(self.started)
+            ended = datetime.fromisoformat(self.finished)
+        except ValueError:
+            return None
+        return (ended - began).total_seconds()
 
 
 def save(state_dir: Path, result: RunResult) -> LastResult:
@@ -93,6 +106,7 @@ def save(state_dir: Path, result: RunResult) -> LastResult:
         datetime.now(UTC).isoformat(timespec="seconds"),
         str(result.log_path),
         [f"{o.guest}: {o.message}" for o in result.outcomes] + result.problems,
+        result.started,
     )
     atomic_write_bytes(directory / f"{result.job}.json", json.dumps(asdict(last)).encode())
     return last

@@ -16,7 +16,7 @@ import blake3
 import pytest
 from rich.text import Text
 from rig.testnode import HOSTILE_NAMES, NodeGuest, node_engine, save_job, write_node
-from textual.widgets import DataTable
+from textual.widgets import DataTable, Static
 from tui_support import settle, wait_for
 
 from guestsafe.engine.api import Engine
@@ -105,10 +105,15 @@ async def test_console_shows_hostile_names_literally(hostile_engine: Engine) -> 
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
 
-        # Jobs: the guests column holds every name, escaped, as plain Text.
+        # Jobs: the guests column holds the names, escaped, as plain Text, cut to
+        # the column with an ellipsis; the panel under the table has them all.
         [guests_cell] = [app.query_one("#jobs-table", DataTable).get_row_at(0)[1]]
         assert isinstance(guests_cell, Text)
-        assert guests_cell.plain == escape(", ".join(HOSTILE_NAMES))
+        listed = escape(", ".join(HOSTILE_NAMES))
+        assert guests_cell.plain.endswith("…")
+        assert listed.startswith(guests_cell.plain.removesuffix("…"))
+        detail = app.query_one("#job-detail", Static).content
+        assert isinstance(detail, Text) and listed in detail.plain
         _assert_clean(_screen_text(app))
 
         await pilot.press("g")

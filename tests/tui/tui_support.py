@@ -167,5 +167,6 @@ def write_fixed_result(engine: Engine) -> None:
             "mail: failed: need 41 GiB on /srv/backup, 12 GiB free; guest is shut off, "
             "no version, previous versions untouched"
         ],
+        "2025-01-05T03:30:00+00:00",
     )
     (directory / "mail-weekly.json").write_text(json.dumps(asdict(result)))

@@ -79,3 +79,18 @@ def short_time(iso: str) -> str:
     if stamp.tzinfo is not None:
         stamp = stamp.astimezone()
     return stamp.strftime("%Y-%m-%d %H:%M")
+
+
+def keep_summary(job: Job) -> str:
+    """The Jobs table's KEEP: "7" for a plain count, "l3 d7 w4" for calendar rules."""
+    counts = {
+        "l": job.keep,
+        "d": job.keep_daily,
+        "w": job.keep_weekly,
+        "m": job.keep_monthly,
+        "y": job.keep_yearly,
+    }
+    if not any(counts[letter] for letter in "dwmy"):
+        return str(job.keep)
+    return " ".join(f"{letter}{count}" for letter, count in counts.items() if count)
+
