@@ -28,6 +28,7 @@ from guestsafe.engine.api import Engine
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.confirm_modal import ConfirmModal
 from guestsafe.tui.error_modal import ErrorModal
+from guestsafe.tui.help_screen import HelpScreen
 from guestsafe.tui.job_form import JobFormScreen
 from guestsafe.tui.mac_modal import MacClashScreen
 
@@ -122,6 +123,40 @@ def test_edit_job_snapshot_mode(snap_compare: Compare, engine: Engine) -> None:
     assert snap_compare(app_of(engine), terminal_size=WIDE, run_before=run_before)
 
 
+def test_job_form_prune_preview(snap_compare: Compare, engine: Engine) -> None:
+    """Calendar rules over the simulated 400 days: what each rule keeps."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await steps("n", until=lambda app: isinstance(app.screen, JobFormScreen))(pilot)
+        await type_into(pilot, "#f-keep", "3")
+        await type_into(pilot, "#f-keep_daily", "7")
+        await type_into(pilot, "#f-keep_weekly", "4")
+        await type_into(pilot, "#f-keep_monthly", "12")
+        await type_into(pilot, "#f-keep_yearly", "2")
+        await settle(pilot)
+
+    assert snap_compare(app_of(engine), terminal_size=WIDE, run_before=run_before)
+
+
+def test_job_form_weekdays(snap_compare: Compare, engine: Engine) -> None:
+    """Monday and Friday ticked: the next three runs under the boxes."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await steps("e", until=lambda app: isinstance(app.screen, JobFormScreen))(pilot)
+        for day in ("mon", "fri"):
+            pilot.app.screen.query_one(f"#wd-{day}").focus()
+            await pilot.press("space")
+        await settle(pilot)
+
+    assert snap_compare(app_of(engine), terminal_size=NARROW, run_before=run_before)
+
+
+@pytest.mark.parametrize("size", [WIDE, NARROW], ids=["100x32", "80x24"])
+def test_help_screen(snap_compare: Compare, engine: Engine, size: tuple[int, int]) -> None:
+    run_before = steps("question_mark", until=lambda app: isinstance(app.screen, HelpScreen))
+    assert snap_compare(app_of(engine), terminal_size=size, run_before=run_before)
+
+
 def test_confirm_start(snap_compare: Compare, engine: Engine) -> None:
     run_before = steps("s", until=lambda app: isinstance(app.screen, ConfirmModal))
     assert snap_compare(app_of(engine), terminal_size=WIDE, run_before=run_before)
@@ -144,6 +179,17 @@ def restore_ready(app: GuestsafeApp) -> object:
 def test_restore(snap_compare: Compare, archived: Engine, size: tuple[int, int]) -> None:
     run_before = steps("r", until=restore_ready)
     assert snap_compare(app_of(archived), terminal_size=size, run_before=run_before)
+
+
+def test_restore_filter(snap_compare: Compare, archived: Engine) -> None:
+    """Typing a guest's name in the filter leaves only its versions."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await steps("r", until=restore_ready)(pilot)
+        await pilot.press("slash", "d", "b")
+        await settle(pilot)
+
+    assert snap_compare(app_of(archived), terminal_size=NARROW, run_before=run_before)
 
 
 @pytest.mark.parametrize("size", [WIDE, NARROW], ids=["100x32", "80x24"])

@@ -299,5 +299,8 @@ def next_runs_text(times: Sequence[datetime], time: str | None, broken: bool) ->
         return "next: fix the time or the weekdays first"
     if time is None:
         return "next: manual only (no time set)"
-    shown = ", ".join(f"{when:%a %m-%d %H:%M}" for when in times)
-    return f"next: {shown}" if shown else "next: none"
+    if not times:
+        return "next: none"
+    # One daily time: said once, then the days (a DST change moves no local time).
+    days = ", ".join(f"{when:%a %m-%d}" for when in times)
+    return f"next: {times[0]:%H:%M} on {days}"

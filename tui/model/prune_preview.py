@@ -23,8 +23,9 @@ RULE_LABELS = {
     "monthly": "monthly",
     "yearly": "yearly",
 }
-# Versions shown per rule line; the rest is counted.
-MAX_SHOWN = 6
+# A rule's line stops naming versions at this width and counts the rest, so
+# it fits the form's hint column at 80 columns.
+LINE_WIDTH = 52
 # Each rule's line names its versions by the bucket it keeps them for.
 RULE_DATES = {
     "last": "%m-%d",
@@ -76,9 +77,9 @@ def preview_lines(
     real = [h for h in histories if h.versions]
     if not real:
         series = simulated_series(now)
-        lines = [f"Prune preview (none yet; simulated: one a day, {SIMULATED_DAYS} days):"]
+        lines = [f"Prune preview over {SIMULATED_DAYS} simulated days (none yet):"]
         return lines + _guest_lines(series, policy, tz, simulated=True)
-    lines = ["Prune preview (the versions in the archive now):"]
+    lines = ["Prune preview over the versions in the archive:"]
     for history in real:
         lines.append(f"{history.guest}:")
         lines += _guest_lines(history.versions, policy, tz, simulated=False)
@@ -98,18 +99,29 @@ def _guest_lines(
         if not count:
             continue
         chosen = [n for n, why in reasons.items() if rule in why]
-        shown = [_name(by_number[n], tz, simulated, rule) for n in chosen[:MAX_SHOWN]]
-        more = f" +{len(chosen) - MAX_SHOWN}" if len(chosen) > MAX_SHOWN else ""
-        lines.append(f"  {label:<7} {count:>3}: {' '.join(shown)}{more}")
+        names = [_name(by_number[n], tz, simulated, rule) for n in chosen]
+        lines.append(_rule_line(f"  {label:<7} {count:>3}:", names))
     extra = [n for n in kept if not set(reasons[n]) & set(RULE_LABELS)]
     if extra:
-        names = ", ".join(
+        also = ", ".join(
             f"{_name(by_number[n], tz, simulated)} ({', '.join(reasons[n])})" for n in extra
         )
-        lines.append(f"  also kept: {names}")
+        lines.append(f"  also kept: {also}")
     if gone and not simulated:
         lines.append("  would go: " + " ".join(_name(by_number[n], tz, False) for n in gone))
     return lines
+
+
+def _rule_line(head: str, names: list[str]) -> str:
+    """``head`` and as many names as fit ``LINE_WIDTH``, then how many more."""
+    line = head
+    for index, name in enumerate(names):
+        rest = len(names) - index
+        tail = f" +{rest - 1}" if rest > 1 else ""
+        if len(line) + 1 + len(name) + len(tail) > LINE_WIDTH:
+            return f"{line} +{rest}"
+        line += " " + name
+    return line
 
 
 def _name(version: Candidate, tz: tzinfo | None, simulated: bool, rule: str = "daily") -> str:
