@@ -18,12 +18,14 @@ from typing import Any
 
 from textual.pilot import Pilot
 from textual.screen import Screen
+from textual.widgets import Input
 
 from guestsafe.engine.api import Engine, reset_sandbox
 
 from .app import GuestsafeApp, quiet_libvirt
 from .confirm_modal import ConfirmModal
 from .headless import settle, wait_for
+from .help_screen import HelpScreen
 from .job_form import JobFormScreen
 from .mac_modal import MacClashScreen
 
@@ -44,7 +46,9 @@ async def capture(out: Path, suffix: str, size: tuple[int, int]) -> list[Path]:
                 saved.append(Path(app.save_screenshot(f"{name}{suffix}.svg", str(out))))
 
             await shot("jobs")
+            await open_and_close(pilot, "question_mark", HelpScreen, shot, "help")
             await open_and_close(pilot, "n", JobFormScreen, shot, "job-form")
+            await prune_preview(pilot, shot)
             await pilot.press("s")
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmModal))
             await shot("confirm-start")
@@ -67,6 +71,19 @@ async def capture(out: Path, suffix: str, size: tuple[int, int]) -> list[Path]:
     finally:
         engine.close()
     return saved
+
+
+async def prune_preview(pilot: Pilot[Any], shot: Shot) -> None:
+    """The job form with calendar rules: what each keeps over the simulated days."""
+    await pilot.press("n")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, JobFormScreen))
+    rules = {"keep": "3", "keep_daily": "7", "keep_weekly": "4", "keep_monthly": "12"}
+    for field, count in rules.items():
+        pilot.app.screen.query_one(f"#f-{field}", Input).value = count
+    pilot.app.screen.query_one("#f-keep_yearly", Input).focus()  # scrolls the preview in
+    await shot("prune-preview")
+    await pilot.press("escape")
+    await settle(pilot)
 
 
 async def open_and_close(
