@@ -36,6 +36,7 @@ from guestsafe.engine.api import (
     escape,
     mode_label,
     on_calendar,
+    resolve_guests,
     retention_policy,
 )
 from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
@@ -215,7 +216,7 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
         rows.append(
             (
                 job.name,
-                ",".join(job.guests),
+                _guests_column(job),
                 where,
                 str(job.keep),
                 job.mode,
@@ -227,6 +228,12 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
     _table(rows)
     _print_summaries({j.name: results[j.name] for j in jobs if j.name in results})
     return 0
+
+
+def _guests_column(job: Job) -> str:
+    if not job.all_guests:
+        return ",".join(job.guests)
+    return "all" + "".join(f",-{pattern}" for pattern in job.exclude)
 
 
 def _next_run(engine: Engine, job: Job, timer: str) -> str:
@@ -447,11 +454,25 @@ def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 
 
 def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    rows = [("GUEST", "STATE", "DISKS", "MACS")]
-    for guest in engine.guests():
+    rows = [("GUEST", "STATE", "DISKS", "MACS", "JOBS")]
+    guests = engine.guests()
+    jobs = engine.jobs()
+    uncovered = set(engine.uncovered_guests(guests))
+    for guest in guests:
         disks = ",".join(d.target for d in guest.disks if d.backs_up)
-        rows.append((guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-"))
+        covering = [j.name for j in jobs if guest.name in resolve_guests(j, [guest.name])]
+        if guest.name in uncovered:
+            in_jobs = "NONE (no backup)"
+        elif not guest.persistent:
+            in_jobs = ",".join(covering) or "- (transient)"
+        else:
+            in_jobs = ",".join(covering) or "- (excluded)"
+        row = (guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-", in_jobs)
+        rows.append(row)
     _table(rows)
+    if uncovered:
+        names = ", ".join(sorted(uncovered))
+        print(f"not backed up by any job: {escape(names)}", file=sys.stderr)
     return 0
 
 

@@ -33,6 +33,7 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import GuestOutcome, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor, LibvirtError
+from guestsafe.engine.jobs.coverage import resolve_guests
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
@@ -80,11 +81,13 @@ def run_job(
     ctx.interactive = interactive
     ctx.hooks = HookRunner(job, runlog, ctx.cancel)
     result = RunResult(job.name, log_path)
+    guests = list(job.guests)
     try:
-        events.info(runlog, f"job {job.name}: {', '.join(job.guests)} -> {job.destination}")
+        guests = _guests_now(ctx)
+        events.info(runlog, f"job {job.name}: {', '.join(guests)} -> {job.destination}")
         _begin(ctx, result)
         _open_archive(ctx)
-        backups = [GuestBackup(ctx, name) for name in job.guests]
+        backups = [GuestBackup(ctx, name) for name in guests]
         if job.group:
             run_group(backups)
         else:
@@ -95,9 +98,11 @@ def run_job(
     except GuestsafeError as exc:
         events.error(runlog, exc.message)
         result.outcomes = [
-            GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in job.guests
+            GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in guests
         ]
-        result.causes = dict.fromkeys(job.guests, exc.exit_code)
+        result.causes = dict.fromkeys(guests, exc.exit_code)
+        if not guests:
+            result.problems.append(exc.message)  # no guest to carry the failure
     finally:
         ctx.cleanup.close()
         for outcome in result.outcomes:
@@ -105,6 +110,22 @@ def run_job(
         runlog(events.backup_ended(result.ok))
         runlog.close()
     return result
+
+
+def _guests_now(ctx: JobContext) -> list[str]:
+    """The job's guests: as listed, or for ``guests = "all"`` those defined right now."""
+    job = ctx.job
+    if not job.all_guests:
+        return list(job.guests)
+    persistent = [g.name for g in ctx.hv.guests() if g.persistent]
+    guests = resolve_guests(job, persistent)
+    if not guests:
+        patterns = f" outside exclude {', '.join(job.exclude)}" if job.exclude else ""
+        raise PreflightError(
+            f'guests = "all" found no persistent guest{patterns} on {ctx.hv.uri}; '
+            "nothing was backed up"
+        )
+    return guests
 
 
 def _begin(ctx: JobContext, result: RunResult) -> None:

@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from guestsafe.engine.api import (
     DEFAULT_HOOK_TIMEOUT,
@@ -204,7 +205,7 @@ def build_job(
     return job, problems
 
 
-def _calendar_rules(base: Job | None) -> dict[str, int]:
+def _calendar_rules(base: Job | None) -> dict[str, Any]:  # Any: Job's other fields differ
     keys = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
     return {key: getattr(base, key) for key in keys} if base is not None else {}
 
