@@ -14,7 +14,7 @@ from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
-from guestsafe.engine.copier import copy_file
+from guestsafe.engine.copier import Pacer, copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
@@ -37,10 +37,13 @@ class ColdCopy:
 
     stops_guest = True
 
-    def __init__(self, run: GuestRun, hv: Hypervisor, archive: Archive) -> None:
+    def __init__(
+        self, run: GuestRun, hv: Hypervisor, archive: Archive, pace: Pacer | None = None
+    ) -> None:
         self.run = run
         self.hv = hv
         self.archive = archive
+        self.pace = pace  # the job's ionice and bwlimit
         self._cancel: threading.Event = run.cancel
 
     def space_needed(self, info: GuestInfo) -> int:
@@ -85,7 +88,11 @@ class ColdCopy:
         dst = run.partial.file_path(file_name)
         run.say_info(f"copying {target} ({source})")
         result = copy_file(
-            Path(source), dst, progress=run.copy_progress(target), cancel=self._cancel
+            Path(source),
+            dst,
+            progress=run.copy_progress(target),
+            cancel=self._cancel,
+            pace=self.pace,
         )
         check_still_off(self.hv, run)
         run.bytes_copied += result.data_bytes
