@@ -34,6 +34,7 @@ from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import recovery, results, runner
 from guestsafe.engine.backup.hooks import check_programs
+from guestsafe.engine.backup.prune import GuestPrune, prune_job
 from guestsafe.engine.backup.results import LastResult, RunResult
 from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
 from guestsafe.engine.demo import Sandbox, ensure_sandbox, reset_sandbox
@@ -104,6 +105,7 @@ __all__ = [
     "Engine",
     "FieldError",
     "GuestInfo",
+    "GuestPrune",
     "Hooks",
     "HostSite",
     "IoClass",
@@ -520,6 +522,14 @@ class Engine:
         with self.job_archive(job) as archive:
             guests = resolve_guests(job, archive.guests())  # "all": those backed up so far
             return [(guest, archive.retention_rows(guest, policy)) for guest in guests]
+
+    def prune(self, job: Job, reporter: Reporter = events.null_reporter) -> list[GuestPrune]:
+        """Delete what ``retention_preview`` says would go, under the locks a backup takes.
+
+        Per guest: the rows the rules saw (as the preview shows them), the versions
+        deleted, or why none were (its guest busy). ``LockBusy`` if a backup runs.
+        """
+        return prune_job(job, lambda: self.hv, self.paths, reporter)
 
     def find_archive(self, guest: str, destination: Path | None = None) -> Archive:
         """The archive holding ``guest``: the one given, or the first job destination with it."""

@@ -130,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "start by itself (it says why)",
     )
     prune = sub.add_parser(
-        "prune", help="show which versions the job's retention keeps and which would go"
+        "prune", help="apply the job's retention now: delete the versions its rules let go"
     )
     prune.add_argument("job", nargs="?", help="the job (default: every job)")
     prune.add_argument(
         "--dry-run",
         action="store_true",
-        help="show only, delete nothing (required: retention itself runs after each backup)",
+        help="show which versions each rule keeps and which would go; delete nothing",
     )
     sub.add_parser("guests", help="list the hypervisor's guests")
     sub.add_parser(
@@ -555,30 +555,38 @@ def _table(raw_rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_prune(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    if not args.dry_run:
-        # Deleting by hand would need the runner's guest and archive locks; until
-        # it takes them, retention deletes only after a backup, under those locks.
-        raise ConfigError("prune runs only with --dry-run for now; retention runs after a backup")
     jobs = [engine.job(args.job)] if args.job is not None else engine.jobs()
     if not jobs:
         print(f"no jobs yet in {engine.paths.config_file}")
         return 0
     rows = [("JOB", "GUEST", "VERSION", "STARTED", "KEPT BY")]
+    deleted = 0
     for job in jobs:
         print(f"{escape(job.name)}: {describe_policy(retention_policy(job))}")
-        for guest, versions in engine.retention_preview(job):
-            rows += [(job.name, guest, *_prune_row(c, why)) for c, why in versions]
+        if args.dry_run:
+            previews = [(g, rows, "would go") for g, rows in engine.retention_preview(job)]
+        else:
+            # The same rules as the dry run, applied under the locks a backup takes.
+            pruned = engine.prune(job, reporter)
+            previews = [(p.guest, p.rows, "kept: busy" if p.skipped else "deleted") for p in pruned]
+            deleted += sum(len(p.deleted) for p in pruned)
+        for guest, versions, gone in previews:
+            rows += [(job.name, guest, *_prune_row(c, why, gone)) for c, why in versions]
             if not versions:
                 rows.append((job.name, guest, "-", "-", "no versions"))
     _table(rows)
+    if not args.dry_run:
+        print(f"deleted {deleted} version{'s' if deleted != 1 else ''}")
     return 0
 
 
-def _prune_row(candidate: Candidate, reasons: list[str]) -> tuple[str, str, str]:
+def _prune_row(
+    candidate: Candidate, reasons: list[str], gone: str = "would go"
+) -> tuple[str, str, str]:
     # Local time: the calendar rules bucket by the host's local dates.
     when = "-" if candidate.started is None else candidate.started.astimezone()
     started = when if isinstance(when, str) else when.strftime("%Y-%m-%d %a %H:%M")
-    return str(candidate.number), started, ", ".join(reasons) or "would go"
+    return str(candidate.number), started, ", ".join(reasons) or gone
 
 
 _COMMANDS = {

@@ -10,6 +10,7 @@ start them in reverse order. What a dead runner leaves is finished by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -79,11 +80,14 @@ def run_job(
     runlog = RunLog(log_path, reporter)
     ctx = JobContext(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
     ctx.interactive = interactive
-    ctx.hooks = HookRunner(job, runlog, ctx.cancel)
     result = RunResult(job.name, log_path)
     guests = list(job.guests)
     try:
         guests = _guests_now(ctx)
+        # The run's job names its guests, "all" resolved: hooks, the device's
+        # capacity check and each guest's backup see the same list.
+        ctx.job = dataclasses.replace(job, guests=guests)
+        ctx.hooks = HookRunner(ctx.job, runlog, ctx.cancel)
         events.info(runlog, f"job {job.name}: {', '.join(guests)} -> {job.destination}")
         _begin(ctx, result)
         _open_archive(ctx)
