@@ -55,7 +55,7 @@ from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule, timers
-from guestsafe.engine.jobs.coverage import resolve_guests, uncovered_guests
+from guestsafe.engine.jobs.coverage import jobs_covering, resolve_guests, uncovered_guests
 from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
@@ -140,6 +140,7 @@ __all__ = [
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
+    "jobs_covering",
     "mode_label",
     "on_calendar",
     "parse_bwlimit",

@@ -106,6 +106,7 @@ class HostPacer:
 
     def __init__(self, io_class: str, bwlimit: int | None) -> None:
         self.io_class = io_class
+        self.rate = bwlimit or None
         self.bucket = TokenBucket(bwlimit) if bwlimit else None
         self.refused: str | None = None  # why the I/O class could not be set, if it was not
 

@@ -34,9 +34,9 @@ from guestsafe.engine.api import (
     byte_size,
     describe_policy,
     escape,
+    jobs_covering,
     mode_label,
     on_calendar,
-    resolve_guests,
     retention_policy,
 )
 from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
@@ -458,15 +458,17 @@ def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
     guests = engine.guests()
     jobs = engine.jobs()
     uncovered = set(engine.uncovered_guests(guests))
+    # "all" takes persistent guests only; a transient one is covered only where listed.
+    covering = jobs_covering(jobs, [g.name for g in guests if g.persistent])
     for guest in guests:
         disks = ",".join(d.target for d in guest.disks if d.backs_up)
-        covering = [j.name for j in jobs if guest.name in resolve_guests(j, [guest.name])]
         if guest.name in uncovered:
             in_jobs = "NONE (no backup)"
-        elif not guest.persistent:
-            in_jobs = ",".join(covering) or "- (transient)"
+        elif guest.persistent:
+            in_jobs = ",".join(covering[guest.name]) or "- (excluded)"
         else:
-            in_jobs = ",".join(covering) or "- (excluded)"
+            listed = [j.name for j in jobs if not j.all_guests and guest.name in j.guests]
+            in_jobs = ",".join(listed) or "- (transient)"
         row = (guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-", in_jobs)
         rows.append(row)
     _table(rows)

@@ -14,11 +14,13 @@ from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
-from guestsafe.engine.copier import Pacer, copy_file
+from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+from guestsafe.engine.sizes import byte_rate
+from guestsafe.engine.throttle import HostPacer
 
 
 class AnyEvent(threading.Event):
@@ -38,7 +40,7 @@ class ColdCopy:
     stops_guest = True
 
     def __init__(
-        self, run: GuestRun, hv: Hypervisor, archive: Archive, pace: Pacer | None = None
+        self, run: GuestRun, hv: Hypervisor, archive: Archive, pace: HostPacer | None = None
     ) -> None:
         self.run = run
         self.hv = hv
@@ -86,7 +88,7 @@ class ColdCopy:
         assert run.partial is not None and source is not None
         file_name = disk_files.archive_file_name(target, fmt)
         dst = run.partial.file_path(file_name)
-        run.say_info(f"copying {target} ({source})")
+        run.say_info(f"copying {target} ({source}){self._pace_note()}")
         result = copy_file(
             Path(source),
             dst,
@@ -95,6 +97,9 @@ class ColdCopy:
             pace=self.pace,
         )
         check_still_off(self.hv, run)
+        if self.pace is not None and self.pace.refused is not None:
+            run.warn(f"the copy ran in the default I/O class: {self.pace.refused}")
+            self.pace.refused = None  # said once per disk at most
         run.bytes_copied += result.data_bytes
         with naming("reading the copy", dst):
             virtual_size = disk_files.virtual_size(dst)
@@ -108,6 +113,12 @@ class ColdCopy:
             file=file_name,
             blake3=result.blake3,
         )
+
+    def _pace_note(self) -> str:
+        if self.pace is None:
+            return ""
+        cap = f", at most {byte_rate(self.pace.rate)}" if self.pace.rate else ""
+        return f", I/O class {self.pace.io_class}{cap}"
 
     def start(self) -> GuestsafeError | None:
         """A failure here must not cost the finished copy: returned, not raised."""

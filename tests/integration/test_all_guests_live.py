@@ -122,7 +122,7 @@ def test_a_jobs_mail_to_gets_the_report_with_its_table(
     )
     guest = guest_factory("h15mail", start=False)
     stray = guest_factory("h15stray", start=False)  # in no job
-    gs.job("mailed", [guest], mail_to=["owner@example.org"])
+    gs.job("mailed", [guest], mail_to=["owner@example.org"], bwlimit=50 * 1024 * 1024)
 
     result = gs.engine.run_job("mailed")
 
@@ -142,6 +142,8 @@ def test_a_jobs_mail_to_gets_the_report_with_its_table(
     log = result.log_path.read_text()
     assert "guests not backed up by any job: " in log and stray.name in log
     assert "notify: ok: mail sent to owner@example.org" in log
+    assert "I/O class idle, at most 50 MiB/s" in log  # the copier's pace, as the job says
+    assert "default I/O class" not in log
     listing = gs.cli("guests", check=True).stdout
     line = next(row for row in listing.splitlines() if row.startswith(stray.name))
     assert line.endswith("NONE (no backup)")
