@@ -39,6 +39,7 @@ from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import recovery, results, runner
 from guestsafe.engine.backup.hooks import check_programs
+from guestsafe.engine.backup.prune import GuestPrune, prune_job
 from guestsafe.engine.backup.results import LastResult, RunResult
 from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
 from guestsafe.engine.demo import Sandbox, ensure_sandbox, reset_sandbox
@@ -59,12 +60,14 @@ from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule, timers
+from guestsafe.engine.jobs.coverage import jobs_covering, resolve_guests, uncovered_guests
 from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
+    IO_CLASSES,
     MODES,
     ON_TIMEOUT,
     WEEKDAYS,
@@ -76,8 +79,8 @@ from guestsafe.engine.jobs.model import (
 )
 from guestsafe.engine.jobs.schedule import DueRun, on_calendar
 from guestsafe.engine.jobs.timers import TimerChanges, UnitSettings
-from guestsafe.engine.jobs.validation import check_job_runtime, validate_job
-from guestsafe.engine.modes import Mode, OnTimeout, is_crash_consistent
+from guestsafe.engine.jobs.validation import check_job_runtime, parse_bwlimit, validate_job
+from guestsafe.engine.modes import IoClass, Mode, OnTimeout, is_crash_consistent
 from guestsafe.engine.modes import label as mode_label
 from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
@@ -85,7 +88,7 @@ from guestsafe.engine.restore.clone import restore_clone
 from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over_original
 from guestsafe.engine.restore.over_recovery import recover_restores
 from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
-from guestsafe.engine.sizes import byte_size
+from guestsafe.engine.sizes import byte_rate, byte_size
 
 __all__ = [
     "DEFAULT_HOOK_TIMEOUT",
@@ -93,6 +96,7 @@ __all__ = [
     "DEFAULT_LOCK_WAIT",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "HOOK_PHASES",
+    "IO_CLASSES",
     "KEEP",
     "MARKER",
     "MODES",
@@ -108,8 +112,10 @@ __all__ = [
     "Engine",
     "FieldError",
     "GuestInfo",
+    "GuestPrune",
     "Hooks",
     "HostSite",
+    "IoClass",
     "Job",
     "JobConfigError",
     "JobNotFound",
@@ -133,6 +139,7 @@ __all__ = [
     "VersionInfo",
     "__version__",
     "as_choice",
+    "byte_rate",
     "byte_size",
     "check_job_runtime",
     "check_programs",
@@ -140,14 +147,18 @@ __all__ = [
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
+    "jobs_covering",
     "keep_reasons",
     "mode_label",
     "on_calendar",
+    "parse_bwlimit",
     "parse_line",
     "record_of",
     "reset_sandbox",
+    "resolve_guests",
     "retention_policy",
     "short_mode_label",
+    "uncovered_guests",
     "validate_job",
 ]
 # --- end of the re-exports -----------------------------------------------------
@@ -281,6 +292,11 @@ class Engine:
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
 
+    def uncovered_guests(self, guests: list[GuestInfo] | None = None) -> list[str]:
+        """The persistent guests no job backs up (``guests``: a listing already made)."""
+        listed = self.guests() if guests is None else guests
+        return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+
     # --- jobs --------------------------------------------------------------
 
     def jobs(self) -> list[Job]:
@@ -325,27 +341,59 @@ class Engine:
             interactive=interactive,
         )
         results.save(self.paths.state_dir, result)
-        self._notify(result, reporter)
+        uncovered = self._report_uncovered(result, reporter)
+        self._notify(result, reporter, mail_to=job.mail_to, uncovered=uncovered)
         return result
 
-    def _notify(self, result: RunResult, reporter: Reporter) -> None:
-        """Send the run's report as [notify] says; what happened goes to its log, never up."""
+    def _report_uncovered(self, result: RunResult, reporter: Reporter) -> list[str]:
+        """The guests in no job, told in the run's log so a new guest is never missed."""
         try:
-            config = jobs.load_notify(self.paths.config_file)
+            uncovered = self.uncovered_guests()
         except GuestsafeError as exc:
-            lines = [f"failed: cannot read the notify settings: {exc.message}"]
+            self._append_log(result, reporter, [f"cannot list the guests in no job: {exc}"])
+            return []
+        if uncovered:
+            names = ", ".join(uncovered)
+            self._append_log(result, reporter, [f"guests not backed up by any job: {names}"])
+        return uncovered
+
+    def _notify(
+        self,
+        result: RunResult,
+        reporter: Reporter,
+        *,
+        mail_to: list[str] | None = None,
+        uncovered: list[str] | None = None,
+    ) -> None:
+        """Send the run's report as [notify] says, to the job's own ``mail_to`` if it has one.
+
+        What happened goes to the run's log, never up.
+        """
+        try:
+            config = notify.for_job(jobs.load_notify(self.paths.config_file), mail_to or [])
+        except GuestsafeError as exc:
+            lines = [f"notify: failed: cannot read the notify settings: {exc.message}"]
         else:
             report = notify.RunReport(
-                result.job, result.ok, str(result.log_path), result.outcomes, result.problems
+                result.job,
+                result.ok,
+                str(result.log_path),
+                result.outcomes,
+                result.problems,
+                uncovered=uncovered or [],
             )
-            lines = notify.send(config, report)
+            lines = [f"notify: {line}" for line in notify.send(config, report)]
+        self._append_log(result, reporter, lines)
+
+    def _append_log(self, result: RunResult, reporter: Reporter, lines: list[str]) -> None:
+        """``lines`` below the run's own in its log: ``ok:`` ones as info, others as warnings."""
         if not lines:
             return
         log = RunLog(result.log_path, reporter)  # appends below the run's own lines
         try:
             for line in lines:
-                say = events.info if line.startswith("ok:") else events.warn
-                say(log, f"notify: {line}")
+                say = events.info if line.startswith(("ok:", "notify: ok:")) else events.warn
+                say(log, line)
         finally:
             log.close()
 
@@ -481,7 +529,16 @@ class Engine:
         """
         policy = retention_policy(job)
         with self.job_archive(job) as archive:
-            return [(guest, archive.retention_rows(guest, policy)) for guest in job.guests]
+            guests = resolve_guests(job, archive.guests())  # "all": those backed up so far
+            return [(guest, archive.retention_rows(guest, policy)) for guest in guests]
+
+    def prune(self, job: Job, reporter: Reporter = events.null_reporter) -> list[GuestPrune]:
+        """Delete what ``retention_preview`` says would go, under the locks a backup takes.
+
+        Per guest: the rows the rules saw (as the preview shows them), the versions
+        deleted, or why none were (its guest busy). ``LockBusy`` if a backup runs.
+        """
+        return prune_job(job, lambda: self.hv, self.paths, reporter)
 
     def find_archive(self, guest: str, destination: Path | None = None) -> Archive:
         """The archive holding ``guest``: the one given, or the first job destination with it."""

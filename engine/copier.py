@@ -42,6 +42,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import blake3
 
@@ -73,6 +74,16 @@ _SFR_WRITE = 2
 _SFR_WAIT_AFTER = 4
 
 ProgressFn = Callable[[int, int], None]
+
+
+class Pacer(Protocol):
+    """How gently a copy runs (``throttle.HostPacer``): its threads' I/O class, its rate."""
+
+    def thread_started(self) -> None:
+        """Called first on each of the copy's threads."""
+
+    def wrote(self, nbytes: int, stop: threading.Event) -> None:
+        """Called by a writer after each batch; may wait, and returns once ``stop`` is set."""
 
 
 @dataclass(frozen=True)
@@ -402,8 +413,15 @@ class _Pipeline:
     the disk idle between requests.
     """
 
-    def __init__(self, src: _Source, dst: _Dest | None, cancel: threading.Event | None) -> None:
+    def __init__(
+        self,
+        src: _Source,
+        dst: _Dest | None,
+        cancel: threading.Event | None,
+        pace: Pacer | None = None,
+    ) -> None:
         self.src = src
+        self.pace = pace
         self.dst = dst
         self.cancel = cancel
         # Page-aligned, as O_DIRECT needs; private, so freed as soon as closed.
@@ -451,6 +469,8 @@ class _Pipeline:
     def _thread(self, side: str, body: Callable[[], None]) -> threading.Thread:
         def run() -> None:
             try:
+                if self.pace is not None:
+                    self.pace.thread_started()
                 body()
             except BaseException as exc:
                 self.fail(side, exc)
@@ -545,6 +565,8 @@ class _Pipeline:
             failpoints.hit("copy.chunk")
             self._release(batch.buf)
             self.events.put(batch.nbytes)
+            if self.pace is not None:  # after the buffer is back: the readers go on meanwhile
+                self.pace.wrote(batch.nbytes, self.abort)
 
     def _hash_loop(self) -> None:
         pos = 0  # bytes of the file hashed so far
@@ -631,17 +653,18 @@ def copy_file(
     *,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    pace: Pacer | None = None,
 ) -> CopyResult:
     """Copy ``src`` to the new file ``dst`` (0600), holes kept, hashed, fsynced.
 
     Raises CopyError, with ``dst`` removed, on any failure; Cancelled (a
-    CopyError) when ``cancel`` is set.
+    CopyError) when ``cancel`` is set. ``pace``: the I/O class and rate cap.
     """
     source = _open_source(src)
     try:
         fd = _create_dest(dst)
         try:
-            return _copy_into(source, dst, fd, progress, cancel)
+            return _copy_into(source, dst, fd, progress, cancel, pace)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(dst)
@@ -656,6 +679,7 @@ def _copy_into(
     fd: int,
     progress: ProgressFn | None,
     cancel: threading.Event | None,
+    pace: Pacer | None = None,
 ) -> CopyResult:
     total = source.data_bytes
     try:
@@ -667,7 +691,7 @@ def _copy_into(
         raise _write_error(exc, dst, total, total) from exc
     dest = _Dest(dst, fd)
     try:
-        pipe = _Pipeline(source, None if cloned else dest, cancel)
+        pipe = _Pipeline(source, None if cloned else dest, cancel, pace)
         pipe.run(total, progress)
         if pipe.error is not None:
             raise _copy_error(pipe, source.path, dst, total) from pipe.error

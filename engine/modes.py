@@ -29,6 +29,19 @@ class OnTimeout(StrEnum):
     FORCE = "force"  # power it off
 
 
+class IoClass(StrEnum):
+    """The I/O scheduling class the copier's threads run in (``ionice``).
+
+    ``idle`` gets the disk only when no one else wants it, so the guests left
+    running keep their latency while a backup copies; ``best-effort`` competes
+    like any other process (at the default level 4). Schedulers that ignore
+    I/O priorities (none, mq-deadline for the most part) treat both alike.
+    """
+
+    IDLE = "idle"
+    BEST_EFFORT = "best-effort"
+
+
 # Module-level names kept for callers that spell modes as ``modes.STOP``.
 STOP = Mode.STOP
 STOP_SHORT = Mode.STOP_SHORT

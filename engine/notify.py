@@ -25,10 +25,12 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from email.message import EmailMessage
 from email.utils import formatdate
 from enum import StrEnum
+
+import humanize
 
 from guestsafe.engine import __version__
 from guestsafe.engine.events import GuestOutcome
@@ -97,11 +99,17 @@ def parse_notify(table: object) -> tuple[NotifyConfig, list[tuple[str, str]]]:
 
 
 def _check_addresses(value: object) -> tuple[str, str] | None:
+    problem = check_mail_to("notify.mail_to", value)
+    return None if problem is None else ("notify.mail_to", problem)
+
+
+def check_mail_to(name: str, value: object) -> str | None:
+    """What is wrong with ``value`` as a list of recipients; for ``[notify]`` and a job."""
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        return ("notify.mail_to", "notify.mail_to must be an address or a list of addresses")
+        return f"{name} must be an address or a list of addresses"
     for address in value:
         if not _ADDRESS.fullmatch(address) or address.startswith("-"):
-            return ("notify.mail_to", f"notify.mail_to: {address!r} is not a plain mail address")
+            return f"{name}: {address!r} is not a plain mail address"
     return None
 
 
@@ -155,17 +163,30 @@ class RunReport:
     outcomes: Sequence[GuestOutcome]
     problems: Sequence[str] = ()  # job-level failures, such as a failed job-end hook
     host: str = field(default_factory=socket.gethostname)
+    uncovered: Sequence[str] = ()  # persistent guests no job backs up, seen after the run
 
     def subject(self) -> str:
+        notes = []
         failed = sum(not o.ok for o in self.outcomes)
-        if self.ok:
-            return f"guestsafe: job {self.job} ok on {self.host}"
-        of = f" ({failed} of {len(self.outcomes)} guests)" if failed else ""
-        return f"guestsafe: job {self.job} FAILED on {self.host}{of}"
+        if not self.ok and failed:
+            notes.append(f"{failed} of {len(self.outcomes)} guests")
+        if self.uncovered:
+            notes.append(f"{_guests(len(self.uncovered))} in no job")
+        status = "ok" if self.ok else "FAILED"
+        suffix = f" ({', '.join(notes)})" if notes else ""
+        return f"guestsafe: job {self.job} {status} on {self.host}{suffix}"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.bytes_copied for o in self.outcomes)
 
     def body(self) -> str:
-        lines = [f"{o.guest}: {o.message}" for o in self.outcomes]
+        lines = _table(self.outcomes) if self.outcomes else ["no guest was backed up"]
+        lines += [f"total: {_size(self.total_bytes)}", ""]
+        lines += [f"{o.guest}: {o.message}" for o in self.outcomes]
         lines += list(self.problems)
+        if self.uncovered:
+            lines += ["", "not backed up by any job: " + ", ".join(self.uncovered)]
         lines += ["", f"log: {self.log_path}", f"guestsafe {__version__} on {self.host}"]
         return "\n".join(lines) + "\n"
 
@@ -180,7 +201,45 @@ class RunReport:
             "log": self.log_path,
             "problems": list(self.problems),
             "guests": [asdict(o) for o in self.outcomes],
+            "total_bytes": self.total_bytes,
+            "uncovered": list(self.uncovered),
         }
+
+
+_COLUMNS = ("GUEST", "STATUS", "VERSION", "SIZE", "DOWNTIME", "DURATION")
+
+
+def _table(outcomes: Sequence[GuestOutcome]) -> list[str]:
+    """The per-guest table of the mail, in columns for a fixed-width font."""
+    rows = [_COLUMNS] + [
+        (
+            o.guest,
+            "ok" if o.ok else "FAILED",
+            "-" if o.version is None else str(o.version),
+            _size(o.bytes_copied),
+            "-" if o.downtime is None else f"{o.downtime:.1f} s",
+            f"{o.duration:.1f} s",
+        )
+        for o in outcomes
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _size(n: int) -> str:
+    # As sizes.byte_size spells it; notify sits beside sizes and imports none of it.
+    return str(humanize.naturalsize(n, binary=True))
+
+
+def _guests(count: int) -> str:
+    return f"{count} guest{'s' if count != 1 else ''}"
+
+
+def for_job(config: NotifyConfig, mail_to: Sequence[str]) -> NotifyConfig:
+    """``config`` with a job's own ``mail_to`` in place of ``[notify]``'s, if it has one."""
+    return replace(config, mail_to=tuple(mail_to)) if mail_to else config
 
 
 class Delivery(StrEnum):
@@ -200,7 +259,8 @@ def delivery_of(line: str) -> Delivery:
 
 
 def wanted(config: NotifyConfig, report: RunReport) -> bool:
-    return config.enabled and (not report.ok or config.on_success)
+    # A guest in no job is news even after a good run: it is going without backups.
+    return config.enabled and (not report.ok or config.on_success or bool(report.uncovered))
 
 
 def send(config: NotifyConfig, report: RunReport) -> list[str]:

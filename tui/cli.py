@@ -34,6 +34,7 @@ from guestsafe.engine.api import (
     byte_size,
     describe_policy,
     escape,
+    jobs_covering,
     mode_label,
     on_calendar,
     retention_policy,
@@ -129,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
         "start by itself (it says why)",
     )
     prune = sub.add_parser(
-        "prune", help="show which versions the job's retention keeps and which would go"
+        "prune", help="apply the job's retention now: delete the versions its rules let go"
     )
     prune.add_argument("job", nargs="?", help="the job (default: every job)")
     prune.add_argument(
         "--dry-run",
         action="store_true",
-        help="show only, delete nothing (required: retention itself runs after each backup)",
+        help="show which versions each rule keeps and which would go; delete nothing",
     )
     sub.add_parser("guests", help="list the hypervisor's guests")
     sub.add_parser(
@@ -215,7 +216,7 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
         rows.append(
             (
                 job.name,
-                ",".join(job.guests),
+                _guests_column(job),
                 where,
                 str(job.keep),
                 job.mode,
@@ -227,6 +228,12 @@ def cmd_jobs(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
     _table(rows)
     _print_summaries({j.name: results[j.name] for j in jobs if j.name in results})
     return 0
+
+
+def _guests_column(job: Job) -> str:
+    if not job.all_guests:
+        return ",".join(job.guests)
+    return "all" + "".join(f",-{pattern}" for pattern in job.exclude)
 
 
 def _next_run(engine: Engine, job: Job, timer: str) -> str:
@@ -448,11 +455,27 @@ def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 
 
 def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    rows = [("GUEST", "STATE", "DISKS", "MACS")]
-    for guest in engine.guests():
+    rows = [("GUEST", "STATE", "DISKS", "MACS", "JOBS")]
+    guests = engine.guests()
+    jobs = engine.jobs()
+    uncovered = set(engine.uncovered_guests(guests))
+    # "all" takes persistent guests only; a transient one is covered only where listed.
+    covering = jobs_covering(jobs, [g.name for g in guests if g.persistent])
+    for guest in guests:
         disks = ",".join(d.target for d in guest.disks if d.backs_up)
-        rows.append((guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-"))
+        if guest.name in uncovered:
+            in_jobs = "NONE (no backup)"
+        elif guest.persistent:
+            in_jobs = ",".join(covering[guest.name]) or "- (excluded)"
+        else:
+            listed = [j.name for j in jobs if not j.all_guests and guest.name in j.guests]
+            in_jobs = ",".join(listed) or "- (transient)"
+        row = (guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-", in_jobs)
+        rows.append(row)
     _table(rows)
+    if uncovered:
+        names = ", ".join(sorted(uncovered))
+        print(f"not backed up by any job: {escape(names)}", file=sys.stderr)
     return 0
 
 
@@ -535,30 +558,38 @@ def _table(raw_rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_prune(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    if not args.dry_run:
-        # Deleting by hand would need the runner's guest and archive locks; until
-        # it takes them, retention deletes only after a backup, under those locks.
-        raise ConfigError("prune runs only with --dry-run for now; retention runs after a backup")
     jobs = [engine.job(args.job)] if args.job is not None else engine.jobs()
     if not jobs:
         print(f"no jobs yet in {engine.paths.config_file}")
         return 0
     rows = [("JOB", "GUEST", "VERSION", "STARTED", "KEPT BY")]
+    deleted = 0
     for job in jobs:
         print(f"{escape(job.name)}: {describe_policy(retention_policy(job))}")
-        for guest, versions in engine.retention_preview(job):
-            rows += [(job.name, guest, *_prune_row(c, why)) for c, why in versions]
+        if args.dry_run:
+            previews = [(g, rows, "would go") for g, rows in engine.retention_preview(job)]
+        else:
+            # The same rules as the dry run, applied under the locks a backup takes.
+            pruned = engine.prune(job, reporter)
+            previews = [(p.guest, p.rows, "kept: busy" if p.skipped else "deleted") for p in pruned]
+            deleted += sum(len(p.deleted) for p in pruned)
+        for guest, versions, gone in previews:
+            rows += [(job.name, guest, *_prune_row(c, why, gone)) for c, why in versions]
             if not versions:
                 rows.append((job.name, guest, "-", "-", "no versions"))
     _table(rows)
+    if not args.dry_run:
+        print(f"deleted {deleted} version{'s' if deleted != 1 else ''}")
     return 0
 
 
-def _prune_row(candidate: Candidate, reasons: list[str]) -> tuple[str, str, str]:
+def _prune_row(
+    candidate: Candidate, reasons: list[str], gone: str = "would go"
+) -> tuple[str, str, str]:
     # Local time: the calendar rules bucket by the host's local dates.
     when = "-" if candidate.started is None else candidate.started.astimezone()
     started = when if isinstance(when, str) else when.strftime("%Y-%m-%d %a %H:%M")
-    return str(candidate.number), started, ", ".join(reasons) or "would go"
+    return str(candidate.number), started, ", ".join(reasons) or gone
 
 
 _COMMANDS = {

@@ -19,6 +19,8 @@ from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+from guestsafe.engine.sizes import byte_rate
+from guestsafe.engine.throttle import HostPacer
 
 
 class AnyEvent(threading.Event):
@@ -37,10 +39,13 @@ class ColdCopy:
 
     stops_guest = True
 
-    def __init__(self, run: GuestRun, hv: Hypervisor, archive: Archive) -> None:
+    def __init__(
+        self, run: GuestRun, hv: Hypervisor, archive: Archive, pace: HostPacer | None = None
+    ) -> None:
         self.run = run
         self.hv = hv
         self.archive = archive
+        self.pace = pace  # the job's ionice and bwlimit
         self._cancel: threading.Event = run.cancel
 
     def space_needed(self, info: GuestInfo) -> int:
@@ -83,11 +88,18 @@ class ColdCopy:
         assert run.partial is not None and source is not None
         file_name = disk_files.archive_file_name(target, fmt)
         dst = run.partial.file_path(file_name)
-        run.say_info(f"copying {target} ({source})")
+        run.say_info(f"copying {target} ({source}){self._pace_note()}")
         result = copy_file(
-            Path(source), dst, progress=run.copy_progress(target), cancel=self._cancel
+            Path(source),
+            dst,
+            progress=run.copy_progress(target),
+            cancel=self._cancel,
+            pace=self.pace,
         )
         check_still_off(self.hv, run)
+        if self.pace is not None and self.pace.refused is not None:
+            run.warn(f"the copy ran in the default I/O class: {self.pace.refused}")
+            self.pace.refused = None  # said once per disk at most
         run.bytes_copied += result.data_bytes
         with naming("reading the copy", dst):
             virtual_size = disk_files.virtual_size(dst)
@@ -101,6 +113,12 @@ class ColdCopy:
             file=file_name,
             blake3=result.blake3,
         )
+
+    def _pace_note(self) -> str:
+        if self.pace is None:
+            return ""
+        cap = f", at most {byte_rate(self.pace.rate)}" if self.pace.rate else ""
+        return f", I/O class {self.pace.io_class}{cap}"
 
     def start(self) -> GuestsafeError | None:
         """A failure here must not cost the finished copy: returned, not raised."""

@@ -43,6 +43,7 @@ from guestsafe.engine.hypervisor import disk_files
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
 from guestsafe.engine.jobs.model import retention_policy
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
+from guestsafe.engine.throttle import HostPacer
 
 # How long, after a shutdown timeout under "abort", a late power-off is watched for
 # by the run itself; after that the journal entry stays until LATE_POWEROFF_MARGIN
@@ -129,7 +130,9 @@ class GuestBackup:
         ctx = self.ctx
         assert ctx.archive is not None
         push = choose_push(self.run, ctx.job, ctx.hv, ctx.archive)
-        return push if push is not None else ColdCopy(self.run, ctx.hv, ctx.archive)
+        if push is not None:
+            return push
+        return ColdCopy(self.run, ctx.hv, ctx.archive, HostPacer(ctx.job.ionice, ctx.job.bwlimit))
 
     def stop(self) -> None:
         run, strategy = self.run, self._copier()

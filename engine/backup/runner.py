@@ -10,6 +10,7 @@ start them in reverse order. What a dead runner leaves is finished by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -33,6 +34,7 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import GuestOutcome, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor, LibvirtError
+from guestsafe.engine.jobs.coverage import resolve_guests
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
@@ -78,13 +80,18 @@ def run_job(
     runlog = RunLog(log_path, reporter)
     ctx = JobContext(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
     ctx.interactive = interactive
-    ctx.hooks = HookRunner(job, runlog, ctx.cancel)
     result = RunResult(job.name, log_path)
+    guests = list(job.guests)
     try:
-        events.info(runlog, f"job {job.name}: {', '.join(job.guests)} -> {job.destination}")
+        guests = _guests_now(ctx)
+        # The run's job names its guests, "all" resolved: hooks, the device's
+        # capacity check and each guest's backup see the same list.
+        ctx.job = dataclasses.replace(job, guests=guests)
+        ctx.hooks = HookRunner(ctx.job, runlog, ctx.cancel)
+        events.info(runlog, f"job {job.name}: {', '.join(guests)} -> {job.destination}")
         _begin(ctx, result)
         _open_archive(ctx)
-        backups = [GuestBackup(ctx, name) for name in job.guests]
+        backups = [GuestBackup(ctx, name) for name in guests]
         if job.group:
             run_group(backups)
         else:
@@ -95,9 +102,11 @@ def run_job(
     except GuestsafeError as exc:
         events.error(runlog, exc.message)
         result.outcomes = [
-            GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in job.guests
+            GuestOutcome(g, False, None, None, 0, 0.0, f"failed: {exc.message}") for g in guests
         ]
-        result.causes = dict.fromkeys(job.guests, exc.exit_code)
+        result.causes = dict.fromkeys(guests, exc.exit_code)
+        if not guests:
+            result.problems.append(exc.message)  # no guest to carry the failure
     finally:
         ctx.cleanup.close()
         for outcome in result.outcomes:
@@ -105,6 +114,22 @@ def run_job(
         runlog(events.backup_ended(result.ok))
         runlog.close()
     return result
+
+
+def _guests_now(ctx: JobContext) -> list[str]:
+    """The job's guests: as listed, or for ``guests = "all"`` those defined right now."""
+    job = ctx.job
+    if not job.all_guests:
+        return list(job.guests)
+    persistent = [g.name for g in ctx.hv.guests() if g.persistent]
+    guests = resolve_guests(job, persistent)
+    if not guests:
+        patterns = f" outside exclude {', '.join(job.exclude)}" if job.exclude else ""
+        raise PreflightError(
+            f'guests = "all" found no persistent guest{patterns} on {ctx.hv.uri}; '
+            "nothing was backed up"
+        )
+    return guests
 
 
 def _begin(ctx: JobContext, result: RunResult) -> None:

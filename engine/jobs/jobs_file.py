@@ -23,6 +23,14 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     fallback_to_stop = false          # stop-short/snapshot: copy as in stop where push fails
     lock_wait = 1800                  # seconds to wait for a busy guest or destination
     randomized_delay = 0              # timer only: start up to this many seconds late
+    mail_to = ["ops@example.org"]     # optional: this job's mail goes here, not [notify]'s
+    ionice = "idle"                   # the copier's I/O class: idle or best-effort
+    bwlimit = "100 MiB/s"             # optional: the copier writes at most this (0: no limit)
+
+    [jobs.everything]
+    guests = "all"                    # every persistent guest defined when the run starts
+    destination = "/srv/backup"
+    exclude = ["scratch-*"]           # optional, only with "all": glob patterns left out
 
     [jobs.nightly.hooks]              # phase = argv, the program path absolute
     pre-stop = ["/usr/local/sbin/freeze", "--all"]
@@ -41,6 +49,7 @@ mistyped ``kepp = 30`` would otherwise delete versions the operator meant to kee
 guestsafe rewrites the file atomically when a job is saved from the console or the
 CLI; comments and other formatting in a hand-edited file are not kept.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -67,9 +76,10 @@ from guestsafe.engine.jobs.model import (
     Schedule,
     as_choice,
 )
-from guestsafe.engine.jobs.validation import validate_job
-from guestsafe.engine.modes import Mode, OnTimeout
+from guestsafe.engine.jobs.validation import parse_bwlimit, validate_job
+from guestsafe.engine.modes import IoClass, Mode, OnTimeout
 from guestsafe.engine.notify import NotifyConfig, parse_notify
+from guestsafe.engine.sizes import byte_rate
 
 FILE_MODE = 0o600
 _JOB_KEYS = (
@@ -90,7 +100,12 @@ _JOB_KEYS = (
     "hooks",
     "lock_wait",
     "randomized_delay",
+    "exclude",
+    "mail_to",
+    "ionice",
+    "bwlimit",
 )
+ALL_GUESTS = "all"  # guests = "all"
 # Top-level tables other than jobs; save_jobs keeps them as they are.
 _SETTINGS_KEYS = ("notify",)
 _HEADER = b"# guestsafe jobs. guestsafe rewrites this file on save; comments are not kept.\n\n"
@@ -170,7 +185,7 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
     hooks, hook_problems = _parse_hooks(name, table.get("hooks", {}))
     job = Job(
         name=name,
-        guests=table.get("guests", []),
+        guests=[] if table.get("guests") == ALL_GUESTS else table.get("guests", []),
         destination=_as_path(table.get("destination", "")),
         device=table.get("device"),
         keep=_keep_last(table),
@@ -191,6 +206,11 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         fallback_to_stop=table.get("fallback_to_stop", False),
         hooks=hooks,
         lock_wait=table.get("lock_wait", DEFAULT_LOCK_WAIT),
+        all_guests=table.get("guests") == ALL_GUESTS,
+        exclude=table.get("exclude", []),
+        mail_to=_one_or_list(table.get("mail_to", [])),
+        ionice=as_choice(IoClass, table.get("ionice", IoClass.IDLE)),
+        bwlimit=_bwlimit(table.get("bwlimit")),
     )
     # A missing or malformed field is reported once, by the parser.
     reported = {problem.field for problem in problems + hook_problems}
@@ -207,6 +227,19 @@ def _keep_last(table: dict[str, Any]) -> Any:
     if "keep" in table or "keep_last" in table:
         return table.get("keep", table.get("keep_last"))
     return 0 if any(key in table for key in CALENDAR_KEYS) else DEFAULT_KEEP
+
+
+def _one_or_list(value: Any) -> Any:
+    # mail_to = "ops@example.org" is one recipient, as in [notify].
+    return [value] if isinstance(value, str) else value
+
+
+def _bwlimit(value: Any) -> Any:
+    """Bytes per second; a value the parser refuses stays, for validate_job to name."""
+    try:
+        return parse_bwlimit(value)
+    except JobConfigError:
+        return value
 
 
 def _as_path(value: Any) -> Any:
@@ -305,7 +338,10 @@ def _validate_all(jobs: Sequence[Job]) -> list[FieldError]:
 
 
 def _job_table(job: Job) -> dict[str, Any]:
-    table: dict[str, Any] = {"guests": list(job.guests), "destination": str(job.destination)}
+    guests: Any = ALL_GUESTS if job.all_guests else list(job.guests)
+    table: dict[str, Any] = {"guests": guests, "destination": str(job.destination)}
+    if job.exclude:
+        table["exclude"] = list(job.exclude)
     if job.device is not None:
         table["device"] = job.device
     table["keep"] = job.keep
@@ -322,7 +358,12 @@ def _job_table(job: Job) -> dict[str, Any]:
         "verify": job.verify,
         "fallback_to_stop": job.fallback_to_stop,
         "lock_wait": job.lock_wait,
+        "ionice": job.ionice,
     }
+    if job.bwlimit:
+        table["bwlimit"] = byte_rate(job.bwlimit)
+    if job.mail_to:
+        table["mail_to"] = list(job.mail_to)
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
         table["hooks"] = hooks | {"timeout": job.hooks.timeout}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from guestsafe.engine.archive.calendar_retention import RetentionPolicy
-from guestsafe.engine.modes import Mode, OnTimeout
+from guestsafe.engine.modes import IoClass, Mode, OnTimeout
 
 
 class HookPhase(StrEnum):
@@ -46,6 +46,7 @@ class Weekday(StrEnum):
 # The choices in file and form order, for the forms and the messages that list them.
 MODES: tuple[str, ...] = tuple(Mode)
 ON_TIMEOUT: tuple[str, ...] = tuple(OnTimeout)
+IO_CLASSES: tuple[str, ...] = tuple(IoClass)
 HOOK_PHASES: tuple[str, ...] = tuple(HookPhase)
 WEEKDAYS: tuple[str, ...] = tuple(Weekday)
 DEFAULT_KEEP = 3
@@ -108,6 +109,13 @@ class Job:
     fallback_to_stop: bool = False
     hooks: Hooks = field(default_factory=Hooks)
     lock_wait: int = DEFAULT_LOCK_WAIT  # seconds a run waits for a busy guest or destination
+    # guests = "all": every persistent guest defined when the run starts, but those
+    # an exclude pattern (fnmatch) matches; ``guests`` is then empty.
+    all_guests: bool = False
+    exclude: list[str] = field(default_factory=list)
+    mail_to: list[str] = field(default_factory=list)  # replaces [notify] mail_to for this job
+    ionice: IoClass = IoClass.IDLE  # the copier's I/O class
+    bwlimit: int | None = None  # bytes per second the copier writes at most; None: no cap
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)

@@ -9,16 +9,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from guestsafe.engine.archive.names import libvirt_accepts
-from guestsafe.engine.errors import FieldError
+from guestsafe.engine.errors import FieldError, JobConfigError
 from guestsafe.engine.jobs.model import (
     CALENDAR_KEYS,
     HOOK_PHASES,
+    IO_CLASSES,
     MODES,
     ON_TIMEOUT,
     WEEKDAYS,
     Hooks,
     Job,
 )
+from guestsafe.engine.notify import check_mail_to
+from guestsafe.engine.sizes import byte_rate, parse_byte_rate
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
@@ -27,6 +30,9 @@ _DEVICE_RES = (
     re.compile(r"UUID=[A-Za-z0-9-]+"),
     re.compile(r"LABEL=[^\x00-\x1f\x7f]+"),
 )
+# Below this a disk of a few GiB takes hours: a typo (100 B/s for 100 MiB/s), not a wish.
+MIN_BWLIMIT = 1024 * 1024
+_BWLIMIT_EXAMPLE = 'like "100 MiB/s" (or 0 for no limit)'
 
 
 def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
@@ -37,7 +43,11 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
     """
     checks = (
         _check_name(job.name, existing),
-        _check_guests(job.guests),
+        _check_guests(job.guests) if not job.all_guests else _check_all_guests(job.guests),
+        _check_exclude(job.exclude, job.all_guests),
+        _check_mail_to(job.mail_to),
+        _check_choice("ionice", job.ionice, IO_CLASSES),
+        _check_bwlimit(job.bwlimit),
         _check_destination(job.destination),
         _check_device(job.device),
         *_check_retention(job),
@@ -98,7 +108,7 @@ def _check_name(name: object, existing: Sequence[Job]) -> tuple[str, str] | None
 
 def _check_guests(guests: object) -> tuple[str, str] | None:
     if not isinstance(guests, list) or not all(isinstance(g, str) for g in guests):
-        return ("guests", 'guests must be a list of guest names, e.g. ["web1", "db1"]')
+        return ("guests", 'guests must be a list of guest names, e.g. ["web1", "db1"], or "all"')
     if not guests:
         return ("guests", "guests must list at least one guest")
     for guest in guests:
@@ -110,6 +120,74 @@ def _check_guests(guests: object) -> tuple[str, str] | None:
     if duplicates:
         return ("guests", f"guests lists {duplicates[0]!r} more than once")
     return None
+
+
+def _check_all_guests(guests: object) -> tuple[str, str] | None:
+    if guests:
+        return ("guests", 'guests = "all" backs up every guest; list no guest names beside it')
+    return None
+
+
+def _check_exclude(exclude: object, all_guests: object) -> tuple[str, str] | None:
+    if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+        return ("exclude", 'exclude must be a list of name patterns, e.g. ["scratch-*"]')
+    if exclude and all_guests is not True:
+        return (
+            "exclude",
+            'exclude applies only with guests = "all"; with listed guests, leave the others out',
+        )
+    for pattern in exclude:
+        if not pattern or not pattern.isprintable():
+            return ("exclude", f"exclude: {pattern!r} is not a name pattern")
+    return None
+
+
+def _check_mail_to(mail_to: object) -> tuple[str, str] | None:
+    problem = check_mail_to("mail_to", mail_to)
+    return None if problem is None else ("mail_to", problem)
+
+
+def _check_bwlimit(value: object) -> tuple[str, str] | None:
+    if isinstance(value, str):  # what the file said, not understood by the parser
+        try:
+            parse_bwlimit(value)
+        except JobConfigError as exc:
+            return ("bwlimit", exc.problems[0].message)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return ("bwlimit", f"bwlimit must be a rate {_BWLIMIT_EXAMPLE}, not {value!r}")
+    if value < MIN_BWLIMIT:
+        return ("bwlimit", f"bwlimit must be at least 1 MiB/s, not {byte_rate(value)}")
+    return None
+
+
+def parse_bwlimit(text: str | int | None) -> int | None:
+    """Bytes per second in a ``bwlimit`` (``"100 MiB/s"``, or a whole number of bytes/s).
+
+    ``0``, ``"0"``, ``""`` and None mean no limit (None). Anything else not a rate
+    of at least 1 MiB/s raises ``JobConfigError`` whose one problem names the field.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        return _bad_bwlimit(f"bwlimit must be a rate {_BWLIMIT_EXAMPLE}, not {text!r}")
+    if isinstance(text, int):
+        rate = text
+    else:
+        try:
+            rate = parse_byte_rate(text)
+        except ValueError:
+            return _bad_bwlimit(f"bwlimit must be a rate {_BWLIMIT_EXAMPLE}, not {text!r}")
+    if rate == 0:
+        return None
+    if rate < MIN_BWLIMIT:
+        return _bad_bwlimit(f"bwlimit must be at least 1 MiB/s, not {byte_rate(rate)}")
+    return rate
+
+
+def _bad_bwlimit(message: str) -> int | None:
+    raise JobConfigError(message, [FieldError("", "bwlimit", message)])
 
 
 def _check_destination(destination: object) -> tuple[str, str] | None:

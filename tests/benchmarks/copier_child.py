@@ -1,6 +1,8 @@
 """Run one copier call in its own process, so the parent can read its peak RSS.
 
-Usage: ``copier_child.py [--wait] copy SRC DST`` or ``copier_child.py [--wait] hash PATH``.
+Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]`` or
+``copier_child.py [--wait] hash PATH``.
+``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
 Prints one line of JSON: the result and the seconds the call itself took.
 
 With ``--wait`` it imports everything, prints ``ready``, and starts only when a
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 from guestsafe.engine.copier import copy_file, hash_file
+from guestsafe.engine.throttle import HostPacer
 
 
 def main(argv: list[str]) -> int:
@@ -24,8 +27,9 @@ def main(argv: list[str]) -> int:
         print("ready", flush=True)
         sys.stdin.readline()
     start = time.perf_counter()
-    if argv[:1] == ["copy"] and len(argv) == 3:
-        result = copy_file(Path(argv[1]), Path(argv[2]))
+    if argv[:1] == ["copy"] and len(argv) in (3, 4):
+        pace = HostPacer("idle", int(argv[3])) if len(argv) == 4 else None
+        result = copy_file(Path(argv[1]), Path(argv[2]), pace=pace)
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
                "cloned": result.cloned}
     elif argv[:1] == ["hash"] and len(argv) == 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from rich.text import Text
 from guestsafe import themes
 from guestsafe.engine.events import LogLine, PhaseChanged, Progress
 from guestsafe.engine.jobs.model import Job, Schedule
+from guestsafe.engine.modes import IoClass
 from guestsafe.tui import formatting as fmt
 from guestsafe.tui.model import text as plain
 from guestsafe.tui.model.job_form import JobFormValues, by_field, check_job
@@ -79,6 +81,16 @@ def test_form_values_round_trip_a_job(tmp_path: Path) -> None:
     again, problems = check_job(JobFormValues.from_job(job), existing=[], known_guests=None)
     assert problems == []
     assert again == job
+
+
+def test_editing_a_job_keeps_the_keys_the_form_has_no_field_for(tmp_path: Path) -> None:
+    job = Job("j", ["a"], tmp_path, mail_to=["ops@example.org"], bwlimit=50 << 20)
+    job.ionice = IoClass.BEST_EFFORT
+    values = replace(JobFormValues.from_job(job), keep="5")
+    again, problems = check_job(values, existing=[], known_guests=None, base=job)
+    assert problems == []
+    assert (again.keep, again.mail_to, again.bwlimit) == (5, ["ops@example.org"], 50 << 20)
+    assert again.ionice == IoClass.BEST_EFFORT
 
 
 # --- tailing ------------------------------------------------------------------

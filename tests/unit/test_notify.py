@@ -253,3 +253,50 @@ def test_engine_logs_notify_results_and_keeps_the_outcome(
     assert "WARNING - notify: failed: mail to ops@example.org" in text
     assert f"INFO - notify: ok: webhook {_url(httpd)} answered 204" in text
     assert len(received) == 1 and not result.ok
+
+
+# --- issue 15: the per-guest table, per-job recipients, guests in no job ----------
+
+
+def test_mail_body_has_the_per_guest_table_and_the_total(sendmail: Path) -> None:
+    config = NotifyConfig(mail_to=("ops@example.org",), sendmail=str(sendmail))
+    assert send(config, _report()) == ["ok: mail sent to ops@example.org"]
+    body = _sent(sendmail)[1].get_payload(decode=True).decode()  # type: ignore[union-attr]
+    table = [line.split() for line in body.splitlines()[:3]]
+    assert table == [
+        ["GUEST", "STATUS", "VERSION", "SIZE", "DOWNTIME", "DURATION"],
+        ["web1", "ok", "3", "1.0", "GiB", "12.5", "s", "40.0", "s"],
+        ["db1", "FAILED", "-", "0", "Bytes", "-", "2.0", "s"],
+    ]
+    assert "total: 1.0 GiB" in body
+
+
+def test_guests_in_no_job_are_mailed_even_after_a_good_run(sendmail: Path) -> None:
+    config = NotifyConfig(mail_to=("ops@example.org",), sendmail=str(sendmail))
+    report = RunReport("nightly", True, "/l.log", [OK], host="hv1", uncovered=["new1", "new2"])
+    assert send(config, report) == ["ok: mail sent to ops@example.org"]
+    _, message = _sent(sendmail)
+    assert message["Subject"] == "guestsafe: job nightly ok on hv1 (2 guests in no job)"
+    body = message.get_payload(decode=True).decode()  # type: ignore[union-attr]
+    assert "not backed up by any job: new1, new2" in body
+
+
+def test_a_jobs_mail_to_replaces_the_notify_recipients(tmp_path: Path, sendmail: Path) -> None:
+    home = tmp_path / "home"
+    paths = Paths(home / "config" / "jobs.toml", home / "state", home / "log", home / "cache")
+    paths.ensure()
+    paths.config_file.write_text(
+        f'[notify]\nmail_to = "ops@example.org"\nsendmail = "{sendmail}"\n\n'
+        '[jobs.nightly]\nguests = ["web1"]\ndestination = "/srv"\n'
+        'mail_to = ["web-team@example.org", "boss@example.org"]\n'
+    )
+    log = tmp_path / "run.log"
+    log.write_text("")
+    engine = Engine(uri="test:///default", paths=paths)
+    job = engine.job("nightly")
+    engine._notify(RunResult("nightly", log, [OK, BAD]), lambda e: None, mail_to=job.mail_to)
+    args, message = _sent(sendmail)
+    assert args == ["-oi", "web-team@example.org", "boss@example.org"]
+    assert message["To"] == "web-team@example.org, boss@example.org"
+    assert message["Subject"].startswith("guestsafe: job nightly FAILED on ")
+    assert "notify: ok: mail sent to web-team@example.org, boss@example.org" in log.read_text()

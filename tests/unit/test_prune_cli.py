@@ -12,8 +12,10 @@ import pytest
 import tomli_w
 from test_archive import fill
 
+from guestsafe.engine import locks
 from guestsafe.engine.archive.calendar_retention import RetentionPolicy
 from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.errors import LockBusy
 from guestsafe.tui.cli import main
 
 STARTS = [
@@ -74,12 +76,60 @@ def test_without_a_job_every_job_is_shown(home: Path, capsys: pytest.CaptureFixt
     assert "nightly: keep_daily 2" in capsys.readouterr().out
 
 
-def test_without_dry_run_prune_says_so_and_deletes_nothing(
+def _would_go(out: str) -> list[tuple[str, int]]:
+    rows = [line.split() for line in out.splitlines()]
+    return [(r[1], int(r[2])) for r in rows if r[-2:] == ["would", "go"]]
+
+
+def test_prune_deletes_exactly_what_the_dry_run_listed(
     home: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["prune", "nightly"]) == 2
-    assert "only with --dry-run" in capsys.readouterr().err
+    assert main(["prune", "--dry-run", "nightly"]) == 0
+    listed = _would_go(capsys.readouterr().out)
+    assert listed == [("web", 2), ("web", 1)]
+    assert main(["prune", "nightly"]) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines()]
+    assert [(r[1], int(r[2])) for r in rows if r[-1] == "deleted"] == listed
+    assert out.splitlines()[-1] == "deleted 2 versions"
+    assert "deleted version 1 of guest web" in err and "deleted version 2 of guest web" in err
+    archive = Archive.open(home / "backup")
+    assert [v.number for v in archive.versions("web")] == [3, 4]
+    # Nothing more goes on a second run: the rules are met.
+    assert main(["prune", "nightly"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "deleted 0 versions"
+    assert main(["prune", "--dry-run", "nightly"]) == 0
+    assert _would_go(capsys.readouterr().out) == []
+
+
+def test_prune_waits_for_no_backup_and_deletes_nothing_beside_one(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = home / "home" / "state"
+    key = locks.destination_key(home / "backup")
+    with locks.acquire(state, key, "backup of job nightly"):
+        assert main(["prune", "nightly"]) == LockBusy.exit_code
+    assert "backup of job nightly" in capsys.readouterr().err
+    with locks.archive_lock(home / "backup", "backup of job other").acquire():
+        assert main(["prune", "nightly"]) == LockBusy.exit_code
+    assert "backup of job other" in capsys.readouterr().err
     assert len(Archive.open(home / "backup").versions("web")) == 4
+
+
+def test_a_guest_being_restored_keeps_its_versions(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = Archive.open(home / "backup")
+    uuid = archive.versions("web")[0].manifest.uuid
+    state = home / "home" / "state"
+    with locks.acquire(state, locks.guest_key(uuid), "restore of web"):
+        assert main(["prune", "nightly"]) == 0
+    out, err = capsys.readouterr()
+    assert "restore of web" in err and "its versions are kept" in err
+    assert out.splitlines()[-1] == "deleted 0 versions"
+    assert [line.split()[-2:] for line in out.splitlines()].count(["busy", "busy"]) == 0
+    assert sum(line.endswith("kept: busy") for line in out.splitlines()) == 2
+    assert len(archive.versions("web")) == 4
 
 
 def test_an_unknown_job_is_not_found(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

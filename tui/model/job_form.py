@@ -11,9 +11,10 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from guestsafe.engine.api import (
     DEFAULT_HOOK_TIMEOUT,
@@ -201,7 +202,10 @@ def build_job(
         destination=Path(destination or "/"),
         device=values.device.strip() or None,
         keep=keep,
-        **calendar,
+        keep_daily=calendar["keep_daily"],
+        keep_weekly=calendar["keep_weekly"],
+        keep_monthly=calendar["keep_monthly"],
+        keep_yearly=calendar["keep_yearly"],
         schedule=schedule,
         mode=as_choice(Mode, values.mode),
         shutdown_timeout=timeout,
@@ -212,7 +216,25 @@ def build_job(
         hooks=hooks if hooks is not None else typed_hooks,
         lock_wait=lock_wait,
     )
-    return job, problems
+    return (_keep_unedited(base, job) if base is not None else job), problems
+
+
+# The Job fields build_job sets from the form; every other one is the edited job's.
+FORM_EDITS = frozenset(
+    {
+        *("name", "guests", "destination", "device", "keep", *CALENDAR_FIELDS, "schedule"),
+        *("mode", "shutdown_timeout", "on_timeout", "group", "verify", "fallback_to_stop"),
+        *("hooks", "lock_wait"),
+    }
+)
+
+
+def _keep_unedited(base: Job, job: Job) -> Job:
+    """``job``, with the keys the form has no field for (mail_to...) as ``base`` had them."""
+    kept: dict[str, Any] = {
+        f.name: getattr(base, f.name) for f in fields(Job) if f.name not in FORM_EDITS
+    }
+    return replace(job, **kept)
 
 
 def check_job(

@@ -14,9 +14,9 @@ from guestsafe.engine.events import Event, GuestOutcome, LogLine, PhaseChanged, 
 class ConsoleReporter:
     """Prints engine events; on a TTY, progress is one line redrawn in place."""
 
-    def __init__(self, out: TextIO = sys.stderr) -> None:
-        self.out = out
-        self.tty = out.isatty()
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out if out is not None else sys.stderr  # the one in use now, not at import
+        self.tty = self.out.isatty()
         self._progress_shown = False
         self._lock = threading.Lock()
 
