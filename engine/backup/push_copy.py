@@ -378,6 +378,7 @@ class PushCopy:
             allocated_size=allocated,
             file=path.name,
             blake3=digest,
+            source_kind="block" if disk_files.is_block_device(Path(target.source)) else "file",
         )
 
     def _check_size(self, target: PushTarget) -> None:

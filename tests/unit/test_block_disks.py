@@ -179,3 +179,37 @@ def test_a_device_too_small_is_not_written(loops: Loops, tmp_path: Path) -> None
     with pytest.raises(CopyError, match=r"holds 16\.0 MiB, the disk needs 32\.0 MiB"):
         copy_to_device(src, device)
     assert _read_device(device, 16 * MiB) == b"\xa5" * (16 * MiB)
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_the_manifest_records_a_block_source_and_reads_file_records_as_before() -> None:
+    from guestsafe.engine.archive.manifest import DiskRecord, Manifest
+    from guestsafe.engine.errors import ArchiveError
+    from guestsafe.engine.modes import Mode
+
+    digest = "0" * 64
+    block = DiskRecord("vdb", "/dev/vg0/data", "raw", MiB, 4096, "vdb.raw", digest, MiB, "block")
+    plain = DiskRecord("vda", "/img/a.qcow2", "qcow2", MiB, 4096, "vda.qcow2", digest, 9)
+    stamp = "2026-01-01T00:00:00+00:00"
+    manifest = Manifest(
+        1,
+        "g",
+        "00000000-0000-4000-8000-000000000000",
+        "h",
+        Mode.STOP,
+        stamp,
+        stamp,
+        1.0,
+        "t",
+        [plain, block],
+        None,
+        [],
+        digest,
+    )
+    text = manifest.to_json()
+    assert text.count('"source_kind": "block"') == 1  # file records stay as they were
+    assert Manifest.from_json(text).disks == [plain, block]
+    with pytest.raises(ArchiveError, match=r"source_kind 'tape'"):
+        Manifest.from_json(text.replace('"source_kind": "block"', '"source_kind": "tape"'))
