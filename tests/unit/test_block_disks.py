@@ -8,14 +8,22 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
+import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 import pytest
 from rig import require
+from rig.testnode import DriverNode, NodeGuest, node_engine, run_cli, save_job, write_node
 
+from guestsafe.engine import failpoints
+from guestsafe.engine.api import Engine, OverwriteNotice
+from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import copy_file, copy_to_device, device_size, hash_file
 from guestsafe.engine.errors import CopyError
 
@@ -213,3 +221,203 @@ def test_the_manifest_records_a_block_source_and_reads_file_records_as_before() 
     assert Manifest.from_json(text).disks == [plain, block]
     with pytest.raises(ArchiveError, match=r"source_kind 'tape'"):
         Manifest.from_json(text.replace('"source_kind": "block"', '"source_kind": "tape"'))
+
+
+# --------------------------------------------------------------------------- restore flows
+# On libvirt's test driver with real loop devices: a guest "blk" with a file vda and a
+# loop device as its vdb (<disk type='block'>), backed up while shut off (cold copy).
+
+GUEST = "blk"
+VDB_SIZE = 32 * MiB
+VDB_PIECES = [(0, 4096), (3 * MiB, 512 * 1024), (30 * MiB, MiB)]
+
+
+def _block_disk(device: Path, target: str = "vdb") -> ET.Element:
+    disk = ET.Element("disk", {"type": "block", "device": "disk"})
+    ET.SubElement(disk, "driver", {"name": "qemu", "type": "raw"})
+    ET.SubElement(disk, "source", {"dev": str(device)})
+    ET.SubElement(disk, "target", {"dev": target, "bus": "virtio"})
+    return disk
+
+
+@dataclass
+class BlockSetup:
+    node: DriverNode
+    home: Path
+    engine: Engine
+    loops: Loops
+    device: Path  # the guest's vdb
+    content: bytes  # what vdb held when version 1 was taken
+
+    def version(self) -> VersionInfo:
+        return self.engine.find_archive(GUEST).version(GUEST, 1)
+
+    def restore(self, new_name: str, *disk_targets: str, force: bool = False) -> None:
+        archive = self.engine.find_archive(GUEST)
+        plan = self.engine.plan_restore(archive, GUEST, 1, new_name, disk_targets=disk_targets)
+        self.engine.restore(plan, force=force)
+
+    def cli(self, *args: str) -> tuple[int, str, str]:
+        proc = run_cli(self.node, self.home, *args)
+        return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def blk(tmp_path: Path, loops: Loops) -> Iterator[BlockSetup]:
+    content = bytes(_content(VDB_SIZE, VDB_PIECES))
+    device = loops.make(VDB_SIZE)
+    _write_device(device, content)
+    guest = NodeGuest(GUEST, running=False, disk_mib=(2,), extra_devices=[_block_disk(device)])
+    node = write_node(tmp_path / "node", [guest])
+    tree = ET.parse(node.file)  # a fixed UUID: the test driver makes one up per connection
+    for dom in tree.getroot().findall("domain"):
+        ET.SubElement(dom, "uuid").text = str(uuid.uuid4())
+    tree.write(node.file)
+    engine = node_engine(node, tmp_path / "home")
+    dest = tmp_path / "archive"
+    dest.mkdir(mode=0o700)
+    save_job(engine, "nightly", [GUEST], dest)
+    assert engine.run_job("nightly").ok
+    try:
+        yield BlockSetup(node, tmp_path / "home", engine, loops, device, content)
+    finally:
+        engine.close()
+
+
+def test_backup_records_the_device_and_keeps_its_zeros_as_holes(blk: BlockSetup) -> None:
+    version = blk.version()
+    [vda, vdb] = version.manifest.disks
+    assert (vda.source_kind, vdb.source_kind) == ("file", "block")
+    assert (vdb.source, vdb.file, vdb.format) == (str(blk.device), "vdb.raw", "raw")
+    assert vdb.virtual_size == VDB_SIZE == vdb.size
+    copy = version.path / "vdb.raw"
+    assert copy.read_bytes() == blk.content
+    assert copy.stat().st_blocks * 512 < 2 * MiB  # 1.5 MiB of data in a 32 MiB disk
+    [report] = blk.engine.verify(version.path.parent.parent, GUEST, 1)
+    assert report.ok, report.problems
+
+
+def _clone_disks(engine: Engine, name: str) -> dict[str, tuple[str, str]]:
+    root = ET.fromstring(engine.hv.xml(name))
+    found = {}
+    for disk in root.findall("./devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        assert source is not None and target is not None
+        path = source.get("file") or source.get("dev") or ""
+        found[target.get("dev", "")] = (disk.get("type", ""), path)
+    return found
+
+
+def test_restore_as_a_new_guest_writes_the_block_disk_into_a_file(blk: BlockSetup) -> None:
+    blk.restore("blk-copy")
+
+    disks = _clone_disks(blk.engine, "blk-copy")
+    assert disks["vdb"][0] == "file"
+    vdb = Path(disks["vdb"][1])
+    assert vdb.parent == Path(disks["vda"][1]).parent  # beside the other restored disk
+    assert vdb.read_bytes() == blk.content
+    assert vdb.stat().st_blocks * 512 < 2 * MiB
+
+
+def test_disk_target_writes_onto_a_device_and_the_clone_uses_it(blk: BlockSetup) -> None:
+    target = blk.loops.make(VDB_SIZE + 4 * MiB, fill=b"\xa5")  # old data everywhere
+
+    blk.restore("blk-dev", f"vdb={target}")
+
+    assert _clone_disks(blk.engine, "blk-dev")["vdb"] == ("block", str(target))
+    assert _read_device(target, VDB_SIZE) == blk.content  # zeros written where it had data
+    assert _read_device(blk.device, VDB_SIZE) == blk.content  # the original untouched
+
+
+def _refused(blk: BlockSetup, *args: str) -> str:
+    code, _out, err = blk.cli("restore", GUEST, "1", "blk-no", *args)
+    assert code == 9, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_disk_target_refuses_a_device_too_small(blk: BlockSetup) -> None:
+    small = blk.loops.make(VDB_SIZE // 2, fill=b"\xa5")
+    err = _refused(blk, "--disk-target", f"vdb={small}")
+    assert f"{small} holds 16.0 MiB, but vdb needs 32.0 MiB" in err
+    assert _read_device(small, VDB_SIZE // 2) == b"\xa5" * (VDB_SIZE // 2)
+
+
+def test_disk_target_refuses_another_guests_disk(blk: BlockSetup) -> None:
+    err = _refused(blk, "--disk-target", f"vdb={blk.device}")
+    assert f"{blk.device} is a disk of guest 'blk'" in err
+
+
+def _mkfs(device: Path) -> None:
+    require(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 is not installed")
+    _run("mkfs.ext4", "-q", "-F", str(device))
+
+
+def test_disk_target_refuses_a_filesystem_unless_forced(blk: BlockSetup) -> None:
+    target = blk.loops.make(VDB_SIZE)
+    _mkfs(target)
+    before = _read_device(target, VDB_SIZE)
+
+    err = _refused(blk, "--disk-target", f"vdb={target}")
+    assert f"{target} holds a ext4 filesystem" in err and "wipefs -a" in err
+    assert _read_device(target, VDB_SIZE) == before
+
+    blk.restore("blk-forced", f"vdb={target}", force=True)
+    assert _clone_disks(blk.engine, "blk-forced")["vdb"] == ("block", str(target))
+    assert _read_device(target, VDB_SIZE) == blk.content
+
+
+def test_disk_target_refuses_a_mounted_device(blk: BlockSetup, tmp_path: Path) -> None:
+    target = blk.loops.make(VDB_SIZE)
+    _mkfs(target)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    _run("mount", str(target), str(mountpoint))
+    try:
+        err = _refused(blk, "--disk-target", f"vdb={target}", "--force")
+    finally:
+        _run("umount", str(mountpoint))
+    assert f"{target} is mounted at {mountpoint}" in err
+
+
+def test_disk_target_refuses_an_unknown_disk_and_a_bad_spec(blk: BlockSetup) -> None:
+    assert "has no disk vdz (it has vda, vdb)" in _refused(blk, "--disk-target", "vdz=/dev/x")
+    assert "write it as TARGET=DEVICE" in _refused(blk, "--disk-target", "/dev/loop0")
+    assert "is not a block device" in _refused(blk, "--disk-target", "vdb=/etc/hostname")
+
+
+def test_restore_over_the_original_writes_the_device_back_in_place(blk: BlockSetup) -> None:
+    _write_device(blk.device, b"newer data" * 100_000)  # written after the backup
+    notices: list[list[str]] = []
+
+    def confirm(notice: OverwriteNotice) -> bool:
+        notices.append(notice.lines())
+        return True
+
+    archive = blk.engine.find_archive(GUEST)
+    blk.engine.restore_over(archive, GUEST, 1, confirm=confirm)
+
+    assert _read_device(blk.device, VDB_SIZE) == blk.content
+    [lines] = notices
+    assert any(f"{blk.device}: block device overwritten in place" in line for line in lines)
+    assert _clone_disks(blk.engine, GUEST)["vdb"] == ("block", str(blk.device))
+    assert not list(Path("/dev").glob(".guestsafe-restore-*"))
+
+
+def test_a_crash_while_writing_the_device_is_reported_by_recover(blk: BlockSetup) -> None:
+    env_before = os.environ.get(failpoints.ENV)
+    os.environ[failpoints.ENV] = "restore-over.device=kill"
+    try:
+        code, _out, _err = blk.cli("restore", GUEST, "1", "--overwrite", "--yes")
+    finally:
+        if env_before is None:
+            os.environ.pop(failpoints.ENV)
+        else:
+            os.environ[failpoints.ENV] = env_before
+    assert code == -signal.SIGKILL
+
+    code, _out, err = blk.cli("recover")
+
+    assert code == 0, err
+    assert f"the block device {blk.device} of guest 'blk' was being overwritten" in err
+    assert f"guestsafe restore {GUEST} 1 --overwrite' again" in err
