@@ -18,7 +18,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from rig import GuestFactory, require
+from rig import GuestFactory, TestGuest, require
 from rig.disks import DiskSpec
 from rig.gs import BOOT, GS, shutdown_counter
 
@@ -99,15 +99,12 @@ def _read(path: Path, length: int) -> bytes:
         return f.read(length)
 
 
-def test_a_block_device_disk_is_backed_up_sparse_and_restored_to_a_file_and_a_device(
-    loops: Loops,
-    gs: GS,
-    guest_factory: GuestFactory,
-    libvirt_conn: libvirt.virConnect,
-    tmp_path: Path,
-) -> None:
+def _block_guest(
+    guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect, loops: Loops, label: str
+) -> tuple[TestGuest, Path, int]:
+    """A guest whose vda (the counter disk) is a loop device; started; its console offset."""
     guest = guest_factory(
-        "blk",
+        label,
         disks=(DiskSpec("vda", "raw", VDA_SIZE), DiskSpec("vdb", "qcow2", 32 * MiB)),
         vdb_text="the file disk",
         start=False,
@@ -117,10 +114,19 @@ def test_a_block_device_disk_is_backed_up_sparse_and_restored_to_a_file_and_a_de
         f.seek(20 * MiB)
         f.write(os.urandom(MiB))
     device = loops.attach(image)
-    libvirt_conn.defineXML(
-        _as_block_disk(guest.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE), "vda", device)
-    )
-    before = guest.start()
+    xml = guest.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    libvirt_conn.defineXML(_as_block_disk(xml, "vda", device))
+    return guest, device, guest.start()
+
+
+def test_a_block_device_disk_is_backed_up_sparse_and_restored_to_a_file_and_a_device(
+    loops: Loops,
+    gs: GS,
+    guest_factory: GuestFactory,
+    libvirt_conn: libvirt.virConnect,
+    tmp_path: Path,
+) -> None:
+    guest, device, before = _block_guest(guest_factory, libvirt_conn, loops, "blk")
     gs.job("blk", [guest])
 
     gs.cli("run", "blk", check=True)
@@ -160,4 +166,33 @@ def test_a_block_device_disk_is_backed_up_sparse_and_restored_to_a_file_and_a_de
     clone = libvirt_conn.lookupByName(on_device)
     assert _disk(clone.XMLDesc(0), "vda") == ("block", str(target))
     clone.create()
+    assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+
+
+def test_stop_short_pushes_a_block_device_disk_into_the_version(
+    loops: Loops,
+    gs: GS,
+    guest_factory: GuestFactory,
+    libvirt_conn: libvirt.virConnect,
+    workdir: Path,
+) -> None:
+    """QEMU's push backup reads the device and writes the version's file itself."""
+    gs.archive = workdir / "archive"  # where QEMU can reach it
+    gs.archive.mkdir(mode=0o700)
+    guest, device, before = _block_guest(guest_factory, libvirt_conn, loops, "blkpush")
+    gs.job("push", [guest], mode="stop-short")
+
+    result = gs.engine.run_job("push")
+
+    assert result.ok, result.outcomes
+    at_shutdown = shutdown_counter(guest, before)
+    [version] = gs.versions(guest)
+    assert version.manifest.mode == "stop-short" and version.verified is True
+    vda = next(d for d in version.manifest.disks if d.target == "vda")
+    assert (vda.source_kind, vda.source, vda.virtual_size) == ("block", str(device), VDA_SIZE)
+    assert (version.path / "vda.raw").stat().st_blocks * 512 < 4 * MiB
+    clone_name = guest.name + "-c"
+    guest_factory.adopt(clone_name)
+    gs.cli("restore", guest.name, "1", clone_name, "--start", check=True)
+    clone = libvirt_conn.lookupByName(clone_name)
     assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
