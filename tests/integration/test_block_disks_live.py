@@ -196,3 +196,30 @@ def test_stop_short_pushes_a_block_device_disk_into_the_version(
     gs.cli("restore", guest.name, "1", clone_name, "--start", check=True)
     clone = libvirt_conn.lookupByName(clone_name)
     assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+
+
+def test_restore_over_the_original_writes_its_block_device_back_in_place(
+    loops: Loops,
+    gs: GS,
+    guest_factory: GuestFactory,
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    guest, device, before = _block_guest(guest_factory, libvirt_conn, loops, "blkover")
+    gs.job("over", [guest])
+    gs.cli("run", "over", check=True)
+    backed_up = shutdown_counter(guest, before)
+    # The guest runs on and counts further on its device; then it is shut off.
+    guest.wait_for_console(r"GS-COUNTER (\d+)", timeout=60, after=guest.console_size())
+    guest.shutdown()
+    assert guest.read_counter(device) > backed_up
+
+    proc = gs.cli("restore", guest.name, "1", "--overwrite", "--yes")
+
+    assert proc.returncode == 0, proc.stderr
+    assert guest.read_counter(device) == backed_up
+    [version] = gs.versions(guest)
+    assert _read(device, VDA_SIZE) == (version.path / "vda.raw").read_bytes()
+    assert _disk(guest.live_xml(libvirt.VIR_DOMAIN_XML_INACTIVE), "vda") == ("block", str(device))
+    offset = guest.start()
+    match = guest.wait_for_console(BOOT, timeout=60, after=offset)
+    assert int(match.group(1)) == backed_up
