@@ -634,9 +634,11 @@ def _copy_error(pipe: _Pipeline, src: Path, dst: Path, total: int) -> CopyError:
     exc, side = pipe.error, pipe.error_side
     if isinstance(exc, _Cancelled):
         return Cancelled("copy cancelled")
+    # A shrunk device ends a read early, or fails it (EIO with O_DIRECT): name the cause.
+    resized = pipe.src.changed_size() if side == "read" else None
+    if resized is not None:
+        return _resized_error(src, pipe.src.size, resized)
     if isinstance(exc, _Shrank):
-        if pipe.src.block:
-            return _resized_error(src, pipe.src.size, _device_bytes(pipe.src.fd))
         return CopyError(f"{src} shrank while being copied; is something still writing it?")
     if isinstance(exc, OSError):
         if side == "read":

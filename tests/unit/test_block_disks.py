@@ -421,3 +421,19 @@ def test_a_crash_while_writing_the_device_is_reported_by_recover(blk: BlockSetup
     assert code == 0, err
     assert f"the block device {blk.device} of guest 'blk' was being overwritten" in err
     assert f"guestsafe restore {GUEST} 1 --overwrite' again" in err
+
+
+def test_push_mode_files_of_block_disks_lose_their_zero_blocks(tmp_path: Path) -> None:
+    from guestsafe.engine.backup.push_files import punch_zero_blocks
+
+    size = 24 * MiB
+    content = bytes(_content(size, [(MiB, 8192), (10 * MiB, MiB)]))
+    path = tmp_path / "vda.raw"
+    path.write_bytes(content)  # every block allocated, as QEMU leaves a device's copy
+    assert path.stat().st_blocks * 512 >= size
+
+    freed = punch_zero_blocks(path)
+
+    assert path.read_bytes() == content
+    assert path.stat().st_blocks * 512 < 2 * MiB
+    assert freed > 20 * MiB
