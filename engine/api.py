@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -84,6 +84,7 @@ from guestsafe.engine.modes import IoClass, Mode, OnTimeout, is_crash_consistent
 from guestsafe.engine.modes import label as mode_label
 from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
+from guestsafe.engine.restore.block_targets import parse_disk_targets
 from guestsafe.engine.restore.clone import restore_clone
 from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over_original
 from guestsafe.engine.restore.over_recovery import recover_restores
@@ -582,8 +583,18 @@ class Engine:
         new_name: str,
         *,
         target_dir: Path | None = None,
+        disk_targets: Iterable[str] = (),
     ) -> RestorePlan:
-        return plan_restore(archive, guest, number, new_name, self.hv, target_dir=target_dir)
+        """``disk_targets``: "vdb=/dev/vg/lv" specs, disks written onto existing devices."""
+        return plan_restore(
+            archive,
+            guest,
+            number,
+            new_name,
+            self.hv,
+            target_dir=target_dir,
+            disk_targets=parse_disk_targets(disk_targets),
+        )
 
     def restore(
         self,

@@ -19,7 +19,7 @@ belongs to its guests. Small pieces, and everything where O_DIRECT is refused,
 go through the page cache, kept to two batches with ``sync_file_range`` and
 dropped with ``posix_fadvise(DONTNEED)``.
 
-Why this stays one module of about 700 lines: it is one pipeline. The extent
+Why this stays one module of about 900 lines: it is one pipeline. The extent
 planner, the source and destination wrappers, the pipeline's threads and its
 error mapping share the buffer pool, the batch layout and the cancel and
 failure handshake (``_Pipeline.fail``, ``_Cancelled``, ``_Shrank``); split
@@ -38,6 +38,7 @@ import mmap
 import os
 import queue
 import stat
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ MERGE_GAP = 128 * 1024
 # buffered and flushed in batches 0.9 s).
 DIRECT_MIN = 256 * 1024
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+BLKZEROOUT = 0x127F  # _IO(0x12, 127): the device writes (or unmaps to) zeros itself
+# A block device has no holes to seek: its zero blocks are found by looking, at the
+# filesystem's block size, so a mostly empty LV becomes a mostly sparse file.
+ZERO_BLOCK = 4096
+_ZERO_BYTES = bytes(ZERO_BLOCK)
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 _POLL = 0.1  # seconds between cancel checks while waiting on the pipeline
 
@@ -211,14 +217,31 @@ def _source_size(fd: int, path: Path) -> int:
     if stat.S_ISREG(mode):
         return os.fstat(fd).st_size
     if stat.S_ISBLK(mode):  # a disk on LVM or a partition: st_size is 0 there
-        return os.lseek(fd, 0, os.SEEK_END)
+        return _device_bytes(fd)
     raise CopyError(f"{path} is not a regular file or block device")
 
 
-class _Source:
-    """A file read with O_DIRECT until the kernel refuses it, then buffered."""
+def _device_bytes(fd: int) -> int:
+    # The kernel's size of the device now (as BLKGETSIZE64): a resize shows at once.
+    return os.lseek(fd, 0, os.SEEK_END)
 
-    def __init__(self, path: Path) -> None:
+
+def device_size(path: Path) -> int:
+    """The size in bytes of a block device (its st_size is 0)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _device_bytes(fd)
+    finally:
+        os.close(fd)
+
+
+class _Source:
+    """A file read with O_DIRECT until the kernel refuses it, then buffered.
+
+    ``limit`` reads only the first bytes (a device larger than the disk written on it).
+    """
+
+    def __init__(self, path: Path, limit: int | None = None) -> None:
         self.path = path
         self.direct = False
         try:
@@ -229,7 +252,10 @@ class _Source:
                 raise
             self.fd = os.open(path, os.O_RDONLY)
         try:
+            self.block = stat.S_ISBLK(os.fstat(self.fd).st_mode)
             self.size = _source_size(self.fd, path)
+            if limit is not None:
+                self.size = min(self.size, limit)
             self.data_bytes = _data_bytes(self.fd, self.size)
         except BaseException:
             os.close(self.fd)
@@ -264,17 +290,46 @@ class _Source:
         if not self.direct:
             _drop_cache(self.fd, offset, length)
 
+    def changed_size(self) -> int | None:
+        """A block device's size now, when it differs from the size the copy began with."""
+        if not self.block:
+            return None
+        now = _device_bytes(self.fd)
+        return None if now == self.size else now
+
     def close(self) -> None:
         _drop_cache(self.fd)
         os.close(self.fd)
 
 
+def _nonzero_pieces(view: memoryview, seg: _Piece) -> Iterator[_Piece]:
+    """The parts of one written segment that are not all zeros, in ZERO_BLOCK steps.
+
+    Only for a block device's data: its zero blocks must become holes in the copy.
+    """
+    run_start: int | None = None
+    pos = 0
+    while pos < seg.length:
+        step = min(ZERO_BLOCK, seg.length - pos)
+        at = seg.start + pos
+        zero = view[at : at + step].tobytes() == _ZERO_BYTES[:step]
+        if not zero and run_start is None:
+            run_start = pos
+        elif zero and run_start is not None:
+            yield _Piece(seg.offset + run_start, seg.start + run_start, pos - run_start)
+            run_start = None
+        pos += step
+    if run_start is not None:
+        yield _Piece(seg.offset + run_start, seg.start + run_start, seg.length - run_start)
+
+
 class _Dest:
     """The new file: O_DIRECT for large pieces, the page cache, kept small, for the rest."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, *, skip_zeros: bool = False) -> None:
         self.path = path
         self.fd = fd
+        self.skip_zeros = skip_zeros  # the source is a device: its zeros become holes
         self.dfd = -1
         # Reopen through /proc so we reach the file we created, not whatever
         # the name points to now.
@@ -286,6 +341,8 @@ class _Dest:
 
     def write_batch(self, view: memoryview, segments: tuple[_Piece, ...]) -> None:
         cached: tuple[int, int] | None = None  # range written through the page cache
+        if self.skip_zeros:
+            segments = tuple(p for seg in segments for p in _nonzero_pieces(view, seg))
         for seg in segments:
             piece = view[seg.start : seg.start + seg.length]
             if self._write(piece, seg.offset):
@@ -599,6 +656,10 @@ def _copy_error(pipe: _Pipeline, src: Path, dst: Path, total: int) -> CopyError:
     exc, side = pipe.error, pipe.error_side
     if isinstance(exc, _Cancelled):
         return Cancelled("copy cancelled")
+    # A shrunk device ends a read early, or fails it (EIO with O_DIRECT): name the cause.
+    resized = pipe.src.changed_size() if side == "read" else None
+    if resized is not None:
+        return _resized_error(src, pipe.src.size, resized)
     if isinstance(exc, _Shrank):
         return CopyError(f"{src} shrank while being copied; is something still writing it?")
     if isinstance(exc, OSError):
@@ -606,6 +667,14 @@ def _copy_error(pipe: _Pipeline, src: Path, dst: Path, total: int) -> CopyError:
             return CopyError(f"cannot read {src}: {exc.strerror}")
         return _write_error(exc, dst, total - pipe.done, total)
     return CopyError(f"copying {src} to {dst} failed: {exc}")
+
+
+def _resized_error(src: Path, before: int, now: int) -> CopyError:
+    return CopyError(
+        f"block device {src} changed size during the copy ({before} -> {now} bytes); "
+        "the copy was discarded: leave the device alone (no lvresize, losetup -c) "
+        "while the guest is backed up, then run the backup again"
+    )
 
 
 def _write_error(exc: OSError, dst: Path, remaining: int, total: int) -> CopyError:
@@ -620,9 +689,9 @@ def _write_error(exc: OSError, dst: Path, remaining: int, total: int) -> CopyErr
 # --------------------------------------------------------------------------- public
 
 
-def _open_source(path: Path) -> _Source:
+def _open_source(path: Path, limit: int | None = None) -> _Source:
     try:
-        return _Source(path)
+        return _Source(path, limit)
     except OSError as exc:
         raise CopyError(f"cannot read {path}: {exc.strerror}") from exc
 
@@ -683,18 +752,22 @@ def _copy_into(
 ) -> CopyResult:
     total = source.data_bytes
     try:
-        cloned = source.size > 0 and _try_clone(fd, source.fd)
+        # A device cannot be reflinked into a file; its zeros are skipped instead.
+        cloned = source.size > 0 and not source.block and _try_clone(fd, source.fd)
         if not cloned:
             os.ftruncate(fd, source.size)
     except OSError as exc:
         os.close(fd)
         raise _write_error(exc, dst, total, total) from exc
-    dest = _Dest(dst, fd)
+    dest = _Dest(dst, fd, skip_zeros=source.block)
     try:
         pipe = _Pipeline(source, None if cloned else dest, cancel, pace)
         pipe.run(total, progress)
         if pipe.error is not None:
             raise _copy_error(pipe, source.path, dst, total) from pipe.error
+        resized = source.changed_size()
+        if resized is not None:
+            raise _resized_error(source.path, source.size, resized)
         try:
             dest.finish()
         except OSError as exc:
@@ -707,18 +780,143 @@ def _copy_into(
     return CopyResult(source.size, total, str(pipe.hasher.hexdigest()), cloned)
 
 
+def copy_to_device(
+    src: Path,
+    device: Path,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> CopyResult:
+    """Write the file ``src`` onto the start of the block device ``device``, then check it.
+
+    A device has no holes: where the file has a hole the device is zeroed
+    (BLKZEROOUT, which the kernel carries out by writing zeros where the device
+    cannot unmap), the data is written, and everything is fsynced. Then the
+    device's first ``size`` bytes are read back cold and hashed: they must hash
+    as the file does, so a zeroing or write the device dropped is caught.
+
+    The device is opened O_EXCL, which the kernel refuses while it is mounted or
+    held (LVM, RAID, another exclusive user). Raises CopyError; after a failure
+    the device's content is undefined, since a device cannot be put back.
+    """
+    source = _open_source(src)
+    try:
+        fd = _open_device(device, source.size)
+        dest = _Dest(device, fd)
+        try:
+            _zero_holes(fd, source, device, cancel)
+            pipe = _Pipeline(source, dest, cancel)
+            pipe.run(source.data_bytes, progress)
+            if pipe.error is not None:
+                raise _copy_error(pipe, source.path, device, source.data_bytes) from pipe.error
+            try:
+                dest.finish()
+            except OSError as exc:
+                raise CopyError(f"cannot write {device}: {exc.strerror}") from exc
+        finally:
+            dest.close()
+    finally:
+        source.close()
+    digest = str(pipe.hasher.hexdigest())
+    written = hash_file(device, cancel=cancel, limit=source.size)
+    if written != digest:
+        raise CopyError(
+            f"{device} does not read back what was written to it (blake3 {written[:12]}.. "
+            f"!= {digest[:12]}..); the device is faulty or something else writes to it"
+        )
+    return CopyResult(source.size, source.data_bytes, digest, False)
+
+
+def _open_device(device: Path, size: int) -> int:
+    try:
+        fd = os.open(device, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise CopyError(
+                f"{device} is in use (mounted, part of LVM or RAID, or open by a program); "
+                "nothing was written to it"
+            ) from exc
+        raise CopyError(f"cannot open {device}: {exc.strerror}") from exc
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            raise CopyError(f"{device} is not a block device")
+        have = _device_bytes(fd)
+        if have < size:
+            raise CopyError(
+                f"{device} holds {_human(have)}, the disk needs {_human(size)}; "
+                "nothing was written to it"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_ZERO_STEP = 1024 * MiB  # one BLKZEROOUT at a time, so a cancel is seen between them
+_SECTOR = 512
+
+
+def _zero_holes(fd: int, source: _Source, device: Path, cancel: threading.Event | None) -> None:
+    """Zero on the device every range that is a hole in the source file."""
+    pos = 0
+    for start, end in _extents(source.fd, source.size):
+        if start > pos:
+            _zero_range(fd, pos, start, device, cancel)
+        pos = end
+    if pos < source.size:
+        _zero_range(fd, pos, source.size, device, cancel)
+
+
+def _zero_range(
+    fd: int, start: int, end: int, device: Path, cancel: threading.Event | None
+) -> None:
+    # BLKZEROOUT takes whole sectors; a ragged head or tail is written as zeros.
+    low = -(-start // _SECTOR) * _SECTOR
+    high = max(low, end // _SECTOR * _SECTOR)
+    try:
+        _write_zeros(fd, start, min(low, end))
+        pos = low
+        while pos < high:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("copy cancelled")
+            step = min(_ZERO_STEP, high - pos)
+            _zero_out(fd, pos, step)
+            pos += step
+        _write_zeros(fd, high, end)
+    except OSError as exc:
+        raise CopyError(f"cannot write {device}: {exc.strerror}") from exc
+
+
+def _zero_out(fd: int, offset: int, length: int) -> None:
+    try:
+        fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+            raise
+        _write_zeros(fd, offset, offset + length)  # the kernel would not: write them
+
+
+def _write_zeros(fd: int, start: int, end: int) -> None:
+    view = memoryview(_ZEROS)
+    while start < end:
+        step = min(CHUNK, end - start)
+        _pwrite_all(fd, view[:step], start)
+        start += step
+
+
 def hash_file(
     path: Path,
     *,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    limit: int | None = None,
 ) -> str:
     """BLAKE3 hex digest of ``path``, holes read as zeros (equals ``b3sum``).
 
     A cold read-back: O_DIRECT where possible, so it checks the disk, not RAM.
-    Only data extents are read.
+    Only data extents are read. ``limit``: only the first bytes (of a device).
     """
-    source = _open_source(path)
+    source = _open_source(path, limit)
     try:
         pipe = _Pipeline(source, None, cancel)
         pipe.run(source.data_bytes, progress)

@@ -100,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--start", action="store_true", help="start the restored guest")
     restore.add_argument("--target-dir", type=Path, help="where the disk files go")
     restore.add_argument(
+        "--disk-target",
+        action="append",
+        default=[],
+        metavar="DISK=DEVICE",
+        help="write that disk onto an existing block device, e.g. vdb=/dev/vg/new-lv "
+        "(repeatable; refused if it holds a filesystem unless --force)",
+    )
+    restore.add_argument(
         "--overwrite",
         action="store_true",
         help="restore over the original guest (it must be shut off); asks first",
@@ -413,6 +421,11 @@ def _restore_from(
     if args.overwrite:
         if args.new_name not in (None, args.guest):
             raise RestoreError("--overwrite restores over the original; give no new name")
+        if args.disk_target:
+            raise RestoreError(
+                "--overwrite writes each disk back to its own file or device; "
+                "--disk-target goes with a new guest"
+            )
         engine.restore_over(
             archive,
             args.guest,
@@ -428,7 +441,12 @@ def _restore_from(
     if args.new_name is None:
         raise RestoreError("give a new name for the restored guest, or --overwrite")
     plan = engine.plan_restore(
-        archive, args.guest, args.version, args.new_name, target_dir=args.target_dir
+        archive,
+        args.guest,
+        args.version,
+        args.new_name,
+        target_dir=args.target_dir,
+        disk_targets=args.disk_target,
     )
     for iface in plan.clashes:
         action = "keeping it (--mac keep)" if args.mac == KEEP else f"using {iface.new_mac}"

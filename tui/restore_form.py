@@ -1,4 +1,5 @@
-"""The restore form: which guest, which version, and the new guest's ID."""
+"""The restore form: which guest, which version, the new guest's ID, and which of its
+disks go onto existing block devices instead of new files ("vdb=/dev/vg/lv")."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class RestoreForm(Vertical):
         number: int
         new_name: str
         start: bool = False  # start the restored guest, as the CLI's --start
+        disk_targets: tuple[str, ...] = ()  # "vdb=/dev/vg/lv", as the CLI's --disk-target
 
     # The row taken last: (its name as shown, its real name).
     _chosen: tuple[str, str] | None = None
@@ -38,6 +40,13 @@ class RestoreForm(Vertical):
             yield FieldInput(id="r-new", placeholder="new guest name", compact=True)
             yield TickBox("start", id="r-start", compact=True)
             yield Button("Restore", id="r-submit", variant="primary", compact=True)
+        with Horizontal(id="restore-devices"):
+            yield Label("Onto devices", classes="restore-label")
+            yield FieldInput(
+                id="r-disks",
+                placeholder="optional: vdb=/dev/vg/lv (several: space between)",
+                compact=True,
+            )
         yield Static("", id="r-error", classes="field-error")
 
     def on_mount(self) -> None:
@@ -93,6 +102,12 @@ class RestoreForm(Vertical):
             self._error("New ID: the restored guest needs a name of its own")
             self._input("r-new").focus()
             return
+        disk_targets = tuple(self._input("r-disks").value.split())
+        bad = next((spec for spec in disk_targets if "=" not in spec), None)
+        if bad is not None:
+            self._error(f"Onto devices: write each as DISK=DEVICE, e.g. vdb=/dev/vg/lv ({bad})")
+            self._input("r-disks").focus()
+            return
         self._error("")
         start = self.query_one("#r-start", TickBox).value
-        self.post_message(self.Submitted(guest, int(version), new_name, start))
+        self.post_message(self.Submitted(guest, int(version), new_name, start, disk_targets))

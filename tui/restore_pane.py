@@ -356,7 +356,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             self.app.notify("A restore is already running.", severity="warning")
             return
         self._start_restored = event.start
-        self._plan(source, event.guest, event.number, event.new_name)
+        self._plan(source, event.guest, event.number, event.new_name, event.disk_targets)
 
     @contextmanager
     def _archive(self, source: Source) -> Iterator[Archive]:
@@ -369,9 +369,18 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 yield archive
 
     @background(group="restore-plan")
-    def _plan(self, source: Source, guest: str, number: int, new_name: str) -> None:
+    def _plan(
+        self,
+        source: Source,
+        guest: str,
+        number: int,
+        new_name: str,
+        disk_targets: tuple[str, ...] = (),
+    ) -> None:
         with self._archive(source) as archive:
-            plan = self._engine.plan_restore(archive, guest, number, new_name)
+            plan = self._engine.plan_restore(
+                archive, guest, number, new_name, disk_targets=disk_targets
+            )
         self.app.call_from_thread(self._planned, plan, source)
 
     def _planned(self, plan: RestorePlan, source: Source | None = None) -> None:
@@ -443,7 +452,10 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         """Mount the device again for the copy; the plan's paths were in the last mount."""
         with self._engine.device_archive(spec) as archive:
             version = plan.version
-            fresh = self._engine.plan_restore(archive, version.guest, version.number, plan.new_name)
+            devices = [f"{disk}={dev}" for disk, dev in plan.device_targets.items()]
+            fresh = self._engine.plan_restore(
+                archive, version.guest, version.number, plan.new_name, disk_targets=devices
+            )
             fresh.interfaces = plan.interfaces  # the MACs the operator was shown
             return self._engine.restore(
                 fresh,

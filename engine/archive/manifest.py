@@ -37,6 +37,10 @@ _RESERVED_LOWER = frozenset(r.lower() for r in RESERVED_FILES)
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _BLAKE3 = re.compile(r"[0-9a-f]{64}")
 _FORMAT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+# What a disk's source was (libvirt's <disk type=...>). "file" is the default and is
+# not written, so manifests of file disks read the same as before block disks came.
+SOURCE_KINDS = ("file", "block")
+_OPTIONAL_RECORD_KEYS = frozenset({"source_kind"})
 
 
 def is_safe_file_name(name: str) -> bool:
@@ -69,6 +73,7 @@ class DiskRecord:
     file: str
     blake3: str
     size: int | None = None
+    source_kind: str = "file"  # "block": ``source`` is a block device (LV, zvol, partition)
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def parse_utc(value: str) -> datetime:
 
 
 def _record_dict(record: DiskRecord) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "target": record.target,
         "source": record.source,
         "format": record.format,
@@ -139,6 +144,9 @@ def _record_dict(record: DiskRecord) -> dict[str, Any]:
         "size": record.size,
         "blake3": record.blake3,
     }
+    if record.source_kind != "file":
+        data["source_kind"] = record.source_kind
+    return data
 
 
 def _to_dict(manifest: Manifest) -> dict[str, Any]:
@@ -250,8 +258,14 @@ class _Reader:
                 f"uses unknown archive format {value} (this guestsafe reads {FORMAT_VERSION})"
             )
 
-    def keys(self, data: dict[str, Any], expected: frozenset[str], where: str) -> None:
-        missing, unknown = expected - data.keys(), data.keys() - expected
+    def keys(
+        self,
+        data: dict[str, Any],
+        expected: frozenset[str],
+        where: str,
+        optional: frozenset[str] = frozenset(),
+    ) -> None:
+        missing, unknown = expected - data.keys(), data.keys() - expected - optional
         if missing:
             self.fail(f"lacks {where}{', '.join(sorted(missing))}")
         if unknown:
@@ -317,7 +331,7 @@ class _Reader:
     def record(self, data: Any, where: str) -> DiskRecord:
         if not isinstance(data, dict):
             self.fail(f"has {where} that is not a JSON object")
-        self.keys(data, _RECORD_KEYS, f"{where}.")
+        self.keys(data, _RECORD_KEYS, f"{where}.", _OPTIONAL_RECORD_KEYS)
         file = data["file"]
         if not isinstance(file, str) or not is_safe_file_name(file):
             self.fail(
@@ -336,7 +350,16 @@ class _Reader:
             file=file,
             blake3=self.digest(data, "blake3"),
             size=self.size(data, "size", f"{where}."),
+            source_kind=self.source_kind(data, where),
         )
+
+    def source_kind(self, data: dict[str, Any], where: str) -> str:
+        if "source_kind" not in data:
+            return "file"
+        kind = data["source_kind"]
+        if kind not in SOURCE_KINDS or kind == "file":  # "file" is never written
+            self.fail(f"has {where}.source_kind {kind!r}, not one of {', '.join(SOURCE_KINDS[1:])}")
+        return str(kind)
 
     def unique(self, records: list[DiskRecord]) -> None:
         files = [r.file.lower() for r in records]

@@ -8,6 +8,7 @@ cancels the copy at once.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from guestsafe.engine.archive.manifest import DiskRecord
@@ -75,7 +76,10 @@ class ColdCopy:
         assert info is not None
         for disk in info.disks:
             if disk.backs_up:
-                self.run.records.append(self._copy_disk(disk.target, disk.source, disk.format))
+                record = self._copy_disk(disk.target, disk.source, disk.format)
+                if disk.kind == "block":
+                    record = replace(record, source_kind="block")
+                self.run.records.append(record)
             elif disk.source:
                 self.run.say_info(
                     f"skipping {disk.target} ({disk.device}, read-only or not a disk)"

@@ -42,6 +42,7 @@ from guestsafe.engine.backup.push_files import (
     CLOSE_WAIT_SECONDS,
     give_back_zeros,
     own,
+    punch_zero_blocks,
     wait_until_closed,
 )
 from guestsafe.engine.copier import copy_file, hash_file
@@ -363,6 +364,8 @@ class PushCopy:
         if target.fmt == "raw":
             with naming("giving back the zero ranges of", path):
                 give_back_zeros(path)
+                if disk_files.is_block_device(Path(target.source)):
+                    punch_zero_blocks(path)  # QEMU copied the device's zeros as data
         self._check_size(target)
         b.say_info(f"hashing {target.target} ({path.name}, written by QEMU)")
         digest = hash_file(path, progress=b.copy_progress(target.target), cancel=b.cancel)
@@ -378,6 +381,7 @@ class PushCopy:
             allocated_size=allocated,
             file=path.name,
             blake3=digest,
+            source_kind="block" if disk_files.is_block_device(Path(target.source)) else "file",
         )
 
     def _check_size(self, target: PushTarget) -> None:

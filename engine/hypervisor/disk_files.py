@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 
+from guestsafe.engine.copier import device_size
 from guestsafe.engine.errors import PreflightError
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 
@@ -37,7 +39,20 @@ def virtual_size(path: Path) -> int:
         header = f.read(32)
     if len(header) == 32 and header[:4] == _QCOW2_MAGIC:
         return int(struct.unpack(">Q", header[24:32])[0])
-    return path.stat().st_size
+    return byte_length(path)
+
+
+def byte_length(path: Path) -> int:
+    """A file's length, or a block device's size (its st_size is 0)."""
+    st = path.stat()
+    return device_size(path) if stat.S_ISBLK(st.st_mode) else st.st_size
+
+
+def is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def check_backup_disks(info: GuestInfo) -> None:
@@ -45,14 +60,19 @@ def check_backup_disks(info: GuestInfo) -> None:
     for disk in info.disks:
         if not disk.backs_up:
             continue
-        if disk.kind != "file":
+        if disk.kind not in ("file", "block"):
             raise PreflightError(
                 f"guest {info.name!r}: disk {disk.target} is a {disk.kind} disk ({disk.source}); "
-                "this version backs up file disks only"
+                "this version backs up file and block-device disks only"
             )
         assert disk.source is not None
         path = Path(disk.source)
-        if not path.is_file():
+        if disk.kind == "block" and not is_block_device(path):
+            raise PreflightError(
+                f"guest {info.name!r}: disk {disk.target} device {path} is missing or not a "
+                "block device (activate the LV or plug the disk in, then run the job again)"
+            )
+        if disk.kind == "file" and not path.is_file():
             raise PreflightError(f"guest {info.name!r}: disk {disk.target} file {path} is missing")
         backing = qcow2_backing_file(path)
         if backing is not None:
@@ -66,6 +86,9 @@ def check_backup_disks(info: GuestInfo) -> None:
 
 
 def allocated_bytes(path: Path) -> int:
+    """What a copy may take: a file's allocation; all of a device (it has no holes to count)."""
+    if is_block_device(path):
+        return device_size(path)
     return os.stat(path).st_blocks * 512
 
 

@@ -14,6 +14,7 @@ from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.paths import Paths
+from guestsafe.engine.restore.block_targets import check_device_target, restore_to_device
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.plan import (
@@ -54,10 +55,17 @@ def restore_clone(
     source = plan.version
     purpose = f"restore of {source.guest} version {source.number} to {name}"
     with locks.acquire(paths.state_dir, f"guest:{source.manifest.uuid}", purpose):
+        _check_devices(plan, hv, force)  # before anything is written
         copied: list[Path] = []
         try:
             reporter(PhaseChanged(name, "copy"))
             for rec, dst in _copies(plan):
+                if rec.target in plan.device_targets:
+                    # Never in ``copied``: a device is not deleted when the restore fails.
+                    restore_to_device(
+                        plan.version, rec, dst, force, reporter, name, cancel, warnings
+                    )
+                    continue
                 restore_file(plan.version, rec, dst, force, reporter, name, cancel, warnings)
                 copied.append(dst)
             reporter(PhaseChanged(name, "define"))
@@ -108,6 +116,12 @@ def recheck_macs(
                 "choose a new MAC)"
             )
     return checked
+
+
+def _check_devices(plan: RestorePlan, hv: Hypervisor, force: bool) -> None:
+    for rec, device in plan.disks:
+        if rec.target in plan.device_targets:
+            check_device_target(device, rec, hv, force=force)
 
 
 def _copies(plan: RestorePlan) -> list[tuple[DiskRecord, Path]]:

@@ -94,8 +94,13 @@ def _point_disks(root: ET.Element, plan: RestorePlan) -> None:
         dev = target.get("dev") if target is not None else None
         if dev in new_paths and source is not None:
             source.attrib.pop("dev", None)
-            source.set("file", str(new_paths[dev]))
-            disk.set("type", "file")
+            source.attrib.pop("file", None)
+            if dev in plan.device_targets:  # written onto an existing block device
+                source.set("dev", str(new_paths[dev]))
+                disk.set("type", "block")
+            else:
+                source.set("file", str(new_paths[dev]))
+                disk.set("type", "file")
 
 
 def _set_mac(iface: ET.Element, mac: str) -> None:

@@ -8,6 +8,10 @@ fsynced; only when every copy is complete are they swapped in by rename, and
 the original is kept under a ``.replaced-`` name until the new definition is
 in place. The restore journal records each step, so ``recover`` can finish the
 swap or leave the originals as they were after a crash (``over_recovery``).
+
+A block-device disk cannot be copied beside itself or renamed: it is written in
+place, last, once every file copy is complete and its version file checked, with
+the journal saying so first; it cannot be put back (block_targets, FORMAT.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore import swap
+from guestsafe.engine.restore.block_targets import check_device_target, restore_to_device
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.over_checks import (
     check_managed_save,
@@ -56,11 +61,17 @@ class OverwriteNotice:
     replaced: list[tuple[Path, Path | None]]  # each path and the name it is kept under
     keep_replaced: bool
     discards_saved_memory: bool
+    in_place: tuple[Path, ...] = ()  # block devices, overwritten where they are
 
     def lines(self) -> list[str]:
         lines = [f"restore version {self.number} ({self.finished}) over guest {self.guest!r}:"]
         for path, kept in self.replaced:
-            if kept is None:
+            if path in self.in_place:
+                lines.append(
+                    f"  {path}: block device overwritten in place; what it holds now is lost "
+                    "(a device cannot be kept aside)"
+                )
+            elif kept is None:
                 lines.append(f"  {path}: written (no file there now)")
             elif self.keep_replaced:
                 lines.append(f"  {path}: replaced; the current file is kept as {kept}")
@@ -120,6 +131,7 @@ def restore_over_original(
         accept_damage(domain_xml_problem(version, xml), force, reporter, guest, warnings)
         targets = _targets(version)
         check_not_shared(hv, guest, [dst for _, dst in targets])
+        _check_devices(hv, guest, targets)
         swaps = [swap.plan_swap(dst, datetime.now()) for _, dst in targets]
         notice = _notice(version, swaps, keep_replaced, discard_saved)
         if confirm is not None and not confirm(notice):
@@ -143,12 +155,26 @@ def _targets(version: VersionInfo) -> list[tuple[DiskRecord, Path]]:
     return targets
 
 
+def _check_devices(hv: Hypervisor, guest: str, targets: list[tuple[DiskRecord, Path]]) -> None:
+    """The original's block devices: there, large enough, not mounted, no other guest's."""
+    for rec, dst in targets:
+        if rec.source_kind != "block":
+            continue
+        if not swap.plan_swap(dst, datetime.now()).in_place:
+            raise RestoreError(
+                f"{rec.target} of guest {guest!r} was the block device {dst}, which is missing "
+                "now; activate it (or restore as a new guest with --disk-target)"
+            )
+        check_device_target(dst, rec, hv, owner=guest, check_signatures=False)
+
+
 def _notice(
     version: VersionInfo, swaps: list[FileSwap], keep: bool, discard_saved: bool
 ) -> OverwriteNotice:
     replaced = [(Path(s.path), Path(s.replaced) if s.had_original else None) for s in swaps]
+    in_place = tuple(Path(s.path) for s in swaps if s.in_place)
     return OverwriteNotice(
-        version.guest, version.number, version.date, replaced, keep, discard_saved
+        version.guest, version.number, version.date, replaced, keep, discard_saved, in_place
     )
 
 
@@ -170,22 +196,48 @@ def _run(
         stop = _AnyEvent(cancel, started)
         try:
             reporter(PhaseChanged(guest, "copy"))
-            for (rec, _), planned in zip(targets, entry.files, strict=True):
-                restore_file(
-                    version, rec, Path(planned.temp), force, reporter, guest, stop, warnings
-                )
-                failpoints.hit("restore-over.copied")
+            pairs = list(zip(targets, entry.files, strict=True))
+            for (rec, _), planned in pairs:
+                if not planned.in_place:
+                    restore_file(
+                        version, rec, Path(planned.temp), force, reporter, guest, stop, warnings
+                    )
+                    failpoints.hit("restore-over.copied")
             _check_still_off(hv, guest, started)
+            # Devices last: once written they cannot go back, so every file is ready first.
+            for (rec, _), planned in pairs:
+                if planned.in_place:
+                    planned.writing = True
+                    journal.write(entry)  # recover must know the device may be half-written
+                    failpoints.hit("restore-over.device")
+                    dev = Path(planned.path)
+                    restore_to_device(version, rec, dev, force, reporter, guest, stop, warnings)
+                    _check_still_off(hv, guest, started)
         except BaseException as exc:
             for planned in entry.files:
                 swap.discard_copy(planned)
             journal.remove(entry)
+            _warn_half_written(entry, reporter)
             if isinstance(exc, Cancelled) and started is not None and started.is_set():
                 raise RestoreError(_started_message(guest)) from exc
             raise
         info = _swap_and_define(hv, journal, entry, reporter)
     _cleanup(journal, entry)
     return info
+
+
+def _warn_half_written(entry: RestoreEntry, reporter: Reporter) -> None:
+    for planned in entry.files:
+        if planned.writing:
+            events.warn(reporter, half_written_message(entry, planned.path), entry.guest)
+
+
+def half_written_message(entry: RestoreEntry, device: str) -> str:
+    return (
+        f"the block device {device} of guest {entry.guest!r} was being overwritten with "
+        f"version {entry.number} and may be incomplete; do not start the guest: run "
+        f"'guestsafe restore {entry.guest} {entry.number} --overwrite' again"
+    )
 
 
 def _swap_and_define(
@@ -210,6 +262,14 @@ def _swap_and_define(
             swap.put_back(planned)
         journal.remove(entry)
         events.warn(reporter, "restore failed: every file was put back as it was", entry.guest)
+        for planned in entry.files:
+            if planned.in_place:
+                events.warn(
+                    reporter,
+                    f"the block device {planned.path} keeps the restored version "
+                    "(a device written in place cannot be put back)",
+                    entry.guest,
+                )
         if isinstance(exc, OSError):
             raise io_failure("putting the restored copy in place", current, exc) from exc
         raise
@@ -231,6 +291,9 @@ def finish_cleanup(entry: RestoreEntry) -> None:
 
 def _say_done(entry: RestoreEntry, reporter: Reporter) -> None:
     for planned in entry.files:
+        if planned.in_place:
+            events.info(reporter, f"wrote the version onto {planned.path} in place", entry.guest)
+            continue
         if not planned.had_original:
             continue
         if entry.keep_replaced:

@@ -24,7 +24,7 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore import swap
 from guestsafe.engine.restore.over_checks import check_shut_off
-from guestsafe.engine.restore.over_original import finish_cleanup
+from guestsafe.engine.restore.over_original import finish_cleanup, half_written_message
 from guestsafe.engine.restore.swap_journal import RestoreEntry, RestoreJournal, SwapPhase
 
 Connect = Callable[[str], Hypervisor]
@@ -59,6 +59,11 @@ def _recover(entry: RestoreEntry, connect: Connect, reporter: Reporter) -> None:
     if entry.phase == SwapPhase.COPY:
         for planned in entry.files:
             swap.discard_copy(planned)
+        half_written = [p.path for p in entry.files if p.writing]
+        for device in half_written:  # written in place: nothing to undo it with
+            events.warn(reporter, half_written_message(entry, device), entry.guest)
+        if half_written:
+            return
         events.info(
             reporter,
             f"recovered: the interrupted restore of version {entry.number} was undone; "

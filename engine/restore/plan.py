@@ -43,6 +43,8 @@ class MacChoice(StrEnum):
 KEEP = MacChoice.KEEP
 NEW = MacChoice.NEW
 MAC_PREFIX = "52:54:00"
+# Where a block-device disk restored into a file goes when no file disk shows a place.
+DEFAULT_IMAGE_DIR = Path("/var/lib/libvirt/images")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class RestorePlan:
     xml: str
     # Set when domain.xml does not match its manifest: restoring needs force.
     xml_problem: str | None = None
+    # Disks written onto existing block devices (--disk-target), not into new files.
+    device_targets: dict[str, Path] = field(default_factory=dict)
 
     @property
     def clashes(self) -> list[InterfacePlan]:
@@ -103,8 +107,13 @@ def plan_restore(
     hv: Hypervisor,
     *,
     target_dir: Path | None = None,
+    disk_targets: Mapping[str, Path] | None = None,
 ) -> RestorePlan:
-    """Work out every new path and MAC, touching nothing."""
+    """Work out every new path and MAC, touching nothing.
+
+    ``disk_targets`` (target -> block device) writes those disks onto existing
+    devices; the devices themselves are checked when the restore begins.
+    """
     version = archive.version(guest, number)
     if not new_name or new_name != new_name.strip():
         raise RestoreError(f"new name {new_name!r} is empty or has surrounding spaces")
@@ -125,9 +134,16 @@ def plan_restore(
             f"{DOMAIN_XML_FILE} of {_where(version)} is not valid XML ({exc}); "
             "the version is damaged"
         ) from exc
+    devices = dict(disk_targets or {})
+    check_targets_known(version, devices)
     taken_paths: set[Path] = set()
+    image_dir = _image_dir(version)
     disk_plan = [
-        (rec, _new_path(rec, new_name, target_dir, taken_paths)) for rec in version.manifest.disks
+        (
+            rec,
+            devices.get(rec.target) or _new_path(rec, new_name, target_dir, taken_paths, image_dir),
+        )
+        for rec in version.manifest.disks
     ]
     nvram = version.manifest.nvram
     nvram_plan = (nvram, _new_path(nvram, new_name, target_dir, taken_paths)) if nvram else None
@@ -138,7 +154,24 @@ def plan_restore(
         for i, mac in enumerate(m.mac or "" for m in xml_interfaces)
     ]
     problem = domain_xml_problem(version, xml)
-    return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml, problem)
+    return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml, problem, devices)
+
+
+def _image_dir(version: VersionInfo) -> Path:
+    """Where a block-device disk restored into a file goes: beside the first file disk's."""
+    files = [rec for rec in version.manifest.disks if rec.source_kind == "file"]
+    return Path(files[0].source).parent if files else DEFAULT_IMAGE_DIR
+
+
+def check_targets_known(version: VersionInfo, targets: Mapping[str, Path]) -> None:
+    """Every disk a --disk-target names must be a disk of the version."""
+    known = [rec.target for rec in version.manifest.disks]
+    for target in targets:
+        if target not in known:
+            raise RestoreError(
+                f"--disk-target {target}: {_where(version)} has no disk {target} "
+                f"(it has {', '.join(known)})"
+            )
 
 
 def _where(version: VersionInfo) -> str:
@@ -230,8 +263,16 @@ def accept_damage(
     warnings.append(problem)
 
 
-def _new_path(rec: DiskRecord, new_name: str, target_dir: Path | None, taken: set[Path]) -> Path:
+def _new_path(
+    rec: DiskRecord,
+    new_name: str,
+    target_dir: Path | None,
+    taken: set[Path],
+    image_dir: Path = DEFAULT_IMAGE_DIR,
+) -> Path:
     directory = target_dir or Path(rec.source).parent
+    if rec.source_kind == "block" and target_dir is None:
+        directory = image_dir  # beside the other restored disks, never a file in /dev
     # Long names are cut so the file name stays within NAME_MAX (255 bytes).
     base = f"{encode_guest_name(new_name)[:160]}-{rec.file}"
     candidate = directory / base

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from datetime import datetime
 from pathlib import Path
 
@@ -23,14 +24,28 @@ REPLACED_MARK = ".replaced-"
 
 
 def plan_swap(path: Path, now: datetime) -> FileSwap:
-    """Names for one file's copy and for the file it replaces, both beside it."""
+    """Names for one file's copy and for the file it replaces, both beside it.
+
+    A block device gets neither: it is written in place (see block_targets).
+    """
+    if _is_block_device(path):
+        return FileSwap(str(path), str(path), "", True, in_place=True)
     temp = free_path(path.with_name(f"{TEMP_MARK}{path.name[:180]}"))
     replaced = free_path(path.with_name(f"{path.name}{REPLACED_MARK}{now:%Y%m%d-%H%M}"))
     return FileSwap(str(path), str(temp), str(replaced), path.exists())
 
 
+def _is_block_device(path: Path) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def swap_in(swap: FileSwap) -> None:
     """Put the complete copy in place; the original stays as the replaced file."""
+    if swap.in_place:
+        return  # written in place already
     path, temp, replaced = Path(swap.path), Path(swap.temp), Path(swap.replaced)
     if not temp.exists():
         return  # swapped already
@@ -51,6 +66,8 @@ def _keep_as(path: Path, replaced: Path) -> None:
 
 def discard_copy(swap: FileSwap) -> None:
     """Before the swap: remove the copy; the original was never touched."""
+    if swap.in_place:
+        return  # the device itself: never removed
     Path(swap.temp).unlink(missing_ok=True)
     _undo_link(swap)
     fsync_dir(Path(swap.path).parent)
@@ -58,6 +75,8 @@ def discard_copy(swap: FileSwap) -> None:
 
 def put_back(swap: FileSwap) -> None:
     """Undo this file's swap, whichever step it reached: the original at its path again."""
+    if swap.in_place:
+        return  # a device written in place cannot be put back; it keeps the version
     path, temp, replaced = Path(swap.path), Path(swap.temp), Path(swap.replaced)
     if temp.exists():
         discard_copy(swap)
@@ -72,6 +91,8 @@ def put_back(swap: FileSwap) -> None:
 
 def drop_replaced(swap: FileSwap) -> None:
     """After success: delete the replaced file (it is not kept)."""
+    if swap.in_place:
+        return
     Path(swap.replaced).unlink(missing_ok=True)
     fsync_dir(Path(swap.path).parent)
 

@@ -8,7 +8,10 @@ backup's journal). ``recover_restores`` reads the entries whose process is gone.
 
 Phases, in order:
 
-- ``copy``: temporary copies are being written; the originals are untouched.
+- ``copy``: temporary copies are being written; the originals are untouched,
+  except a block device marked ``writing``: it is overwritten in place once every
+  file copy is complete and the version's file for it has been checked, and is
+  incomplete if the process died then (recovery reports it).
 - ``swap``: every copy is complete; each original is linked to its
   ``.replaced-`` name and the copy renamed over it.
 - ``define``: every file is swapped; the version's domain XML is being defined.
@@ -49,6 +52,10 @@ class FileSwap:
     temp: str
     replaced: str
     had_original: bool
+    # A block device: written in place (it cannot be renamed), so it has no copy
+    # and no replaced name; ``writing`` is set once its first byte may be written.
+    in_place: bool = False
+    writing: bool = False
 
 
 @dataclass
