@@ -54,12 +54,14 @@ from guestsafe.engine.errors import (
     naming,
 )
 from guestsafe.engine.fsutil import lstat_or_none
-from guestsafe.engine.hypervisor import disk_files, push_jobs
+from guestsafe.engine.hypervisor import chains, disk_files, push_jobs
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING, GuestInfo, parse_domain_xml
 from guestsafe.engine.hypervisor.push_jobs import JobOutcome, JobWatch, PushTarget
 from guestsafe.engine.hypervisor.qemu_access import QemuAccess, qemu_sees, qemu_uid
+from guestsafe.engine.hypervisor.volumes import resolve_volumes
 from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.modes import ChainMode
 from guestsafe.engine.sizes import byte_size
 
 PUSH_MODES = (modes.STOP_SHORT, modes.SNAPSHOT)
@@ -82,6 +84,11 @@ def choose_push(run: GuestRun, job: Job, hv: Hypervisor, archive: Archive) -> Pu
         run.mode = modes.STOP
         run.note(f"guest is shut off: copied as it is (consistent), without a {job.mode} backup")
         return None
+    if job.chain == ChainMode.KEEP and chains.check_chains(info):
+        raise PreflightError(
+            f"guest {run.name!r}: chain = keep needs mode stop, since a push backup writes "
+            f"each disk as one flattened file; use chain = flatten or mode stop"
+        )
     problem = push_jobs.unsupported(hv, run.name, info)
     if problem is None:
         return PushCopy(run, hv, archive, live=job.mode == modes.SNAPSHOT)
@@ -110,7 +117,8 @@ def space_needed(info: GuestInfo) -> int:
             total += disk_files.virtual_size(path) if raw else disk_files.allocated_bytes(path)
     if info.nvram:
         total += disk_files.allocated_bytes(Path(info.nvram))
-    return total
+    # QEMU writes a chain's data into one file: up to what its backing files hold.
+    return total + chains.backing_allocated(info)
 
 
 class PushCopy:
@@ -275,7 +283,9 @@ class PushCopy:
                 "mounted after the guest started, and this host does not share mounts with "
                 "QEMU (make / shared with 'mount --make-rshared /', or use mode stop)"
             )
-        live = parse_domain_xml(self._hv.xml(b.name, inactive=False))
+        live = resolve_volumes(
+            self._hv.connection, parse_domain_xml(self._hv.xml(b.name, inactive=False))
+        )
         self._check_attached(live)
         ours = {t.target for t in self.targets}
         others = [d.target for d in live.disks if d.target not in ours]

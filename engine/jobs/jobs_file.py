@@ -23,6 +23,7 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     fallback_to_stop = false          # stop-short/snapshot: copy as in stop where push fails
     lock_wait = 1800                  # seconds to wait for a busy guest or destination
     randomized_delay = 0              # timer only: start up to this many seconds late
+    chain = "flatten"                 # qcow2 overlays: flatten (one file) or keep (every layer)
 
     [jobs.nightly.hooks]              # phase = argv, the program path absolute
     pre-stop = ["/usr/local/sbin/freeze", "--all"]
@@ -68,7 +69,7 @@ from guestsafe.engine.jobs.model import (
     as_choice,
 )
 from guestsafe.engine.jobs.validation import validate_job
-from guestsafe.engine.modes import Mode, OnTimeout
+from guestsafe.engine.modes import ChainMode, Mode, OnTimeout
 from guestsafe.engine.notify import NotifyConfig, parse_notify
 
 FILE_MODE = 0o600
@@ -90,6 +91,7 @@ _JOB_KEYS = (
     "hooks",
     "lock_wait",
     "randomized_delay",
+    "chain",
 )
 # Top-level tables other than jobs; save_jobs keeps them as they are.
 _SETTINGS_KEYS = ("notify",)
@@ -191,6 +193,7 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         fallback_to_stop=table.get("fallback_to_stop", False),
         hooks=hooks,
         lock_wait=table.get("lock_wait", DEFAULT_LOCK_WAIT),
+        chain=as_choice(ChainMode, table.get("chain", ChainMode.FLATTEN)),
     )
     # A missing or malformed field is reported once, by the parser.
     reported = {problem.field for problem in problems + hook_problems}
@@ -323,6 +326,8 @@ def _job_table(job: Job) -> dict[str, Any]:
         "fallback_to_stop": job.fallback_to_stop,
         "lock_wait": job.lock_wait,
     }
+    if job.chain != ChainMode.FLATTEN:
+        table["chain"] = job.chain
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
         table["hooks"] = hooks | {"timeout": job.hooks.timeout}

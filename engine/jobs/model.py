@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from guestsafe.engine.archive.calendar_retention import RetentionPolicy
-from guestsafe.engine.modes import Mode, OnTimeout
+from guestsafe.engine.modes import ChainMode, Mode, OnTimeout
 
 
 class HookPhase(StrEnum):
@@ -46,6 +46,7 @@ class Weekday(StrEnum):
 # The choices in file and form order, for the forms and the messages that list them.
 MODES: tuple[str, ...] = tuple(Mode)
 ON_TIMEOUT: tuple[str, ...] = tuple(OnTimeout)
+CHAIN_MODES: tuple[str, ...] = tuple(ChainMode)
 HOOK_PHASES: tuple[str, ...] = tuple(HookPhase)
 WEEKDAYS: tuple[str, ...] = tuple(Weekday)
 DEFAULT_KEEP = 3
@@ -108,6 +109,8 @@ class Job:
     fallback_to_stop: bool = False
     hooks: Hooks = field(default_factory=Hooks)
     lock_wait: int = DEFAULT_LOCK_WAIT  # seconds a run waits for a busy guest or destination
+    # A disk on a qcow2 backing chain: one flattened file, or every file of the chain.
+    chain: ChainMode = ChainMode.FLATTEN
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)

@@ -93,9 +93,15 @@ def _point_disks(root: ET.Element, plan: RestorePlan) -> None:
         source = disk.find("source")
         dev = target.get("dev") if target is not None else None
         if dev in new_paths and source is not None:
-            source.attrib.pop("dev", None)
+            # A block device or a pool's volume comes back as a plain file.
+            for attr in ("dev", "pool", "volume", "mode"):
+                source.attrib.pop(attr, None)
             source.set("file", str(new_paths[dev]))
             disk.set("type", "file")
+            # The restored file's own header names its backing chain; a <backingStore>
+            # kept from the original would point the clone at the original's files.
+            for store in disk.findall("backingStore"):
+                disk.remove(store)
 
 
 def _set_mac(iface: ET.Element, mac: str) -> None:

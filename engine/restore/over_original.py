@@ -29,6 +29,7 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore import swap
+from guestsafe.engine.restore.chain_restore import check_no_kept_chain
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.over_checks import (
     check_managed_save,
@@ -109,6 +110,7 @@ def restore_over_original(
     written; False cancels. None means the caller has asked already.
     """
     version = archive.version(guest, number)
+    check_no_kept_chain(version)
     key = f"guest:{version.manifest.uuid}"
     with locks.acquire(paths.state_dir, key, f"restore over {guest}"):
         check_shut_off(hv, guest)
