@@ -54,12 +54,11 @@ from guestsafe.engine.errors import (
     naming,
 )
 from guestsafe.engine.fsutil import lstat_or_none
-from guestsafe.engine.hypervisor import chains, disk_files, push_jobs
+from guestsafe.engine.hypervisor import chains, disk_files, push_jobs, volumes
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING, GuestInfo, parse_domain_xml
 from guestsafe.engine.hypervisor.push_jobs import JobOutcome, JobWatch, PushTarget
 from guestsafe.engine.hypervisor.qemu_access import QemuAccess, qemu_sees, qemu_uid
-from guestsafe.engine.hypervisor.volumes import resolve_volumes
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.modes import ChainMode
 from guestsafe.engine.sizes import byte_size
@@ -111,7 +110,8 @@ def space_needed(info: GuestInfo) -> int:
     """
     total = 0
     for disk in info.disks:
-        if disk.backs_up and disk.source:
+        # A network disk has no path here: PushCopy.space_needed asks QEMU its size.
+        if disk.backs_up and disk.source and disk.kind != "network":
             path = Path(disk.source)
             raw = (disk.format or "raw") == "raw"
             total += disk_files.virtual_size(path) if raw else disk_files.allocated_bytes(path)
@@ -142,7 +142,18 @@ class PushCopy:
         return not self.live
 
     def space_needed(self, info: GuestInfo) -> int:
-        return space_needed(info)
+        network = volumes.network_disks(info)
+        return space_needed(info) + sum(self._capacity(d.target) for d in network)
+
+    def _capacity(self, target: str) -> int:
+        """The size of a disk as the running QEMU sees it (a network disk has no file)."""
+        try:
+            return int(self._dom().blockInfo(target, 0)[0])
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot ask QEMU the size of disk {target} of guest {self.run.name!r}: "
+                f"{push_jobs.message(exc)}"
+            ) from exc
 
     def _dom(self) -> libvirt.virDomain:
         try:
@@ -283,7 +294,7 @@ class PushCopy:
                 "mounted after the guest started, and this host does not share mounts with "
                 "QEMU (make / shared with 'mount --make-rshared /', or use mode stop)"
             )
-        live = resolve_volumes(
+        live = volumes.resolve_volumes(
             self._hv.connection, parse_domain_xml(self._hv.xml(b.name, inactive=False))
         )
         self._check_attached(live)
@@ -391,8 +402,12 @@ class PushCopy:
         )
 
     def _check_size(self, target: PushTarget) -> None:
-        with naming("reading the disk size of", target.source):
-            expected = disk_files.virtual_size(Path(target.source))
+        assert self.run.info is not None
+        if target.target in {d.target for d in volumes.network_disks(self.run.info)}:
+            expected = self._capacity(target.target)
+        else:
+            with naming("reading the disk size of", target.source):
+                expected = disk_files.virtual_size(Path(target.source))
         with naming("reading the disk size of", target.path):
             written = disk_files.virtual_size(target.path)
         if written != expected:

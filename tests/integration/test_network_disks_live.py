@@ -81,9 +81,11 @@ def test_network_disk_refused_in_stop_mode_before_the_guest_stops(
 
 
 def test_network_disk_read_by_qemu_in_stop_short(
-    gs: GS, nbd_guest: tuple[TestGuest, Path]
+    gs: GS, nbd_guest: tuple[TestGuest, Path], workdir: Path
 ) -> None:
     guest, image = nbd_guest
+    gs.archive = workdir / f"archive-{guest.name}"  # where QEMU may write (not 0700 tmp)
+    gs.archive.mkdir(mode=0o700)
     gs.job("net", [guest], mode="stop-short")
 
     proc = gs.cli("run", "net")
