@@ -6,13 +6,21 @@ the manifest as any restored file is, and each copy is then rebased unsafely
 name: qemu resolves a relative backing name from the overlay's own folder, so
 the restored files stay usable if the folder is moved as a whole.
 
+Over the original, every file of the chain goes back where it was on the host,
+through the same swap as any restored file (``over_original``), each copy rebased
+onto the final path of the one beneath it before the swap. A backing file that
+another guest's disk also reads is refused: their overlays would then read a
+base that changed under them.
+
 A flattened version needs none of this: its disk is one standalone qcow2.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from pathlib import Path
+from dataclasses import replace
+from pathlib import Path, PurePosixPath
 
 from guestsafe.engine.archive.manifest import ChainFile, DiskRecord
 from guestsafe.engine.archive.names import printable
@@ -20,6 +28,7 @@ from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor import chains
+from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.restore.files import free_path, restore_file
 
 
@@ -49,12 +58,8 @@ def restore_chain(
     try:
         for depth, layer in enumerate(rec.chain, start=1):
             dst = backing_path(top, rec, layer)
-            # restore_file checks a DiskRecord's file: the backing file's, named for the log.
-            as_record = DiskRecord(
-                f"{rec.target} backing {depth}", layer.source, layer.format, 0, 0,
-                layer.file, layer.blake3, layer.size,
-            )  # fmt: skip
-            restore_file(version, as_record, dst, force, reporter, who, cancel, warnings)
+            record = as_record(rec, depth, layer)
+            restore_file(version, record, dst, force, reporter, who, cancel, warnings)
             written.append(dst)
         files = [top, *written]
         for upper, lower, layer in zip(files, files[1:], rec.chain, strict=False):
@@ -66,20 +71,75 @@ def restore_chain(
     return written
 
 
-def check_no_kept_chain(version: VersionInfo) -> None:
-    """Refuse restoring a kept chain over the original guest (not supported yet).
+def as_record(rec: DiskRecord, depth: int, layer: ChainFile) -> DiskRecord:
+    """A backing file as the record restore_file copies and checks, named for the log."""
+    return DiskRecord(
+        f"{rec.target} backing {depth}", layer.source, layer.format, 0, 0,
+        layer.file, layer.blake3, layer.size,
+    )  # fmt: skip
 
-    Writing the base back could change a file other guests' overlays read, and
-    writing only the top over a base that changed since would corrupt the disk;
-    a clone restore brings the whole chain back beside the original instead.
+
+# --- over the original ----------------------------------------------------------
+
+
+def chain_targets(version: VersionInfo) -> list[tuple[DiskRecord, Path]]:
+    """Every kept backing file and the path it goes back to (where it was on the host)."""
+    targets = []
+    for rec in version.manifest.disks:
+        for depth, layer in enumerate(rec.chain, start=1):
+            source = PurePosixPath(layer.source)
+            if not source.is_absolute() or ".." in source.parts or "\x00" in layer.source:
+                raise RestoreError(
+                    f"the manifest of version {version.number} of {printable(version.guest)} "
+                    f"gives a backing file of {rec.target} the source {printable(layer.source)}, "
+                    "not a plain absolute path; it was edited or is corrupt (restore as a new "
+                    "guest with --target-dir)"
+                )
+            targets.append((as_record(rec, depth, layer), Path(layer.source)))
+    return targets
+
+
+def check_base_not_shared(hv: Hypervisor, guest: str, version: VersionInfo) -> None:
+    """Refuse when a backing file to be written back is read by another guest's disk.
+
+    Other guests' overlays on a shared base would read the restored base under
+    data they wrote over the old one: their disks would be corrupt.
     """
-    kept = [r.target for r in version.manifest.disks if r.chain]
-    if kept:
-        guest = printable(version.guest)
-        raise RestoreError(
-            f"version {version.number} of {guest} keeps the backing chain of "
-            f"{', '.join(kept)} (chain = keep); guestsafe does not restore a chain over the "
-            f"original, whose base other guests may share: restore it as a new guest "
-            f"(guestsafe restore {guest} {version.number} NEW-NAME) and switch to that"
-        )
+    ours = {_identity(path) for _, path in chain_targets(version)}
+    if not ours:
+        return
+    for info in hv.guests():
+        if info.name == guest:
+            continue
+        for disk in info.disks:
+            try:
+                layers = chains.disk_chain(replace(disk, readonly=False, device="disk"))
+            except chains.ChainError:
+                continue  # a chain qemu-img cannot read cannot be ours either
+            for layer in (layers or [])[1:]:
+                if _identity(layer.path) in ours:
+                    raise RestoreError(
+                        f"{layer.path} is also the backing file of disk {disk.target} of "
+                        f"guest {printable(info.name)!r}; restoring the chain over "
+                        f"{guest!r} would corrupt that guest's disk. Nothing was changed "
+                        f"(restore as a new guest: guestsafe restore {printable(guest)} "
+                        f"{version.number} NEW-NAME)"
+                    )
 
+
+def relink_in_place(version: VersionInfo, temps: dict[str, Path]) -> None:
+    """Rebase each restored copy (still under its temporary name) onto the final path
+    of the file beneath it, so the chain holds together once the copies are swapped in."""
+    for rec in version.manifest.disks:
+        # Keyed as plan_swap names them: str(Path(source)).
+        sources = [str(Path(rec.source)), *(str(Path(layer.source)) for layer in rec.chain)]
+        for upper, lower, layer in zip(sources, sources[1:], rec.chain, strict=False):
+            chains.rebase_unsafe(temps[upper], lower, layer.format)
+
+
+def _identity(path: Path) -> tuple[object, ...]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ("path", os.path.realpath(path))
+    return ("inode", st.st_dev, st.st_ino)

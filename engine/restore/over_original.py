@@ -29,7 +29,11 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore import swap
-from guestsafe.engine.restore.chain_restore import check_no_kept_chain
+from guestsafe.engine.restore.chain_restore import (
+    chain_targets,
+    check_base_not_shared,
+    relink_in_place,
+)
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.over_checks import (
     check_managed_save,
@@ -110,7 +114,6 @@ def restore_over_original(
     written; False cancels. None means the caller has asked already.
     """
     version = archive.version(guest, number)
-    check_no_kept_chain(version)
     key = f"guest:{version.manifest.uuid}"
     with locks.acquire(paths.state_dir, key, f"restore over {guest}"):
         check_shut_off(hv, guest)
@@ -122,6 +125,7 @@ def restore_over_original(
         accept_damage(domain_xml_problem(version, xml), force, reporter, guest, warnings)
         targets = _targets(version)
         check_not_shared(hv, guest, [dst for _, dst in targets])
+        check_base_not_shared(hv, guest, version)
         swaps = [swap.plan_swap(dst, datetime.now()) for _, dst in targets]
         notice = _notice(version, swaps, keep_replaced, discard_saved)
         if confirm is not None and not confirm(notice):
@@ -140,6 +144,7 @@ def restore_over_original(
 
 def _targets(version: VersionInfo) -> list[tuple[DiskRecord, Path]]:
     targets = [(rec, Path(rec.source)) for rec in version.manifest.disks]
+    targets += chain_targets(version)  # a kept chain's backing files go back too
     if version.manifest.nvram:
         targets.append((version.manifest.nvram, Path(version.manifest.nvram.source)))
     return targets
@@ -177,6 +182,7 @@ def _run(
                     version, rec, Path(planned.temp), force, reporter, guest, stop, warnings
                 )
                 failpoints.hit("restore-over.copied")
+            relink_in_place(version, {p.path: Path(p.temp) for p in entry.files})
             _check_still_off(hv, guest, started)
         except BaseException as exc:
             for planned in entry.files:

@@ -110,10 +110,6 @@ def test_overlay_backed_up_verified_and_restored_clone_reads_every_layer(
         layers = _chain(vda)
         assert [Path(str(layer["filename"])).parent for layer in layers] == [folder, folder]
         assert layers[0]["backing-filename"] == "vda.1.qcow2"
-        # A chain is not restored over the original (its base may be shared).
-        over = gs.cli("restore", original.name, "1", "--overwrite", "--yes")
-        assert over.returncode == 9, over.stderr
-        assert "chain = keep" in over.stderr and "as a new guest" in over.stderr
     else:
         assert not any(p.endswith(".1.qcow2") for p in names)
         assert all("chain" not in d for d in manifest["disks"])
@@ -134,3 +130,56 @@ def test_overlay_backed_up_verified_and_restored_clone_reads_every_layer(
         files = {Path(str(layer["filename"])) for layer in _chain(top)}
         assert len(files) == (2 if chain == "keep" else 1)
         assert not files & originals  # the clone reads its own files only
+
+
+def test_kept_chain_restored_over_the_original_boots_its_state(
+    gs: GS, guest_factory: GuestFactory
+) -> None:
+    original, _in_base = _chained_guest(guest_factory)
+    before = original.console_size()
+    gs.job("chains", [original], chain="keep")
+    gs.cli("run", "chains", check=True)
+    at_backup = shutdown_counter(original, before)
+    original.wait_for_console(r"^GS-READY", after=before)  # it hears the power button now
+    time.sleep(2)  # the counter runs on past the backup
+    later = original.console_size()
+    original.shutdown()
+    assert shutdown_counter(original, later) > at_backup
+    base = original.disks["vdb"].path.with_name("vdb-base.qcow2")
+    base.write_bytes(b"")  # lost: only the version still holds this base
+
+    gs.cli("restore", original.name, "1", "--overwrite", "--yes", check=True)
+
+    layers = _chain(original.disks["vda"].path)
+    assert [Path(str(layer["filename"])) for layer in layers] == [
+        original.disks["vda"].path,
+        original.disks["vda"].path.with_name("vda-base.qcow2"),
+    ]
+    offset = original.start()
+    text = original.console_text(offset)
+    assert BOOT.search(text) and int(BOOT.search(text).group(1)) == at_backup  # type: ignore[union-attr]
+    assert f"GS-VDB {BASE_LINE}" in text
+
+
+def test_kept_chain_over_the_original_refused_while_another_guest_reads_its_base(
+    gs: GS, guest_factory: GuestFactory
+) -> None:
+    original, _in_base = _chained_guest(guest_factory)
+    before = original.console_size()
+    gs.job("chains", [original], chain="keep")
+    gs.cli("run", "chains", check=True)
+    original.wait_for_console(r"^GS-READY", after=before)  # it hears the power button now
+    original.shutdown()
+    base = original.disks["vda"].path.with_name("vda-base.qcow2")
+    other = guest_factory("sharer", start=False)
+    top = other.disks["vda"].path
+    top.unlink()
+    _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    files = {p: p.read_bytes() for p in original.directory.glob("*.qcow2")}
+
+    proc = gs.cli("restore", original.name, "1", "--overwrite", "--yes")
+
+    assert proc.returncode == 9, proc.stderr
+    assert f"{base} is also the backing file of disk vda of guest" in proc.stderr
+    assert "restore as a new guest" in proc.stderr
+    assert {p: p.read_bytes() for p in original.directory.glob("*.qcow2")} == files
