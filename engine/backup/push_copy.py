@@ -29,6 +29,7 @@ import contextlib
 import os
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import libvirt
@@ -356,7 +357,16 @@ class PushCopy:
         wait_until_closed([t.path for t in self.targets], CLOSE_WAIT_SECONDS)
         self.access.close_partial()
         b.enter(Phase.HASH, None)
-        return [self._adopt(target) for target in self.targets]
+        assert self.run.info is not None
+        disks = {d.target: d for d in self.run.info.disks}
+        records = [self._adopt(target) for target in self.targets]
+        # A pool's volume keeps its pool and volume in the manifest, as in a cold copy.
+        return [
+            replace(r, pool=disks[r.target].pool, volume=disks[r.target].volume)
+            if r.target in disks
+            else r
+            for r in records
+        ]
 
     def _failure(self, outcome: JobOutcome) -> str:
         b = self.run

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from rig import DiskSpec, GuestFactory, TestGuest
+from rig import DiskSpec, GuestFactory, TestGuest, read_first_line
 from rig.gs import BOOT, GS, shutdown_counter
 
 pytestmark = pytest.mark.integration
@@ -183,3 +183,38 @@ def test_kept_chain_over_the_original_refused_while_another_guest_reads_its_base
     assert f"{base} is also the backing file of disk vda of guest" in proc.stderr
     assert "restore as a new guest" in proc.stderr
     assert {p: p.read_bytes() for p in original.directory.glob("*.qcow2")} == files
+
+
+def test_overlay_in_stop_short_is_written_flat_by_qemu(
+    gs: GS, guest_factory: GuestFactory, workdir: Path
+) -> None:
+    original, _in_base = _chained_guest(guest_factory)
+    gs.archive = workdir / f"archive-{original.name}"  # where QEMU may write (not 0700 tmp)
+    gs.archive.mkdir(mode=0o700)
+    gs.job("short", [original], mode="stop-short")
+
+    gs.cli("run", "short", check=True)
+
+    assert original.is_running()
+    (version,) = gs.versions(original)
+    assert version.manifest.mode == "stop-short"
+    gs.cli("verify", original.name, "1", check=True)
+    vdb = version.path / "vdb.qcow2"
+    assert len(_chain(vdb)) == 1  # standalone: QEMU wrote the whole chain's data
+    assert read_first_line(vdb, "qcow2") == BASE_LINE
+
+
+def test_keep_in_stop_short_is_refused_before_the_guest_stops(
+    gs: GS, guest_factory: GuestFactory
+) -> None:
+    original, _in_base = _chained_guest(guest_factory)
+    before = original.console_size()
+    gs.job("short", [original], mode="stop-short", chain="keep")
+
+    proc = gs.cli("run", "short")
+
+    assert proc.returncode == 5, proc.stderr
+    assert "chain = keep needs mode stop" in proc.stderr
+    assert original.is_running()
+    assert "GS-POWEROFF" not in original.console_text(before)
+    assert gs.versions(original) == [] and gs.partials() == []

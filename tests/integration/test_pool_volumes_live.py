@@ -97,3 +97,20 @@ def _boot_counter(console: Path, timeout: float = 90) -> int:
             return int(match.group(1))
         time.sleep(0.3)
     raise AssertionError(f"no GS-BOOT on {console}")
+
+
+def test_volume_disk_in_stop_short_is_read_by_qemu(
+    gs: GS, pool_guest: tuple[TestGuest, str], workdir: Path
+) -> None:
+    original, pool_name = pool_guest
+    gs.archive = workdir / f"archive-{original.name}"  # where QEMU may write (not 0700 tmp)
+    gs.archive.mkdir(mode=0o700)
+    gs.job("short", [original], mode="stop-short")
+
+    gs.cli("run", "short", check=True)
+
+    (version,) = gs.versions(original)
+    assert version.manifest.mode == "stop-short" and original.is_running()
+    (disk,) = version.manifest.disks
+    assert (disk.pool, disk.volume) == (pool_name, "vda.qcow2")
+    gs.cli("verify", original.name, "1", check=True)
