@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import validate_job
 from guestsafe.engine.modes import ChainMode, Mode
 from guestsafe.engine.restore.chain_restore import restore_chain
+from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import restore_file
+from guestsafe.engine.restore.plan import RestorePlan
 
 UUID = "6f2d8d1e-5a3c-4b59-9d61-1a2b3c4d5e6f"
 MiB = 1024 * 1024
@@ -262,3 +265,31 @@ def test_a_network_disk_is_refused_for_a_cold_copy_naming_stop_short(state: Gues
     with pytest.raises(PreflightError, match=r"vdb is a network disk.*mode stop-short"):
         volumes.check_network_disks(info, cold=True)
     volumes.check_network_disks(info, cold=False)  # QEMU reads it in a push backup
+
+
+# --- the clone's XML ----------------------------------------------------------------
+
+VOLUME_XML = """<domain type='qemu'><name>web</name><uuid>{uuid}</uuid><devices>
+  <disk type='volume' device='disk'>
+    <driver name='qemu' type='qcow2'/>
+    <source pool='tank' volume='web.qcow2' mode='host'/>
+    <backingStore type='file'><format type='qcow2'/><source file='/img/base.qcow2'/></backingStore>
+    <target dev='vda' bus='virtio'/>
+  </disk>
+</devices></domain>"""
+
+
+def test_clone_of_a_volume_disk_gets_a_plain_file_and_no_kept_backing_store() -> None:
+    rec = replace(TOP, pool="tank", volume="web.qcow2")
+    plan = RestorePlan(
+        None,  # type: ignore[arg-type]  # the XML is all build_clone_xml reads
+        "web-clone", [(rec, Path("/img/web-clone-vda.qcow2"))], None, [],
+        VOLUME_XML.format(uuid=UUID),
+    )  # fmt: skip
+
+    element = ET.fromstring(build_clone_xml(plan, UUID, []).xml).find("./devices/disk")
+
+    assert element is not None and element.get("type") == "file"
+    source = element.find("source")
+    assert source is not None and source.attrib == {"file": "/img/web-clone-vda.qcow2"}
+    assert element.find("backingStore") is None  # the clone reads its own file's chain
