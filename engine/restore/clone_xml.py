@@ -93,7 +93,11 @@ def _point_disks(root: ET.Element, plan: RestorePlan) -> None:
         source = disk.find("source")
         dev = target.get("dev") if target is not None else None
         if dev in new_paths and source is not None:
-            # A block device or a pool's volume comes back as a plain file.
+            # A block device, a pool's volume or a network disk comes back as a plain file.
+            if disk.get("type") == "network":
+                source.clear()  # protocol, export name, hosts, credentials: none apply now
+                for auth in disk.findall("auth"):
+                    disk.remove(auth)
             for attr in ("dev", "pool", "volume", "mode"):
                 source.attrib.pop(attr, None)
             source.set("file", str(new_paths[dev]))

@@ -81,7 +81,11 @@ def test_network_disk_refused_in_stop_mode_before_the_guest_stops(
 
 
 def test_network_disk_read_by_qemu_in_stop_short(
-    gs: GS, nbd_guest: tuple[TestGuest, Path], workdir: Path
+    gs: GS,
+    nbd_guest: tuple[TestGuest, Path],
+    workdir: Path,
+    guest_factory: GuestFactory,
+    libvirt_conn: libvirt.virConnect,
 ) -> None:
     guest, image = nbd_guest
     gs.archive = workdir / f"archive-{guest.name}"  # where QEMU may write (not 0700 tmp)
@@ -95,3 +99,21 @@ def test_network_disk_read_by_qemu_in_stop_short(
     (version,) = gs.versions(guest)
     assert (version.path / "vdb.raw").read_bytes() == image.read_bytes()
     gs.cli("verify", guest.name, "1", check=True)
+
+    # A clone gets the network disk's data as a plain file (it has no server of its own).
+    target = guest.directory / "clone"
+    target.mkdir(mode=0o755)
+    target.chmod(0o755)
+    clone = guest.name + "-c"
+    guest_factory.adopt(clone)
+    gs.cli("restore", guest.name, "1", clone, "--start", "--target-dir", str(target), check=True)
+    root = ET.fromstring(libvirt_conn.lookupByName(clone).XMLDesc(0))
+    kinds = {d.find("target").get("dev"): d.get("type") for d in root.iter("disk")}  # type: ignore[union-attr]
+    assert kinds == {"vda": "file", "vdb": "file"}
+    console = root.find("./devices/serial/source")
+    assert console is not None
+    log = Path(console.get("path", ""))
+    deadline = time.monotonic() + 90
+    while f"GS-VDB {NBD_LINE}" not in (log.read_text(errors="replace") if log.exists() else ""):
+        assert time.monotonic() < deadline, f"the clone never read its vdb ({log})"
+        time.sleep(0.3)

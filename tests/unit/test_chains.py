@@ -293,3 +293,25 @@ def test_clone_of_a_volume_disk_gets_a_plain_file_and_no_kept_backing_store() ->
     source = element.find("source")
     assert source is not None and source.attrib == {"file": "/img/web-clone-vda.qcow2"}
     assert element.find("backingStore") is None  # the clone reads its own file's chain
+
+
+def test_clone_of_a_network_disk_gets_a_plain_file() -> None:
+    xml = f"""<domain type='qemu'><name>web</name><uuid>{UUID}</uuid><devices>
+      <disk type='network' device='disk'>
+        <driver name='qemu' type='raw'/>
+        <auth username='admin'><secret type='ceph' usage='pool'/></auth>
+        <source protocol='rbd' name='pool/web'><host name='10.0.0.1' port='6789'/></source>
+        <target dev='vdb' bus='virtio'/>
+      </disk></devices></domain>"""
+    rec = replace(TOP, target="vdb", source="pool/web", format="raw", file="vdb.raw")
+    plan = RestorePlan(
+        None,  # type: ignore[arg-type]  # the XML is all build_clone_xml reads
+        "web-clone", [(rec, Path("/img/web-clone-vdb.raw"))], None, [], xml,
+    )  # fmt: skip
+
+    element = ET.fromstring(build_clone_xml(plan, UUID, []).xml).find("./devices/disk")
+
+    assert element is not None and element.get("type") == "file"
+    source = element.find("source")
+    assert source is not None and source.attrib == {"file": "/img/web-clone-vdb.raw"}
+    assert list(source) == [] and element.find("auth") is None
