@@ -315,3 +315,13 @@ def test_clone_of_a_network_disk_gets_a_plain_file() -> None:
     source = element.find("source")
     assert source is not None and source.attrib == {"file": "/img/web-clone-vdb.raw"}
     assert list(source) == [] and element.find("auth") is None
+
+
+def test_the_console_form_keeps_an_edited_jobs_chain(tmp_path: Path) -> None:
+    from guestsafe.tui.model.job_form import JobFormValues, build_job
+
+    job = Job("n", ["web"], tmp_path, chain=ChainMode.KEEP)
+    edited, problems = build_job(JobFormValues.from_job(job), base=job)
+    assert problems == [] and edited.chain == ChainMode.KEEP
+    new, _ = build_job(JobFormValues.from_job(job))
+    assert new.chain == ChainMode.FLATTEN  # a new job from the form: the default
