@@ -40,6 +40,16 @@ class IoClass(StrEnum):
 
     IDLE = "idle"
     BEST_EFFORT = "best-effort"
+class ChainMode(StrEnum):
+    """How a disk on a qcow2 backing chain is kept (``chain`` in jobs.toml).
+
+    ``flatten`` writes one standalone qcow2 holding the data of every layer;
+    ``keep`` archives every file of the chain, their backing names rewritten to
+    the names inside the version, so the version folder alone is bootable.
+    """
+
+    FLATTEN = "flatten"
+    KEEP = "keep"
 
 
 # Module-level names kept for callers that spell modes as ``modes.STOP``.

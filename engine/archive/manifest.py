@@ -40,7 +40,6 @@ _FORMAT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # What a disk's source was (libvirt's <disk type=...>). "file" is the default and is
 # not written, so manifests of file disks read the same as before block disks came.
 SOURCE_KINDS = ("file", "block")
-_OPTIONAL_RECORD_KEYS = frozenset({"source_kind"})
 
 
 def is_safe_file_name(name: str) -> bool:
@@ -54,6 +53,22 @@ def is_safe_file_name(name: str) -> bool:
         and not name.endswith(".")
         and name.lower() not in _RESERVED_LOWER
     )
+
+
+@dataclass(frozen=True)
+class ChainFile:
+    """A backing file of a disk kept with its chain (``chain = "keep"``).
+
+    ``backing`` is the name, inside the version, of the file beneath this one,
+    None for the base; the qcow2 header of the archived file says the same.
+    """
+
+    file: str
+    source: str  # where it was on the host
+    format: str
+    backing: str | None
+    blake3: str
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,20 @@ class DiskRecord:
     blake3: str
     size: int | None = None
     source_kind: str = "file"  # "block": ``source`` is a block device (LV, zvol, partition)
+    # The backing files beneath ``file``, top down (chain = "keep"); empty otherwise.
+    chain: tuple[ChainFile, ...] = ()
+    # A <disk type='volume'>: the libvirt storage pool and volume ``source`` resolved from.
+    pool: str | None = None
+    volume: str | None = None
+
+    @property
+    def backing(self) -> str | None:
+        """The name, inside the version, of the file ``file`` is an overlay on."""
+        return self.chain[0].file if self.chain else None
+
+
+# A file a version holds: a disk, the NVRAM, or a backing file of a kept chain.
+ArchivedFile = DiskRecord | ChainFile
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,14 @@ class Manifest:
         """The disks, then the NVRAM if there is one: every image file of the version."""
         return [*self.disks, *([self.nvram] if self.nvram is not None else [])]
 
+    @property
+    def files(self) -> list[ArchivedFile]:
+        """Every image file of the version: each record, then its kept backing files."""
+        files: list[ArchivedFile] = []
+        for record in self.records:
+            files += [record, *record.chain]
+        return files
+
     def to_json(self) -> str:
         """The manifest as ASCII JSON; raises ArchiveError if it is not valid."""
         data = _to_dict(self)
@@ -120,7 +157,7 @@ class Manifest:
 
 def b3sums_text(manifest: Manifest) -> str:
     """The B3SUMS file of a version: ``b3sum --check B3SUMS`` checks it without guestsafe."""
-    lines = [f"{r.blake3}  {r.file}\n" for r in manifest.records]
+    lines = [f"{r.blake3}  {r.file}\n" for r in manifest.files]
     lines.append(f"{manifest.domain_xml_blake3}  {DOMAIN_XML_FILE}\n")
     return "".join(lines)
 
@@ -146,7 +183,26 @@ def _record_dict(record: DiskRecord) -> dict[str, Any]:
     }
     if record.source_kind != "file":
         data["source_kind"] = record.source_kind
+    # Written only when set: a version without chains or volumes stays readable by
+    # guestsafe releases that predate these keys (FORMAT.md, "manifest.json").
+    if record.chain:
+        data["chain"] = [_chain_dict(c) for c in record.chain]
+    if record.pool is not None:
+        data["pool"] = record.pool
+    if record.volume is not None:
+        data["volume"] = record.volume
     return data
+
+
+def _chain_dict(layer: ChainFile) -> dict[str, Any]:
+    return {
+        "file": layer.file,
+        "source": layer.source,
+        "format": layer.format,
+        "backing": layer.backing,
+        "size": layer.size,
+        "blake3": layer.blake3,
+    }
 
 
 def _to_dict(manifest: Manifest) -> dict[str, Any]:
@@ -171,6 +227,8 @@ _MANIFEST_KEYS = frozenset(
     _to_dict(Manifest(1, "", "", "", Mode.STOP, "", "", None, "", [], None, [])).keys()
 )
 _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys())
+_OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume"})
+_CHAIN_KEYS = frozenset(_chain_dict(ChainFile("", "", "", None, "")).keys())
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -332,15 +390,13 @@ class _Reader:
         if not isinstance(data, dict):
             self.fail(f"has {where} that is not a JSON object")
         self.keys(data, _RECORD_KEYS, f"{where}.", _OPTIONAL_RECORD_KEYS)
-        file = data["file"]
-        if not isinstance(file, str) or not is_safe_file_name(file):
-            self.fail(
-                f"names an unsafe file {file!r} in {where}",
-                "disk files are plain names like vda.qcow2, so it was edited or is corrupt",
-            )
-        fmt = self.text(data, "format", f"{where}.")
-        if _FORMAT_NAME.fullmatch(fmt) is None:
-            self.fail(f"has {where}.format {fmt!r}, not a disk format name")
+        file = self.file_name(data, where)
+        fmt = self.format_name(data, where)
+        chain = data.get("chain", [])
+        if not isinstance(chain, list) or (not chain and "chain" in data):
+            self.fail(f"has {where}.chain that is not a non-empty list")
+        layers = tuple(self.chain_file(c, f"{where}.chain[{i}]") for i, c in enumerate(chain))
+        self.chain_links(file, fmt, layers, where)
         return DiskRecord(
             target=self.text(data, "target", f"{where}."),
             source=self.text(data, "source", f"{where}."),
@@ -351,6 +407,9 @@ class _Reader:
             blake3=self.digest(data, "blake3"),
             size=self.size(data, "size", f"{where}."),
             source_kind=self.source_kind(data, where),
+            chain=layers,
+            pool=self.optional_text(data, "pool", f"{where}."),
+            volume=self.optional_text(data, "volume", f"{where}."),
         )
 
     def source_kind(self, data: dict[str, Any], where: str) -> str:
@@ -361,8 +420,63 @@ class _Reader:
             self.fail(f"has {where}.source_kind {kind!r}, not one of {', '.join(SOURCE_KINDS[1:])}")
         return str(kind)
 
+    def file_name(self, data: dict[str, Any], where: str) -> str:
+        file = data["file"]
+        if not isinstance(file, str) or not is_safe_file_name(file):
+            self.fail(
+                f"names an unsafe file {file!r} in {where}",
+                "disk files are plain names like vda.qcow2, so it was edited or is corrupt",
+            )
+        return file
+
+    def format_name(self, data: dict[str, Any], where: str) -> str:
+        fmt = self.text(data, "format", f"{where}.")
+        if _FORMAT_NAME.fullmatch(fmt) is None:
+            self.fail(f"has {where}.format {fmt!r}, not a disk format name")
+        return fmt
+
+    def optional_text(self, data: dict[str, Any], key: str, where: str) -> str | None:
+        return self.text(data, key, where) if key in data else None
+
+    def chain_file(self, data: Any, where: str) -> ChainFile:
+        if not isinstance(data, dict):
+            self.fail(f"has {where} that is not a JSON object")
+        self.keys(data, _CHAIN_KEYS, f"{where}.")
+        backing = data["backing"]
+        if backing is not None and (not isinstance(backing, str) or not is_safe_file_name(backing)):
+            self.fail(f"names an unsafe backing file {backing!r} in {where}")
+        return ChainFile(
+            file=self.file_name(data, where),
+            source=self.text(data, "source", f"{where}."),
+            format=self.format_name(data, where),
+            backing=backing,
+            blake3=self.digest(data, "blake3"),
+            size=self.size(data, "size", f"{where}."),
+        )
+
+    def chain_links(self, top: str, fmt: str, layers: tuple[ChainFile, ...], where: str) -> None:
+        """Each file of a kept chain names the next as its backing, and the base none.
+
+        A chain that loops or points outside itself would restore another disk.
+        """
+        if not layers:
+            return
+        if fmt != "qcow2":
+            self.fail(f"has {where}.chain under a {fmt} file; only qcow2 files have backing files")
+        names = [top, *(layer.file for layer in layers)]
+        for i, layer in enumerate(layers):
+            wanted = names[i + 2] if i + 2 < len(names) else None
+            if layer.backing != wanted:
+                self.fail(
+                    f"has {where}.chain[{i}] backed by {layer.backing!r}, not {wanted!r}; "
+                    "the chain was edited or is corrupt"
+                )
+            if layer.backing is not None and layer.format != "qcow2":
+                self.fail(f"has {where}.chain[{i}], a {layer.format} file with a backing file")
+
     def unique(self, records: list[DiskRecord]) -> None:
         files = [r.file.lower() for r in records]
+        files += [c.file.lower() for r in records for c in r.chain]
         targets = [r.target for r in records]
         for label, values in (("file", files), ("target", targets)):
             twice = sorted({v for v in values if values.count(v) > 1})

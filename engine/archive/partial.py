@@ -10,7 +10,7 @@ import os
 import stat
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from guestsafe.engine import failpoints
 from guestsafe.engine.archive.layout import FILE_MODE, kind_of, remove
@@ -18,6 +18,7 @@ from guestsafe.engine.archive.manifest import (
     B3SUMS_FILE,
     DOMAIN_XML_FILE,
     MANIFEST_FILE,
+    ChainFile,
     DiskRecord,
     Manifest,
     b3sums_text,
@@ -28,6 +29,8 @@ from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import hash_file
 from guestsafe.engine.errors import ArchiveError, CopyError
 from guestsafe.engine.fsutil import atomic_write_bytes, fsync_dir, fsync_file, lstat_or_none
+
+_Sized = TypeVar("_Sized", DiskRecord, ChainFile)
 
 
 class VersionLookup(Protocol):
@@ -73,7 +76,12 @@ class PartialVersion:
         atomic_write_bytes(self.path / DOMAIN_XML_FILE, xml.encode("utf-8"), FILE_MODE)
 
     def _complete(self, record: DiskRecord) -> DiskRecord:
-        """The record with its file checked and its size filled in."""
+        """The record, and its kept backing files, with each file checked and sized."""
+        chain = tuple(self._sized(layer) for layer in record.chain)
+        return replace(self._sized(record), chain=chain)
+
+    def _sized(self, record: _Sized) -> _Sized:
+        """The file checked and its size filled in."""
         path = self.file_path(record.file)
         st = lstat_or_none(path)
         if st is None:
@@ -129,7 +137,7 @@ class PartialVersion:
             text = final.to_json()
         except ArchiveError as exc:
             raise ArchiveError(f"{self._where()}: {exc.message}") from exc
-        files = {r.file for r in final.records}
+        files = {r.file for r in final.files}
         # manifest.json and B3SUMS may be left by an earlier commit attempt; rewritten.
         self._check_no_strays(files | {DOMAIN_XML_FILE, MANIFEST_FILE, B3SUMS_FILE})
         for name in sorted(files):

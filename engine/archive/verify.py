@@ -103,7 +103,7 @@ def check_version(guest: str, folder: Path, number: int) -> Check:
 
 def _check_entries(check: Check, manifest: Manifest) -> None:
     expected: dict[str, tuple[str, int | None]] = {
-        r.file: (r.blake3, r.size) for r in manifest.records
+        r.file: (r.blake3, r.size) for r in manifest.files
     }
     if manifest.domain_xml_blake3 is not None:  # always, in a valid manifest
         expected[DOMAIN_XML_FILE] = (manifest.domain_xml_blake3, None)

@@ -13,15 +13,17 @@ from pathlib import Path
 
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup import chain_copy
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
-from guestsafe.engine.hypervisor import disk_files
+from guestsafe.engine.hypervisor import chains, disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.sizes import byte_rate
 from guestsafe.engine.throttle import HostPacer
+from guestsafe.engine.modes import ChainMode
 
 
 class AnyEvent(threading.Event):
@@ -41,16 +43,24 @@ class ColdCopy:
     stops_guest = True
 
     def __init__(
-        self, run: GuestRun, hv: Hypervisor, archive: Archive, pace: HostPacer | None = None
+        self,
+        run: GuestRun,
+        hv: Hypervisor,
+        archive: Archive,
+        pace: HostPacer | None = None,
+        *,
+        chain: ChainMode = ChainMode.FLATTEN,
     ) -> None:
         self.run = run
+        self.chain = chain  # how a disk on a backing chain is kept
         self.hv = hv
         self.archive = archive
         self.pace = pace  # the job's ionice and bwlimit
         self._cancel: threading.Event = run.cancel
 
     def space_needed(self, info: GuestInfo) -> int:
-        return disk_files.allocated_total(info)
+        # A chain's backing files are copied (keep) or read into the flat copy (flatten).
+        return disk_files.allocated_total(info) + chains.backing_allocated(info)
 
     def prepare(self) -> None:
         """Nothing to do before the shutdown."""
@@ -75,11 +85,17 @@ class ColdCopy:
         info = self.run.info
         assert info is not None
         for disk in info.disks:
-            if disk.backs_up:
-                record = self._copy_disk(disk.target, disk.source, disk.format)
-                if disk.kind == "block":
-                    record = replace(record, source_kind="block")
+            layers = chain_copy.chain_of(disk) if disk.backs_up else None
+            if layers is not None:
+                record = chain_copy.copy_chain(self.run, disk, layers, self.chain, self._cancel)
+                check_still_off(self.hv, self.run)
                 self.run.records.append(record)
+            elif disk.backs_up:
+                record = self._copy_disk(disk.target, disk.source, disk.format)
+                kind = "block" if disk.kind == "block" else record.source_kind
+                self.run.records.append(
+                    replace(record, source_kind=kind, pool=disk.pool, volume=disk.volume)
+                )
             elif disk.source:
                 self.run.say_info(
                     f"skipping {disk.target} ({disk.device}, read-only or not a disk)"

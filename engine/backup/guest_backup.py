@@ -13,6 +13,7 @@ begins, so ``recovery.recover()`` can do the same after a crash.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from guestsafe.engine import __version__, failpoints, locks
@@ -39,9 +40,10 @@ from guestsafe.engine.errors import (
     naming,
 )
 from guestsafe.engine.events import GuestDowntime, GuestOutcome, LogLine, PhaseChanged, Progress
-from guestsafe.engine.hypervisor import disk_files
+from guestsafe.engine.hypervisor import disk_files, volumes
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
 from guestsafe.engine.jobs.model import retention_policy
+from guestsafe.engine.modes import Mode
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
 from guestsafe.engine.throttle import HostPacer
 
@@ -106,8 +108,13 @@ class GuestBackup:
                 f"guest {run.name!r} is {run.was_state}; guestsafe backs up running or "
                 "shut-off guests only (resume or stop it first)"
             )
+        volumes.check_volumes(run.info)
+        cold = job.mode == Mode.STOP or run.was_state != RUNNING
+        volumes.check_network_disks(run.info, cold=cold)
         with naming(f"reading the disk files of guest {run.name!r}", None):
-            disk_files.check_backup_disks(run.info)
+            # Network disks are QEMU's to read (push backups); checked just above.
+            files = [d for d in run.info.disks if d.kind != "network"]
+            disk_files.check_backup_disks(replace(run.info, disks=files))
         self.strategy = self._choose_strategy()
         with naming(f"measuring the disk files of guest {run.name!r}", None):
             sparse_need = self.strategy.space_needed(run.info)
@@ -132,7 +139,7 @@ class GuestBackup:
         push = choose_push(self.run, ctx.job, ctx.hv, ctx.archive)
         if push is not None:
             return push
-        return ColdCopy(self.run, ctx.hv, ctx.archive, HostPacer(ctx.job.ionice, ctx.job.bwlimit))
+        return ColdCopy(self.run, ctx.hv, ctx.archive, HostPacer(ctx.job.ionice, ctx.job.bwlimit), chain=ctx.job.chain)
 
     def stop(self) -> None:
         run, strategy = self.run, self._copier()

@@ -29,6 +29,7 @@ import contextlib
 import os
 import stat
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import libvirt
@@ -55,12 +56,13 @@ from guestsafe.engine.errors import (
     naming,
 )
 from guestsafe.engine.fsutil import lstat_or_none
-from guestsafe.engine.hypervisor import disk_files, push_jobs
+from guestsafe.engine.hypervisor import chains, disk_files, push_jobs, volumes
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING, GuestInfo, parse_domain_xml
 from guestsafe.engine.hypervisor.push_jobs import JobOutcome, JobWatch, PushTarget
 from guestsafe.engine.hypervisor.qemu_access import QemuAccess, qemu_sees, qemu_uid
 from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.modes import ChainMode
 from guestsafe.engine.sizes import byte_size
 
 PUSH_MODES = (modes.STOP_SHORT, modes.SNAPSHOT)
@@ -83,6 +85,11 @@ def choose_push(run: GuestRun, job: Job, hv: Hypervisor, archive: Archive) -> Pu
         run.mode = modes.STOP
         run.note(f"guest is shut off: copied as it is (consistent), without a {job.mode} backup")
         return None
+    if job.chain == ChainMode.KEEP and chains.check_chains(info):
+        raise PreflightError(
+            f"guest {run.name!r}: chain = keep needs mode stop, since a push backup writes "
+            f"each disk as one flattened file; use chain = flatten or mode stop"
+        )
     problem = push_jobs.unsupported(hv, run.name, info)
     if problem is None:
         return PushCopy(run, hv, archive, live=job.mode == modes.SNAPSHOT)
@@ -105,13 +112,15 @@ def space_needed(info: GuestInfo) -> int:
     """
     total = 0
     for disk in info.disks:
-        if disk.backs_up and disk.source:
+        # A network disk has no path here: PushCopy.space_needed asks QEMU its size.
+        if disk.backs_up and disk.source and disk.kind != "network":
             path = Path(disk.source)
             raw = (disk.format or "raw") == "raw"
             total += disk_files.virtual_size(path) if raw else disk_files.allocated_bytes(path)
     if info.nvram:
         total += disk_files.allocated_bytes(Path(info.nvram))
-    return total
+    # QEMU writes a chain's data into one file: up to what its backing files hold.
+    return total + chains.backing_allocated(info)
 
 
 class PushCopy:
@@ -135,7 +144,18 @@ class PushCopy:
         return not self.live
 
     def space_needed(self, info: GuestInfo) -> int:
-        return space_needed(info)
+        network = volumes.network_disks(info)
+        return space_needed(info) + sum(self._capacity(d.target) for d in network)
+
+    def _capacity(self, target: str) -> int:
+        """The size of a disk as the running QEMU sees it (a network disk has no file)."""
+        try:
+            return int(self._dom().blockInfo(target, 0)[0])
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot ask QEMU the size of disk {target} of guest {self.run.name!r}: "
+                f"{push_jobs.message(exc)}"
+            ) from exc
 
     def _dom(self) -> libvirt.virDomain:
         try:
@@ -276,7 +296,9 @@ class PushCopy:
                 "mounted after the guest started, and this host does not share mounts with "
                 "QEMU (make / shared with 'mount --make-rshared /', or use mode stop)"
             )
-        live = parse_domain_xml(self._hv.xml(b.name, inactive=False))
+        live = volumes.resolve_volumes(
+            self._hv.connection, parse_domain_xml(self._hv.xml(b.name, inactive=False))
+        )
         self._check_attached(live)
         ours = {t.target for t in self.targets}
         others = [d.target for d in live.disks if d.target not in ours]
@@ -336,7 +358,16 @@ class PushCopy:
         wait_until_closed([t.path for t in self.targets], CLOSE_WAIT_SECONDS)
         self.access.close_partial()
         b.enter(Phase.HASH, None)
-        return [self._adopt(target) for target in self.targets]
+        assert self.run.info is not None
+        disks = {d.target: d for d in self.run.info.disks}
+        records = [self._adopt(target) for target in self.targets]
+        # A pool's volume keeps its pool and volume in the manifest, as in a cold copy.
+        return [
+            replace(r, pool=disks[r.target].pool, volume=disks[r.target].volume)
+            if r.target in disks
+            else r
+            for r in records
+        ]
 
     def _failure(self, outcome: JobOutcome) -> str:
         b = self.run
@@ -385,8 +416,12 @@ class PushCopy:
         )
 
     def _check_size(self, target: PushTarget) -> None:
-        with naming("reading the disk size of", target.source):
-            expected = disk_files.virtual_size(Path(target.source))
+        assert self.run.info is not None
+        if target.target in {d.target for d in volumes.network_disks(self.run.info)}:
+            expected = self._capacity(target.target)
+        else:
+            with naming("reading the disk size of", target.source):
+                expected = disk_files.virtual_size(Path(target.source))
         with naming("reading the disk size of", target.path):
             written = disk_files.virtual_size(target.path)
         if written != expected:

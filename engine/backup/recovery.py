@@ -67,6 +67,7 @@ from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor import push_jobs
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF, parse_domain_xml
+from guestsafe.engine.hypervisor.volumes import resolve_volumes
 from guestsafe.engine.paths import Paths
 
 # A guest guestsafe stopped longer ago than this is not started without --start.
@@ -256,7 +257,8 @@ def touched_since(
             f"it has been off since {_when(since)}, more than {AUTO_START_WINDOW / 3600:g} h: "
             "it may have been left off on purpose"
         )
-    disks = [d.source for d in parse_domain_xml(xml).disks if d.backs_up and d.source]
+    info = resolve_volumes(dom.connect(), parse_domain_xml(xml))  # a volume's file too
+    disks = [d.source for d in info.disks if d.backs_up and d.source]
     newest = newest_mtime_ns(disks)
     if entry.disks_mtime_ns is not None and newest is not None and newest > entry.disks_mtime_ns:
         return "its disk files changed since guestsafe shut it down (started or restored since)"

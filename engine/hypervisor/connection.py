@@ -21,6 +21,7 @@ import libvirt
 from guestsafe.engine import failpoints
 from guestsafe.engine.errors import Cancelled, HypervisorError, NotFoundError, ShutdownTimeout
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
+from guestsafe.engine.hypervisor.volumes import resolve_volumes
 from guestsafe.engine.modes import OnTimeout
 
 DEFAULT_URI = "qemu:///system"
@@ -236,7 +237,7 @@ class Hypervisor:
     def _info(self, dom: libvirt.virDomain, name: str | None = None) -> GuestInfo:
         xml = self._call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, guest=name)
         persistent = bool(self._call(dom.isPersistent, guest=name))
-        return parse_domain_xml(xml, _state_of(dom), persistent)
+        return resolve_volumes(self._live(), parse_domain_xml(xml, _state_of(dom), persistent))
 
     def state(self, name: str) -> str:
         # A GuestState; typed as its str so callers can hold it beside their own words.
@@ -276,7 +277,7 @@ class Hypervisor:
                     xml = dom.XMLDesc(flags)
                 except libvirt.libvirtError:
                     continue  # undefined between the listing and the lookup
-                yield parse_domain_xml(xml)
+                yield resolve_volumes(self._live(), parse_domain_xml(xml))
 
     def has_managed_save(self, name: str) -> bool:
         """Whether the guest has a saved memory image (``virsh managedsave``) it resumes from."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from guestsafe.engine.copier import device_size
 from guestsafe.engine.errors import PreflightError
+from guestsafe.engine.hypervisor import chains
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 
 _QCOW2_MAGIC = b"QFI\xfb"
@@ -17,20 +18,6 @@ _QCOW2_MAGIC = b"QFI\xfb"
 def archive_file_name(target: str, fmt: str | None) -> str:
     """The file name a disk gets inside a version: ``vda.qcow2``, ``vdb.raw``, ``nvram.fd``."""
     return f"{target}.{fmt or 'raw'}"
-
-
-def qcow2_backing_file(path: Path) -> str | None:
-    """The backing file a qcow2 header names, read without qemu-img."""
-    with path.open("rb") as f:
-        header = f.read(20)
-    if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
-        return None
-    offset, size = struct.unpack(">QI", header[8:20])
-    if offset == 0 or size == 0:
-        return None
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(size).decode("utf-8", "replace")
 
 
 def virtual_size(path: Path) -> int:
@@ -74,13 +61,9 @@ def check_backup_disks(info: GuestInfo) -> None:
             )
         if disk.kind == "file" and not path.is_file():
             raise PreflightError(f"guest {info.name!r}: disk {disk.target} file {path} is missing")
-        backing = qcow2_backing_file(path)
-        if backing is not None:
-            raise PreflightError(
-                f"guest {info.name!r}: disk {disk.target} ({path}) is an overlay on {backing}; "
-                "saving the overlay alone would not restore, so guestsafe refuses it "
-                "(flatten it with 'qemu-img convert' or 'virsh blockpull' first)"
-            )
+        # An overlay is saved with its backing chain (chain_copy.py); one whose chain
+        # cannot be read or holds what a file copy cannot save is refused here.
+        chains.check_chain(info.name, disk)
     if info.nvram and not Path(info.nvram).is_file():
         raise PreflightError(f"guest {info.name!r}: NVRAM file {info.nvram} is missing")
 

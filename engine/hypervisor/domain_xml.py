@@ -39,6 +39,10 @@ class DiskInfo:
     format: str | None
     readonly: bool
     shareable: bool
+    # <disk type='volume'>: its storage pool and volume (source is the volume's name
+    # until connection.py resolves it to the file or device libvirt says it is).
+    pool: str | None = None
+    volume: str | None = None
 
     @property
     def backs_up(self) -> bool:
@@ -91,6 +95,8 @@ def _parse_disk(disk: ET.Element) -> DiskInfo:
     path = None
     if source is not None:
         path = source.get("file") or source.get("dev") or source.get("name") or source.get("volume")
+        if path is None and disk.get("type") == "network":
+            path = source.get("protocol")  # an nbd export without a name is still a disk
     driver = disk.find("driver")
     target = disk.find("target")
     return DiskInfo(
@@ -101,6 +107,8 @@ def _parse_disk(disk: ET.Element) -> DiskInfo:
         format=driver.get("type") if driver is not None else None,
         readonly=disk.find("readonly") is not None,
         shareable=disk.find("shareable") is not None,
+        pool=source.get("pool") if source is not None else None,
+        volume=source.get("volume") if source is not None else None,
     )
 
 

@@ -26,6 +26,7 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     mail_to = ["ops@example.org"]     # optional: this job's mail goes here, not [notify]'s
     ionice = "idle"                   # the copier's I/O class: idle or best-effort
     bwlimit = "100 MiB/s"             # optional: the copier writes at most this (0: no limit)
+    chain = "flatten"                 # qcow2 overlays: flatten (one file) or keep (every layer)
 
     [jobs.everything]
     guests = "all"                    # every persistent guest defined when the run starts
@@ -77,7 +78,7 @@ from guestsafe.engine.jobs.model import (
     as_choice,
 )
 from guestsafe.engine.jobs.validation import parse_bwlimit, validate_job
-from guestsafe.engine.modes import IoClass, Mode, OnTimeout
+from guestsafe.engine.modes import ChainMode, IoClass, Mode, OnTimeout
 from guestsafe.engine.notify import NotifyConfig, parse_notify
 from guestsafe.engine.sizes import byte_rate
 
@@ -104,6 +105,7 @@ _JOB_KEYS = (
     "mail_to",
     "ionice",
     "bwlimit",
+    "chain",
 )
 ALL_GUESTS = "all"  # guests = "all"
 # Top-level tables other than jobs; save_jobs keeps them as they are.
@@ -211,6 +213,7 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         mail_to=_one_or_list(table.get("mail_to", [])),
         ionice=as_choice(IoClass, table.get("ionice", IoClass.IDLE)),
         bwlimit=_bwlimit(table.get("bwlimit")),
+        chain=as_choice(ChainMode, table.get("chain", ChainMode.FLATTEN)),
     )
     # A missing or malformed field is reported once, by the parser.
     reported = {problem.field for problem in problems + hook_problems}
@@ -364,6 +367,8 @@ def _job_table(job: Job) -> dict[str, Any]:
         table["bwlimit"] = byte_rate(job.bwlimit)
     if job.mail_to:
         table["mail_to"] = list(job.mail_to)
+    if job.chain != ChainMode.FLATTEN:
+        table["chain"] = job.chain
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
         table["hooks"] = hooks | {"timeout": job.hooks.timeout}

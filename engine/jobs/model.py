@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from guestsafe.engine.archive.calendar_retention import RetentionPolicy
-from guestsafe.engine.modes import IoClass, Mode, OnTimeout
+from guestsafe.engine.modes import ChainMode, IoClass, Mode, OnTimeout
 
 
 class HookPhase(StrEnum):
@@ -47,6 +47,7 @@ class Weekday(StrEnum):
 MODES: tuple[str, ...] = tuple(Mode)
 ON_TIMEOUT: tuple[str, ...] = tuple(OnTimeout)
 IO_CLASSES: tuple[str, ...] = tuple(IoClass)
+CHAIN_MODES: tuple[str, ...] = tuple(ChainMode)
 HOOK_PHASES: tuple[str, ...] = tuple(HookPhase)
 WEEKDAYS: tuple[str, ...] = tuple(Weekday)
 DEFAULT_KEEP = 3
@@ -116,6 +117,8 @@ class Job:
     mail_to: list[str] = field(default_factory=list)  # replaces [notify] mail_to for this job
     ionice: IoClass = IoClass.IDLE  # the copier's I/O class
     bwlimit: int | None = None  # bytes per second the copier writes at most; None: no cap
+    # A disk on a qcow2 backing chain: one flattened file, or every file of the chain.
+    chain: ChainMode = ChainMode.FLATTEN
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)

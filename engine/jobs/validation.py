@@ -12,6 +12,7 @@ from guestsafe.engine.archive.names import libvirt_accepts
 from guestsafe.engine.errors import FieldError, JobConfigError
 from guestsafe.engine.jobs.model import (
     CALENDAR_KEYS,
+    CHAIN_MODES,
     HOOK_PHASES,
     IO_CLASSES,
     MODES,
@@ -61,6 +62,7 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
         _check_bool("fallback_to_stop", job.fallback_to_stop),
         _check_seconds("lock_wait", job.lock_wait),
         _check_seconds("randomized_delay", job.schedule.randomized_delay),
+        _check_choice("chain", job.chain, CHAIN_MODES),
     )
     problems = [problem for problem in checks if problem is not None]
     problems += _check_hooks(job.hooks)

@@ -15,6 +15,7 @@ from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.block_targets import check_device_target, restore_to_device
+from guestsafe.engine.restore.chain_restore import restore_chain
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.plan import (
@@ -68,6 +69,9 @@ def restore_clone(
                     continue
                 restore_file(plan.version, rec, dst, force, reporter, name, cancel, warnings)
                 copied.append(dst)
+                copied += restore_chain(
+                    plan.version, rec, dst, force, reporter, name, cancel, warnings
+                )
             reporter(PhaseChanged(name, "define"))
             # One restore at a time checks the MACs and defines: two consoles cloning
             # one version must not both pass the check, then both define one MAC.

@@ -93,14 +93,24 @@ def _point_disks(root: ET.Element, plan: RestorePlan) -> None:
         source = disk.find("source")
         dev = target.get("dev") if target is not None else None
         if dev in new_paths and source is not None:
-            source.attrib.pop("dev", None)
-            source.attrib.pop("file", None)
+            # A block device, a pool's volume or a network disk comes back as a plain file,
+            # unless the operator named a device for it (--disk-target).
+            if disk.get("type") == "network":
+                source.clear()  # protocol, export name, hosts, credentials: none apply now
+                for auth in disk.findall("auth"):
+                    disk.remove(auth)
+            for attr in ("dev", "file", "pool", "volume", "mode"):
+                source.attrib.pop(attr, None)
             if dev in plan.device_targets:  # written onto an existing block device
                 source.set("dev", str(new_paths[dev]))
                 disk.set("type", "block")
             else:
                 source.set("file", str(new_paths[dev]))
                 disk.set("type", "file")
+            # The restored file's own header names its backing chain; a <backingStore>
+            # kept from the original would point the clone at the original's files.
+            for store in disk.findall("backingStore"):
+                disk.remove(store)
 
 
 def _set_mac(iface: ET.Element, mac: str) -> None:

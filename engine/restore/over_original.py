@@ -34,6 +34,11 @@ from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore import swap
 from guestsafe.engine.restore.block_targets import check_device_target, restore_to_device
+from guestsafe.engine.restore.chain_restore import (
+    chain_targets,
+    check_base_not_shared,
+    relink_in_place,
+)
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.over_checks import (
     check_managed_save,
@@ -132,6 +137,7 @@ def restore_over_original(
         targets = _targets(version)
         check_not_shared(hv, guest, [dst for _, dst in targets])
         _check_devices(hv, guest, targets)
+        check_base_not_shared(hv, guest, version)
         swaps = [swap.plan_swap(dst, datetime.now()) for _, dst in targets]
         notice = _notice(version, swaps, keep_replaced, discard_saved)
         if confirm is not None and not confirm(notice):
@@ -150,6 +156,7 @@ def restore_over_original(
 
 def _targets(version: VersionInfo) -> list[tuple[DiskRecord, Path]]:
     targets = [(rec, Path(rec.source)) for rec in version.manifest.disks]
+    targets += chain_targets(version)  # a kept chain's backing files go back too
     if version.manifest.nvram:
         targets.append((version.manifest.nvram, Path(version.manifest.nvram.source)))
     return targets
@@ -203,6 +210,7 @@ def _run(
                         version, rec, Path(planned.temp), force, reporter, guest, stop, warnings
                     )
                     failpoints.hit("restore-over.copied")
+            relink_in_place(version, {p.path: Path(p.temp) for p in entry.files})
             _check_still_off(hv, guest, started)
             # Devices last: once written they cannot go back, so every file is ready first.
             for (rec, _), planned in pairs:

@@ -184,7 +184,7 @@ def check_plain_files(version: VersionInfo) -> None:
     guestsafe writes only regular files into a version. A symlink there was planted:
     following it would restore whatever it points at, so not even --force does.
     """
-    for name in [r.file for r in version.manifest.records] + [DOMAIN_XML_FILE]:
+    for name in [r.file for r in version.manifest.files] + [DOMAIN_XML_FILE]:
         path = version.path / name
         try:
             st = os.lstat(path)

@@ -215,6 +215,8 @@ def build_job(
         fallback_to_stop=values.fallback_to_stop,
         hooks=hooks if hooks is not None else typed_hooks,
         lock_wait=lock_wait,
+        # The form has no chain field: the edited job's is kept.
+        chain=base.chain if base is not None else Job.chain,
     )
     return (_keep_unedited(base, job) if base is not None else job), problems
 
