@@ -21,9 +21,9 @@ from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import chains, disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+from guestsafe.engine.modes import ChainMode
 from guestsafe.engine.sizes import byte_rate
 from guestsafe.engine.throttle import HostPacer
-from guestsafe.engine.modes import ChainMode
 
 
 class AnyEvent(threading.Event):

@@ -139,7 +139,8 @@ class GuestBackup:
         push = choose_push(self.run, ctx.job, ctx.hv, ctx.archive)
         if push is not None:
             return push
-        return ColdCopy(self.run, ctx.hv, ctx.archive, HostPacer(ctx.job.ionice, ctx.job.bwlimit), chain=ctx.job.chain)
+        pace = HostPacer(ctx.job.ionice, ctx.job.bwlimit)
+        return ColdCopy(self.run, ctx.hv, ctx.archive, pace, chain=ctx.job.chain)
 
     def stop(self) -> None:
         run, strategy = self.run, self._copier()

@@ -257,7 +257,9 @@ def touched_since(
             f"it has been off since {_when(since)}, more than {AUTO_START_WINDOW / 3600:g} h: "
             "it may have been left off on purpose"
         )
-    info = resolve_volumes(dom.connect(), parse_domain_xml(xml))  # a volume's file too
+    info = parse_domain_xml(xml)
+    if any(d.kind == "volume" for d in info.disks):
+        info = resolve_volumes(dom.connect(), info)  # a volume's file too
     disks = [d.source for d in info.disks if d.backs_up and d.source]
     newest = newest_mtime_ns(disks)
     if entry.disks_mtime_ns is not None and newest is not None and newest > entry.disks_mtime_ns:
