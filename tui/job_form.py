@@ -32,6 +32,7 @@ from textual.widgets import (
 
 from guestsafe.engine.api import (
     HOOK_PHASES,
+    IO_CLASSES,
     MARKER,
     MODES,
     ON_TIMEOUT,
@@ -41,6 +42,7 @@ from guestsafe.engine.api import (
     FieldError,
     Job,
     RetentionPolicy,
+    resolve_guests,
 )
 from guestsafe.engine.errors import GuestsafeError, JobConfigError
 
@@ -55,11 +57,11 @@ from .model.job_form import (
     JobFormValues,
     by_field,
     check_job,
+    coverage_hint,
     device_hint,
     hook_field,
     next_runs_text,
     node_note,
-    split_guests,
     split_weekdays,
 )
 from .model.prune_preview import GuestHistory, policy_of, preview_lines
@@ -93,12 +95,16 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         jobs: Sequence[Job],
         known_guests: Sequence[str] | None,
         guests_problem: str = "",
+        persistent_guests: Sequence[str] | None = None,
     ) -> None:
         super().__init__(classes="modal")
         self._engine = engine
         self._original = job
         self._others = [j for j in jobs if job is None or j.name != job.name]
         self._known = list(known_guests) if known_guests is not None else None
+        # The guests "all guests" covers (a transient one is in no backup).
+        persistent = persistent_guests if persistent_guests is not None else known_guests
+        self._persistent = list(persistent or [])
         self._guests_problem = guests_problem
         self._initial = JobFormValues.from_job(job) if job is not None else JobFormValues()
         # Editing shows every problem at once (a destination may have gone);
@@ -119,8 +125,16 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             yield Static("", id="e-form", classes="field-error")
             with VerticalScroll(id="form-fields"):
                 yield from self._text("name", "Name", v.name, "nightly")
+                yield from self._row(
+                    "all_guests",
+                    "All guests",
+                    TickBox("every guest defined when it runs", v.all_guests, compact=True),
+                )
                 yield from self._text("guests", "Guests", v.guests, "web1, db1")
-                yield Static(self._guest_hint(), id="guests-hint", classes="field-hint")
+                yield from self._text(
+                    "exclude", "Exclude", v.exclude, "with all guests: scratch-*, test-?"
+                )
+                yield Static("", id="guests-hint", classes="field-hint")
                 yield from self._text("destination", "Destination", v.destination, "/srv/backup")
                 yield from self._text(
                     "device", "Device", v.device, "optional: /dev/sdb1, UUID=..., LABEL=..."
@@ -133,6 +147,9 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                 yield from self._text("time", "Time (HH:MM)", v.time, "empty: manual only")
                 yield from self._row("weekdays", "Weekdays", self._weekday_boxes(v.weekdays))
                 yield Static("", id="next-runs", classes="field-hint")
+                yield from self._text(
+                    "mail_to", "Mail to", v.mail_to, "empty: the [notify] recipients"
+                )
                 yield from self._row("mode", "Mode", self._radio_set("mode", MODES, v.mode))
                 yield Static(id="mode-help", classes="field-hint")
                 yield from self._row(
@@ -143,6 +160,14 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                         v.fallback_to_stop,
                         compact=True,
                     ),
+                )
+                yield from self._row(
+                    "ionice",
+                    "I/O class",
+                    self._radio_set("ionice", IO_CLASSES, v.ionice, horizontal=True),
+                )
+                yield from self._text(
+                    "bwlimit", "Bandwidth limit", v.bwlimit, "100 MiB/s; empty: no limit"
                 )
                 yield from self._text(
                     "shutdown_timeout",
@@ -228,13 +253,25 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         ]
         return Horizontal(*boxes, classes="weekday-boxes")
 
-    def _guest_hint(self) -> str:
+    def _show_guests(self) -> None:
+        """One of the guest list and exclude is in use; the hint says whom the job covers."""
+        values = self.values()
+        guests = self.query_one("#f-guests", Input)
+        guests.disabled = values.all_guests
+        # A disabled field's example would read as the guests the job takes.
+        guests.placeholder = "not used with all guests" if values.all_guests else "web1, db1"
+        self.query_one("#f-exclude", Input).disabled = not values.all_guests
         if self._known is None:
-            return f"guests could not be listed: {self._guests_problem}"
-        return "defined: " + (", ".join(self._known) or "none")
+            text = f"guests could not be listed: {self._guests_problem}"
+        elif values.all_guests:
+            text = coverage_hint(values, self._persistent)
+        else:
+            text = "defined: " + (", ".join(self._known) or "none")
+        self.query_one("#guests-hint", Static).update(literal(text))
 
     def on_mount(self) -> None:
         self.query_one("#f-name", Input).focus()
+        self._show_guests()
         self._show_mode_help()
         self._validate()
         self._showdevice_hint()
@@ -257,7 +294,9 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
         return JobFormValues(
             name=text("name"),
+            all_guests=self.query_one("#f-all_guests", Checkbox).value,
             guests=text("guests"),
+            exclude=text("exclude"),
             destination=text("destination"),
             device=text("device"),
             keep=text("keep"),
@@ -266,7 +305,10 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             weekdays=", ".join(
                 day for day in WEEKDAYS if self.query_one(f"#wd-{day}", Checkbox).value
             ),
+            mail_to=text("mail_to"),
             mode=choice("mode", "stop"),
+            ionice=choice("ionice", "idle"),
+            bwlimit=text("bwlimit"),
             shutdown_timeout=text("shutdown_timeout"),
             on_timeout=choice("on_timeout", "abort"),
             group=self.query_one("#f-group", Checkbox).value,
@@ -324,7 +366,10 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             self._show_prune_preview()
         elif field in ("time",) or field.startswith("wd-"):
             self._show_next_runs()
-        elif field in ("guests", "destination", "device"):
+            # The runs a change gives stay in sight (at 80x24 they sit at the bottom edge).
+            self.query_one("#next-runs").scroll_visible(animate=False)
+        elif field in ("all_guests", "guests", "exclude", "destination", "device"):
+            self._show_guests()
             self._reload_history()
 
     # --- previews ----------------------------------------------------------
@@ -357,7 +402,8 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             and values.destination.strip() == str(original.destination)
             and values.device.strip() == (original.device or "")
         )
-        guests = split_guests(values.guests)
+        job, _problems = self._check()
+        guests = resolve_guests(job, self._persistent)
         self._load_history(self._history_load, values.destination.strip(), guests, same)
 
     @background(group="form-history")
@@ -390,6 +436,8 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
     def _choice_changed(self, event: RadioSet.Changed) -> None:
         if event.radio_set.id == "f-mode":
             self._show_mode_help()
+            # The chosen mode's warning (snapshot: crash-consistent) must not stay below the fold.
+            self.query_one("#mode-help").scroll_visible(animate=False)
         self._validate()
 
     def _show_mode_help(self) -> None:

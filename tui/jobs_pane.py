@@ -234,12 +234,19 @@ class JobsPane(ReportsWorkerErrors, Vertical):
         jobs = self._engine.jobs()
         job = next((j for j in jobs if j.name == name), None) if name is not None else None
         try:
-            known: list[str] | None = [g.name for g in self._engine.guests()]
+            listed = self._engine.guests()
+            known: list[str] | None = [g.name for g in listed]
+            persistent: list[str] | None = [g.name for g in listed if g.persistent]
             problem = ""
         except GuestsafeError as exc:
-            known, problem = None, exc.message
+            known, persistent, problem = None, None, exc.message
         screen = JobFormScreen(
-            self._engine, job, jobs=jobs, known_guests=known, guests_problem=problem
+            self._engine,
+            job,
+            jobs=jobs,
+            known_guests=known,
+            guests_problem=problem,
+            persistent_guests=persistent,
         )
         self.app.call_from_thread(self.app.push_screen, screen, self._form_closed)
 

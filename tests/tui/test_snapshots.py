@@ -151,6 +151,31 @@ def test_job_form_weekdays(snap_compare: Compare, engine: Engine) -> None:
     assert snap_compare(app_of(engine), terminal_size=NARROW, run_before=run_before)
 
 
+def test_job_form_all_guests(snap_compare: Compare, engine: Engine) -> None:
+    """All guests ticked at 80x24: the guest list off, exclude on, whom the job covers now."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await steps("n", until=lambda app: isinstance(app.screen, JobFormScreen))(pilot)
+        pilot.app.screen.query_one("#f-all_guests").focus()
+        await pilot.press("space")
+        await type_into(pilot, "#f-exclude", "db*")
+        await settle(pilot)
+
+    assert snap_compare(app_of(engine), terminal_size=NARROW, run_before=run_before)
+
+
+def test_job_form_bwlimit_error(snap_compare: Compare, engine: Engine) -> None:
+    """At 80x24: mail to, the I/O class, and a bandwidth limit refused at its field."""
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await steps("n", until=lambda app: isinstance(app.screen, JobFormScreen))(pilot)
+        await type_into(pilot, "#f-mail_to", "ops@example.org")
+        await type_into(pilot, "#f-bwlimit", "fast")
+        await settle(pilot)
+
+    assert snap_compare(app_of(engine), terminal_size=NARROW, run_before=run_before)
+
+
 @pytest.mark.parametrize("size", [WIDE, NARROW], ids=["100x32", "80x24"])
 def test_help_screen(snap_compare: Compare, engine: Engine, size: tuple[int, int]) -> None:
     run_before = steps("question_mark", until=lambda app: isinstance(app.screen, HelpScreen))

@@ -25,13 +25,18 @@ from guestsafe.engine.api import (
     BlockDevice,
     FieldError,
     Hooks,
+    IoClass,
     Job,
+    JobConfigError,
     Mode,
     OnTimeout,
     Schedule,
     as_choice,
+    byte_rate,
     check_job_runtime,
     check_programs,
+    parse_bwlimit,
+    resolve_guests,
     validate_job,
 )
 
@@ -48,15 +53,20 @@ CALENDAR_FIELDS = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 # The form's fields, top to bottom; a FieldError's ``field`` is one of these.
 FIELDS = (
     "name",
+    "all_guests",
     "guests",
+    "exclude",
     "destination",
     "device",
     "keep",
     *CALENDAR_FIELDS,
     "time",
     "weekdays",
+    "mail_to",
     "mode",
     "fallback_to_stop",
+    "ionice",
+    "bwlimit",
     "shutdown_timeout",
     "on_timeout",
     "group",
@@ -83,7 +93,9 @@ class JobFormValues:
     """The form's fields as typed."""
 
     name: str = ""
+    all_guests: bool = False
     guests: str = ""
+    exclude: str = ""  # name patterns, comma-separated, used only with all_guests
     destination: str = ""
     device: str = ""
     keep: str = str(DEFAULT_KEEP)
@@ -93,7 +105,10 @@ class JobFormValues:
     keep_yearly: str = "0"
     time: str = ""
     weekdays: str = ""
+    mail_to: str = ""  # empty: the [notify] recipients
     mode: str = "stop"
+    ionice: str = IoClass.IDLE.value
+    bwlimit: str = ""  # a rate like "100 MiB/s"; empty: no limit
     shutdown_timeout: str = str(DEFAULT_SHUTDOWN_TIMEOUT)
     on_timeout: str = "abort"
     group: bool = False
@@ -115,7 +130,12 @@ class JobFormValues:
     def from_job(cls, job: Job) -> JobFormValues:
         return cls(
             name=job.name,
+            all_guests=job.all_guests,
             guests=", ".join(job.guests),
+            exclude=", ".join(job.exclude),
+            mail_to=", ".join(job.mail_to),
+            ionice=job.ionice,
+            bwlimit=byte_rate(job.bwlimit) if job.bwlimit else "",
             destination=str(job.destination),
             device=job.device or "",
             keep=str(job.keep),
@@ -141,6 +161,48 @@ def split_guests(text: str) -> list[str]:
 
 def split_weekdays(text: str) -> list[str]:
     return [day.lower() for day in _SPLIT.split(text.strip()) if day]
+
+
+def split_addresses(text: str) -> list[str]:
+    # A plain mail address holds neither a comma nor a space.
+    return [address for address in _SPLIT.split(text.strip()) if address]
+
+
+def _bwlimit(values: JobFormValues, problems: list[FieldError], job_name: str) -> int | None:
+    try:
+        return parse_bwlimit(values.bwlimit)
+    except JobConfigError as exc:
+        problems.append(FieldError(job_name, "bwlimit", exc.problems[0].message))
+        return None
+
+
+def job_guests(values: JobFormValues) -> tuple[list[str], list[str]]:
+    """The guests and the exclude patterns the job gets.
+
+    Only the field in use counts: with all guests ticked the guest list is
+    disabled and ignored, without it the exclude field is; the text in the
+    other stays, should the operator change their mind.
+    """
+    if values.all_guests:
+        return [], split_guests(values.exclude)
+    return split_guests(values.guests), []
+
+
+def coverage_hint(values: JobFormValues, known_guests: Sequence[str]) -> str:
+    """The line under the guests when all guests is ticked: whom the job covers today."""
+    guests, exclude = job_guests(values)
+    probe = Job("", guests, Path("/"), all_guests=True, exclude=exclude)
+    covered = resolve_guests(probe, known_guests)
+    left_out = [name for name in known_guests if name not in covered]
+    text = "covers now: " + (", ".join(covered) or "no guest")
+    if left_out:
+        text += "; excluded: " + ", ".join(left_out)
+    everyone = list(known_guests)
+    # A pattern that leaves every guest in is likely a typo ("scratch-* test-*").
+    idle = [p for p in exclude if resolve_guests(replace(probe, exclude=[p]), everyone) == everyone]
+    if idle:
+        text += f"; {idle[0]!r} matches no guest"
+    return text
 
 
 def _whole_number(
@@ -196,9 +258,10 @@ def build_job(
     schedule = Schedule(values.time.strip() or None, split_weekdays(values.weekdays))
     if base is not None:
         schedule.randomized_delay = base.schedule.randomized_delay
+    guests, exclude = job_guests(values)
     job = Job(
         name=name,
-        guests=split_guests(values.guests),
+        guests=guests,
         destination=Path(destination or "/"),
         device=values.device.strip() or None,
         keep=keep,
@@ -215,8 +278,11 @@ def build_job(
         fallback_to_stop=values.fallback_to_stop,
         hooks=hooks if hooks is not None else typed_hooks,
         lock_wait=lock_wait,
-        # The form has no chain field: the edited job's is kept.
-        chain=base.chain if base is not None else Job.chain,
+        all_guests=values.all_guests,
+        exclude=exclude,
+        mail_to=split_addresses(values.mail_to),
+        ionice=as_choice(IoClass, values.ionice),
+        bwlimit=_bwlimit(values, problems, name),
     )
     return (_keep_unedited(base, job) if base is not None else job), problems
 
@@ -226,7 +292,7 @@ FORM_EDITS = frozenset(
     {
         *("name", "guests", "destination", "device", "keep", *CALENDAR_FIELDS, "schedule"),
         *("mode", "shutdown_timeout", "on_timeout", "group", "verify", "fallback_to_stop"),
-        *("hooks", "lock_wait"),
+        *("hooks", "lock_wait", "all_guests", "exclude", "mail_to", "ionice", "bwlimit"),
     }
 )
 
