@@ -14,6 +14,7 @@ from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
+from guestsafe.engine.backup.tpm_copy import copy_tpm_state
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import disk_files
@@ -68,39 +69,19 @@ class ColdCopy:
     def _copy_disks(self) -> None:
         info = self.run.info
         assert info is not None
-        for disk in info.disks:
-            if disk.backs_up:
-                self.run.records.append(self._copy_disk(disk.target, disk.source, disk.format))
-            elif disk.source:
-                self.run.say_info(
-                    f"skipping {disk.target} ({disk.device}, read-only or not a disk)"
-                )
+        self.run.skip_media()
+        for disk in self.run.copied_disks():
+            self.run.records.append(self._copy_disk(disk.target, disk.source, disk.format))
         if info.nvram:
             self.run.records.append(self._copy_disk("nvram", info.nvram, "fd"))
+        self.run.tpm = copy_tpm_state(self.run, self._cancel)
+        check_still_off(self.hv, self.run)
 
     def _copy_disk(self, target: str, source: str | None, fmt: str | None) -> DiskRecord:
-        run = self.run
-        assert run.partial is not None and source is not None
-        file_name = disk_files.archive_file_name(target, fmt)
-        dst = run.partial.file_path(file_name)
-        run.say_info(f"copying {target} ({source})")
-        result = copy_file(
-            Path(source), dst, progress=run.copy_progress(target), cancel=self._cancel
-        )
-        check_still_off(self.hv, run)
-        run.bytes_copied += result.data_bytes
-        with naming("reading the copy", dst):
-            virtual_size = disk_files.virtual_size(dst)
-            allocated = dst.stat().st_blocks * 512
-        return DiskRecord(
-            target=target,
-            source=source,
-            format=fmt or "raw",
-            virtual_size=virtual_size,
-            allocated_size=allocated,
-            file=file_name,
-            blake3=result.blake3,
-        )
+        assert source is not None
+        record = copy_disk_file(self.run, target, source, fmt, self._cancel)
+        check_still_off(self.hv, self.run)
+        return record
 
     def start(self) -> GuestsafeError | None:
         """A failure here must not cost the finished copy: returned, not raised."""
@@ -121,3 +102,27 @@ class ColdCopy:
 
     def still_frozen(self) -> bool:
         return False  # nothing is frozen in a cold copy
+
+
+def copy_disk_file(
+    run: GuestRun, target: str, source: str, fmt: str | None, cancel: threading.Event
+) -> DiskRecord:
+    """Copy one disk file into the partial version with guestsafe's copier."""
+    assert run.partial is not None
+    file_name = disk_files.archive_file_name(target, fmt)
+    dst = run.partial.file_path(file_name)
+    run.say_info(f"copying {target} ({source})")
+    result = copy_file(Path(source), dst, progress=run.copy_progress(target), cancel=cancel)
+    run.bytes_copied += result.data_bytes
+    with naming("reading the copy", dst):
+        virtual_size = disk_files.virtual_size(dst, fmt)
+        allocated = dst.stat().st_blocks * 512
+    return DiskRecord(
+        target=target,
+        source=source,
+        format=fmt or "raw",
+        virtual_size=virtual_size,
+        allocated_size=allocated,
+        file=file_name,
+        blake3=result.blake3,
+    )

@@ -22,6 +22,8 @@ from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.cold_copy import ColdCopy
 from guestsafe.engine.backup.context import JobContext, take_lock
 from guestsafe.engine.backup.copy_strategy import CopyStrategy
+from guestsafe.engine.backup.disk_plan import plan_options, refuse_before_stop
+from guestsafe.engine.backup.firmware import firmware_record
 from guestsafe.engine.backup.guest_run import GuestRun, now_iso
 from guestsafe.engine.backup.journal import JournalEntry, config_digest, newest_mtime_ns
 from guestsafe.engine.backup.phases import Phase
@@ -107,6 +109,10 @@ class GuestBackup:
         with naming(f"reading the disk files of guest {run.name!r}", None):
             disk_files.check_backup_disks(run.info)
         self.strategy = self._choose_strategy()
+        with naming(f"checking the disks of guest {run.name!r}", None):
+            options = plan_options(hv, run.info, run.mode, job.include_readonly)
+            refuse_before_stop(run.info, options)
+        run.include_readonly = job.include_readonly
         with naming(f"measuring the disk files of guest {run.name!r}", None):
             sparse_need = self.strategy.space_needed(run.info)
         with naming("reading the filesystem of", job.destination):
@@ -260,6 +266,9 @@ class GuestBackup:
             disks=[r for r in run.records if r.target != "nvram"],
             nvram=next((r for r in run.records if r.target == "nvram"), None),
             notes=list(run.warnings),
+            tpm=run.tpm,
+            firmware=firmware_record(run.info),
+            not_copied=list(run.not_copied),
         )
         with naming("committing the version in", run.partial.path):
             self.version = run.partial.commit(manifest)

@@ -17,8 +17,14 @@ def archive_file_name(target: str, fmt: str | None) -> str:
     return f"{target}.{fmt or 'raw'}"
 
 
-def qcow2_backing_file(path: Path) -> str | None:
-    """The backing file a qcow2 header names, read without qemu-img."""
+def qcow2_backing_file(path: Path, fmt: str | None) -> str | None:
+    """The backing file a qcow2 header names, read without qemu-img.
+
+    ``fmt`` is libvirt's ``<driver type>``: a raw disk whose guest wrote a qcow2
+    header into its first sector is still raw, and has no backing file.
+    """
+    if fmt != "qcow2":
+        return None
     with path.open("rb") as f:
         header = f.read(20)
     if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
@@ -31,8 +37,14 @@ def qcow2_backing_file(path: Path) -> str | None:
         return f.read(size).decode("utf-8", "replace")
 
 
-def virtual_size(path: Path) -> int:
-    """The size the guest sees: the qcow2 header's, or the file's length for raw."""
+def virtual_size(path: Path, fmt: str | None) -> int:
+    """The size the guest sees: the qcow2 header's, or the file's length for raw.
+
+    ``fmt`` comes from libvirt's ``<driver type>`` (None: raw), never from the
+    bytes: the first sector of a raw disk is the guest's to write.
+    """
+    if fmt != "qcow2":
+        return path.stat().st_size
     with path.open("rb") as f:
         header = f.read(32)
     if len(header) == 32 and header[:4] == _QCOW2_MAGIC:
@@ -54,7 +66,7 @@ def check_backup_disks(info: GuestInfo) -> None:
         path = Path(disk.source)
         if not path.is_file():
             raise PreflightError(f"guest {info.name!r}: disk {disk.target} file {path} is missing")
-        backing = qcow2_backing_file(path)
+        backing = qcow2_backing_file(path, disk.format)
         if backing is not None:
             raise PreflightError(
                 f"guest {info.name!r}: disk {disk.target} ({path}) is an overlay on {backing}; "
