@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from guestsafe.engine import __version__, failpoints, locks
+from guestsafe.engine import __version__, failpoints, locks, modes
 from guestsafe.engine.archive.calendar_retention import describe_policy
 from guestsafe.engine.archive.manifest import Manifest
 from guestsafe.engine.archive.versions import VersionInfo
@@ -113,6 +113,7 @@ class GuestBackup:
             options = plan_options(hv, run.info, run.mode, job.include_readonly)
             refuse_before_stop(run.info, options)
         run.include_readonly = job.include_readonly
+        transient_xml = self._keep_transient() if not run.info.persistent else None
         with naming(f"measuring the disk files of guest {run.name!r}", None):
             sparse_need = self.strategy.space_needed(run.info)
         with naming("reading the filesystem of", job.destination):
@@ -127,8 +128,25 @@ class GuestBackup:
             )
         self.entry = JournalEntry(job.name, run.name, run.info.uuid, hv.uri, run.was_state)
         self.entry.config_digest = config_digest(hv.xml(run.name))
+        self.entry.transient_xml = transient_xml
         with naming("writing the journal in", self.ctx.journal.dir):
             self.ctx.journal.write(self.entry)
+
+    def _keep_transient(self) -> str:
+        """A transient guest vanishes when it stops: keep its XML to create it again."""
+        run, hv = self.run, self.ctx.hv
+        assert run.info is not None
+        if run.mode == modes.STOP_SHORT:
+            raise PreflightError(
+                f"guest {run.name!r} is transient (created, not defined): mode stop-short "
+                "starts it paused from its definition, which it does not have; use mode stop, "
+                "or define it first ('virsh dumpxml G > G.xml; virsh define G.xml')"
+            )
+        xml = hv.xml(run.name)
+        hv.keep_transient(run.name, run.info.uuid, xml)
+        if run.was_state == RUNNING:
+            run.say_info("guest is transient: it is created again from its XML after the copy")
+        return xml
 
     def _choose_strategy(self) -> CopyStrategy:
         ctx = self.ctx

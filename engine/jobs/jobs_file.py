@@ -42,6 +42,7 @@ mistyped ``kepp = 30`` would otherwise delete versions the operator meant to kee
 guestsafe rewrites the file atomically when a job is saved from the console or the
 CLI; comments and other formatting in a hand-edited file are not kept.
 """
+
 from __future__ import annotations
 
 import fcntl

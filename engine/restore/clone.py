@@ -8,14 +8,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from guestsafe.engine import events, locks
-from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.manifest import DiskRecord, Manifest
 from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import PhaseChanged, Reporter
+from guestsafe.engine.hypervisor import tpm_state
 from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import TpmInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.clone_xml import build_clone_xml
-from guestsafe.engine.restore.files import check_verified, restore_file
+from guestsafe.engine.restore.files import check_verified, restore_file, warn_missing_firmware
 from guestsafe.engine.restore.plan import (
     NEW,
     RestorePlan,
@@ -50,6 +52,7 @@ def restore_clone(
     warnings = check_verified(plan.version, force, reporter, name)
     check_plain_files(plan.version)  # again: the plan may be old
     accept_damage(plan.xml_problem, force, reporter, name, warnings)
+    warn_missing_firmware(plan.version, reporter, name, warnings)
     # The source guest's lock: a backup of it (and its retention) must not run meanwhile.
     source = plan.version
     purpose = f"restore of {source.guest} version {source.number} to {name}"
@@ -57,7 +60,10 @@ def restore_clone(
         copied: list[Path] = []
         try:
             reporter(PhaseChanged(name, "copy"))
-            for rec, dst in _copies(plan):
+            tpm = tpm_copies(plan.version.manifest, new_uuid)
+            for _, dst in tpm:
+                dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # as swtpm keeps it
+            for rec, dst in [*_copies(plan), *tpm]:
                 restore_file(plan.version, rec, dst, force, reporter, name, cancel, warnings)
                 copied.append(dst)
             reporter(PhaseChanged(name, "define"))
@@ -83,9 +89,7 @@ def restore_clone(
     return RestoreResult(name, new_uuid, macs, copied, start, warnings, clone.notes)
 
 
-def recheck_macs(
-    plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[str]]
-) -> list[str]:
+def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[str]]) -> list[str]:
     """The MACs again, against the guests defined now, not when the plan was made.
 
     A MAC the plan made up and someone took meanwhile is made up again. A kept MAC
@@ -108,6 +112,15 @@ def recheck_macs(
                 "choose a new MAC)"
             )
     return checked
+
+
+def tpm_copies(manifest: Manifest, new_uuid: str) -> list[tuple[DiskRecord, Path]]:
+    """The TPM state files and where the clone's swtpm finds them (under its own UUID)."""
+    tpm = manifest.tpm
+    if tpm is None:
+        return []
+    directory = tpm_state.state_dir(new_uuid, TpmInfo(tpm.model, tpm.version, None))
+    return [(rec, directory / Path(rec.source).name) for rec in tpm.files]
 
 
 def _copies(plan: RestorePlan) -> list[tuple[DiskRecord, Path]]:

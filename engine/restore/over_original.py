@@ -29,7 +29,7 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore import swap
-from guestsafe.engine.restore.files import check_verified, restore_file
+from guestsafe.engine.restore.files import check_verified, restore_file, warn_missing_firmware
 from guestsafe.engine.restore.over_checks import (
     check_managed_save,
     check_not_shared,
@@ -118,6 +118,7 @@ def restore_over_original(
         check_sources(version)  # the files land at the sources: they must be plain paths
         xml = read_domain_xml(version)
         accept_damage(domain_xml_problem(version, xml), force, reporter, guest, warnings)
+        warn_missing_firmware(version, reporter, guest, warnings)
         targets = _targets(version)
         check_not_shared(hv, guest, [dst for _, dst in targets])
         swaps = [swap.plan_swap(dst, datetime.now()) for _, dst in targets]
@@ -140,6 +141,8 @@ def _targets(version: VersionInfo) -> list[tuple[DiskRecord, Path]]:
     targets = [(rec, Path(rec.source)) for rec in version.manifest.disks]
     if version.manifest.nvram:
         targets.append((version.manifest.nvram, Path(version.manifest.nvram.source)))
+    if version.manifest.tpm is not None:  # back where swtpm keeps it for this UUID
+        targets += [(rec, Path(rec.source)) for rec in version.manifest.tpm.files]
     return targets
 
 
