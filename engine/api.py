@@ -33,6 +33,7 @@ from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import recovery, results, runner
+from guestsafe.engine.backup.disk_plan import DiskPlan, PlanOptions, plan_disks, plan_options
 from guestsafe.engine.backup.hooks import check_programs
 from guestsafe.engine.backup.results import LastResult, RunResult
 from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
@@ -97,6 +98,7 @@ __all__ = [
     "Candidate",
     "DeviceWatcher",
     "DevicesChanged",
+    "DiskPlan",
     "DueRun",
     "Engine",
     "FieldError",
@@ -136,6 +138,7 @@ __all__ = [
     "mode_label",
     "on_calendar",
     "parse_line",
+    "plan_disks",
     "record_of",
     "reset_sandbox",
     "retention_policy",
@@ -272,6 +275,16 @@ class Engine:
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
+
+    def disk_plans(self, guest: GuestInfo, job: Job | None = None) -> list[DiskPlan]:
+        """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
+        mode = job.mode if job is not None else Mode.STOP
+        include_readonly = job.include_readonly if job is not None else False
+        try:
+            options = plan_options(self.hv, guest, mode, include_readonly)
+        except GuestsafeError:
+            options = PlanOptions(mode, include_readonly)  # a guest gone meanwhile: XML only
+        return plan_disks(guest, options)
 
     # --- jobs --------------------------------------------------------------
 

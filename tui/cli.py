@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show only, delete nothing (required: retention itself runs after each backup)",
     )
-    sub.add_parser("guests", help="list the hypervisor's guests")
+    guests = sub.add_parser("guests", help="list the hypervisor's guests and their disk plans")
+    guests.add_argument(
+        "--job", help="plan the disks as this job would back them up (default: mode stop)"
+    )
     sub.add_parser(
         "run-due", help="run each job whose scheduled time has come (for a one-minute cron line)"
     )
@@ -448,10 +451,19 @@ def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 
 def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     rows = [("GUEST", "STATE", "DISKS", "MACS")]
-    for guest in engine.guests():
+    job = engine.job(args.job) if getattr(args, "job", None) else None
+    guests = engine.guests()
+    for guest in guests:
         disks = ",".join(d.target for d in guest.disks if d.backs_up)
         rows.append((guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-"))
     _table(rows)
+    for guest in guests:
+        print(f"\n{escape(guest.name)}{'' if guest.persistent else ' (transient)'}:")
+        plan_rows = [
+            (f"  {p.target}", p.source or "-", p.how + (f": {p.reason}" if p.reason else ""))
+            for p in engine.disk_plans(guest, job)
+        ]
+        _table(plan_rows or [("  (no disks)",)])
     return 0
 
 
