@@ -125,6 +125,14 @@ def test_tpm_state_is_kept_refused_in_snapshot_and_back_after_restore_over_origi
     offset = guest.start()  # swtpm accepts the restored state: the guest boots
     assert _boot_counter(guest, offset) == at_backup  # and its disk is the version's
 
+    # A clone gets a copy under its own UUID, and is told it shares the TPM identity.
+    clone_name = f"{guest.name}-c"
+    guest_factory.adopt(clone_name)
+    cloned = gs.cli("restore", guest.name, "1", clone_name, check=True)
+    assert "shares the original's TPM identity" in cloned.stdout + cloned.stderr
+    clone_uuid = guest.conn.lookupByName(clone_name).UUIDString()
+    assert _b3(SWTPM_ROOT / clone_uuid / "tpm2" / "tpm2-00.permall") == record.blake3
+
 
 def test_a_transient_guest_runs_again_after_the_backup_and_its_counter_continues(
     gs: GS, guest_factory: GuestFactory
