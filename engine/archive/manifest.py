@@ -23,7 +23,12 @@ from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.modes import Mode, parse_mode
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the archive marker's, and the manifest of a plain version
+# A manifest with the guest's device state and firmware facts (tpm, firmware,
+# not_copied) is format 2: a reader of format 1 alone would restore such a
+# version without its TPM state, so it must refuse it (FORMAT.md, section 1).
+DEVICE_STATE_FORMAT = 2
+MANIFEST_FORMATS = (FORMAT_VERSION, DEVICE_STATE_FORMAT)
 
 MANIFEST_FILE = "manifest.json"
 DOMAIN_XML_FILE = "domain.xml"
@@ -149,6 +154,13 @@ class Manifest:
         return reader.manifest(reader.load(data))
 
 
+def manifest_format(
+    tpm: TpmRecord | None, firmware: FirmwareRecord | None, not_copied: list[NotCopied]
+) -> int:
+    """The format a manifest with these records is written in (1 when it has none)."""
+    return DEVICE_STATE_FORMAT if tpm or firmware or not_copied else FORMAT_VERSION
+
+
 def b3sums_text(manifest: Manifest) -> str:
     """The B3SUMS file of a version: ``b3sum --check B3SUMS`` checks it without guestsafe."""
     lines = [f"{r.blake3}  {r.file}\n" for r in manifest.records]
@@ -269,16 +281,17 @@ class _Reader:
         guest = data.get("guest")
         # Known early so even a format error names the guest.
         self.guest = guest if isinstance(guest, str) and guest else None
-        self.format(data.get("format"))
+        fmt = self.format(data.get("format"))
         self.guest = self.text(data, "guest")
-        self.keys({k: v for k, v in data.items() if k not in _OPTIONAL_KEYS}, _MANIFEST_KEYS, "")
+        optional = _OPTIONAL_KEYS if fmt >= DEVICE_STATE_FORMAT else frozenset()
+        self.keys({k: v for k, v in data.items() if k not in optional}, _MANIFEST_KEYS, "")
         # No "finished >= started" rule: a clock stepped back by NTP during a backup
         # must not make a good version unreadable.
         started, finished = self.timestamp(data, "started"), self.timestamp(data, "finished")
         disks = self.list_of(data, "disks", dict)
         nvram = data["nvram"]
         manifest = Manifest(
-            format=FORMAT_VERSION,
+            format=fmt,
             guest=self.guest,
             uuid=self.uuid(data),
             host=self.text(data, "host"),
@@ -330,18 +343,18 @@ class _Reader:
         self.keys(data, _NOT_COPIED_KEYS, f"{where}.")
         return NotCopied(**{k: self.text(data, k, f"{where}.") for k in _NOT_COPIED_KEYS})
 
-    def format(self, value: Any) -> None:
+    def format(self, value: Any) -> int:
         if type(value) is not int:
             self.fail(f"has no valid format number (found {value!r})")
-        if value > FORMAT_VERSION:
+        newest = max(MANIFEST_FORMATS)
+        if value > newest:
             self.fail(
-                f"uses archive format {value}, newer than this guestsafe reads ({FORMAT_VERSION})",
+                f"uses archive format {value}, newer than this guestsafe reads ({newest})",
                 f"use a guestsafe release that reads format {value}",
             )
-        if value != FORMAT_VERSION:
-            self.fail(
-                f"uses unknown archive format {value} (this guestsafe reads {FORMAT_VERSION})"
-            )
+        if value not in MANIFEST_FORMATS:
+            self.fail(f"uses unknown archive format {value} (this guestsafe reads 1 and {newest})")
+        return int(value)
 
     def keys(self, data: dict[str, Any], expected: frozenset[str], where: str) -> None:
         missing, unknown = expected - data.keys(), data.keys() - expected

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from guestsafe.engine import __version__, failpoints, locks, modes
 from guestsafe.engine.archive.calendar_retention import describe_policy
-from guestsafe.engine.archive.manifest import Manifest
+from guestsafe.engine.archive.manifest import Manifest, manifest_format
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.cold_copy import ColdCopy
 from guestsafe.engine.backup.context import JobContext, take_lock
@@ -271,8 +271,9 @@ class GuestBackup:
         assert run.partial is not None and run.info is not None
         run.records += self._copier().finish()  # push: waits for QEMU, hashes what it wrote
         self._enter(Phase.COMMIT, None)
+        firmware = firmware_record(run.info)
         manifest = Manifest(
-            format=1,
+            format=manifest_format(run.tpm, firmware, run.not_copied),
             guest=run.name,
             uuid=run.info.uuid,
             host=self.ctx.hv.hostname,
@@ -285,7 +286,7 @@ class GuestBackup:
             nvram=next((r for r in run.records if r.target == "nvram"), None),
             notes=list(run.warnings),
             tpm=run.tpm,
-            firmware=firmware_record(run.info),
+            firmware=firmware,
             not_copied=list(run.not_copied),
         )
         with naming("committing the version in", run.partial.path):

@@ -27,7 +27,7 @@ from guestsafe.engine.backup.disk_plan import (
     plan_disks,
     refuse_before_stop,
 )
-from guestsafe.engine.errors import PreflightError
+from guestsafe.engine.errors import ArchiveError, PreflightError
 from guestsafe.engine.hypervisor import disk_files, tpm_state
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo, parse_domain_xml
 from guestsafe.engine.jobs import jobs_file
@@ -204,7 +204,7 @@ def test_firmware_facts_are_parsed_from_os() -> None:
 def _manifest(**extra: object) -> Manifest:
     disk = DiskRecord("vda", "/img/vda.raw", "raw", 10, 10, "vda.raw", "a" * 64, 10)
     return Manifest(
-        1,
+        2 if extra else 1,
         "web1",
         UUID,
         "host",
@@ -244,6 +244,12 @@ def test_the_manifest_keeps_tpm_firmware_and_media_and_reads_old_ones() -> None:
     plain = json.loads(_manifest().to_json())
     assert not {"tpm", "firmware", "not_copied"} & plain.keys()  # as before for plain guests
     assert Manifest.from_json(json.dumps(plain)) == _manifest()
+    # Format 1 has no such keys; format 2 is the one that may.
+    assert json.loads(full.to_json())["format"] == 2
+    with pytest.raises(ArchiveError, match="unknown key 'firmware', 'not_copied', 'tpm'"):
+        Manifest.from_json(json.dumps(json.loads(full.to_json()) | {"format": 1}))
+    with pytest.raises(ArchiveError, match="reads 1 and 2"):
+        Manifest.from_json(json.dumps(plain | {"format": 0}))
 
 
 def test_include_readonly_is_a_job_key_that_round_trips(tmp_path: Path) -> None:
