@@ -8,6 +8,7 @@ whose first sector spells a qcow2 header (still copied as raw).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 import xml.etree.ElementTree as ET
@@ -18,6 +19,7 @@ import libvirt
 import pytest
 from rig import DiskSpec, GuestFactory, MiB, TestGuest
 from rig.gs import BOOT, GS, shutdown_counter
+from rig.guest import find_domain
 
 pytestmark = pytest.mark.integration
 
@@ -155,6 +157,31 @@ def test_a_transient_guest_runs_again_after_the_backup_and_its_counter_continues
     assert _boot_counter(guest, offset) == at_shutdown
     [version] = gs.versions(guest)
     assert version.manifest.disks[0].target == "vda"
+
+
+def test_a_transient_guest_whose_runner_died_mid_copy_is_created_again_by_the_next_command(
+    gs: GS, guest_factory: GuestFactory
+) -> None:
+    guest = guest_factory("transkill", start=False)
+    xml = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+    guest.dom.undefine()
+    guest.conn.createXML(xml, 0)
+    guest.wait_for_console("GS-READY", timeout=90)
+    offset = guest.console_size()
+    gs.job("transkill", [guest])
+
+    proc = gs.popen("run", "transkill", extra_env={"GUESTSAFE_FAILPOINTS": "copy.chunk=kill"})
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert find_domain(guest.conn, guest.name) is None  # stopped, so gone from libvirt
+    at_shutdown = shutdown_counter(guest, offset)
+
+    listing = gs.cli("list", "--dest", str(gs.archive), check=True)
+
+    assert "transient guest created again" in listing.stderr
+    assert guest.is_running() and not guest.dom.isPersistent()
+    assert _boot_counter(guest, offset) == at_shutdown
+    assert gs.partials() == []
 
 
 def test_a_shareable_disk_in_use_and_a_managed_save_are_refused_before_the_stop(
