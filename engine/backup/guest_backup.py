@@ -115,7 +115,7 @@ class GuestBackup:
         run.include_readonly = job.include_readonly
         transient_xml = self._keep_transient() if not run.info.persistent else None
         with naming(f"measuring the disk files of guest {run.name!r}", None):
-            sparse_need = self.strategy.space_needed(run.info)
+            sparse_need = self.strategy.space_needed(run.info) + _media_bytes(run)
         with naming("reading the filesystem of", job.destination):
             # FAT and exFAT keep no holes: a sparse disk takes its full size there.
             needed = space_needed_in(job.destination, run.info, sparse_need) + SPACE_MARGIN
@@ -462,6 +462,12 @@ class GuestBackup:
 
     def _downtime(self, seconds: float) -> None:
         self.ctx.report(GuestDowntime(self.name, seconds))
+
+
+def _media_bytes(run: GuestRun) -> int:
+    """What the read-only images include_readonly copies take (guestsafe copies them)."""
+    media = [Path(d.source) for d in run.copied_disks() if not d.backs_up and d.source]
+    return sum(disk_files.allocated_bytes(p) for p in media if p.is_file())
 
 
 def _seconds(value: float | None) -> str:
