@@ -137,6 +137,28 @@ def test_tpm_state_is_kept_refused_in_snapshot_and_back_after_restore_over_origi
     assert _b3(SWTPM_ROOT / clone_uuid / "tpm2" / "tpm2-00.permall") == record.blake3
 
 
+def test_a_tpm_guest_in_stop_short_keeps_the_state_copied_while_it_was_off(
+    gs: GS, guest_factory: GuestFactory, workdir: Path
+) -> None:
+    gs.archive = workdir / "archive"  # QEMU writes the disks: pytest's tmp dirs are 0700
+    gs.archive.mkdir(mode=0o700)
+    guest = guest_factory("tpmshort", start=False)
+    _redefine(guest, "add", TPM, kernel=guest_factory.assets.bzimage)
+    guest.start()
+    gs.job("short", [guest], mode="stop-short")
+
+    result = gs.engine.run_job("short")
+
+    assert result.ok, result.outcomes[0].message
+    assert guest.is_running()
+    [version] = gs.versions(guest)
+    assert version.manifest.mode == "stop-short"
+    assert version.manifest.tpm is not None
+    [record] = version.manifest.tpm.files
+    assert _b3(version.path / record.file) == record.blake3
+    assert gs.cli("verify", guest.name, "1").returncode == 0
+
+
 def test_a_transient_guest_runs_again_after_the_backup_and_its_counter_continues(
     gs: GS, guest_factory: GuestFactory
 ) -> None:
@@ -202,6 +224,9 @@ def test_a_shareable_disk_in_use_and_a_managed_save_are_refused_before_the_stop(
     before = _b3(vdb)
     offset = guest.console_size()
     gs.job("shared", [guest])
+    plan = gs.cli("guests", "--job", "shared", check=True).stdout
+    [vdb_line] = [line for line in plan.splitlines() if line.split()[:2] == ["vdb", str(vdb)]]
+    assert "refused" in vdb_line and other.name in vdb_line, plan
 
     result = gs.engine.run_job("shared")
 
