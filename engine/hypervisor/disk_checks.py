@@ -10,6 +10,7 @@ using a shareable disk and for a saved memory image. The plan
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +47,10 @@ def qcow2_data_file(disk: DiskInfo) -> str | None:
         return None
     if not Path(disk.source).is_file():
         return None  # missing: check_backup_disks says so
+    if shutil.which("qemu-img") is None:
+        # Only the demo sandbox runs without qemu-utils (a host-setup package);
+        # its images are guestsafe's own and never have a data file.
+        return None
     info = qemu_img_info(Path(disk.source), "qcow2")
     data = info.get("format-specific", {}).get("data", {})
     found = data.get("data-file") if isinstance(data, dict) else None
