@@ -38,6 +38,7 @@ from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup import recovery, results, runner
+from guestsafe.engine.backup.disk_plan import DiskPlan, PlanOptions, plan_disks, plan_options
 from guestsafe.engine.backup.hooks import check_programs
 from guestsafe.engine.backup.prune import GuestPrune, prune_job
 from guestsafe.engine.backup.results import LastResult, RunResult
@@ -109,6 +110,7 @@ __all__ = [
     "Candidate",
     "DeviceWatcher",
     "DevicesChanged",
+    "DiskPlan",
     "DueRun",
     "Engine",
     "FieldError",
@@ -154,6 +156,7 @@ __all__ = [
     "on_calendar",
     "parse_bwlimit",
     "parse_line",
+    "plan_disks",
     "record_of",
     "reset_sandbox",
     "resolve_guests",
@@ -297,6 +300,15 @@ class Engine:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
         listed = self.guests() if guests is None else guests
         return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+    def disk_plans(self, guest: GuestInfo, job: Job | None = None) -> list[DiskPlan]:
+        """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
+        mode = job.mode if job is not None else Mode.STOP
+        include_readonly = job.include_readonly if job is not None else False
+        try:
+            options = plan_options(self.hv, guest, mode, include_readonly)
+        except GuestsafeError:
+            options = PlanOptions(mode, include_readonly)  # a guest gone meanwhile: XML only
+        return plan_disks(guest, options)
 
     # --- jobs --------------------------------------------------------------
 

@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show which versions each rule keeps and which would go; delete nothing",
     )
-    sub.add_parser("guests", help="list the hypervisor's guests")
+    guests = sub.add_parser("guests", help="list the hypervisor's guests and their disk plans")
+    guests.add_argument(
+        "--job", help="plan the disks as this job would back them up (default: mode stop)"
+    )
     sub.add_parser(
         "run-due", help="run each job whose scheduled time has come (for a one-minute cron line)"
     )
@@ -474,6 +477,7 @@ def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 
 def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     rows = [("GUEST", "STATE", "DISKS", "MACS", "JOBS")]
+    job = engine.job(args.job) if getattr(args, "job", None) else None
     guests = engine.guests()
     jobs = engine.jobs()
     uncovered = set(engine.uncovered_guests(guests))
@@ -494,6 +498,15 @@ def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
     if uncovered:
         names = ", ".join(sorted(uncovered))
         print(f"not backed up by any job: {escape(names)}", file=sys.stderr)
+    for guest in guests:
+        print(f"\n{escape(guest.name)}{'' if guest.persistent else ' (transient)'}:")
+        # Without --job, the plan of the first job that backs the guest up (mode stop if none).
+        first = next((j for j in jobs if j.name in covering.get(guest.name, ())), None)
+        plan_rows = [
+            (f"  {p.target}", p.source or "-", p.how + (f": {p.reason}" if p.reason else ""))
+            for p in engine.disk_plans(guest, job or first)
+        ]
+        _table(plan_rows or [("  (no disks)",)])
     return 0
 
 

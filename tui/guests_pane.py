@@ -6,12 +6,14 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable
 
-from guestsafe.engine.api import Engine, GuestInfo
+from guestsafe.engine.api import DiskPlan, Engine, GuestInfo
 
 from . import formatting as fmt
 from .worker_errors import ReportsWorkerErrors, background
 
 COLUMNS = ("Guest", "State", "Disks backed up", "MACs")
+# Per disk of every guest: what a backup in mode stop does with it, or why not.
+PLAN_COLUMNS = ("Guest", "Disk", "Source", "Backup")
 
 
 class GuestsPane(ReportsWorkerErrors, Vertical):
@@ -22,11 +24,15 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="guests-table", cursor_type="row", zebra_stripes=True)
+        yield DataTable(id="guest-disks-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
+        table = self.query_one("#guests-table", DataTable)
         for column in COLUMNS:
             table.add_column(column, key=column)
+        plans = self.query_one("#guest-disks-table", DataTable)
+        for column in PLAN_COLUMNS:
+            plans.add_column(column, key=column)
         self.reload()
 
     @property
@@ -36,11 +42,13 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
     @background(group="guests-load")
     def reload(self) -> None:
         guests = self._engine.guests()
-        self.app.call_from_thread(self._loaded, guests)
+        plans = {g.name: self._engine.disk_plans(g) for g in guests}
+        self.app.call_from_thread(self._loaded, guests, plans)
 
-    def _loaded(self, guests: list[GuestInfo]) -> None:
+    def _loaded(self, guests: list[GuestInfo], plans: dict[str, list[DiskPlan]]) -> None:
         self._guests = guests
-        table = self.query_one(DataTable)
+        self._show_plans(guests, plans)
+        table = self.query_one("#guests-table", DataTable)
         table.clear()
         for guest in guests:
             disks = ", ".join(d.target for d in guest.disks if d.backs_up) or "-"
@@ -52,5 +60,19 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
                 key=guest.uuid or guest.name,
             )
 
+    def _show_plans(self, guests: list[GuestInfo], plans: dict[str, list[DiskPlan]]) -> None:
+        table = self.query_one("#guest-disks-table", DataTable)
+        table.clear()
+        for guest in guests:
+            for n, plan in enumerate(plans.get(guest.name, [])):
+                how = plan.how + (f": {plan.reason}" if plan.reason else "")
+                table.add_row(
+                    fmt.literal(guest.name),
+                    fmt.literal(plan.target),
+                    fmt.literal(plan.source or "-"),
+                    fmt.literal(how),
+                    key=f"{guest.uuid or guest.name}/{n}",
+                )
+
     def focus_table(self) -> None:
-        self.query_one(DataTable).focus()
+        self.query_one("#guests-table", DataTable).focus()

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import uuid as uuidlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,7 +24,12 @@ from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.modes import Mode, parse_mode
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the archive marker's, and the manifest of a plain version
+# A manifest with the guest's device state and firmware facts (tpm, firmware,
+# not_copied) is format 2: a reader of format 1 alone would restore such a
+# version without its TPM state, so it must refuse it (FORMAT.md, section 1).
+DEVICE_STATE_FORMAT = 2
+MANIFEST_FORMATS = (FORMAT_VERSION, DEVICE_STATE_FORMAT)
 
 MANIFEST_FILE = "manifest.json"
 DOMAIN_XML_FILE = "domain.xml"
@@ -106,6 +112,37 @@ ArchivedFile = DiskRecord | ChainFile
 
 
 @dataclass(frozen=True)
+class TpmRecord:
+    """An emulated TPM's state (swtpm's files), copied while the guest was off."""
+
+    model: str
+    version: str
+    state_dir: str  # where swtpm keeps it on the host, e.g. /var/lib/libvirt/swtpm/<uuid>/tpm2
+    files: list[DiskRecord]  # target "tpm:<name>", source the file's path on the host
+
+
+@dataclass(frozen=True)
+class FirmwareRecord:
+    """The domain's <os> firmware facts: what a restore needs on the host."""
+
+    loader: str | None
+    loader_type: str | None
+    firmware: str | None
+    nvram_template: str | None
+    nvram_format: str | None
+
+
+@dataclass(frozen=True)
+class NotCopied:
+    """A disk the version records but does not hold (install media, read-only images)."""
+
+    target: str
+    source: str
+    device: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a version records about itself (see FORMAT.md).
 
@@ -126,11 +163,16 @@ class Manifest:
     nvram: DiskRecord | None
     notes: list[str] = field(default_factory=list)
     domain_xml_blake3: str | None = None
+    # Written only when there is something to say, so other versions read as before.
+    tpm: TpmRecord | None = None
+    firmware: FirmwareRecord | None = None
+    not_copied: list[NotCopied] = field(default_factory=list)
 
     @property
     def records(self) -> list[DiskRecord]:
-        """The disks, then the NVRAM if there is one: every image file of the version."""
-        return [*self.disks, *([self.nvram] if self.nvram is not None else [])]
+        """The disks, the NVRAM if there is one, the TPM state: every file of the version."""
+        nvram = [self.nvram] if self.nvram is not None else []
+        return [*self.disks, *nvram, *(self.tpm.files if self.tpm is not None else [])]
 
     @property
     def files(self) -> list[ArchivedFile]:
@@ -153,6 +195,23 @@ class Manifest:
         """Parse and validate; ``version`` and ``path`` only make messages precise."""
         reader = _Reader(version, path)
         return reader.manifest(reader.load(data))
+
+
+def manifest_format(
+    tpm: TpmRecord | None,
+    firmware: FirmwareRecord | None,
+    not_copied: list[NotCopied],
+    disks: Sequence[DiskRecord] = (),
+) -> int:
+    """The format a manifest with these records is written in (1 when it has none).
+
+    A reader of format 1 alone would misread any of them (a kept chain without its
+    backing files, a block device as a file), so each makes the manifest format 2.
+    """
+    special = any(_record_dict(d).keys() - _RECORD_KEYS for d in disks)
+    if tpm or firmware or not_copied or special:
+        return DEVICE_STATE_FORMAT
+    return FORMAT_VERSION
 
 
 def b3sums_text(manifest: Manifest) -> str:
@@ -220,7 +279,24 @@ def _to_dict(manifest: Manifest) -> dict[str, Any]:
         "disks": [_record_dict(d) for d in manifest.disks],
         "nvram": None if manifest.nvram is None else _record_dict(manifest.nvram),
         "notes": list(manifest.notes),
-    }
+    } | _optional_dict(manifest)
+
+
+def _optional_dict(manifest: Manifest) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if manifest.tpm is not None:
+        tpm = manifest.tpm
+        data["tpm"] = {
+            "model": tpm.model,
+            "version": tpm.version,
+            "state_dir": tpm.state_dir,
+            "files": [_record_dict(r) for r in tpm.files],
+        }
+    if manifest.firmware is not None:
+        data["firmware"] = dict(vars(manifest.firmware))
+    if manifest.not_copied:
+        data["not_copied"] = [dict(vars(n)) for n in manifest.not_copied]
+    return data
 
 
 _MANIFEST_KEYS = frozenset(
@@ -229,6 +305,11 @@ _MANIFEST_KEYS = frozenset(
 _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys())
 _OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume"})
 _CHAIN_KEYS = frozenset(_chain_dict(ChainFile("", "", "", None, "")).keys())
+# Keys a manifest may leave out: versions without a TPM, firmware facts or media have none.
+_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied"))
+_TPM_KEYS = frozenset(("model", "version", "state_dir", "files"))
+_FIRMWARE_KEYS = frozenset(FirmwareRecord.__dataclass_fields__)
+_NOT_COPIED_KEYS = frozenset(NotCopied.__dataclass_fields__)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -252,6 +333,7 @@ class _Reader:
         self.version = version
         self.path = path
         self.guest: str | None = None
+        self.fmt = FORMAT_VERSION
 
     def fail(self, problem: str, advice: str = "") -> NoReturn:
         if self.guest is None:
@@ -277,16 +359,17 @@ class _Reader:
         guest = data.get("guest")
         # Known early so even a format error names the guest.
         self.guest = guest if isinstance(guest, str) and guest else None
-        self.format(data.get("format"))
+        fmt = self.fmt = self.format(data.get("format"))
         self.guest = self.text(data, "guest")
-        self.keys(data, _MANIFEST_KEYS, "")
+        optional = _OPTIONAL_KEYS if fmt >= DEVICE_STATE_FORMAT else frozenset()
+        self.keys({k: v for k, v in data.items() if k not in optional}, _MANIFEST_KEYS, "")
         # No "finished >= started" rule: a clock stepped back by NTP during a backup
         # must not make a good version unreadable.
         started, finished = self.timestamp(data, "started"), self.timestamp(data, "finished")
         disks = self.list_of(data, "disks", dict)
         nvram = data["nvram"]
         manifest = Manifest(
-            format=FORMAT_VERSION,
+            format=fmt,
             guest=self.guest,
             uuid=self.uuid(data),
             host=self.text(data, "host"),
@@ -299,22 +382,57 @@ class _Reader:
             nvram=None if nvram is None else self.record(nvram, "nvram"),
             notes=self.list_of(data, "notes", str),
             domain_xml_blake3=self.digest(data, "domain_xml_blake3"),
+            tpm=self.tpm(data.get("tpm")),
+            firmware=self.firmware(data.get("firmware")),
+            not_copied=[
+                self.not_copied(n, f"not_copied[{i}]")
+                for i, n in enumerate(self.list_of(data, "not_copied", dict, []))
+            ],
         )
         self.unique(manifest.records)
         return manifest
 
-    def format(self, value: Any) -> None:
+    def tpm(self, data: Any) -> TpmRecord | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            self.fail("has tpm that is not a JSON object")
+        self.keys(data, _TPM_KEYS, "tpm.")
+        files = self.list_of(data, "files", dict)
+        return TpmRecord(
+            model=self.text(data, "model", "tpm."),
+            version=self.text(data, "version", "tpm."),
+            state_dir=self.text(data, "state_dir", "tpm."),
+            files=[self.record(f, f"tpm.files[{i}]") for i, f in enumerate(files)],
+        )
+
+    def firmware(self, data: Any) -> FirmwareRecord | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            self.fail("has firmware that is not a JSON object")
+        self.keys(data, _FIRMWARE_KEYS, "firmware.")
+        for key, value in data.items():
+            if value is not None and (not isinstance(value, str) or not value):
+                self.fail(f"has firmware.{key} {value!r}, not a text or null")
+        return FirmwareRecord(**data)
+
+    def not_copied(self, data: dict[str, Any], where: str) -> NotCopied:
+        self.keys(data, _NOT_COPIED_KEYS, f"{where}.")
+        return NotCopied(**{k: self.text(data, k, f"{where}.") for k in _NOT_COPIED_KEYS})
+
+    def format(self, value: Any) -> int:
         if type(value) is not int:
             self.fail(f"has no valid format number (found {value!r})")
-        if value > FORMAT_VERSION:
+        newest = max(MANIFEST_FORMATS)
+        if value > newest:
             self.fail(
-                f"uses archive format {value}, newer than this guestsafe reads ({FORMAT_VERSION})",
+                f"uses archive format {value}, newer than this guestsafe reads ({newest})",
                 f"use a guestsafe release that reads format {value}",
             )
-        if value != FORMAT_VERSION:
-            self.fail(
-                f"uses unknown archive format {value} (this guestsafe reads {FORMAT_VERSION})"
-            )
+        if value not in MANIFEST_FORMATS:
+            self.fail(f"uses unknown archive format {value} (this guestsafe reads 1 and {newest})")
+        return int(value)
 
     def keys(
         self,
@@ -368,8 +486,10 @@ class _Reader:
             self.fail(f"has downtime {value!r}, not a number of seconds")
         return float(value)
 
-    def list_of(self, data: dict[str, Any], key: str, kind: type) -> list[Any]:
-        value = data[key]
+    def list_of(
+        self, data: dict[str, Any], key: str, kind: type, default: list[Any] | None = None
+    ) -> list[Any]:
+        value = data[key] if default is None else data.get(key, default)
         if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
             self.fail(f"has {key} that is not a list of {kind.__name__}")
         return value
@@ -389,7 +509,8 @@ class _Reader:
     def record(self, data: Any, where: str) -> DiskRecord:
         if not isinstance(data, dict):
             self.fail(f"has {where} that is not a JSON object")
-        self.keys(data, _RECORD_KEYS, f"{where}.", _OPTIONAL_RECORD_KEYS)
+        optional = _OPTIONAL_RECORD_KEYS if self.fmt >= DEVICE_STATE_FORMAT else frozenset()
+        self.keys(data, _RECORD_KEYS, f"{where}.", optional)
         file = self.file_name(data, where)
         fmt = self.format_name(data, where)
         chain = data.get("chain", [])

@@ -132,7 +132,10 @@ class PartialVersion:
         digest = self._domain_digest()
         if manifest.domain_xml_blake3 not in (None, digest):
             raise ArchiveError(f"{self._where()}: {DOMAIN_XML_FILE} changed since it was hashed")
-        final = replace(manifest, disks=disks, nvram=nvram, domain_xml_blake3=digest)
+        tpm = manifest.tpm
+        if tpm is not None:
+            tpm = replace(tpm, files=[self._complete(r) for r in tpm.files])
+        final = replace(manifest, disks=disks, nvram=nvram, tpm=tpm, domain_xml_blake3=digest)
         try:
             text = final.to_json()
         except ArchiveError as exc:

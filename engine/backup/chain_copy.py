@@ -67,7 +67,7 @@ def _flatten(
     dst = partial.file_path(name)
     top = layers[0].path
     with naming("reading the disk size of", top):
-        total = disk_files.virtual_size(top)
+        total = disk_files.virtual_size(top, "qcow2")
     progress = run.copy_progress(disk.target)
     try:
         chains.convert_flat(top, dst, progress=progress, total=total, cancel=cancel)
@@ -86,7 +86,7 @@ def _flatten(
             target=disk.target,
             source=disk.source or str(top),
             format="qcow2",
-            virtual_size=disk_files.virtual_size(dst),
+            virtual_size=disk_files.virtual_size(dst, "qcow2"),
             allocated_size=allocated,
             file=name,
             blake3=digest,
@@ -135,7 +135,7 @@ def _keep(
             target=disk.target,
             source=disk.source or str(layers[0].path),
             format="qcow2",
-            virtual_size=disk_files.virtual_size(top),
+            virtual_size=disk_files.virtual_size(top, "qcow2"),
             allocated_size=sum(partial.file_path(n).stat().st_blocks * 512 for n in names),
             file=names[0],
             blake3=digests[0],

@@ -16,6 +16,7 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup import chain_copy
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
+from guestsafe.engine.backup.tpm_copy import copy_tpm_state
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import chains, disk_files
@@ -84,61 +85,27 @@ class ColdCopy:
     def _copy_disks(self) -> None:
         info = self.run.info
         assert info is not None
-        for disk in info.disks:
-            layers = chain_copy.chain_of(disk) if disk.backs_up else None
+        self.run.skip_media()
+        for disk in self.run.copied_disks():
+            layers = chain_copy.chain_of(disk)
             if layers is not None:
                 record = chain_copy.copy_chain(self.run, disk, layers, self.chain, self._cancel)
                 check_still_off(self.hv, self.run)
-                self.run.records.append(record)
-            elif disk.backs_up:
+            else:
                 record = self._copy_disk(disk.target, disk.source, disk.format)
                 kind = "block" if disk.kind == "block" else record.source_kind
-                self.run.records.append(
-                    replace(record, source_kind=kind, pool=disk.pool, volume=disk.volume)
-                )
-            elif disk.source:
-                self.run.say_info(
-                    f"skipping {disk.target} ({disk.device}, read-only or not a disk)"
-                )
+                record = replace(record, source_kind=kind, pool=disk.pool, volume=disk.volume)
+            self.run.records.append(record)
         if info.nvram:
             self.run.records.append(self._copy_disk("nvram", info.nvram, "fd"))
+        self.run.tpm = copy_tpm_state(self.run, self._cancel)
+        check_still_off(self.hv, self.run)
 
     def _copy_disk(self, target: str, source: str | None, fmt: str | None) -> DiskRecord:
-        run = self.run
-        assert run.partial is not None and source is not None
-        file_name = disk_files.archive_file_name(target, fmt)
-        dst = run.partial.file_path(file_name)
-        run.say_info(f"copying {target} ({source}){self._pace_note()}")
-        result = copy_file(
-            Path(source),
-            dst,
-            progress=run.copy_progress(target),
-            cancel=self._cancel,
-            pace=self.pace,
-        )
-        check_still_off(self.hv, run)
-        if self.pace is not None and self.pace.refused is not None:
-            run.warn(f"the copy ran in the default I/O class: {self.pace.refused}")
-            self.pace.refused = None  # said once per disk at most
-        run.bytes_copied += result.data_bytes
-        with naming("reading the copy", dst):
-            virtual_size = disk_files.virtual_size(dst)
-            allocated = dst.stat().st_blocks * 512
-        return DiskRecord(
-            target=target,
-            source=source,
-            format=fmt or "raw",
-            virtual_size=virtual_size,
-            allocated_size=allocated,
-            file=file_name,
-            blake3=result.blake3,
-        )
-
-    def _pace_note(self) -> str:
-        if self.pace is None:
-            return ""
-        cap = f", at most {byte_rate(self.pace.rate)}" if self.pace.rate else ""
-        return f", I/O class {self.pace.io_class}{cap}"
+        assert source is not None
+        record = copy_disk_file(self.run, target, source, fmt, self._cancel, self.pace)
+        check_still_off(self.hv, self.run)
+        return record
 
     def start(self) -> GuestsafeError | None:
         """A failure here must not cost the finished copy: returned, not raised."""
@@ -159,3 +126,44 @@ class ColdCopy:
 
     def still_frozen(self) -> bool:
         return False  # nothing is frozen in a cold copy
+
+
+def copy_disk_file(
+    run: GuestRun,
+    target: str,
+    source: str,
+    fmt: str | None,
+    cancel: threading.Event,
+    pace: HostPacer | None = None,
+) -> DiskRecord:
+    """Copy one disk file into the partial version with guestsafe's copier."""
+    assert run.partial is not None
+    file_name = disk_files.archive_file_name(target, fmt)
+    dst = run.partial.file_path(file_name)
+    run.say_info(f"copying {target} ({source}){_pace_note(pace)}")
+    result = copy_file(
+        Path(source), dst, progress=run.copy_progress(target), cancel=cancel, pace=pace
+    )
+    if pace is not None and pace.refused is not None:
+        run.warn(f"the copy ran in the default I/O class: {pace.refused}")
+        pace.refused = None  # said once per disk at most
+    run.bytes_copied += result.data_bytes
+    with naming("reading the copy", dst):
+        virtual_size = disk_files.virtual_size(dst, fmt)
+        allocated = dst.stat().st_blocks * 512
+    return DiskRecord(
+        target=target,
+        source=source,
+        format=fmt or "raw",
+        virtual_size=virtual_size,
+        allocated_size=allocated,
+        file=file_name,
+        blake3=result.blake3,
+    )
+
+
+def _pace_note(pace: HostPacer | None) -> str:
+    if pace is None:
+        return ""
+    cap = f", at most {byte_rate(pace.rate)}" if pace.rate else ""
+    return f", I/O class {pace.io_class}{cap}"

@@ -16,13 +16,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from guestsafe.engine import __version__, failpoints, locks
+from guestsafe.engine import __version__, failpoints, locks, modes
 from guestsafe.engine.archive.calendar_retention import describe_policy
-from guestsafe.engine.archive.manifest import Manifest
+from guestsafe.engine.archive.manifest import Manifest, manifest_format
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.cold_copy import ColdCopy
 from guestsafe.engine.backup.context import JobContext, take_lock
 from guestsafe.engine.backup.copy_strategy import CopyStrategy
+from guestsafe.engine.backup.disk_plan import plan_options, refuse_before_stop
+from guestsafe.engine.backup.firmware import firmware_record
 from guestsafe.engine.backup.guest_run import GuestRun, now_iso
 from guestsafe.engine.backup.journal import JournalEntry, config_digest, newest_mtime_ns
 from guestsafe.engine.backup.phases import Phase
@@ -116,8 +118,13 @@ class GuestBackup:
             files = [d for d in run.info.disks if d.kind != "network"]
             disk_files.check_backup_disks(replace(run.info, disks=files))
         self.strategy = self._choose_strategy()
+        with naming(f"checking the disks of guest {run.name!r}", None):
+            options = plan_options(hv, run.info, run.mode, job.include_readonly)
+            refuse_before_stop(run.info, options)
+        run.include_readonly = job.include_readonly
+        transient_xml = self._keep_transient() if not run.info.persistent else None
         with naming(f"measuring the disk files of guest {run.name!r}", None):
-            sparse_need = self.strategy.space_needed(run.info)
+            sparse_need = self.strategy.space_needed(run.info) + _media_bytes(run)
         with naming("reading the filesystem of", job.destination):
             # FAT and exFAT keep no holes: a sparse disk takes its full size there.
             needed = space_needed_in(job.destination, run.info, sparse_need) + SPACE_MARGIN
@@ -130,8 +137,25 @@ class GuestBackup:
             )
         self.entry = JournalEntry(job.name, run.name, run.info.uuid, hv.uri, run.was_state)
         self.entry.config_digest = config_digest(hv.xml(run.name))
+        self.entry.transient_xml = transient_xml
         with naming("writing the journal in", self.ctx.journal.dir):
             self.ctx.journal.write(self.entry)
+
+    def _keep_transient(self) -> str:
+        """A transient guest vanishes when it stops: keep its XML to create it again."""
+        run, hv = self.run, self.ctx.hv
+        assert run.info is not None
+        if run.mode == modes.STOP_SHORT:
+            raise PreflightError(
+                f"guest {run.name!r} is transient (created, not defined): mode stop-short "
+                "starts it paused from its definition, which it does not have; use mode stop, "
+                "or define it first ('virsh dumpxml G > G.xml; virsh define G.xml')"
+            )
+        xml = hv.xml(run.name)
+        hv.keep_transient(run.name, run.info.uuid, xml)
+        if run.was_state == RUNNING:
+            run.say_info("guest is transient: it is created again from its XML after the copy")
+        return xml
 
     def _choose_strategy(self) -> CopyStrategy:
         ctx = self.ctx
@@ -259,8 +283,9 @@ class GuestBackup:
         assert run.partial is not None and run.info is not None
         run.records += self._copier().finish()  # push: waits for QEMU, hashes what it wrote
         self._enter(Phase.COMMIT, None)
+        firmware = firmware_record(run.info)
         manifest = Manifest(
-            format=1,
+            format=manifest_format(run.tpm, firmware, run.not_copied, run.records),
             guest=run.name,
             uuid=run.info.uuid,
             host=self.ctx.hv.hostname,
@@ -272,6 +297,9 @@ class GuestBackup:
             disks=[r for r in run.records if r.target != "nvram"],
             nvram=next((r for r in run.records if r.target == "nvram"), None),
             notes=list(run.warnings),
+            tpm=run.tpm,
+            firmware=firmware,
+            not_copied=list(run.not_copied),
         )
         with naming("committing the version in", run.partial.path):
             self.version = run.partial.commit(manifest)
@@ -448,6 +476,12 @@ class GuestBackup:
 
     def _downtime(self, seconds: float) -> None:
         self.ctx.report(GuestDowntime(self.name, seconds))
+
+
+def _media_bytes(run: GuestRun) -> int:
+    """What the read-only images include_readonly copies take (guestsafe copies them)."""
+    media = [Path(d.source) for d in run.copied_disks() if not d.backs_up and d.source]
+    return sum(disk_files.allocated_bytes(p) for p in media if p.is_file())
 
 
 def _seconds(value: float | None) -> str:

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.manifest import DiskRecord, NotCopied, TpmRecord
 from guestsafe.engine.archive.partial import PartialVersion
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.errors import CopyError, naming
 from guestsafe.engine.hypervisor.connection import Hypervisor
-from guestsafe.engine.hypervisor.domain_xml import SHUTOFF, GuestInfo
+from guestsafe.engine.hypervisor.domain_xml import SHUTOFF, DiskInfo, GuestInfo
 from guestsafe.engine.modes import Mode
 
 # say(level, text): a line of the run's log about this guest (level from logging).
@@ -67,6 +67,9 @@ class GuestRun:
     partial: PartialVersion | None = None
     records: list[DiskRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # the version's notes
+    include_readonly: bool = False  # the job's: read-only disks and media copied too
+    tpm: TpmRecord | None = None  # the emulated TPM's state, copied while off
+    not_copied: list[NotCopied] = field(default_factory=list)  # media recorded only
     # Timings: monotonic seconds, except the ISO start for the manifest.
     # t0 is reset when this guest's own work begins (preflight), and ended set
     # when it is settled: in a job of several guests each has its own duration.
@@ -98,6 +101,22 @@ class GuestRun:
         if self.stopped_at is not None:
             self.downtime = time.monotonic() - self.stopped_at
             self.downtime_known(self.downtime)
+
+    def skip_media(self) -> None:
+        """Record the read-only disks and media the job does not copy, and say so."""
+        assert self.info is not None
+        for disk in self.info.disks:
+            if disk.source is None or disk.copied(self.include_readonly):
+                continue
+            kind = "read-only" if disk.readonly else disk.device
+            reason = f"{kind} image, recorded only (include_readonly = true copies it)"
+            self.not_copied.append(NotCopied(disk.target, disk.source, disk.device, reason))
+            self.say_info(f"not copying {disk.target} ({disk.source}): {reason}")
+
+    def copied_disks(self) -> list[DiskInfo]:
+        """The disks this backup copies, in the domain's order."""
+        assert self.info is not None
+        return [d for d in self.info.disks if d.copied(self.include_readonly)]
 
     def copy_progress(self, item: str) -> Callable[[int, int], None]:
         """The copier's progress callback for ``item``."""

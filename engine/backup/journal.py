@@ -26,7 +26,6 @@ from guestsafe.engine.fsutil import atomic_write_bytes
 JOURNAL_DIR = "journal"
 
 
-
 @dataclass
 class JournalEntry:
     job: str
@@ -48,6 +47,9 @@ class JournalEntry:
     settle_by: float | None = None  # a running guest may still power off until then
     off_at: float | None = None  # guestsafe saw the guest off
     disks_mtime_ns: int | None = None  # the newest disk file's mtime, seen off
+    # A transient guest's domain XML, read before the shutdown: once off it is gone
+    # from libvirt, and recovery creates it again from this.
+    transient_xml: str | None = None
     told: bool = False  # the operator was told why recovery left it alone
     detached: bool = False  # the runner is done with it (its lock released)
 

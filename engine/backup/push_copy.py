@@ -37,6 +37,7 @@ import libvirt
 from guestsafe.engine import failpoints, modes
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup.cold_copy import copy_disk_file
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.backup.push_files import (
@@ -46,6 +47,7 @@ from guestsafe.engine.backup.push_files import (
     punch_zero_blocks,
     wait_until_closed,
 )
+from guestsafe.engine.backup.tpm_copy import copy_tpm_state
 from guestsafe.engine.copier import copy_file, hash_file
 from guestsafe.engine.errors import (
     Cancelled,
@@ -116,7 +118,9 @@ def space_needed(info: GuestInfo) -> int:
         if disk.backs_up and disk.source and disk.kind != "network":
             path = Path(disk.source)
             raw = (disk.format or "raw") == "raw"
-            total += disk_files.virtual_size(path) if raw else disk_files.allocated_bytes(path)
+            total += (
+                disk_files.virtual_size(path, "raw") if raw else disk_files.allocated_bytes(path)
+            )
     if info.nvram:
         total += disk_files.allocated_bytes(Path(info.nvram))
     # QEMU writes a chain's data into one file: up to what its backing files hold.
@@ -172,13 +176,14 @@ class PushCopy:
         b = self.run
         assert b.info is not None
         partial = begin_partial(b, self.archive, self._hv, Phase.PREPARE)
-        for disk in b.info.disks:
-            if disk.backs_up and disk.source is not None:
-                fmt = disk.format or "raw"
-                path = partial.file_path(disk_files.archive_file_name(disk.target, fmt))
-                self.targets.append(PushTarget(disk.target, disk.source, fmt, path))
-            elif disk.source:
-                b.say_info(f"skipping {disk.target} ({disk.device}, read-only or not a disk)")
+        b.skip_media()
+        for disk in b.copied_disks():
+            if not disk.backs_up:
+                continue  # read-only: guestsafe copies it itself in copy()
+            assert disk.source is not None
+            fmt = disk.format or "raw"
+            path = partial.file_path(disk_files.archive_file_name(disk.target, fmt))
+            self.targets.append(PushTarget(disk.target, disk.source, fmt, path))
         self.access = QemuAccess(qemu_uid(self._hv, b.name), self.archive.root, partial.path)
         self.access.grant()
 
@@ -190,6 +195,12 @@ class PushCopy:
         assert b.info is not None
         if b.info.nvram:
             b.records.append(self._copy_nvram(b.info.nvram))
+        for disk in b.copied_disks():
+            if not disk.backs_up and disk.source is not None:  # read-only: nothing writes it
+                b.records.append(copy_disk_file(b, disk.target, disk.source, disk.format, b.cancel))
+        if not self.live:  # snapshot refuses TPM guests in preflight (preflight_disks.py)
+            b.tpm = copy_tpm_state(b, b.cancel)
+            check_still_off(self._hv, b)
         if self.live:
             self._snapshot()
 
@@ -206,7 +217,7 @@ class PushCopy:
         b.bytes_copied += result.data_bytes
         with naming("reading the copy", dst):
             allocated = dst.stat().st_blocks * 512
-            size = disk_files.virtual_size(dst)
+            size = disk_files.virtual_size(dst, "raw")
         return DiskRecord("nvram", source, "fd", size, allocated, name, result.blake3)
 
     def _snapshot(self) -> None:
@@ -402,7 +413,7 @@ class PushCopy:
         digest = hash_file(path, progress=b.copy_progress(target.target), cancel=b.cancel)
         with naming("reading the copy", path):
             allocated = os.stat(path).st_blocks * 512
-            size = disk_files.virtual_size(path)
+            size = disk_files.virtual_size(path, target.fmt)
         b.bytes_copied += allocated
         return DiskRecord(
             target=target.target,
@@ -421,9 +432,9 @@ class PushCopy:
             expected = self._capacity(target.target)
         else:
             with naming("reading the disk size of", target.source):
-                expected = disk_files.virtual_size(Path(target.source))
+                expected = disk_files.virtual_size(Path(target.source), target.fmt)
         with naming("reading the disk size of", target.path):
-            written = disk_files.virtual_size(target.path)
+            written = disk_files.virtual_size(target.path, target.fmt)
         if written != expected:
             raise CopyError(
                 f"{target.path.name}: QEMU wrote a {written}-byte disk, but {target.target} of "

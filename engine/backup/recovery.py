@@ -177,6 +177,8 @@ def _lookup(hv: _Hv, entry: JournalEntry) -> libvirt.virDomain | None:
 def _settle_power(hv: _Hv, journal: Journal, entry: JournalEntry, log: Log, force: bool) -> bool:
     """Put the guest's power state back; True when nothing is left to do."""
     dom = _lookup(hv, entry)
+    if dom is None and entry.transient_xml is not None:
+        return _create_if_ours(hv, journal, entry, log, force)
     if dom is None:
         log(f"guest {entry.guest} (UUID {entry.guest_uuid}) is no longer defined: nothing to start")
         return True
@@ -234,6 +236,48 @@ def _start_if_ours(
         f"{problem}; 'guestsafe recover --start' would start it",
     )
     return False
+
+
+def _create_if_ours(hv: _Hv, journal: Journal, entry: JournalEntry, log: Log, force: bool) -> bool:
+    """A transient guest the dead runner shut down is gone: create it again from its XML."""
+    assert entry.transient_xml is not None
+    problem = None if force else transient_touched_since(entry)
+    if problem is None:
+        try:
+            hv.connection.createXML(entry.transient_xml, 0)
+        except libvirt.libvirtError as exc:
+            raise GuestsafeError(
+                f"cannot create transient guest {entry.guest!r} again from its XML: {exc}"
+            ) from exc
+        log("recovered: transient guest created again from its XML after an interrupted backup")
+        return True
+    _tell_once(
+        journal,
+        entry,
+        log,
+        f"recovery did not create transient guest {entry.guest} again, which an interrupted "
+        f"backup had shut down: {problem}; 'guestsafe recover --start' would create it",
+    )
+    return False
+
+
+def transient_touched_since(entry: JournalEntry, now: float | None = None) -> str | None:
+    """The rule for a shut-off guest, as far as a guest libvirt no longer knows allows."""
+    now = time.time() if now is None else now
+    since = entry.off_at or entry.shutdown_requested
+    if since is None:
+        return "the interrupted run had not shut it down"
+    if now - since > AUTO_START_WINDOW:
+        return (
+            f"it has been off since {_when(since)}, more than {AUTO_START_WINDOW / 3600:g} h: "
+            "it may have been left off on purpose"
+        )
+    assert entry.transient_xml is not None
+    copied = parse_domain_xml(entry.transient_xml).disks
+    newest = newest_mtime_ns([d.source for d in copied if d.backs_up and d.source])
+    if entry.disks_mtime_ns is not None and newest is not None and newest > entry.disks_mtime_ns:
+        return "its disk files changed since guestsafe shut it down (used or restored since)"
+    return None
 
 
 def touched_since(

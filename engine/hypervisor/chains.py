@@ -61,13 +61,14 @@ def _run(args: list[str], timeout: float = INFO_TIMEOUT) -> str:
     return proc.stdout
 
 
-def backing_chain(path: Path) -> list[Layer]:
+def backing_chain(path: Path, fmt: str = "qcow2") -> list[Layer]:
     """The files a qcow2 disk reads, top first; one layer for a standalone image.
 
     ``-U`` (force share): preflight asks while the guest still runs and QEMU
     holds the image's lock; reading the headers is safe meanwhile.
     """
-    out = _run(["info", "--backing-chain", "--output=json", "-U", str(path)])
+    # -f: the top file's format is libvirt's, never probed from bytes a guest wrote.
+    out = _run(["info", "--backing-chain", "--output=json", "-U", "-f", fmt, str(path)])
     try:
         images: Any = json.loads(out)
     except ValueError as exc:

@@ -130,6 +130,10 @@ class Hypervisor:
         self._conn_lock = threading.Lock()
         self._conn = self._open()
         self._callback_id = self._subscribe()
+        # Transient guests a backup stops, by name: (UUID, domain XML). Once shut
+        # off such a guest is gone from libvirt; it counts as shut off here and
+        # start() creates it again from the XML read before the shutdown.
+        self._transient: dict[str, tuple[str, str]] = {}
 
     def _subscribe(self) -> int:
         return int(
@@ -241,7 +245,24 @@ class Hypervisor:
 
     def state(self, name: str) -> str:
         # A GuestState; typed as its str so callers can hold it beside their own words.
-        return _state_of(self._domain(name))
+        try:
+            return _state_of(self._domain(name))
+        except NotFoundError:
+            if name in self._transient:
+                return GuestState.SHUTOFF  # a transient guest that stopped: gone until created
+            raise
+
+    def keep_transient(self, name: str, uuid: str, xml: str) -> None:
+        """Remember a transient guest's XML: once it stops, start() creates it from that."""
+        self._transient[name] = (uuid, xml)
+
+    def _uuid(self, name: str) -> str:
+        try:
+            return str(self._call(self._domain(name).UUIDString, guest=name))
+        except NotFoundError:
+            if name in self._transient:
+                return self._transient[name][0]
+            raise
 
     def all_macs(self) -> dict[str, str]:
         """Every MAC of every defined guest, live and persistent config, mapped to the first
@@ -291,7 +312,13 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_XML_SECURE
         if inactive:
             flags |= libvirt.VIR_DOMAIN_XML_INACTIVE
-        return str(self._call(self._domain(name).XMLDesc, flags, guest=name))
+        try:
+            dom = self._domain(name)
+        except NotFoundError:
+            if name in self._transient:
+                return self._transient[name][1]
+            raise
+        return str(self._call(dom.XMLDesc, flags, guest=name))
 
     # --- changing guests ---------------------------------------------------
 
@@ -314,8 +341,11 @@ class Hypervisor:
         back to their owner; a start in that moment fails with "Permission
         denied". Such failures are retried a few times before giving up.
         """
-        dom = self._domain(name)
         flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        if name in self._transient and not self.exists(name):
+            self._create_transient(name, flags, attempts)
+            return
+        dom = self._domain(name)
         for attempt in range(attempts):
             try:
                 dom.createWithFlags(flags)
@@ -326,6 +356,23 @@ class Hypervisor:
                 if attempt + 1 == attempts or not _transient(exc):
                     raise HypervisorError(
                         f"cannot start guest {name!r}: {_libvirt_message(exc)}"
+                    ) from exc
+                time.sleep(0.5 * (attempt + 1))
+
+    def _create_transient(self, name: str, flags: int, attempts: int) -> None:
+        """Create a transient guest again from the XML kept before its shutdown."""
+        xml = self._transient[name][1]
+        for attempt in range(attempts):
+            try:
+                self._live().createXML(xml, flags)
+                return
+            except libvirt.libvirtError as exc:
+                if self.exists(name):
+                    return  # created meanwhile (by someone else, or a retry that landed)
+                if attempt + 1 == attempts or not _transient(exc):
+                    raise HypervisorError(
+                        f"cannot start transient guest {name!r} again from its XML: "
+                        f"{_libvirt_message(exc)}"
                     ) from exc
                 time.sleep(0.5 * (attempt + 1))
 
@@ -442,7 +489,7 @@ class Hypervisor:
     @contextmanager
     def watch_started(self, name: str) -> Iterator[threading.Event]:
         """An Event that libvirt's next STARTED event for this guest sets."""
-        uuid = str(self._call(self._domain(name).UUIDString, guest=name))
+        uuid = self._uuid(name)
         flag = threading.Event()
         self._board.watch_starts(uuid, flag)
         try:
@@ -452,7 +499,7 @@ class Hypervisor:
 
     def started_since(self, name: str, t0: float) -> bool:
         """Whether libvirt reported the guest starting after monotonic time ``t0``."""
-        uuid = str(self._call(self._domain(name).UUIDString, guest=name))
+        uuid = self._uuid(name)
         return any(e == libvirt.VIR_DOMAIN_EVENT_STARTED for e, _ in self._board.since(uuid, t0))
 
     def wait_state(self, name: str, state: str, timeout: float) -> bool:

@@ -20,8 +20,14 @@ def archive_file_name(target: str, fmt: str | None) -> str:
     return f"{target}.{fmt or 'raw'}"
 
 
-def virtual_size(path: Path) -> int:
-    """The size the guest sees: the qcow2 header's, or the file's length for raw."""
+def virtual_size(path: Path, fmt: str | None) -> int:
+    """The size the guest sees: the qcow2 header's, or the file's (or device's) length for raw.
+
+    ``fmt`` comes from libvirt's ``<driver type>`` (None: raw), never from the
+    bytes: the first sector of a raw disk is the guest's to write.
+    """
+    if fmt != "qcow2":
+        return byte_length(path)
     with path.open("rb") as f:
         header = f.read(32)
     if len(header) == 32 and header[:4] == _QCOW2_MAGIC:

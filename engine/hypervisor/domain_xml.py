@@ -46,8 +46,18 @@ class DiskInfo:
 
     @property
     def backs_up(self) -> bool:
-        """Whether a cold backup copies this disk: writable disks with a source."""
-        return self.device in ("disk", "lun") and not self.readonly and self.source is not None
+        """Whether a backup copies this disk by default: writable disks (a writable
+        floppy image too) with a source."""
+        return self.source is not None and not self.is_media
+
+    @property
+    def is_media(self) -> bool:
+        """Read-only disks and CD-ROM images: recorded, copied only with include_readonly."""
+        return self.readonly or self.device == "cdrom"
+
+    def copied(self, include_readonly: bool) -> bool:
+        """Whether a backup with the job's ``include_readonly`` copies this disk."""
+        return self.backs_up or (include_readonly and self.source is not None)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,26 @@ class InterfaceInfo:
 
 
 @dataclass(frozen=True)
+class TpmInfo:
+    """An emulated TPM (``<backend type='emulator'>``); swtpm keeps its state on the host."""
+
+    model: str  # tpm-tis, tpm-crb, ...
+    version: str  # "2.0" or "1.2"
+    source_dir: str | None  # <source type='dir' path=...>, None: libvirt's default place
+
+
+@dataclass(frozen=True)
+class FirmwareInfo:
+    """What ``<os>`` says about the firmware: the loader and the NVRAM's template."""
+
+    loader: str | None
+    loader_type: str | None  # "pflash" or "rom"
+    firmware: str | None  # <os firmware='efi'>: libvirt picks the loader itself
+    nvram_template: str | None
+    nvram_format: str | None  # <nvram format='qcow2'>, None: raw
+
+
+@dataclass(frozen=True)
 class GuestInfo:
     name: str
     uuid: str
@@ -67,11 +97,16 @@ class GuestInfo:
     disks: list[DiskInfo] = field(default_factory=list)
     interfaces: list[InterfaceInfo] = field(default_factory=list)
     nvram: str | None = None
+    tpms: list[TpmInfo] = field(default_factory=list)
+    firmware: FirmwareInfo | None = None
+
+    @property
+    def emulated_tpm(self) -> TpmInfo | None:
+        return self.tpms[0] if self.tpms else None
 
     @property
     def macs(self) -> list[str]:
         return [i.mac for i in self.interfaces if i.mac]
-
 
 
 def parse_domain_xml(
@@ -87,7 +122,35 @@ def parse_domain_xml(
         disks=[_parse_disk(d) for d in root.findall("./devices/disk")],
         interfaces=[_parse_interface(i) for i in root.findall("./devices/interface")],
         nvram=(root.findtext("./os/nvram") or None),
+        tpms=[t for t in map(_parse_tpm, root.findall("./devices/tpm")) if t is not None],
+        firmware=_parse_firmware(root.find("os")),
     )
+
+
+def _parse_tpm(tpm: ET.Element) -> TpmInfo | None:
+    backend = tpm.find("backend")
+    if backend is None or backend.get("type") != "emulator":
+        return None  # passthrough: the host's own TPM, nothing of the guest's to keep
+    source = backend.find("source")
+    return TpmInfo(
+        model=tpm.get("model", "tpm-tis"),
+        version=backend.get("version", "2.0"),
+        source_dir=source.get("path") if source is not None else None,
+    )
+
+
+def _parse_firmware(os_element: ET.Element | None) -> FirmwareInfo | None:
+    if os_element is None:
+        return None
+    loader, nvram = os_element.find("loader"), os_element.find("nvram")
+    info = FirmwareInfo(
+        loader=(loader.text or "").strip() or None if loader is not None else None,
+        loader_type=loader.get("type") if loader is not None else None,
+        firmware=os_element.get("firmware"),
+        nvram_template=nvram.get("template") if nvram is not None else None,
+        nvram_format=nvram.get("format") if nvram is not None else None,
+    )
+    return info if any(vars(info).values()) else None
 
 
 def _parse_disk(disk: ET.Element) -> DiskInfo:

@@ -21,6 +21,7 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     group = false                     # stop all, copy, start in reverse order
     verify = true                     # read the copy back after writing it
     fallback_to_stop = false          # stop-short/snapshot: copy as in stop where push fails
+    include_readonly = false          # also copy read-only disks and CD/floppy images
     lock_wait = 1800                  # seconds to wait for a busy guest or destination
     randomized_delay = 0              # timer only: start up to this many seconds late
     mail_to = ["ops@example.org"]     # optional: this job's mail goes here, not [notify]'s
@@ -98,6 +99,7 @@ _JOB_KEYS = (
     "group",
     "verify",
     "fallback_to_stop",
+    "include_readonly",
     "hooks",
     "lock_wait",
     "randomized_delay",
@@ -206,6 +208,7 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         group=table.get("group", False),
         verify=table.get("verify", True),
         fallback_to_stop=table.get("fallback_to_stop", False),
+        include_readonly=table.get("include_readonly", False),
         hooks=hooks,
         lock_wait=table.get("lock_wait", DEFAULT_LOCK_WAIT),
         all_guests=table.get("guests") == ALL_GUESTS,
@@ -369,6 +372,8 @@ def _job_table(job: Job) -> dict[str, Any]:
         table["mail_to"] = list(job.mail_to)
     if job.chain != ChainMode.FLATTEN:
         table["chain"] = job.chain
+    if job.include_readonly:
+        table["include_readonly"] = True
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
         table["hooks"] = hooks | {"timeout": job.hooks.timeout}

@@ -108,6 +108,9 @@ class Job:
     # stop-short/snapshot on a host without libvirt push backups: copy as in stop
     # (the guest stays off for the whole copy) instead of refusing the backup.
     fallback_to_stop: bool = False
+    # Read-only disks and CD/floppy images are recorded in the manifest, not copied,
+    # unless this says so (they are usually install media kept elsewhere).
+    include_readonly: bool = False
     hooks: Hooks = field(default_factory=Hooks)
     lock_wait: int = DEFAULT_LOCK_WAIT  # seconds a run waits for a busy guest or destination
     # guests = "all": every persistent guest defined when the run starts, but those

@@ -60,6 +60,7 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
         _check_bool("group", job.group),
         _check_bool("verify", job.verify),
         _check_bool("fallback_to_stop", job.fallback_to_stop),
+        _check_bool("include_readonly", job.include_readonly),
         _check_seconds("lock_wait", job.lock_wait),
         _check_seconds("randomized_delay", job.schedule.randomized_delay),
         _check_choice("chain", job.chain, CHAIN_MODES),

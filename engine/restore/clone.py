@@ -8,16 +8,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from guestsafe.engine import events, locks
-from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.manifest import DiskRecord, Manifest
 from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import PhaseChanged, Reporter
+from guestsafe.engine.hypervisor import tpm_state
 from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import TpmInfo
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.block_targets import check_device_target, restore_to_device
 from guestsafe.engine.restore.chain_restore import restore_chain
 from guestsafe.engine.restore.clone_xml import build_clone_xml
-from guestsafe.engine.restore.files import check_verified, restore_file
+from guestsafe.engine.restore.files import check_verified, restore_file, warn_missing_firmware
 from guestsafe.engine.restore.plan import (
     NEW,
     RestorePlan,
@@ -52,6 +54,7 @@ def restore_clone(
     warnings = check_verified(plan.version, force, reporter, name)
     check_plain_files(plan.version)  # again: the plan may be old
     accept_damage(plan.xml_problem, force, reporter, name, warnings)
+    warn_missing_firmware(plan.version, reporter, name, warnings)
     # The source guest's lock: a backup of it (and its retention) must not run meanwhile.
     source = plan.version
     purpose = f"restore of {source.guest} version {source.number} to {name}"
@@ -60,7 +63,10 @@ def restore_clone(
         copied: list[Path] = []
         try:
             reporter(PhaseChanged(name, "copy"))
-            for rec, dst in _copies(plan):
+            tpm = tpm_copies(plan.version.manifest, new_uuid)
+            for _, dst in tpm:
+                dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # as swtpm keeps it
+            for rec, dst in [*_copies(plan), *tpm]:
                 if rec.target in plan.device_targets:
                     # Never in ``copied``: a device is not deleted when the restore fails.
                     restore_to_device(
@@ -95,9 +101,7 @@ def restore_clone(
     return RestoreResult(name, new_uuid, macs, copied, start, warnings, clone.notes)
 
 
-def recheck_macs(
-    plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[str]]
-) -> list[str]:
+def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[str]]) -> list[str]:
     """The MACs again, against the guests defined now, not when the plan was made.
 
     A MAC the plan made up and someone took meanwhile is made up again. A kept MAC
@@ -126,6 +130,13 @@ def _check_devices(plan: RestorePlan, hv: Hypervisor, force: bool) -> None:
     for rec, device in plan.disks:
         if rec.target in plan.device_targets:
             check_device_target(device, rec, hv, force=force)
+def tpm_copies(manifest: Manifest, new_uuid: str) -> list[tuple[DiskRecord, Path]]:
+    """The TPM state files and where the clone's swtpm finds them (under its own UUID)."""
+    tpm = manifest.tpm
+    if tpm is None:
+        return []
+    directory = tpm_state.state_dir(new_uuid, TpmInfo(tpm.model, tpm.version, None))
+    return [(rec, directory / Path(rec.source).name) for rec in tpm.files]
 
 
 def _copies(plan: RestorePlan) -> list[tuple[DiskRecord, Path]]:

@@ -67,7 +67,8 @@ def build_clone_xml(
     _rewrite_graphics(root, notes)
     _rewrite_seclabels(root, notes)
     _drop_host_devices(root, notes)
-    _rewrite_tpm(root, notes)
+    tpm = plan.version.manifest.tpm
+    _rewrite_tpm(root, notes, kept=tpm is not None and bool(tpm.files))
     return CloneXml(ET.tostring(root, encoding="unicode"), notes)
 
 
@@ -264,7 +265,7 @@ def _describe_hostdev(dev: ET.Element) -> str:
     return f"{what} {path}".strip()
 
 
-def _rewrite_tpm(root: ET.Element, notes: list[str]) -> None:
+def _rewrite_tpm(root: ET.Element, notes: list[str], *, kept: bool) -> None:
     devices = root.find("devices")
     if devices is None:
         return
@@ -280,5 +281,11 @@ def _rewrite_tpm(root: ET.Element, notes: list[str]) -> None:
             continue
         source = backend.find("source")
         if source is not None:
-            backend.remove(source)  # libvirt keeps the state under the clone's UUID instead
-        notes.append("TPM: starts empty; the original's TPM state is not part of a version")
+            backend.remove(source)  # the state goes under the clone's UUID instead
+        if kept:
+            notes.append(
+                "TPM: a copy of the original's TPM state, under the clone's UUID: the clone "
+                "shares the original's TPM identity (its keys and anything sealed to them)"
+            )
+        else:
+            notes.append("TPM: starts empty; this version holds no TPM state")

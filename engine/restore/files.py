@@ -23,6 +23,24 @@ def check_verified(version: VersionInfo, force: bool, reporter: Reporter, who: s
     return []
 
 
+def warn_missing_firmware(
+    version: VersionInfo, reporter: Reporter, who: str, warnings: list[str]
+) -> None:
+    """The loader and NVRAM template the version recorded, if this host lacks them."""
+    fw = version.manifest.firmware
+    if fw is None:
+        return
+    for what, path in (("firmware loader", fw.loader), ("NVRAM template", fw.nvram_template)):
+        if path and not Path(path).exists():
+            message = (
+                f"the {what} {path} that {version.guest} version {version.number} used is "
+                "not on this host; the guest will not start until it is installed (the "
+                "package ovmf provides the usual ones) or <os> names another"
+            )
+            events.warn(reporter, message, who)
+            warnings.append(message)
+
+
 def restore_file(
     version: VersionInfo,
     rec: DiskRecord,

@@ -39,7 +39,7 @@ from guestsafe.engine.restore.chain_restore import (
     check_base_not_shared,
     relink_in_place,
 )
-from guestsafe.engine.restore.files import check_verified, restore_file
+from guestsafe.engine.restore.files import check_verified, restore_file, warn_missing_firmware
 from guestsafe.engine.restore.over_checks import (
     check_managed_save,
     check_not_shared,
@@ -134,6 +134,7 @@ def restore_over_original(
         check_sources(version)  # the files land at the sources: they must be plain paths
         xml = read_domain_xml(version)
         accept_damage(domain_xml_problem(version, xml), force, reporter, guest, warnings)
+        warn_missing_firmware(version, reporter, guest, warnings)
         targets = _targets(version)
         check_not_shared(hv, guest, [dst for _, dst in targets])
         _check_devices(hv, guest, targets)
@@ -159,6 +160,8 @@ def _targets(version: VersionInfo) -> list[tuple[DiskRecord, Path]]:
     targets += chain_targets(version)  # a kept chain's backing files go back too
     if version.manifest.nvram:
         targets.append((version.manifest.nvram, Path(version.manifest.nvram.source)))
+    if version.manifest.tpm is not None:  # back where swtpm keeps it for this UUID
+        targets += [(rec, Path(rec.source)) for rec in version.manifest.tpm.files]
     return targets
 
 

@@ -227,6 +227,7 @@ _UNDEFINE_FLAGS = (
 
 def remove_domain(dom: libvirt.virDomain) -> None:
     """Power a guest off and undefine it with its NVRAM, save image and snapshots."""
+    persistent = dom.isPersistent()
     try:
         if dom.isActive():
             dom.destroy()
@@ -234,7 +235,8 @@ def remove_domain(dom: libvirt.virDomain) -> None:
         # It may have stopped on its own between the check and the destroy.
         if dom.isActive():
             raise
-    dom.undefineFlags(_UNDEFINE_FLAGS)
+    if persistent:  # a transient guest is gone once destroyed
+        dom.undefineFlags(_UNDEFINE_FLAGS)
 
 
 def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:

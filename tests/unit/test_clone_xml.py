@@ -271,7 +271,7 @@ def test_case_05_a_passed_through_tpm_is_dropped_an_emulated_one_starts_empty(
     assert tpm.get("model") == "tpm-crb"
     assert [n for n in clone.notes if n.startswith("TPM")] == [
         "TPM: dropped; it is the host's TPM, passed through to the original",
-        "TPM: starts empty; the original's TPM state is not part of a version",
+        "TPM: starts empty; this version holds no TPM state",
     ]
 
 

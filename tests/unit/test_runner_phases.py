@@ -81,6 +81,9 @@ class FakeHypervisor:
     def state(self, name: str) -> str:
         return self.guests[name].state
 
+    def has_managed_save(self, name: str) -> bool:
+        return False  # a fake guest is never saved
+
     def xml(self, name: str, *, inactive: bool = True) -> str:
         g = self.guests[name]
         return f"<domain type='kvm'><name>{g.name}</name><uuid>{g.uuid}</uuid></domain>\n"

@@ -276,6 +276,7 @@ def build_job(
         group=values.group,
         verify=values.verify,
         fallback_to_stop=values.fallback_to_stop,
+        include_readonly=base.include_readonly if base is not None else False,  # not in the form
         hooks=hooks if hooks is not None else typed_hooks,
         lock_wait=lock_wait,
         all_guests=values.all_guests,
