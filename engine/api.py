@@ -81,7 +81,7 @@ from guestsafe.engine.jobs.model import (
 from guestsafe.engine.jobs.schedule import DueRun, on_calendar
 from guestsafe.engine.jobs.timers import TimerChanges, UnitSettings
 from guestsafe.engine.jobs.validation import check_job_runtime, parse_bwlimit, validate_job
-from guestsafe.engine.modes import IoClass, Mode, OnTimeout, is_crash_consistent
+from guestsafe.engine.modes import ChainMode, IoClass, Mode, OnTimeout, is_crash_consistent
 from guestsafe.engine.modes import label as mode_label
 from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
@@ -304,10 +304,12 @@ class Engine:
         """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
         mode = job.mode if job is not None else Mode.STOP
         include_readonly = job.include_readonly if job is not None else False
+        chain = job.chain if job is not None else ChainMode.FLATTEN
         try:
-            options = plan_options(self.hv, guest, mode, include_readonly)
+            options = plan_options(self.hv, guest, mode, include_readonly, chain)
         except GuestsafeError:
-            options = PlanOptions(mode, include_readonly)  # a guest gone meanwhile: XML only
+            # A guest gone meanwhile: its XML only.
+            options = PlanOptions(mode, include_readonly, chain=chain)
         return plan_disks(guest, options)
 
     # --- jobs --------------------------------------------------------------

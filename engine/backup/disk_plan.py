@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 
 from guestsafe.engine import modes
 from guestsafe.engine.errors import GuestsafeError, PreflightError
-from guestsafe.engine.hypervisor import disk_checks, disk_files
+from guestsafe.engine.hypervisor import chains, disk_checks, disk_files, volumes
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo
-from guestsafe.engine.modes import Mode
+from guestsafe.engine.modes import ChainMode, Mode
 
 COPY, RECORD, SKIP, REFUSE = "copy", "record", "skip", "refuse"
 
@@ -48,6 +48,7 @@ class PlanOptions:
     # target -> other guests running now on that shareable disk
     sharers: Mapping[str, list[str]] = field(default_factory=dict)
     managed_save: bool = False
+    chain: ChainMode = ChainMode.FLATTEN
 
 
 Rule = Callable[[GuestInfo, DiskInfo, PlanOptions], DiskPlan | None]
@@ -92,7 +93,11 @@ def refuse_before_stop(info: GuestInfo, options: PlanOptions) -> list[DiskPlan]:
 
 
 def plan_options(
-    hv: Hypervisor, info: GuestInfo, mode: Mode, include_readonly: bool
+    hv: Hypervisor,
+    info: GuestInfo,
+    mode: Mode,
+    include_readonly: bool,
+    chain: ChainMode = ChainMode.FLATTEN,
 ) -> PlanOptions:
     """The facts of the host now: sharers of shareable disks, a managed-save image."""
     sharers: dict[str, list[str]] = {}
@@ -100,7 +105,7 @@ def plan_options(
         states = {g.name: str(g.state) for g in hv.guests()}
         sharers = disk_checks.running_sharers(info, hv.disk_users(), states)
     managed = info.persistent and hv.has_managed_save(info.name)
-    return PlanOptions(mode, include_readonly, sharers, managed)
+    return PlanOptions(mode, include_readonly, sharers, managed, chain)
 
 
 # --- one rule per kind of disk, in order ------------------------------------------------
@@ -165,14 +170,64 @@ def _data_file(info: GuestInfo, disk: DiskInfo, options: PlanOptions) -> DiskPla
     return DiskPlan(disk.target, disk.source, REFUSE, "refused", reason)
 
 
+def _volume(info: GuestInfo, disk: DiskInfo, options: PlanOptions) -> DiskPlan | None:
+    """A volume the connection could not resolve to its file or device."""
+    if disk.kind != "volume":
+        return None
+    try:
+        volumes.check_volumes(replace(info, disks=[disk]))
+    except GuestsafeError as exc:
+        return DiskPlan(disk.target, disk.source, REFUSE, "refused", exc.message)
+    return None
+
+
+def _network(info: GuestInfo, disk: DiskInfo, options: PlanOptions) -> DiskPlan | None:
+    if disk.kind != "network":
+        return None
+    cold = options.mode == Mode.STOP or info.state != "running"
+    try:
+        volumes.check_network_disks(replace(info, disks=[disk]), cold=cold)
+    except GuestsafeError as exc:
+        return DiskPlan(disk.target, disk.source, REFUSE, "refused", exc.message)
+    return DiskPlan(disk.target, disk.source, COPY, "QEMU push backup (network disk)")
+
+
+def _chain(info: GuestInfo, disk: DiskInfo, options: PlanOptions) -> DiskPlan | None:
+    """A qcow2 overlay; check_backup_disks (in _file_checks) refused a broken chain."""
+    try:
+        layers = chains.disk_chain(disk)
+    except GuestsafeError as exc:
+        return DiskPlan(disk.target, disk.source, REFUSE, "refused", exc.message)
+    if layers is None:
+        return None
+    files = f"{len(layers)} files"
+    if options.mode in (modes.STOP_SHORT, modes.SNAPSHOT):
+        if options.chain == ChainMode.KEEP:
+            reason = (
+                f"guest {info.name!r}: chain = keep needs mode stop, since a push backup "
+                "writes one flattened file per disk (set chain = flatten, or mode stop)"
+            )
+            return DiskPlan(disk.target, disk.source, REFUSE, "refused", reason)
+        how = f"QEMU push backup (chain of {files}, flat)"
+        return DiskPlan(disk.target, disk.source, COPY, how)
+    if options.chain == ChainMode.KEEP:
+        return DiskPlan(disk.target, disk.source, COPY, f"keep chain ({files}, relinked)")
+    return DiskPlan(disk.target, disk.source, COPY, f"flatten chain ({files}) into one qcow2")
+
+
 def _copy(info: GuestInfo, disk: DiskInfo, options: PlanOptions) -> DiskPlan | None:
     fmt = disk.format or "raw"
     if options.mode in (modes.STOP_SHORT, modes.SNAPSHOT):
         return DiskPlan(disk.target, disk.source, COPY, f"QEMU push backup ({fmt})")
+    if disk.kind == "block":
+        return DiskPlan(disk.target, disk.source, COPY, f"copy device as sparse file ({fmt})")
     return DiskPlan(disk.target, disk.source, COPY, f"copy file ({fmt})")
 
 
-RULES: list[Rule] = [_no_medium, _media, _shared_in_use, _file_checks, _data_file, _copy]
+RULES: list[Rule] = [
+    *(_no_medium, _media, _volume, _network, _shared_in_use, _file_checks, _data_file),
+    *(_chain, _copy),
+]
 
 
 def _plan_disk(info: GuestInfo, disk: DiskInfo, options: PlanOptions) -> DiskPlan:

@@ -119,7 +119,7 @@ class GuestBackup:
             disk_files.check_backup_disks(replace(run.info, disks=files))
         self.strategy = self._choose_strategy()
         with naming(f"checking the disks of guest {run.name!r}", None):
-            options = plan_options(hv, run.info, run.mode, job.include_readonly)
+            options = plan_options(hv, run.info, run.mode, job.include_readonly, job.chain)
             refuse_before_stop(run.info, options)
         run.include_readonly = job.include_readonly
         transient_xml = self._keep_transient() if not run.info.persistent else None

@@ -193,7 +193,7 @@ def test_a_device_too_small_is_not_written(loops: Loops, tmp_path: Path) -> None
 
 
 def test_the_manifest_records_a_block_source_and_reads_file_records_as_before() -> None:
-    from guestsafe.engine.archive.manifest import DiskRecord, Manifest
+    from guestsafe.engine.archive.manifest import DiskRecord, Manifest, manifest_format
     from guestsafe.engine.errors import ArchiveError
     from guestsafe.engine.modes import Mode
 
@@ -202,7 +202,7 @@ def test_the_manifest_records_a_block_source_and_reads_file_records_as_before() 
     plain = DiskRecord("vda", "/img/a.qcow2", "qcow2", MiB, 4096, "vda.qcow2", digest, 9)
     stamp = "2026-01-01T00:00:00+00:00"
     manifest = Manifest(
-        1,
+        manifest_format(None, None, [], [plain, block]),
         "g",
         "00000000-0000-4000-8000-000000000000",
         "h",
@@ -218,7 +218,10 @@ def test_the_manifest_records_a_block_source_and_reads_file_records_as_before() 
     )
     text = manifest.to_json()
     assert text.count('"source_kind": "block"') == 1  # file records stay as they were
+    assert manifest.format == 2  # a reader of format 1 alone would take the device for a file
     assert Manifest.from_json(text).disks == [plain, block]
+    with pytest.raises(ArchiveError, match=r"unknown key"):
+        Manifest.from_json(text.replace('"format": 2', '"format": 1'))
     with pytest.raises(ArchiveError, match=r"source_kind 'tape'"):
         Manifest.from_json(text.replace('"source_kind": "block"', '"source_kind": "tape"'))
 

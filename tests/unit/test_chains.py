@@ -8,12 +8,19 @@ import threading
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import blake3
 import pytest
 
 from guestsafe.engine import events
-from guestsafe.engine.archive.manifest import ChainFile, DiskRecord, Manifest, b3sums_text
+from guestsafe.engine.archive.manifest import (
+    ChainFile,
+    DiskRecord,
+    Manifest,
+    b3sums_text,
+    manifest_format,
+)
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.chain_copy import copy_chain
 from guestsafe.engine.backup.guest_run import GuestRun
@@ -70,10 +77,14 @@ def guest(*disks: DiskInfo, state: GuestState = GuestState.RUNNING) -> GuestInfo
     return GuestInfo("web", UUID, state, True, list(disks))
 
 
+# A stand-in version for build_clone_xml, which reads the plan's XML and the manifest's tpm.
+NO_VERSION = SimpleNamespace(manifest=SimpleNamespace(tpm=None))
+
+
 def manifest(disks: list[DiskRecord]) -> Manifest:
     return Manifest(
-        1, "web", UUID, "hv1", Mode.STOP, "2025-03-01T02:00:00+00:00",
-        "2025-03-01T02:03:00+00:00", 1.0, "0.1.0", disks, None, [],
+        manifest_format(None, None, [], disks), "web", UUID, "hv1", Mode.STOP,
+        "2025-03-01T02:00:00+00:00", "2025-03-01T02:03:00+00:00", 1.0, "0.1.0", disks, None, [],
         domain_xml_blake3="0" * 64,
     )  # fmt: skip
 
@@ -282,7 +293,7 @@ VOLUME_XML = """<domain type='qemu'><name>web</name><uuid>{uuid}</uuid><devices>
 def test_clone_of_a_volume_disk_gets_a_plain_file_and_no_kept_backing_store() -> None:
     rec = replace(TOP, pool="tank", volume="web.qcow2")
     plan = RestorePlan(
-        None,  # type: ignore[arg-type]  # the XML is all build_clone_xml reads
+        NO_VERSION,  # type: ignore[arg-type]  # build_clone_xml reads the XML and tpm only
         "web-clone", [(rec, Path("/img/web-clone-vda.qcow2"))], None, [],
         VOLUME_XML.format(uuid=UUID),
     )  # fmt: skip
@@ -305,7 +316,7 @@ def test_clone_of_a_network_disk_gets_a_plain_file() -> None:
       </disk></devices></domain>"""
     rec = replace(TOP, target="vdb", source="pool/web", format="raw", file="vdb.raw")
     plan = RestorePlan(
-        None,  # type: ignore[arg-type]  # the XML is all build_clone_xml reads
+        NO_VERSION,  # type: ignore[arg-type]  # build_clone_xml reads the XML and tpm only
         "web-clone", [(rec, Path("/img/web-clone-vdb.raw"))], None, [], xml,
     )  # fmt: skip
 

@@ -32,7 +32,7 @@ from guestsafe.engine.hypervisor import chains, disk_files, tpm_state
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo, parse_domain_xml
 from guestsafe.engine.jobs import jobs_file
 from guestsafe.engine.jobs.model import Job
-from guestsafe.engine.modes import Mode
+from guestsafe.engine.modes import ChainMode, Mode
 
 UUID = "0b9e5f1c-3a4d-4e8f-9c2b-7d6a5e4f3c2b"
 
@@ -141,8 +141,16 @@ def test_the_existing_file_rules_speak_through_the_plan(tmp_path: Path) -> None:
     )
 
     plans = plan_disks(info, PlanOptions())
-    assert [p.action for p in plans] == [REFUSE, REFUSE]
-    assert "overlay" in (plans[0].reason or "") and "missing" in (plans[1].reason or "")
+    assert [p.action for p in plans] == [COPY, REFUSE]
+    assert plans[0].how == "flatten chain (2 files) into one qcow2"
+    assert "missing" in (plans[1].reason or "")
+    keep = plan_disks(info, PlanOptions(chain=ChainMode.KEEP))[0]
+    assert keep.how == "keep chain (2 files, relinked)"
+    pushed = plan_disks(info, PlanOptions(Mode.STOP_SHORT, chain=ChainMode.KEEP))[0]
+    assert pushed.refused and "chain = keep needs mode stop" in (pushed.reason or "")
+    base.unlink()
+    gone = plan_disks(info, PlanOptions())[0]
+    assert gone.refused
 
 
 def test_a_raw_disk_starting_with_a_qcow2_header_is_raw(tmp_path: Path) -> None:
