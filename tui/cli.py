@@ -34,7 +34,6 @@ from guestsafe.engine.api import (
     byte_size,
     describe_policy,
     escape,
-    jobs_covering,
     mode_label,
     on_calendar,
     retention_policy,
@@ -46,6 +45,7 @@ from guestsafe.engine.events import (
     LogLine,
 )
 
+from .model.coverage import coverage
 from .model.printing import ConsoleReporter
 
 EXIT_INTERRUPTED = 130
@@ -479,32 +479,21 @@ def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
     rows = [("GUEST", "STATE", "DISKS", "MACS", "JOBS")]
     job = engine.job(args.job) if getattr(args, "job", None) else None
     guests = engine.guests()
-    jobs = engine.jobs()
-    uncovered = set(engine.uncovered_guests(guests))
-    # "all" takes persistent guests only; a transient one is covered only where listed.
-    covering = jobs_covering(jobs, [g.name for g in guests if g.persistent])
+    covered = coverage(engine.jobs(), guests)
     for guest in guests:
         disks = ",".join(d.target for d in guest.disks if d.backs_up)
-        if guest.name in uncovered:
-            in_jobs = "NONE (no backup)"
-        elif guest.persistent:
-            in_jobs = ",".join(covering[guest.name]) or "- (excluded)"
-        else:
-            listed = [j.name for j in jobs if not j.all_guests and guest.name in j.guests]
-            in_jobs = ",".join(listed) or "- (transient)"
-        row = (guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-", in_jobs)
-        rows.append(row)
+        label = covered[guest.name].label
+        rows.append((guest.name, guest.state, disks or "-", ",".join(guest.macs) or "-", label))
     _table(rows)
+    uncovered = sorted(name for name, c in covered.items() if c.uncovered)
     if uncovered:
-        names = ", ".join(sorted(uncovered))
-        print(f"not backed up by any job: {escape(names)}", file=sys.stderr)
+        print(f"not backed up by any job: {escape(', '.join(uncovered))}", file=sys.stderr)
     for guest in guests:
         print(f"\n{escape(guest.name)}{'' if guest.persistent else ' (transient)'}:")
         # Without --job, the plan of the first job that backs the guest up (mode stop if none).
-        first = next((j for j in jobs if j.name in covering.get(guest.name, ())), None)
         plan_rows = [
             (f"  {p.target}", p.source or "-", p.how + (f": {p.reason}" if p.reason else ""))
-            for p in engine.disk_plans(guest, job or first)
+            for p in engine.disk_plans(guest, job or covered[guest.name].first)
         ]
         _table(plan_rows or [("  (no disks)",)])
     return 0

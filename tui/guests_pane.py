@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable
@@ -9,10 +10,11 @@ from textual.widgets import DataTable
 from guestsafe.engine.api import DiskPlan, Engine, GuestInfo
 
 from . import formatting as fmt
+from .model.coverage import Coverage, coverage
 from .worker_errors import ReportsWorkerErrors, background
 
-COLUMNS = ("Guest", "State", "Disks backed up", "MACs")
-# Per disk of every guest: what a backup in mode stop does with it, or why not.
+COLUMNS = ("Guest", "State", "Disks backed up", "MACs", "Jobs")
+# Per disk of every guest: what the first job backing it up (else mode stop) does with it.
 PLAN_COLUMNS = ("Guest", "Disk", "Source", "Backup")
 
 
@@ -42,10 +44,16 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
     @background(group="guests-load")
     def reload(self) -> None:
         guests = self._engine.guests()
-        plans = {g.name: self._engine.disk_plans(g) for g in guests}
-        self.app.call_from_thread(self._loaded, guests, plans)
+        covered = coverage(self._engine.jobs(), guests)
+        plans = {g.name: self._engine.disk_plans(g, covered[g.name].first) for g in guests}
+        self.app.call_from_thread(self._loaded, guests, plans, covered)
 
-    def _loaded(self, guests: list[GuestInfo], plans: dict[str, list[DiskPlan]]) -> None:
+    def _loaded(
+        self,
+        guests: list[GuestInfo],
+        plans: dict[str, list[DiskPlan]],
+        covered: dict[str, Coverage],
+    ) -> None:
         self._guests = guests
         self._show_plans(guests, plans)
         table = self.query_one("#guests-table", DataTable)
@@ -57,6 +65,7 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
                 fmt.literal(guest.state),
                 fmt.literal(disks),
                 fmt.literal(", ".join(guest.macs) or "-"),
+                self._jobs_cell(covered[guest.name]),
                 key=guest.uuid or guest.name,
             )
 
@@ -73,6 +82,12 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
                     fmt.literal(how),
                     key=f"{guest.uuid or guest.name}/{n}",
                 )
+
+    @staticmethod
+    def _jobs_cell(covered: Coverage) -> Text:
+        # Bold as well as red: a new guest without backups must show in a plain terminal.
+        style = "bold red" if covered.uncovered else ""
+        return fmt.literal(covered.label, style)
 
     def focus_table(self) -> None:
         self.query_one("#guests-table", DataTable).focus()
