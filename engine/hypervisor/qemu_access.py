@@ -143,3 +143,55 @@ def qemu_sees(name: str, folder: Path) -> bool | None:
         return inside.is_dir()
     except OSError:
         return None
+
+
+def grant_read(uid: int | None, files: list[Path]) -> list[Path]:
+    """Let QEMU's uid read ``files`` (a booted clone's backing files), and nothing more.
+
+    Search on each folder above them that others may not search, read on each file
+    others may not read; entries already there are left alone. The paths given an
+    entry, to hand to ``revoke_read`` later.
+    """
+    if uid is None:
+        return []
+    added: list[Path] = []
+    try:
+        for path in files:
+            for folder in reversed(path.parents):
+                if folder in added or _others_may_search(folder):
+                    continue
+                if not _has_uid_entry(folder, uid):
+                    _read_acl("-m", f"u:{uid}:x", folder, uid)
+                    added.append(folder)
+            if not os.stat(path).st_mode & stat.S_IROTH and not _has_uid_entry(path, uid):
+                _read_acl("-m", f"u:{uid}:r", path, uid)
+                added.append(path)
+    except BaseException:
+        revoke_read(uid, added)
+        raise
+    return added
+
+
+def revoke_read(uid: int | None, paths: list[Path]) -> None:
+    """Take back the entries ``grant_read`` added; a path gone meanwhile is skipped."""
+    if uid is None:
+        return
+    for path in reversed(paths):
+        with contextlib.suppress(CopyError, FileNotFoundError):
+            if path.exists():
+                _read_acl("-x", f"u:{uid}", path, uid)
+
+
+def _has_uid_entry(path: Path, uid: int) -> bool:
+    listing = _run(["getfacl", "--omit-header", "--numeric", "--absolute-names", str(path)])
+    return any(line.startswith(f"user:{uid}:") for line in listing.splitlines())
+
+
+def _read_acl(flag: str, spec: str, path: Path, uid: int) -> None:
+    try:
+        _run(["setfacl", flag, spec, str(path)])
+    except CopyError as exc:
+        raise CopyError(
+            f"cannot let QEMU (uid {uid}) read {path}: {exc.message}; booting a version "
+            "needs POSIX ACLs on the archive's filesystem (restore it instead)"
+        ) from exc
