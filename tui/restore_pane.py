@@ -87,6 +87,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         Binding("a", "choose_archive", "Archive", id="restore.archive"),
         Binding("t", "restore", "Restore", id="restore.start"),
         Binding("o", "restore_over", "Over original", id="restore.over"),
+        # Off the footer (it is full at 80 columns); "?" lists it with the others.
+        Binding("b", "boot", "Boot now", id="restore.boot", show=False),
         Binding("slash", "filter", "Filter", id="restore.filter"),
     ]
 
@@ -97,6 +99,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._shown: list[VersionInfo] = []  # those whose guest matches the filter
         self._status = ""  # how many versions the archive holds, or why none
         self._start_restored = False  # the form's "start" box, at the last submit
+        self._boot_now = False  # the last submit was "Boot now", not "Restore"
         self._busy = False
         self._cancel = threading.Event()
         self._destinations: list[Path] = []
@@ -341,6 +344,10 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     def action_restore(self) -> None:
         self.query_one(RestoreForm).submit()
 
+    def action_boot(self) -> None:
+        """Run the version now on overlays (``guestsafe boot``) instead of copying it."""
+        self.query_one(RestoreForm).submit(boot=True)
+
     def focus_table(self) -> None:
         self.query_one("#archive-table", DataTable).focus()
 
@@ -355,7 +362,14 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         if self._busy:
             self.app.notify("A restore is already running.", severity="warning")
             return
+        if event.boot and isinstance(source, str):
+            self.app.notify(
+                "Boot now needs an archive that stays mounted; restore from a device instead.",
+                severity="warning",
+            )
+            return
         self._start_restored = event.start
+        self._boot_now = event.boot
         self._plan(source, event.guest, event.number, event.new_name, event.disk_targets)
 
     @contextmanager
@@ -401,7 +415,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     ) -> None:
         self._busy = True
         self._cancel = threading.Event()
-        title = f"restore {plan.version.guest} version {plan.version.number} as {plan.new_name}"
+        verb = "boot" if self._boot_now else "restore"
+        title = f"{verb} {plan.version.guest} version {plan.version.number} as {plan.new_name}"
         self.post_message(ActivityStarted(title))
         self._restore(plan, choices, self._cancel, source)
 
@@ -418,7 +433,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
 
         reporter = BatchingReporter(deliver)
         try:
-            if isinstance(source, str):
+            if self._boot_now:
+                result = self._engine.boot(
+                    plan, mac_choices=choices, reporter=reporter, cancel=cancel
+                )
+            elif isinstance(source, str):
                 result = self._restore_from_device(source, plan, choices, reporter, cancel)
             else:
                 result = self._engine.restore(
@@ -433,7 +452,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             self.app.call_from_thread(self._finished)
         remarks = result.warnings + result.notes
         self.app.notify(
-            restore_summary(result),
+            restore_summary(result, booted=self._boot_now),
             severity="warning" if remarks else "information",
             # Long enough to read what the clone lost or got instead.
             timeout=10 + 4 * len(remarks) if remarks else None,
@@ -539,10 +558,15 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         return self._busy
 
 
-def restore_summary(result: RestoreResult) -> str:
+def restore_summary(result: RestoreResult, *, booted: bool = False) -> str:
     """A finished restore in a few lines: what was defined, then each warning and device note."""
     macs = ", ".join(result.macs) or "no interfaces"
     lines = [f"restore successful: {escape(result.name)} is defined (MACs {macs})"]
+    if booted:
+        lines = [
+            f"instant boot successful: {escape(result.name)} runs on overlays of the version "
+            f"(MACs {macs}); guestsafe promote {escape(result.name)} makes it independent"
+        ]
     lines += [f"warning: {escape(w)}" for w in result.warnings]
     lines += [f"note: {escape(n)}" for n in result.notes]
     return "\n".join(lines)
