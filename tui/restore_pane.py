@@ -48,6 +48,7 @@ from guestsafe.engine.events import Event
 from . import formatting as fmt
 from .confirm_modal import ConfirmModal
 from .devices_panel import ExternalDevicesPanel
+from .formatting import StatusStyles
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
 from .model import text as plain
@@ -100,6 +101,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._status = ""  # how many versions the archive holds, or why none
         self._start_restored = False  # the form's "start" box, at the last submit
         self._boot_now = False  # the last submit was "Boot now", not "Restore"
+        self._in_use: dict[tuple[str, int], list[str]] = {}  # (guest, n) -> booted clones
         self._busy = False
         self._cancel = threading.Event()
         self._destinations: list[Path] = []
@@ -214,11 +216,21 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             return
         versions = self._engine.versions(destination)
         count = f"{len(versions)} version{'s' if len(versions) != 1 else ''}"
-        self.app.call_from_thread(self._loaded, versions, count)
+        in_use: dict[tuple[str, int], list[str]] = {}
+        for record in self._engine.booted_clones():  # instant-boot clones running on one
+            if record.uses(destination, record.guest):
+                in_use.setdefault((record.guest, record.number), []).append(record.clone)
+        self.app.call_from_thread(self._loaded, versions, count, in_use)
 
-    def _loaded(self, versions: list[VersionInfo], status: str) -> None:
+    def _loaded(
+        self,
+        versions: list[VersionInfo],
+        status: str,
+        in_use: dict[tuple[str, int], list[str]] | None = None,
+    ) -> None:
         self._versions = versions
         self._status = status
+        self._in_use = in_use or {}
         self._fill()
 
     def _fill(self) -> None:
@@ -239,11 +251,18 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 fmt.literal(plain.short_time(v.date)),
                 Text(plain.size(v.size), justify="right"),
                 fmt.literal(short_mode_label(v.mode), mode_style),
-                fmt.verified(v.verified, styles),
+                self._verified_cell(v, styles, warning),
                 key=str(index),
             )
         if self._shown:
             table.move_cursor(row=min(row, len(self._shown) - 1))
+
+    def _verified_cell(self, version: VersionInfo, styles: StatusStyles, warning: str) -> Text:
+        cell = fmt.verified(version.verified, styles)
+        clones = self._in_use.get((version.guest, version.number))
+        if clones:
+            cell.append(f", in use by {', '.join(sorted(clones))}", style=warning)
+        return cell
 
     @property
     def versions(self) -> list[VersionInfo]:
@@ -459,6 +478,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             markup=False,
         )
         self.post_message(GuestsChanged())
+        if self._boot_now:
+            self.app.call_from_thread(self.load_versions)  # shows "in use by" the clone
 
     def _restore_from_device(
         self,
