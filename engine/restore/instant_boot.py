@@ -114,7 +114,9 @@ def boot_clone(
         try:
             record, notes = _build(plan, record, chains, macs, hv, paths, force, reporter, cancel)
         except BaseException:
-            _undo(record, hv, paths, defined=hv.exists(name) and _is_ours(hv, record))
+            # The record as last written: it names the ACL entries granted meanwhile.
+            written = read_record(paths.state_dir, name) or record
+            _undo(written, hv, paths, defined=hv.exists(name) and _is_ours(hv, written))
             raise
     events.info(reporter, f"booted {name} from {version.guest} version {version.number} (overlays)")
     reporter(events.RunEnded(events.RunKind.RESTORE, True, "instant boot successful", name))
