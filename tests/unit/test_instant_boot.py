@@ -191,3 +191,28 @@ def test_the_overlay_xml_reads_the_chain_read_only_without_relabelling() -> None
 
 def _keep(n: int) -> RetentionPolicy:
     return RetentionPolicy(last=n)
+
+
+def test_list_and_the_dry_run_name_the_clone_a_version_is_in_use_by(
+    archive: Archive,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import tomli_w
+
+    from guestsafe.tui.cli import main
+
+    home = tmp_path / "home"
+    (home / "config").mkdir(parents=True)
+    job = {"guests": ["web"], "destination": str(archive.root), "keep": 1}
+    (home / "config" / "jobs.toml").write_text(tomli_w.dumps({"jobs": {"nightly": job}}))
+    monkeypatch.setenv("GUESTSAFE_HOME", str(home))
+    write_record(home / "state", _record(archive, 1))
+
+    assert main(["list", "web"]) == 0
+    rows = {line.split()[1]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows["1"].endswith("in use by web-now") and rows["2"].endswith(" -")
+    assert main(["prune", "--dry-run", "nightly"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[2] for line in out.splitlines() if "in use by web-now" in line] == ["1"]
