@@ -34,6 +34,7 @@ from guestsafe.engine.archive.calendar_retention import (
     describe_policy,
     keep_reasons,
 )
+from guestsafe.engine.archive.in_use import BootRecord, all_records, versions_in_use
 from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
@@ -87,9 +88,11 @@ from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore.block_targets import parse_disk_targets
 from guestsafe.engine.restore.clone import restore_clone
+from guestsafe.engine.restore.instant_boot import boot_clone, discard_clone
 from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over_original
 from guestsafe.engine.restore.over_recovery import recover_restores
 from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
+from guestsafe.engine.restore.promote import promote_clone
 from guestsafe.engine.sizes import byte_rate, byte_size
 
 __all__ = [
@@ -107,6 +110,7 @@ __all__ = [
     "WEEKDAYS",
     "Archive",
     "BlockDevice",
+    "BootRecord",
     "Candidate",
     "DeviceWatcher",
     "DevicesChanged",
@@ -545,7 +549,11 @@ class Engine:
         policy = retention_policy(job)
         with self.job_archive(job) as archive:
             guests = resolve_guests(job, archive.guests())  # "all": those backed up so far
-            return [(guest, archive.retention_rows(guest, policy)) for guest in guests]
+            state = self.paths.state_dir
+            return [
+                (g, archive.retention_rows(g, policy, versions_in_use(state, archive.root, g)))
+                for g in guests
+            ]
 
     def prune(self, job: Job, reporter: Reporter = events.null_reporter) -> list[GuestPrune]:
         """Delete what ``retention_preview`` says would go, under the locks a backup takes.
@@ -658,3 +666,45 @@ class Engine:
             reporter=reporter,
             cancel=cancel,
         )
+
+    # --- instant boot (engine/restore/instant_boot.py, promote.py) ------------
+
+    def boot(
+        self,
+        plan: RestorePlan,
+        *,
+        mac_policy: str = NEW,
+        mac_choices: Mapping[int, str] | None = None,
+        force: bool = False,
+        reporter: Reporter = events.null_reporter,
+        cancel: threading.Event | None = None,
+    ) -> RestoreResult:
+        """Define and start ``plan``'s clone on overlays backed by the version's files."""
+        return boot_clone(
+            plan,
+            self.hv,
+            self.paths,
+            mac_policy=mac_policy,
+            mac_choices=mac_choices,
+            force=force,
+            reporter=reporter,
+            cancel=cancel,
+        )
+
+    def promote(
+        self,
+        name: str,
+        *,
+        reporter: Reporter = events.null_reporter,
+        cancel: threading.Event | None = None,
+    ) -> list[str]:
+        """Copy into clone ``name``'s overlays what they read from the archive; cut the tie."""
+        return promote_clone(name, self.hv, self.paths, reporter=reporter, cancel=cancel)
+
+    def discard_boot(self, name: str, reporter: Reporter = events.null_reporter) -> list[str]:
+        """Remove an instant-boot clone, its overlays and its record; never another guest."""
+        return discard_clone(name, self.hv, self.paths, reporter)
+
+    def booted_clones(self) -> list[BootRecord]:
+        """The instant-boot clones neither promoted nor discarded, each naming its version."""
+        return all_records(self.paths.state_dir)

@@ -16,12 +16,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from guestsafe.engine.api import (
     KEEP,
     MARKER,
     NEW,
     Archive,
+    BootRecord,
     Candidate,
     Engine,
     Job,
@@ -125,6 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--dest", type=Path, help="archive directory")
     restore.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
+    boot = sub.add_parser(
+        "boot", help="run a version now as a new guest on overlays backed by the version"
+    )
+    boot.add_argument("guest", nargs="?")
+    boot.add_argument("version", nargs="?", type=int)
+    boot.add_argument("new_name", nargs="?", metavar="NEWNAME")
+    boot.add_argument(
+        "--mac",
+        choices=(NEW, KEEP),
+        default=NEW,
+        help="new (default): new MACs where they clash; keep: keep them all",
+    )
+    boot.add_argument("--target-dir", type=Path, help="where the overlays go")
+    boot.add_argument("--force", action="store_true", help="boot a version that fails its checks")
+    boot.add_argument("--dest", type=Path, help="archive directory")
+    boot.add_argument(
+        "--discard",
+        metavar="CLONE",
+        help="remove a clone guestsafe booted: the guest, its overlays and NVRAM",
+    )
+    promote = sub.add_parser(
+        "promote", help="copy a booted clone onto its own storage while it runs"
+    )
+    promote.add_argument("clone")
     verify = sub.add_parser("verify", help="re-read and check versions")
     verify.add_argument("guest", nargs="?")
     verify.add_argument("version", nargs="?", type=int)
@@ -299,7 +325,10 @@ def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
             _print_problems(archive.problems(args.guest))
             return code
     listed = _listed_archives(engine, args.dest)
-    code = _print_versions((str(dest), engine.versions(dest, args.guest)) for dest in listed)
+    booted = engine.booted_clones()
+    code = _print_versions(
+        ((str(dest), engine.versions(dest, args.guest)) for dest in listed), booted
+    )
     for dest in listed:
         _print_problems(engine.archive(dest).problems(args.guest))
     return code
@@ -334,28 +363,42 @@ def _mounted_archives(engine: Engine, destinations: list[Path]) -> list[Path]:
     return found
 
 
-def _print_versions(archives: Iterable[tuple[str, list[VersionInfo]]]) -> int:
+def _print_versions(
+    archives: Iterable[tuple[str, list[VersionInfo]]], booted: Sequence[BootRecord] = ()
+) -> int:
     # ON DISK: the version folder's size; a run log's "copied" is the data read.
-    rows = [("GUEST", "VERSION", "DATE", "MODE", "ON DISK", "VERIFIED", "ARCHIVE")]
+    header = ("GUEST", "VERSION", "DATE", "MODE", "ON DISK", "VERIFIED", "ARCHIVE")
+    # An IN USE column only while some clone runs on a version (guestsafe boot).
+    rows: list[tuple[str, ...]] = [header + (("IN USE",) if booted else ())]
     for where, versions in archives:
         for v in versions:
             verified = {True: "ok", False: "FAILED", None: "-"}[v.verified]
-            rows.append(
-                (
-                    v.guest,
-                    str(v.number),
-                    v.date,
-                    mode_label(v.mode),
-                    byte_size(v.size),
-                    verified,
-                    where,
-                )
+            row: tuple[str, ...] = (
+                v.guest,
+                str(v.number),
+                v.date,
+                mode_label(v.mode),
+                byte_size(v.size),
+                verified,
+                where,
             )
+            if booted:
+                row += (_in_use(v, booted),)
+            rows.append(row)
     if len(rows) == 1:
         print("no versions found")
         return 0
     _table(rows)
     return 0
+
+
+def _in_use(version: VersionInfo, booted: Sequence[BootRecord]) -> str:
+    clones = [
+        r.clone
+        for r in booted
+        if r.number == version.number and r.uses(version.path.parent.parent, version.guest)
+    ]
+    return "in use by " + ", ".join(sorted(clones)) if clones else "-"
 
 
 def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
@@ -451,13 +494,7 @@ def _restore_from(
         target_dir=args.target_dir,
         disk_targets=args.disk_target,
     )
-    for iface in plan.clashes:
-        action = "keeping it (--mac keep)" if args.mac == KEEP else f"using {iface.new_mac}"
-        print(
-            f"interface {iface.index}: MAC {iface.mac} is already used by guest "
-            f"{escape(iface.clash_with or '')}; {action}",
-            file=sys.stderr,
-        )
+    _say_clashes(plan.clashes, args.mac)
     result = engine.restore(
         plan, mac_policy=args.mac, start=args.start, force=args.force, reporter=reporter
     )
@@ -467,6 +504,47 @@ def _restore_from(
     for note in result.notes:  # what the clone got instead of the original's, or lost
         print(f"note: {escape(note)}")
     return 0
+
+
+def cmd_boot(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    if args.discard is not None:
+        if args.guest is not None:
+            raise RestoreError("boot --discard CLONE takes no other names")
+        for line in engine.discard_boot(args.discard):
+            print(escape(line))
+        return 0
+    if args.guest is None or args.version is None or args.new_name is None:
+        raise RestoreError("give the guest, the version and a new name: boot web1 3 web1-now")
+    archive = engine.find_archive(args.guest, args.dest)
+    plan = engine.plan_restore(
+        archive, args.guest, args.version, args.new_name, target_dir=args.target_dir
+    )
+    _say_clashes(plan.clashes, args.mac)
+    result = engine.boot(plan, mac_policy=args.mac, force=args.force, reporter=reporter)
+    print(
+        f"booted {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})"
+        f" on overlays of {escape(args.guest)} version {args.version}; "
+        f"guestsafe promote {escape(result.name)} makes it independent"
+    )
+    for note in result.notes:
+        print(f"note: {escape(note)}")
+    return 0
+
+
+def cmd_promote(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    disks = engine.promote(args.clone, reporter=reporter, cancel=cancel_on_signals())
+    print(f"promoted {escape(args.clone)}: {', '.join(disks)} on its own storage")
+    return 0
+
+
+def _say_clashes(clashes: Iterable[Any], mac: str) -> None:
+    for iface in clashes:
+        action = "keeping it (--mac keep)" if mac == KEEP else f"using {iface.new_mac}"
+        print(
+            f"interface {iface.index}: MAC {iface.mac} is already used by guest "
+            f"{escape(iface.clash_with or '')}; {action}",
+            file=sys.stderr,
+        )
 
 
 def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
@@ -619,6 +697,8 @@ _COMMANDS = {
     "list": cmd_list,
     "verify": cmd_verify,
     "restore": cmd_restore,
+    "boot": cmd_boot,
+    "promote": cmd_promote,
     "recover": cmd_recover,
     "guests": cmd_guests,
     "run-due": cmd_run_due,

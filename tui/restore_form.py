@@ -26,6 +26,7 @@ class RestoreForm(Vertical):
         new_name: str
         start: bool = False  # start the restored guest, as the CLI's --start
         disk_targets: tuple[str, ...] = ()  # "vdb=/dev/vg/lv", as the CLI's --disk-target
+        boot: bool = False  # boot now on overlays of the version (guestsafe boot), no copy
 
     # The row taken last: (its name as shown, its real name).
     _chosen: tuple[str, str] | None = None
@@ -82,7 +83,7 @@ class RestoreForm(Vertical):
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#r-submit")
-    def submit(self, event: Message | None = None) -> None:
+    def submit(self, event: Message | None = None, *, boot: bool = False) -> None:
         if event is not None:
             event.stop()
         guest = self._input("r-guest").value
@@ -108,6 +109,12 @@ class RestoreForm(Vertical):
             self._error(f"Onto devices: write each as DISK=DEVICE, e.g. vdb=/dev/vg/lv ({bad})")
             self._input("r-disks").focus()
             return
+        if boot and disk_targets:
+            self._error("Onto devices: Boot now puts every disk on an overlay; empty it")
+            self._input("r-disks").focus()
+            return
         self._error("")
         start = self.query_one("#r-start", TickBox).value
-        self.post_message(self.Submitted(guest, int(version), new_name, start, disk_targets))
+        self.post_message(
+            self.Submitted(guest, int(version), new_name, start, disk_targets, boot=boot)
+        )

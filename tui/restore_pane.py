@@ -48,6 +48,7 @@ from guestsafe.engine.events import Event
 from . import formatting as fmt
 from .confirm_modal import ConfirmModal
 from .devices_panel import ExternalDevicesPanel
+from .formatting import StatusStyles
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
 from .model import text as plain
@@ -87,6 +88,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         Binding("a", "choose_archive", "Archive", id="restore.archive"),
         Binding("t", "restore", "Restore", id="restore.start"),
         Binding("o", "restore_over", "Over original", id="restore.over"),
+        # Off the footer (it is full at 80 columns); "?" lists it with the others.
+        Binding("b", "boot", "Boot now", id="restore.boot"),
         Binding("slash", "filter", "Filter", id="restore.filter"),
     ]
 
@@ -97,6 +100,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._shown: list[VersionInfo] = []  # those whose guest matches the filter
         self._status = ""  # how many versions the archive holds, or why none
         self._start_restored = False  # the form's "start" box, at the last submit
+        self._boot_now = False  # the last submit was "Boot now", not "Restore"
+        self._in_use: dict[tuple[str, int], list[str]] = {}  # (guest, n) -> booted clones
         self._busy = False
         self._cancel = threading.Event()
         self._destinations: list[Path] = []
@@ -211,11 +216,21 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             return
         versions = self._engine.versions(destination)
         count = f"{len(versions)} version{'s' if len(versions) != 1 else ''}"
-        self.app.call_from_thread(self._loaded, versions, count)
+        in_use: dict[tuple[str, int], list[str]] = {}
+        for record in self._engine.booted_clones():  # instant-boot clones running on one
+            if record.uses(destination, record.guest):
+                in_use.setdefault((record.guest, record.number), []).append(record.clone)
+        self.app.call_from_thread(self._loaded, versions, count, in_use)
 
-    def _loaded(self, versions: list[VersionInfo], status: str) -> None:
+    def _loaded(
+        self,
+        versions: list[VersionInfo],
+        status: str,
+        in_use: dict[tuple[str, int], list[str]] | None = None,
+    ) -> None:
         self._versions = versions
         self._status = status
+        self._in_use = in_use or {}
         self._fill()
 
     def _fill(self) -> None:
@@ -236,11 +251,18 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 fmt.literal(plain.short_time(v.date)),
                 Text(plain.size(v.size), justify="right"),
                 fmt.literal(short_mode_label(v.mode), mode_style),
-                fmt.verified(v.verified, styles),
+                self._verified_cell(v, styles, warning),
                 key=str(index),
             )
         if self._shown:
             table.move_cursor(row=min(row, len(self._shown) - 1))
+
+    def _verified_cell(self, version: VersionInfo, styles: StatusStyles, warning: str) -> Text:
+        cell = fmt.verified(version.verified, styles)
+        clones = self._in_use.get((version.guest, version.number))
+        if clones:
+            cell.append(f", in use by {', '.join(sorted(clones))}", style=warning)
+        return cell
 
     @property
     def versions(self) -> list[VersionInfo]:
@@ -341,6 +363,10 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     def action_restore(self) -> None:
         self.query_one(RestoreForm).submit()
 
+    def action_boot(self) -> None:
+        """Run the version now on overlays (``guestsafe boot``) instead of copying it."""
+        self.query_one(RestoreForm).submit(boot=True)
+
     def focus_table(self) -> None:
         self.query_one("#archive-table", DataTable).focus()
 
@@ -355,7 +381,14 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         if self._busy:
             self.app.notify("A restore is already running.", severity="warning")
             return
+        if event.boot and isinstance(source, str):
+            self.app.notify(
+                "Boot now needs an archive that stays mounted; restore from a device instead.",
+                severity="warning",
+            )
+            return
         self._start_restored = event.start
+        self._boot_now = event.boot
         self._plan(source, event.guest, event.number, event.new_name, event.disk_targets)
 
     @contextmanager
@@ -401,7 +434,8 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     ) -> None:
         self._busy = True
         self._cancel = threading.Event()
-        title = f"restore {plan.version.guest} version {plan.version.number} as {plan.new_name}"
+        verb = "boot" if self._boot_now else "restore"
+        title = f"{verb} {plan.version.guest} version {plan.version.number} as {plan.new_name}"
         self.post_message(ActivityStarted(title))
         self._restore(plan, choices, self._cancel, source)
 
@@ -418,7 +452,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
 
         reporter = BatchingReporter(deliver)
         try:
-            if isinstance(source, str):
+            if self._boot_now:
+                result = self._engine.boot(
+                    plan, mac_choices=choices, reporter=reporter, cancel=cancel
+                )
+            elif isinstance(source, str):
                 result = self._restore_from_device(source, plan, choices, reporter, cancel)
             else:
                 result = self._engine.restore(
@@ -433,13 +471,15 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             self.app.call_from_thread(self._finished)
         remarks = result.warnings + result.notes
         self.app.notify(
-            restore_summary(result),
+            restore_summary(result, booted=self._boot_now),
             severity="warning" if remarks else "information",
             # Long enough to read what the clone lost or got instead.
             timeout=10 + 4 * len(remarks) if remarks else None,
             markup=False,
         )
         self.post_message(GuestsChanged())
+        if self._boot_now:
+            self.app.call_from_thread(self.load_versions)  # shows "in use by" the clone
 
     def _restore_from_device(
         self,
@@ -539,10 +579,15 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         return self._busy
 
 
-def restore_summary(result: RestoreResult) -> str:
+def restore_summary(result: RestoreResult, *, booted: bool = False) -> str:
     """A finished restore in a few lines: what was defined, then each warning and device note."""
     macs = ", ".join(result.macs) or "no interfaces"
     lines = [f"restore successful: {escape(result.name)} is defined (MACs {macs})"]
+    if booted:
+        lines = [
+            f"instant boot successful: {escape(result.name)} runs on overlays of the version "
+            f"(MACs {macs}); guestsafe promote {escape(result.name)} makes it independent"
+        ]
     lines += [f"warning: {escape(w)}" for w in result.warnings]
     lines += [f"note: {escape(n)}" for n in result.notes]
     return "\n".join(lines)

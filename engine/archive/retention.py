@@ -14,25 +14,33 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Mapping
 from datetime import datetime, tzinfo
 from pathlib import Path
 
 from guestsafe.engine import failpoints
 from guestsafe.engine.archive.calendar_retention import Candidate, RetentionPolicy, keep_reasons
+from guestsafe.engine.archive.in_use import in_use_reason
 from guestsafe.engine.archive.layout import DELETING_PREFIX, remove, version_numbers
 from guestsafe.engine.archive.versions import read_verified, read_version
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.fsutil import fsync_dir
 
 
-def prune(folder: Path, guest: str, policy: RetentionPolicy) -> list[int]:
+def prune(
+    folder: Path,
+    guest: str,
+    policy: RetentionPolicy,
+    in_use: Mapping[int, list[str]] | None = None,
+) -> list[int]:
     """Delete the versions of ``guest`` in ``folder`` that ``policy`` lets go; their numbers.
 
     Kept: what a rule of ``policy`` keeps (``calendar_retention.keep_reasons``),
-    the newest version, and the newest one whose last verification passed. A bad
+    the newest version, the newest one whose last verification passed, and those
+    ``in_use`` names (number -> the instant-boot clones running on it). A bad
     version goes once ``max(policy.last, 1)`` good versions are newer than it.
     """
-    reasons = plan(folder, guest, policy)
+    reasons = plan(folder, guest, policy, in_use=in_use)
     doomed = [n for n, why in sorted(reasons.items()) if not why]
     for number in doomed:
         delete_version(folder, number)
@@ -40,10 +48,24 @@ def prune(folder: Path, guest: str, policy: RetentionPolicy) -> list[int]:
 
 
 def plan(
-    folder: Path, guest: str, policy: RetentionPolicy, tz: tzinfo | None = None
+    folder: Path,
+    guest: str,
+    policy: RetentionPolicy,
+    tz: tzinfo | None = None,
+    in_use: Mapping[int, list[str]] | None = None,
 ) -> dict[int, list[str]]:
     """Per version of ``guest`` in ``folder``, the rules that keep it; empty: it would go."""
-    return keep_reasons(candidates(folder, guest), policy, tz)
+    return keep_in_use(keep_reasons(candidates(folder, guest), policy, tz), in_use)
+
+
+def keep_in_use(
+    reasons: dict[int, list[str]], in_use: Mapping[int, list[str]] | None
+) -> dict[int, list[str]]:
+    """``reasons`` with "in use by CLONE" added to each version a booted clone reads."""
+    for number, clones in (in_use or {}).items():
+        if number in reasons and clones:
+            reasons[number].append(in_use_reason(clones))
+    return reasons
 
 
 def candidates(folder: Path, guest: str) -> list[Candidate]:

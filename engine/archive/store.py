@@ -23,6 +23,7 @@ import os
 import stat
 import threading
 import uuid as uuidlib
+from collections.abc import Mapping
 from datetime import tzinfo
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,7 @@ from guestsafe.engine.archive.names import (
     printable,
 )
 from guestsafe.engine.archive.partial import PartialVersion
-from guestsafe.engine.archive.retention import candidates, plan, prune
+from guestsafe.engine.archive.retention import candidates, keep_in_use, plan, prune
 from guestsafe.engine.archive.verify import (
     ProgressFn,
     VerifyReport,
@@ -441,34 +442,47 @@ class Archive:
 
     # --- retention and recovery ------------------------------------------------
 
-    def apply_retention(self, guest: str, keep: int | RetentionPolicy) -> list[int]:
+    def apply_retention(
+        self,
+        guest: str,
+        keep: int | RetentionPolicy,
+        in_use: Mapping[int, list[str]] | None = None,
+    ) -> list[int]:
         """Delete the versions no rule keeps, and bad ones it outlived; their numbers.
 
         ``keep`` is a ``RetentionPolicy`` or, as before calendar rules, a count of
         good versions (``keep_last``). Never deletes the newest version, nor the
-        newest one whose last verification passed. Call it only after the new
+        newest one whose last verification passed, nor one ``in_use`` names
+        (number -> instant-boot clones reading it). Call it only after the new
         version is committed.
         """
         policy = _as_policy(guest, keep)
         folder = self._guest_dir(guest)
-        return [] if folder is None else prune(folder, guest, policy)
+        return [] if folder is None else prune(folder, guest, policy, in_use)
 
     def retention_plan(
-        self, guest: str, policy: RetentionPolicy, tz: tzinfo | None = None
+        self,
+        guest: str,
+        policy: RetentionPolicy,
+        tz: tzinfo | None = None,
+        in_use: Mapping[int, list[str]] | None = None,
     ) -> dict[int, list[str]]:
         """Per version of ``guest``, the rules that keep it (empty: it goes); deletes nothing."""
         folder = self._guest_dir(guest)
-        return {} if folder is None else plan(folder, guest, policy, tz)
+        return {} if folder is None else plan(folder, guest, policy, tz, in_use)
 
     def retention_rows(
-        self, guest: str, policy: RetentionPolicy
+        self,
+        guest: str,
+        policy: RetentionPolicy,
+        in_use: Mapping[int, list[str]] | None = None,
     ) -> list[tuple[Candidate, list[str]]]:
         """Each version of ``guest``, newest first, with the rules that keep it; for a dry run."""
         folder = self._guest_dir(guest)
         if folder is None:
             return []
         found = candidates(folder, guest)
-        reasons = keep_reasons(found, policy)
+        reasons = keep_in_use(keep_reasons(found, policy), in_use)
         return [(c, reasons[c.number]) for c in reversed(found)]
 
     def recover(self) -> list[Path]:

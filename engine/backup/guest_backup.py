@@ -18,6 +18,7 @@ from pathlib import Path
 
 from guestsafe.engine import __version__, failpoints, locks, modes
 from guestsafe.engine.archive.calendar_retention import describe_policy
+from guestsafe.engine.archive.in_use import in_use_reason, versions_in_use
 from guestsafe.engine.archive.manifest import Manifest, manifest_format
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.cold_copy import ColdCopy
@@ -323,7 +324,13 @@ class GuestBackup:
         self._enter(Phase.RETENTION, None)
         with naming("removing old versions next to", self.version.path):
             policy = retention_policy(job)
-            deleted = archive.apply_retention(self.name, policy)
+            in_use = versions_in_use(self.ctx.paths.state_dir, archive.root, self.name)
+            deleted = archive.apply_retention(self.name, policy, in_use)
+        for number, clones in sorted(in_use.items()):
+            self.run.say_info(
+                f"retention keeps version {number}: {in_use_reason(clones)} (booted from it; "
+                "guestsafe promote or boot --discard lets it go)"
+            )
         if deleted:
             rules = describe_policy(policy)
             self.run.say_info(f"retention ({rules}) removed versions {_numbers(deleted)}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from guestsafe.engine import events, locks
 from guestsafe.engine.archive.calendar_retention import Candidate
+from guestsafe.engine.archive.in_use import versions_in_use
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.devices import mounts
 from guestsafe.engine.errors import LockBusy
@@ -55,11 +56,14 @@ def prune_job(
     done: list[GuestPrune] = []
     with _job_archive(job, hv, paths, reporter, purpose) as archive:
         for guest in resolve_guests(job, archive.guests()):
-            outcome = GuestPrune(guest, archive.retention_rows(guest, policy))
+            # Versions an instant-boot clone runs on stay (engine/archive/in_use.py).
+            in_use = versions_in_use(paths.state_dir, archive.root, guest)
+            outcome = GuestPrune(guest, archive.retention_rows(guest, policy, in_use))
             try:
                 with _guest_locks(archive, guest, paths, purpose):
-                    outcome.rows = archive.retention_rows(guest, policy)  # under the locks
-                    outcome.deleted = archive.apply_retention(guest, policy)
+                    in_use = versions_in_use(paths.state_dir, archive.root, guest)
+                    outcome.rows = archive.retention_rows(guest, policy, in_use)  # under the locks
+                    outcome.deleted = archive.apply_retention(guest, policy, in_use)
             except LockBusy as exc:
                 outcome.skipped = f"{exc.message}; its versions are kept"
                 events.warn(reporter, f"guest {guest}: {outcome.skipped}")

@@ -143,3 +143,83 @@ def qemu_sees(name: str, folder: Path) -> bool | None:
         return inside.is_dir()
     except OSError:
         return None
+
+
+def grant_read(uid: int | None, files: list[Path]) -> list[Path]:
+    """Let QEMU's uid read ``files`` (a booted clone's backing files), and nothing more.
+
+    Search on each folder above them that others may not search, read on each file
+    others may not read. An entry QEMU's uid has already is widened if need be and
+    stays afterwards (the mask is recomputed: a chmod may have masked it). The
+    paths given a new entry, to hand to ``revoke_read`` later.
+    """
+    if uid is None:
+        return []
+    added: list[Path] = []
+    try:
+        for path in files:
+            for folder in reversed(path.parents):
+                if folder not in added and not _others_may_search(folder):
+                    _allow(uid, folder, "x", added)
+            if not os.stat(path).st_mode & stat.S_IROTH:
+                _allow(uid, path, "r", added)
+    except BaseException:
+        revoke_read(uid, added)
+        raise
+    return added
+
+
+def _allow(uid: int, path: Path, perm: str, added: list[Path]) -> None:
+    had = _uid_perms(path, uid)
+    if had is None:
+        _read_acl("-m", f"u:{uid}:{perm}", path, uid)
+        added.append(path)
+    else:
+        _read_acl("-m", f"u:{uid}:{''.join(sorted(set(had.replace('-', '') + perm)))}", path, uid)
+
+
+def revoke_read(uid: int | None, paths: list[Path]) -> None:
+    """Take back the entries ``grant_read`` added; a path gone meanwhile is skipped.
+
+    A path left with no other extended entry loses its ACL altogether, so its mode
+    reads as it did before.
+    """
+    if uid is None:
+        return
+    for path in reversed(paths):
+        with contextlib.suppress(CopyError, OSError):
+            if not path.exists():
+                continue
+            _read_acl("-x", f"u:{uid}", path, uid)
+            if not _named_entries(path):
+                _run(["setfacl", "-b", str(path)])
+
+
+def _acl_lines(path: Path) -> list[str]:
+    listing = _run(["getfacl", "--omit-header", "--numeric", "--absolute-names", str(path)])
+    return [line.split("#")[0].strip() for line in listing.splitlines() if line.strip()]
+
+
+def _uid_perms(path: Path, uid: int) -> str | None:
+    for line in _acl_lines(path):
+        if line.startswith(f"user:{uid}:"):
+            return line.split(":")[2]
+    return None
+
+
+def _named_entries(path: Path) -> list[str]:
+    return [
+        line
+        for line in _acl_lines(path)
+        if line.split(":")[0] in ("user", "group") and line.split(":")[1]
+    ]
+
+
+def _read_acl(flag: str, spec: str, path: Path, uid: int) -> None:
+    try:
+        _run(["setfacl", flag, spec, str(path)])
+    except CopyError as exc:
+        raise CopyError(
+            f"cannot let QEMU (uid {uid}) read {path}: {exc.message}; booting a version "
+            "needs POSIX ACLs on the archive's filesystem (restore it instead)"
+        ) from exc

@@ -1,0 +1,90 @@
+"""libvirt block jobs on a running guest: pulling a backing chain into its top image.
+
+``virDomainBlockPull`` with no base copies every block the overlay does not hold
+from its backing files into the overlay, then QEMU drops the backing file from
+the overlay's header and libvirt from the guest's live and persistent XML
+(libvirt 9.0 does both for a persistent guest). The guest runs meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+
+import libvirt
+
+from guestsafe.engine.errors import Cancelled, HypervisorError
+from guestsafe.engine.hypervisor.connection import Hypervisor
+
+POLL_SECONDS = 0.5
+
+ProgressFn = Callable[[int, int], None]
+
+
+def pull_backing(
+    hv: Hypervisor,
+    name: str,
+    target: str,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Flatten disk ``target`` of running guest ``name`` into its own image; wait for it."""
+    dom = _domain(hv, name)
+    try:
+        dom.blockPull(target, 0, 0)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot start a block pull of {name} {target}: {exc}") from exc
+    while True:
+        if cancel is not None and cancel.is_set():
+            _abort(dom, target)
+            raise Cancelled(f"promote of {name} cancelled; {target} still reads the archive")
+        try:
+            info = dom.blockJobInfo(target, 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(
+                f"cannot follow the block pull of {name} {target}: {exc}"
+            ) from exc
+        if not info:
+            break  # the job ended (libvirt clears it once QEMU has pivoted)
+        if progress is not None:
+            progress(int(info.get("cur", 0)), int(info.get("end", 0)))
+        time.sleep(POLL_SECONDS)
+    if backing_files(hv.xml(name, inactive=False), target):
+        raise HypervisorError(
+            f"the block pull of {name} {target} ended, but the disk still has a backing file "
+            "(see libvirtd's log); the clone still reads the archive"
+        )
+
+
+def _abort(dom: libvirt.virDomain, target: str) -> None:
+    with contextlib.suppress(libvirt.libvirtError):  # it ended meanwhile
+        dom.blockJobAbort(target, 0)
+
+
+def backing_files(xml: str, target: str) -> list[str]:
+    """The files of disk ``target``'s backing chain in domain ``xml``, top down."""
+    root = ET.fromstring(xml)
+    for disk in root.findall("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") != target:
+            continue
+        files = []
+        store = disk.find("backingStore")
+        while store is not None:
+            source = store.find("source")
+            if source is None:
+                break
+            files.append(source.get("file") or source.get("dev") or "")
+            store = store.find("backingStore")
+        return files
+    return []
+
+
+def _domain(hv: Hypervisor, name: str) -> libvirt.virDomain:
+    try:
+        return hv.connection.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"guest {name!r}: {exc}") from exc

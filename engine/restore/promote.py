@@ -1,0 +1,112 @@
+"""Promote an instant-boot clone: move it onto its own storage while it runs.
+
+Each overlay already lives where a restored disk would, so promoting is a libvirt
+block pull per disk (``hypervisor/block_jobs.py``): QEMU copies into the overlay
+every block it still reads from the version, drops the backing file from the
+overlay's header, and libvirt drops it from the live and the persistent XML. Then
+the record goes, and with it the version's protection from retention: the clone
+is an ordinary guest. A clone that is shut off is flattened by ``qemu-img rebase``
+instead, which does the same with nothing running.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from guestsafe.engine import events
+from guestsafe.engine.archive.in_use import BootRecord, read_record, remove_record
+from guestsafe.engine.archive.names import printable
+from guestsafe.engine.errors import HypervisorError, RestoreError
+from guestsafe.engine.events import PhaseChanged, Progress, Reporter
+from guestsafe.engine.hypervisor.block_jobs import backing_files, pull_backing
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import RUNNING, SHUTOFF
+from guestsafe.engine.paths import Paths
+from guestsafe.engine.restore.instant_boot import release_access
+
+
+def promote_clone(
+    name: str,
+    hv: Hypervisor,
+    paths: Paths,
+    *,
+    reporter: Reporter = events.null_reporter,
+    cancel: threading.Event | None = None,
+) -> list[str]:
+    """Make clone ``name`` independent of the archive; the disks it flattened."""
+    record = _own_record(name, hv, paths)
+    state = hv.state(name)
+    if state not in (RUNNING, SHUTOFF):
+        raise RestoreError(f"clone {printable(name)} is {state}; promote it running or shut off")
+    reporter(PhaseChanged(name, "promote"))
+    for target, overlay in record.overlays.items():
+        events.info(
+            reporter, f"{target}: copying what {overlay} still reads from the archive", name
+        )
+        if state == RUNNING:
+
+            def progress(done: int, total: int, target: str = target) -> None:
+                reporter(Progress(name, target, done, total))
+
+            pull_backing(hv, name, target, progress, cancel)
+        else:
+            _rebase_offline(Path(overlay))
+    _drop_backing_from_config(hv, name, list(record.overlays))
+    release_access(record, paths)
+    remove_record(paths.state_dir, name)
+    events.info(
+        reporter,
+        f"promoted {name}: its disks no longer read {record.guest} version {record.number}",
+        name,
+    )
+    reporter(events.RunEnded(events.RunKind.RESTORE, True, "promote successful", name))
+    return list(record.overlays)
+
+
+def _own_record(name: str, hv: Hypervisor, paths: Paths) -> BootRecord:
+    record = read_record(paths.state_dir, name)
+    if record is None:
+        raise RestoreError(
+            f"{printable(name)} is not an instant-boot clone guestsafe made (no record of it); "
+            "nothing to promote"
+        )
+    uuid_text = ET.fromstring(hv.xml(name)).findtext("uuid")
+    if uuid_text != record.clone_uuid:
+        raise RestoreError(
+            f"guest {printable(name)} is not the clone guestsafe booted (its UUID differs "
+            "from the record's); nothing was changed"
+        )
+    return record
+
+
+def _rebase_offline(overlay: Path) -> None:
+    # A safe rebase onto nothing: every block the backing files give is copied in.
+    argv = ["qemu-img", "rebase", "-q", "-f", "qcow2", "-b", "", str(overlay)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise HypervisorError(f"cannot flatten {overlay}: {proc.stderr.strip()}")
+
+
+def _drop_backing_from_config(hv: Hypervisor, name: str, targets: list[str]) -> None:
+    """The persistent XML must no longer name the version's files.
+
+    libvirt updates it after a pull itself; after an offline rebase (or where it did
+    not), the chain is cut from the definition here.
+    """
+    xml = hv.xml(name)
+    if not any(backing_files(xml, target) for target in targets):
+        return
+    root = ET.fromstring(xml)
+    for disk in root.findall("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") not in targets:
+            continue
+        for store in disk.findall("backingStore"):
+            disk.remove(store)
+        source = disk.find("source")
+        where = list(disk).index(source) + 1 if source is not None else 0
+        disk.insert(where, ET.Element("backingStore"))
+    hv.define(ET.tostring(root, encoding="unicode"))
