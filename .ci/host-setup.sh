@@ -13,6 +13,7 @@ PACKAGES=(
     e2fsprogs xfsprogs btrfs-progs ntfs-3g exfatprogs exfat-fuse dosfstools fdisk util-linux
     systemd
     python3-venv python3-dev b3sum
+    python3-guestfs linux-image-amd64
 )
 LIBVIRT_URI=qemu:///system
 WAIT_SECONDS=30

@@ -46,6 +46,7 @@ from guestsafe.engine.events import (
     LogLine,
 )
 
+from . import files_cli
 from .model.printing import ConsoleReporter
 
 EXIT_INTERRUPTED = 130
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not mount them read-only for a moment to look for an archive",
     )
+    files_cli.add_parsers(sub)
     return parser
 
 
@@ -622,4 +624,6 @@ _COMMANDS = {
     "run-due": cmd_run_due,
     "schedule": cmd_schedule,
     "devices": cmd_devices,
+    "files": files_cli.cmd_files,
+    "extract": files_cli.cmd_extract,
 }
