@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from guestsafe.engine.api import Engine, Entry, Filesystem, byte_size, escape
+from guestsafe.engine.api import Engine, Entry, Filesystem, byte_size, escape, split_path
 
 from .model.printing import ConsoleReporter
 
@@ -33,6 +33,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_files(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    if args.path is not None:
+        split_path(args.path)  # a bad path is refused before the appliance starts
     archive = engine.find_archive(args.guest, args.dest)
     with engine.version_files(archive, args.guest, args.version) as files:
         if args.path is None:
@@ -61,11 +63,10 @@ def entry_line(entry: Entry) -> str:
 
 
 def cmd_extract(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    split_path(args.path)
     archive = engine.find_archive(args.guest, args.dest)
     with engine.version_files(archive, args.guest, args.version) as files:
-        result = files.extract(
-            args.path, args.target, force=args.force, cancel=threading.Event()
-        )
+        result = files.extract(args.path, args.target, force=args.force, cancel=threading.Event())
     for name in result.skipped:
         print(f"skipped (not a file, folder or link): {escape(name)}", file=sys.stderr)
     print(f"extracted {result.files} files, {byte_size(result.bytes)} into {args.target}")

@@ -259,6 +259,11 @@ class _Writer:
                 continue
             if entry.kind == "dir" and stat.S_ISDIR(existing.st_mode):
                 continue  # merged into
+            if stat.S_ISDIR(existing.st_mode):
+                raise RestoreError(
+                    f"{rel} is a folder in {self._dest} and a {entry.kind} in the version; "
+                    "nothing was written (move the folder away)"
+                )
             clashes.append(str(rel))
         if clashes and not self._force:
             shown = ", ".join(repr(c) for c in clashes[:3])
@@ -279,10 +284,14 @@ class _Writer:
             parent_fd = _open_dir(root_fd, rel.parent)
             try:
                 name = rel.name
-                if entry.kind != "dir" and _lstat_at(parent_fd, PurePosixPath(name)):
-                    os.unlink(name, dir_fd=parent_fd)  # --force: checked in preflight
+                existing = _lstat_at(parent_fd, PurePosixPath(name))
+                is_dir = existing is not None and stat.S_ISDIR(existing.st_mode)
+                if existing is not None and not is_dir:
+                    # --force (preflight refused otherwise): a file or link goes, and
+                    # a link is removed itself, never followed.
+                    os.unlink(name, dir_fd=parent_fd)
                 if entry.kind == "dir":
-                    if _lstat_at(parent_fd, PurePosixPath(name)) is None:
+                    if not is_dir:
                         os.mkdir(name, 0o700, dir_fd=parent_fd)
                     dirs.append((rel, entry))
                 elif entry.kind == "file":
@@ -386,8 +395,7 @@ def _launch(version: VersionInfo) -> tuple[Any, list[str]]:
     except RuntimeError as exc:
         g.close()
         raise RestoreError(
-            f"the libguestfs appliance did not start: {exc}; "
-            "libguestfs-test-tool says why"
+            f"the libguestfs appliance did not start: {exc}; libguestfs-test-tool says why"
         ) from exc
     return g, list(g.list_devices())
 
