@@ -46,7 +46,7 @@ from guestsafe.engine.events import (
     LogLine,
 )
 
-from . import files_cli
+from .model import files_cli
 from .model.printing import ConsoleReporter
 
 EXIT_INTERRUPTED = 130

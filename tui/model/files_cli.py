@@ -12,7 +12,7 @@ from typing import Any
 
 from guestsafe.engine.api import Engine, Entry, Filesystem, byte_size, escape, split_path
 
-from .model.printing import ConsoleReporter
+from .printing import ConsoleReporter
 
 PATH_HELP = "DEVICE:/PATH inside the version, e.g. /dev/sda1:/etc (without it: the filesystems)"
 
