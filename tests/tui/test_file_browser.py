@@ -20,7 +20,9 @@ from textual.widgets import ProgressBar, Static, Tree
 from tui_support import settle, wait_for
 
 from guestsafe.engine.api import Engine, Entry, Extracted, ExtractProgress, Filesystem
+from guestsafe.engine.errors import RestoreError
 from guestsafe.tui.app import GuestsafeApp
+from guestsafe.tui.error_modal import ErrorModal
 from guestsafe.tui.file_browser import FileBrowserScreen
 
 pytestmark = pytest.mark.tui
@@ -131,3 +133,23 @@ async def test_f_opens_a_lazy_tree_and_x_extracts_the_selection(
         await pilot.press("escape")
         await wait_for(pilot, lambda: not isinstance(app.screen, FileBrowserScreen))
         assert source.closed
+
+
+async def test_an_appliance_that_does_not_start_shows_why_and_escape_closes(
+    engine: Engine,
+) -> None:
+    @contextmanager
+    def failing() -> Iterator[FakeSource]:
+        raise RestoreError("the libguestfs appliance did not start: no kernel")
+        yield FakeSource()  # never reached
+
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        app.push_screen(FileBrowserScreen("mail version 1", failing))
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
+        assert "no kernel" in str(app.screen.query_one("#error-message", Static).render())
+        await pilot.press("escape")  # the modal
+        await wait_for(pilot, lambda: isinstance(app.screen, FileBrowserScreen))
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not isinstance(app.screen, FileBrowserScreen))
