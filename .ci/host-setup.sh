@@ -14,6 +14,7 @@ PACKAGES=(
     systemd
     python3-venv python3-dev b3sum
     swtpm swtpm-tools
+    python3-guestfs linux-image-amd64
 )
 LIBVIRT_URI=qemu:///system
 WAIT_SECONDS=30

@@ -44,6 +44,17 @@ from guestsafe.engine.backup.hooks import check_programs
 from guestsafe.engine.backup.prune import GuestPrune, prune_job
 from guestsafe.engine.backup.results import LastResult, RunResult
 from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
+
+# A version's files, read-only through libguestfs (issue #14, browse and extract).
+from guestsafe.engine.browse.version_files import (
+    Entry,
+    Extracted,
+    ExtractProgress,
+    Filesystem,
+    VersionFiles,
+    open_version_files,
+    split_path,
+)
 from guestsafe.engine.demo import Sandbox, ensure_sandbox, reset_sandbox
 from guestsafe.engine.devices import mounts, preflight
 from guestsafe.engine.devices.resolve import resolve
@@ -117,7 +128,11 @@ __all__ = [
     "DiskPlan",
     "DueRun",
     "Engine",
+    "Entry",
+    "ExtractProgress",
+    "Extracted",
     "FieldError",
+    "Filesystem",
     "GuestInfo",
     "GuestPrune",
     "Hooks",
@@ -143,6 +158,7 @@ __all__ = [
     "TimerChanges",
     "UnitSettings",
     "VerifyReport",
+    "VersionFiles",
     "VersionInfo",
     "__version__",
     "as_choice",
@@ -166,6 +182,7 @@ __all__ = [
     "resolve_guests",
     "retention_policy",
     "short_mode_label",
+    "split_path",
     "uncovered_guests",
     "validate_job",
 ]
@@ -708,3 +725,10 @@ class Engine:
     def booted_clones(self) -> list[BootRecord]:
         """The instant-boot clones neither promoted nor discarded, each naming its version."""
         return all_records(self.paths.state_dir)
+    @contextmanager
+    def version_files(self, archive: Archive, guest: str, number: int) -> Iterator[VersionFiles]:
+        """Browse a version's filesystems read-only (libguestfs appliance; seconds to open)."""
+        version = archive.version(guest, number)
+        purpose = f"browsing the files of version {number} of {guest}"
+        with open_version_files(version, self.paths.state_dir, purpose) as files:
+            yield files

@@ -47,6 +47,7 @@ from guestsafe.engine.events import (
     LogLine,
 )
 
+from .model import files_cli
 from .model.coverage import coverage
 from .model.printing import ConsoleReporter
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not mount them read-only for a moment to look for an archive",
     )
+    files_cli.add_parsers(sub)
     return parser
 
 
@@ -704,4 +706,6 @@ _COMMANDS = {
     "run-due": cmd_run_due,
     "schedule": cmd_schedule,
     "devices": cmd_devices,
+    "files": files_cli.cmd_files,
+    "extract": files_cli.cmd_extract,
 }

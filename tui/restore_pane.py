@@ -48,6 +48,7 @@ from guestsafe.engine.events import Event
 from . import formatting as fmt
 from .confirm_modal import ConfirmModal
 from .devices_panel import ExternalDevicesPanel
+from .file_browser import FileBrowserScreen, FileSource
 from .formatting import StatusStyles
 from .mac_modal import MacClashScreen
 from .messages import ActivityStarted, EngineEvents, GuestsChanged, RestoreEnded
@@ -91,6 +92,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         # Off the footer (it is full at 80 columns); "?" lists it with the others.
         Binding("b", "boot", "Boot now", id="restore.boot"),
         Binding("slash", "filter", "Filter", id="restore.filter"),
+        Binding("f", "browse_files", "Files", id="restore.files"),
     ]
 
     def __init__(self, engine: Engine, *, id: str | None = None) -> None:
@@ -356,6 +358,24 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             self.load_versions()
 
     # --- actions -----------------------------------------------------------
+
+    def action_browse_files(self) -> None:
+        """The chosen version's files, read-only (tui/file_browser.py)."""
+        source, version = self.source, self.selected_version
+        if source is None or version is None:
+            self.app.notify("Choose a version first.", severity="warning")
+            return
+
+        @contextmanager
+        def opener() -> Iterator[FileSource]:
+            with (
+                self._archive(source) as archive,
+                self._engine.version_files(archive, version.guest, version.number) as files,
+            ):
+                yield files
+
+        title = f"{version.guest} version {version.number}"
+        self.app.push_screen(FileBrowserScreen(title, opener))
 
     def action_choose_archive(self) -> None:
         self.query_one("#dest-select", Select).focus()

@@ -1,0 +1,1 @@
+"""Browsing and extracting files from a version, read-only, through libguestfs."""
