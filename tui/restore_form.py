@@ -27,6 +27,8 @@ class RestoreForm(Vertical):
         start: bool = False  # start the restored guest, as the CLI's --start
         disk_targets: tuple[str, ...] = ()  # "vdb=/dev/vg/lv", as the CLI's --disk-target
         boot: bool = False  # boot now on overlays of the version (guestsafe boot), no copy
+        # Onto devices that hold a filesystem or partition table (the CLI's --force).
+        overwrite_devices: bool = False
 
     # The row taken last: (its name as shown, its real name).
     _chosen: tuple[str, str] | None = None
@@ -48,6 +50,7 @@ class RestoreForm(Vertical):
                 placeholder="optional: vdb=/dev/vg/lv (several: space between)",
                 compact=True,
             )
+            yield TickBox("overwrite", id="r-overwrite", compact=True)
         yield Static("", id="r-error", classes="field-error")
 
     def on_mount(self) -> None:
@@ -115,6 +118,15 @@ class RestoreForm(Vertical):
             return
         self._error("")
         start = self.query_one("#r-start", TickBox).value
+        overwrite = self.query_one("#r-overwrite", TickBox).value
         self.post_message(
-            self.Submitted(guest, int(version), new_name, start, disk_targets, boot=boot)
+            self.Submitted(
+                guest,
+                int(version),
+                new_name,
+                start,
+                disk_targets,
+                boot=boot,
+                overwrite_devices=overwrite,
+            )
         )

@@ -102,6 +102,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._shown: list[VersionInfo] = []  # those whose guest matches the filter
         self._status = ""  # how many versions the archive holds, or why none
         self._start_restored = False  # the form's "start" box, at the last submit
+        self._overwrite_devices = False  # its "overwrite" box (devices holding data)
         self._boot_now = False  # the last submit was "Boot now", not "Restore"
         self._in_use: dict[tuple[str, int], list[str]] = {}  # (guest, n) -> booted clones
         self._busy = False
@@ -408,6 +409,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             )
             return
         self._start_restored = event.start
+        self._overwrite_devices = event.overwrite_devices
         self._boot_now = event.boot
         self._plan(source, event.guest, event.number, event.new_name, event.disk_targets)
 
@@ -434,6 +436,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             plan = self._engine.plan_restore(
                 archive, guest, number, new_name, disk_targets=disk_targets
             )
+        plan.overwrite_devices = self._overwrite_devices
         self.app.call_from_thread(self._planned, plan, source)
 
     def _planned(self, plan: RestorePlan, source: Source | None = None) -> None:
@@ -517,6 +520,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 archive, version.guest, version.number, plan.new_name, disk_targets=devices
             )
             fresh.interfaces = plan.interfaces  # the MACs the operator was shown
+            fresh.overwrite_devices = plan.overwrite_devices
             return self._engine.restore(
                 fresh,
                 mac_choices=choices,

@@ -127,9 +127,14 @@ def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[s
 
 
 def _check_devices(plan: RestorePlan, hv: Hypervisor, force: bool) -> None:
+    # The console's "overwrite" box allows a filesystem on the device, and nothing else
+    # that force allows (an unverified version, a damaged domain.xml).
+    wipe = force or plan.overwrite_devices
     for rec, device in plan.disks:
         if rec.target in plan.device_targets:
-            check_device_target(device, rec, hv, force=force)
+            check_device_target(device, rec, hv, force=wipe)
+
+
 def tpm_copies(manifest: Manifest, new_uuid: str) -> list[tuple[DiskRecord, Path]]:
     """The TPM state files and where the clone's swtpm finds them (under its own UUID)."""
     tpm = manifest.tpm

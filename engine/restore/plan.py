@@ -71,6 +71,8 @@ class RestorePlan:
     xml_problem: str | None = None
     # Disks written onto existing block devices (--disk-target), not into new files.
     device_targets: dict[str, Path] = field(default_factory=dict)
+    # Write onto a device target even where blkid finds a filesystem or partition table.
+    overwrite_devices: bool = False
 
     @property
     def clashes(self) -> list[InterfacePlan]:

@@ -18,6 +18,7 @@ from guestsafe.engine.api import Engine
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.error_modal import ErrorModal
 from guestsafe.tui.mac_modal import MacClashScreen
+from guestsafe.tui.tick_box import TickBox
 
 pytestmark = pytest.mark.tui
 
@@ -94,3 +95,41 @@ async def test_an_unknown_disk_is_refused_by_the_plan(engine: Engine, loop_devic
         await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal))
         assert "has no disk vdz" in str(app.screen.query_one("#error-message", Static).render())
     assert not engine.hv.exists("web1-vdz")
+
+
+async def test_a_device_holding_a_filesystem_needs_the_overwrite_box(
+    engine: Engine, loop_device: Path
+) -> None:
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(loop_device)], check=True)
+    disk = engine.hv.guest("web1").disks[0].target
+    app = GuestsafeApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await _submit(pilot, "web1-keep", f"{disk}={loop_device}")
+        await wait_for(pilot, lambda: isinstance(app.screen, MacClashScreen))
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: isinstance(app.screen, ErrorModal), timeout=60)
+        message = str(app.screen.query_one("#error-message", Static).render())
+        assert "wipefs -a" in message, message
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not app.restore_pane.busy, timeout=60)
+        assert not engine.hv.exists("web1-keep")
+        assert _filesystem(loop_device) == "ext4"  # nothing was written
+
+        app.query_one("#r-overwrite", TickBox).value = True
+        await _submit(pilot, "web1-wiped", f"{disk}={loop_device}")
+        await wait_for(pilot, lambda: isinstance(app.screen, MacClashScreen))
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: not app.restore_pane.busy, timeout=60)
+        await settle(pilot)
+        assert not isinstance(app.screen, ErrorModal)
+    clone = engine.hv.guest("web1-wiped")
+    assert (clone.disks[0].kind, clone.disks[0].source) == ("block", str(loop_device))
+    assert _filesystem(loop_device) != "ext4"  # the version's disk is on it now
+
+
+def _filesystem(device: Path) -> str:
+    out = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", str(device)], capture_output=True, text=True
+    )
+    return out.stdout.strip()
