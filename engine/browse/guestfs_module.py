@@ -1,6 +1,6 @@
 """Import Debian's libguestfs Python binding (python3-guestfs) into the venv.
 
-guestsafe's venv does not see the system's site-packages, and PyPI's ``guestfs``
+guestsafe's venv does not see the system's site-packages, and the Python package index's ``guestfs``
 sdist is an old copy that must be compiled against libguestfs-dev. Debian's
 binding is built for the very libguestfs the host runs, so guestsafe loads just
 that one module (``guestfs.py`` and its C extension ``libguestfsmod``) from
