@@ -26,8 +26,9 @@ from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import copy_to_device, device_size, hash_file
 from guestsafe.engine.devices.mountinfo import mounts_of, read_mounts
 from guestsafe.engine.errors import Cancelled, CopyError, RestoreError, VerifyError
-from guestsafe.engine.events import Progress, Reporter
+from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.restore.files import mismatch, progress_of, version_file
 from guestsafe.engine.sizes import byte_size
 
 BLKID_TIMEOUT = 30.0
@@ -193,21 +194,13 @@ def restore_to_device(
     warnings: list[str],
 ) -> None:
     """Check the version's file, then write it onto ``device`` and read it back."""
-    src = version.path / rec.file
-    if src.is_symlink() or not src.is_file():
-        raise RestoreError(f"{src} is missing or not a regular file; the version is damaged")
-
-    def progress(done: int, total: int) -> None:
-        reporter(Progress(who, rec.target, done, total))
-
+    src = version_file(version, rec)
+    progress = progress_of(reporter, who, rec)
     # Before the device is touched: its content cannot be put back afterwards.
     events.info(reporter, f"checking {rec.file} before writing it onto {device}", who)
     actual = hash_file(src, progress=progress, cancel=cancel)
     if actual != rec.blake3:
-        message = (
-            f"{rec.file} of {version.guest} version {version.number} does not match its "
-            f"manifest (blake3 {actual[:12]}.. != {rec.blake3[:12]}..)"
-        )
+        message = mismatch(version, rec, actual)
         if not force:
             raise VerifyError(message + f"; nothing was written to {device}")
         events.warn(reporter, message + f"; written onto {device} anyway (--force)", who)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from guestsafe.engine import events
@@ -51,26 +52,43 @@ def restore_file(
     cancel: threading.Event | None,
     warnings: list[str],
 ) -> None:
-    src = version.path / rec.file
-    if src.is_symlink() or not src.is_file():
-        raise RestoreError(f"{src} is missing or not a regular file; the version is damaged")
+    src = version_file(version, rec)
     dst.parent.mkdir(parents=True, exist_ok=True)
     events.info(reporter, f"restoring {rec.file} to {dst}", who)
-
-    def progress(done: int, total: int) -> None:
-        reporter(Progress(who, rec.target, done, total))
-
+    progress = progress_of(reporter, who, rec)
     result = copy_file(src, dst, progress=progress, cancel=cancel)
     if result.blake3 != rec.blake3:
-        message = (
-            f"{rec.file} of {version.guest} version {version.number} does not match its "
-            f"manifest (blake3 {result.blake3[:12]}.. != {rec.blake3[:12]}..)"
-        )
+        message = mismatch(version, rec, result.blake3)
         if not force:
             dst.unlink(missing_ok=True)
             raise VerifyError(message + "; restore it anyway with --force")
         events.warn(reporter, message + "; kept anyway (--force)", who)
         warnings.append(message)
+
+
+def version_file(version: VersionInfo, rec: DiskRecord) -> Path:
+    """The version's file for ``rec``, refused unless a regular file (never a link)."""
+    src = version.path / rec.file
+    if src.is_symlink() or not src.is_file():
+        raise RestoreError(f"{src} is missing or not a regular file; the version is damaged")
+    return src
+
+
+def progress_of(reporter: Reporter, who: str, rec: DiskRecord) -> Callable[[int, int], None]:
+    """The copier's progress callback, reported as ``rec``'s target."""
+
+    def progress(done: int, total: int) -> None:
+        reporter(Progress(who, rec.target, done, total))
+
+    return progress
+
+
+def mismatch(version: VersionInfo, rec: DiskRecord, actual: str) -> str:
+    """Why ``rec``'s file, whose BLAKE3 is ``actual``, is not what the manifest says."""
+    return (
+        f"{rec.file} of {version.guest} version {version.number} does not match its "
+        f"manifest (blake3 {actual[:12]}.. != {rec.blake3[:12]}..)"
+    )
 
 
 def free_path(path: Path) -> Path:
