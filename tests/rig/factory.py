@@ -92,9 +92,30 @@ class GuestFactory:
         parts = [
             f"--- {guest.name} ({guest.console_log}) ---\n"
             + guest.console_text()[-CONSOLE_TAIL_CHARS:]
+            + _host_logs(guest.name)
             for guest in self.guests
         ]
         return "\n".join(parts)
+
+
+# What libvirt logged on the host for a guest: QEMU's stderr, and swtpm's setup when the
+# guest has a TPM (libvirt's own error only says "check the log for details").
+HOST_LOGS = (
+    Path("/var/log/libvirt/qemu/{name}.log"),
+    Path("/var/log/swtpm/libvirt/qemu/{name}-swtpm.log"),
+)
+
+
+def _host_logs(name: str) -> str:
+    parts = []
+    for template in HOST_LOGS:
+        path = Path(str(template).format(name=name))
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        parts.append(f"\n--- {path} ---\n{text[-CONSOLE_TAIL_CHARS:]}")
+    return "".join(parts)
 
 
 def _collect(errors: list[str], name: str, action: Callable[[], None]) -> None:
