@@ -76,11 +76,57 @@ wait_for_libvirt() {
     log "$LIBVIRT_URI answers"
 }
 
+# libvirt runs swtpm_setup as tss to make a TPM guest's state, signing its EK
+# certificate with the local CA in /var/lib/swtpm-localca. A CA folder that tss
+# cannot write, or one left half made by a run that was killed, fails every TPM
+# guest's first start with only "Could not run swtpm_setup". Try it as tss now,
+# and repair what it needs.
+SWTPM_USER=tss
+SWTPM_LOCALCA=/var/lib/swtpm-localca
+SWTPM_LOGDIR=/var/log/swtpm/libvirt/qemu
+
+swtpm_probe() {
+    local dir rc
+    dir=$(mktemp -d /tmp/host-setup-swtpm.XXXXXX)
+    chown "$SWTPM_USER" "$dir"
+    rc=0
+    runuser -u "$SWTPM_USER" -- env TMPDIR=/tmp swtpm_setup --tpm2 --tpm-state "$dir" \
+        --createek --create-ek-cert --create-platform-cert --lock-nvram \
+        --logfile "$dir/log" --vmid host-setup-probe >/dev/null 2>&1 || rc=$?
+    ((rc == 0)) || cat "$dir/log" >&2 || true
+    rm -rf "$dir"
+    return "$rc"
+}
+
+check_swtpm() {
+    mkdir -p "$SWTPM_LOCALCA" "$SWTPM_LOGDIR"
+    chown "$SWTPM_USER" "$SWTPM_LOGDIR"
+    if swtpm_probe; then
+        log "swtpm_setup works as $SWTPM_USER"
+        return
+    fi
+    log "swtpm_setup fails as $SWTPM_USER: giving $SWTPM_LOCALCA back to $SWTPM_USER"
+    chown -R "$SWTPM_USER:root" "$SWTPM_LOCALCA"
+    chmod 0750 "$SWTPM_LOCALCA"
+    if swtpm_probe; then
+        log "swtpm_setup works as $SWTPM_USER now"
+        return
+    fi
+    local aside
+    aside="$SWTPM_LOCALCA.broken-$(date +%Y%m%d%H%M%S)"
+    log "swtpm_setup still fails: moving the local CA aside to $aside and making a new one"
+    mv "$SWTPM_LOCALCA" "$aside"
+    install -d -o "$SWTPM_USER" -g root -m 0750 "$SWTPM_LOCALCA"
+    swtpm_probe || die "swtpm_setup fails as $SWTPM_USER even with a new local CA (log above)"
+    log "swtpm_setup works as $SWTPM_USER with a new local CA"
+}
+
 main() {
     ((EUID == 0)) || die "run as root (it installs packages and starts libvirtd)"
     install_packages
     start_daemons
     wait_for_libvirt
+    check_swtpm
 }
 
 main "$@"
