@@ -321,6 +321,7 @@ class Engine:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
         listed = self.guests() if guests is None else guests
         return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+
     def disk_plans(self, guest: GuestInfo, job: Job | None = None) -> list[DiskPlan]:
         """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
         mode = job.mode if job is not None else Mode.STOP
@@ -725,6 +726,7 @@ class Engine:
     def booted_clones(self) -> list[BootRecord]:
         """The instant-boot clones neither promoted nor discarded, each naming its version."""
         return all_records(self.paths.state_dir)
+
     @contextmanager
     def version_files(self, archive: Archive, guest: str, number: int) -> Iterator[VersionFiles]:
         """Browse a version's filesystems read-only (libguestfs appliance; seconds to open)."""
