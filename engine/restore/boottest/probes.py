@@ -1,8 +1,8 @@
 """The running clone's signs, read through libvirt: state, agent, serial console.
 
 The console is read from a file the clone's XML names: a ``<serial type='file'>``
-source, or the ``<log file=...>`` of a pty console. Only what was written after the
-test began counts (an appended log may hold an earlier boot's lines).
+source, or the ``<log file=...>`` of a pty console. Both are the clone's own new
+files (a restore never reuses a path), so all of it is this boot's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ AGENT_TIMEOUT = 1  # seconds per ping: an agent that is up answers at once
 CONSOLE_TAIL = 1 << 20  # bytes of the console looked at, from its end
 _PING = json.dumps({"execute": "guest-ping"})
 _STATES_ALIVE = (RUNNING, PAUSED)  # blocked reads as running
+_WORDS = {"shutoff": "off", "crashed": "down (crashed)"}
 # Lifecycle events that end a test: the guest crashed, or stopped while we watched.
 _DEATH_EVENTS = {
     libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
@@ -62,8 +63,8 @@ class CloneProbes:
         live = hv.xml(name, inactive=False)
         self.agent = has_agent_channel(live)
         self.console = console_file(live)
-        # An appended log may hold an earlier clone's lines: read from its size now.
-        self.offset = _size(self.console) if self.console is not None else 0
+        # The clone's console file is its own, new (clone_xml.free_path): read it all.
+        self.offset = 0
 
     def down(self) -> str | None:
         for event, _detail in self.hv.lifecycle_since(self.name, self.since):
@@ -71,7 +72,7 @@ class CloneProbes:
                 return f"the clone {_DEATH_EVENTS[event]} before a sign of life"
         state = self.hv.state(self.name)
         if state not in _STATES_ALIVE:
-            return f"the clone is {state} before a sign of life"
+            return f"the clone went {_WORDS.get(state, state)} before a sign of life"
         return None
 
     def agent_answers(self) -> bool | None:

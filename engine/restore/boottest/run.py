@@ -127,6 +127,7 @@ def _boot_and_watch(
         # boot_clone removed what it made; the version would not boot as a clone.
         return Outcome(False, None, _now() - began, f"the clone did not start: {exc.message}"), None
     screenshot = None
+    probes: CloneProbes | None = None
     try:
         probes = CloneProbes(hv, name, began)
         wanted = Wanted(settings.console_line, settings.seconds)
@@ -138,6 +139,9 @@ def _boot_and_watch(
     finally:
         for line in _discard(name, hv, paths):
             events.info(reporter, f"restore test: {line}", version.guest)
+        if probes is not None and probes.console is not None:
+            # The clone's own console file (a new one each test); its verdict is recorded.
+            probes.console.unlink(missing_ok=True)
     return outcome, screenshot
 
 

@@ -69,7 +69,10 @@ def watch(
     while True:
         elapsed = clock() - began
         text = probes.console_text()
-        death = probes.down() or _panic_line(text)
+        down = probes.down()
+        if down is not None:
+            text = probes.console_text()  # its last words, written as it went down
+        death = _panic_line(text) or down
         if death is not None:
             return Outcome(False, None, elapsed, death)
         if probes.agent_answers():
