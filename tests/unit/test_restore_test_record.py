@@ -19,6 +19,8 @@ from guestsafe.engine.archive.restore_record import (
 )
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
+from guestsafe.engine.events import GuestOutcome
+from guestsafe.engine.notify import NotifyConfig, RunReport, wanted
 
 XML = "<domain type='qemu'><name>web</name></domain>\n"
 
@@ -147,3 +149,27 @@ def test_a_failed_test_is_kept_until_enough_good_versions_are_newer(archive: Arc
 
     assert archive.apply_retention("web", 1) == []  # the newest: never deleted
     assert _on_disk(archive) == [1, 2]
+
+
+def test_a_failed_restore_test_is_news_even_after_a_good_backup() -> None:
+    outcome = GuestOutcome("web1", True, 7, 12.0, 1 << 20, 30.0, "backup ok")
+    line = "restore test of web1 version 7: FAILED: the clone went off before a sign of life"
+    report = RunReport(
+        "nightly",
+        True,
+        "/var/log/guestsafe/x.log",
+        [outcome],
+        host="hv1",
+        restore_tests=[line],
+        restore_tests_failed=1,
+    )
+    config = NotifyConfig(mail_to=("ops@example.org",), on_success=False)
+
+    assert wanted(config, report)
+    assert report.subject() == (
+        "guestsafe: job nightly ok on hv1 (restore test FAILED for 1 guest)"
+    )
+    assert line in report.body()
+    assert report.payload()["restore_tests"] == [line]
+    quiet = RunReport("nightly", True, "/x.log", [outcome], host="hv1", restore_tests=["passed"])
+    assert not wanted(config, quiet)
