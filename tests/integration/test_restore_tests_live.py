@@ -200,3 +200,30 @@ def test_promote_into_a_target_dir_while_running(
             assert "backing-filename" not in json.loads(info.stdout)
     assert not any(Path(p).exists() for p in old)
     assert not _booted(gs)
+
+
+def test_promote_a_shut_off_clone_into_a_target_dir(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("rtoff", start=False)
+    target = guest_factory.workdir / "promoted-off"
+    target.mkdir()
+    gs.job("rtoff", [original])
+    gs.cli("run", "rtoff", check=True)
+    version = gs.versions(original)[0]
+    digests = file_digests(version)
+    clone_name = unique_name("rtoffnow")
+    guest_factory.adopt(clone_name)
+    gs.cli("boot", original.name, "1", clone_name, check=True)
+    clone = libvirt_conn.lookupByName(clone_name)
+    clone.destroy()
+
+    gs.cli("promote", clone_name, "--target-dir", str(target), check=True)
+
+    root = ET.fromstring(clone.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    files = [s.get("file", "") for s in root.findall("./devices/disk/source")]
+    assert files and all(Path(f).parent == target for f in files), files
+    assert not [s for s in root.iter("source") if str(version.path) in s.get("file", "")]
+    assert file_digests(version) == digests and not _booted(gs)
+    clone.create()  # it boots from its own file
+    assert clone.isActive()
