@@ -75,6 +75,8 @@ def test_a_good_version_passes_and_the_clone_is_gone(
     assert isinstance(record["seconds"], float) and 0 < record["seconds"] < 120
     assert _clone_of(original) not in _domains(libvirt_conn)
     assert not _booted(gs)
+    # Nor its overlays or console file, beside the original's files.
+    assert not list(original.console_log.parent.glob(f"{_clone_of(original)}-*"))
     # The record is beside the version, not in it: bytes, B3SUMS and verify unchanged.
     after = file_digests(version)
     assert after.pop("restore-test.json") and after == digests

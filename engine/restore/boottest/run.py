@@ -15,9 +15,10 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from guestsafe.engine import events, locks
-from guestsafe.engine.archive.names import printable
+from guestsafe.engine.archive.names import encode_guest_name, printable
 from guestsafe.engine.archive.restore_record import RestoreTest, write_restore_test
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
@@ -123,6 +124,8 @@ def _boot_and_watch(
         )
     except Cancelled:
         return Outcome(False, None, 0.0, CANCELLED), None
+    except LockBusy:
+        raise  # a backup of the guest runs: no verdict on the version
     except GuestsafeError as exc:
         # boot_clone removed what it made; the version would not boot as a clone.
         return Outcome(False, None, _now() - began, f"the clone did not start: {exc.message}"), None
@@ -139,10 +142,16 @@ def _boot_and_watch(
     finally:
         for line in _discard(name, hv, paths):
             events.info(reporter, f"restore test: {line}", version.guest)
-        if probes is not None and probes.console is not None:
-            # The clone's own console file (a new one each test); its verdict is recorded.
+        if probes is not None and probes.console is not None and _owns(name, probes.console):
+            # The clone's own console file (clone_xml names it after the clone, new
+            # each test); its verdict is recorded, the file would only pile up.
             probes.console.unlink(missing_ok=True)
     return outcome, screenshot
+
+
+def _owns(clone: str, path: Path) -> bool:
+    # clone_xml names a clone's own console file "<encoded clone name>-<original's>".
+    return encode_guest_name(clone)[:160] + "-" in path.name
 
 
 def _discard(name: str, hv: Hypervisor, paths: Paths) -> list[str]:
