@@ -35,6 +35,7 @@ from guestsafe.engine.archive.calendar_retention import (
     keep_reasons,
 )
 from guestsafe.engine.archive.in_use import BootRecord, all_records, versions_in_use
+from guestsafe.engine.archive.restore_record import RestoreTest
 from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
@@ -78,14 +79,17 @@ from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
+    DEFAULT_RESTORE_TEST_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
     IO_CLASSES,
     MODES,
     ON_TIMEOUT,
+    RESTORE_TESTS,
     WEEKDAYS,
     Hooks,
     Job,
+    RestoreTestWhen,
     Schedule,
     as_choice,
     retention_policy,
@@ -98,6 +102,16 @@ from guestsafe.engine.modes import label as mode_label
 from guestsafe.engine.modes import short_label as short_mode_label
 from guestsafe.engine.paths import HOME_ENV, Paths, ensure_dir
 from guestsafe.engine.restore.block_targets import parse_disk_targets
+from guestsafe.engine.restore.boottest.after_run import TestLine, settings_of, tests_after_run
+from guestsafe.engine.restore.boottest.cleanup import recover_restore_tests
+from guestsafe.engine.restore.boottest.run import (
+    TestSettings,
+    newest_good,
+    run_restore_test,
+)
+from guestsafe.engine.restore.boottest.run import (
+    describe as describe_restore_test,
+)
 from guestsafe.engine.restore.clone import restore_clone
 from guestsafe.engine.restore.instant_boot import boot_clone, discard_clone
 from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over_original
@@ -110,6 +124,7 @@ __all__ = [
     "DEFAULT_HOOK_TIMEOUT",
     "DEFAULT_KEEP",
     "DEFAULT_LOCK_WAIT",
+    "DEFAULT_RESTORE_TEST_SECONDS",
     "DEFAULT_SHUTDOWN_TIMEOUT",
     "HOOK_PHASES",
     "IO_CLASSES",
@@ -118,6 +133,7 @@ __all__ = [
     "MODES",
     "NEW",
     "ON_TIMEOUT",
+    "RESTORE_TESTS",
     "WEEKDAYS",
     "Archive",
     "BlockDevice",
@@ -150,6 +166,8 @@ __all__ = [
     "Record",
     "RestorePlan",
     "RestoreResult",
+    "RestoreTest",
+    "RestoreTestWhen",
     "RetentionPolicy",
     "RunResult",
     "Sandbox",
@@ -167,6 +185,7 @@ __all__ = [
     "check_job_runtime",
     "check_programs",
     "describe_policy",
+    "describe_restore_test",
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
@@ -310,8 +329,10 @@ class Engine:
         self, reporter: Reporter = events.null_reporter, *, start: bool = False
     ) -> list[str]:
         """Finish what interrupted runs left; ``start``: also start guests the rule leaves off."""
-        return recovery.recover(self.paths, reporter, start=start) + recover_restores(
-            self.paths, reporter
+        return (
+            recovery.recover(self.paths, reporter, start=start)
+            + recover_restores(self.paths, reporter)
+            + recover_restore_tests(self.paths, lambda: self.hv, reporter)
         )
 
     def guests(self) -> list[GuestInfo]:
@@ -321,6 +342,7 @@ class Engine:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
         listed = self.guests() if guests is None else guests
         return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+
     def disk_plans(self, guest: GuestInfo, job: Job | None = None) -> list[DiskPlan]:
         """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
         mode = job.mode if job is not None else Mode.STOP
@@ -377,9 +399,26 @@ class Engine:
             interactive=interactive,
         )
         results.save(self.paths.state_dir, result)
+        tests = self._restore_tests(job, result, reporter, cancel)
         uncovered = self._report_uncovered(result, reporter)
-        self._notify(result, reporter, mail_to=job.mail_to, uncovered=uncovered)
+        self._notify(result, reporter, mail_to=job.mail_to, uncovered=uncovered, tests=tests)
         return result
+
+    def _restore_tests(
+        self,
+        job: Job,
+        result: RunResult,
+        reporter: Reporter,
+        cancel: threading.Event | None,
+    ) -> list[TestLine]:
+        """The restore tests due after the run, told in its log (restore/boottest/)."""
+        if job.restore_test == "never":
+            return []
+        log = RunLog(result.log_path, reporter)  # appends below the run's own lines
+        try:
+            return tests_after_run(job, result.outcomes, self.hv, self.paths, log, cancel)
+        finally:
+            log.close()
 
     def _report_uncovered(self, result: RunResult, reporter: Reporter) -> list[str]:
         """The guests in no job, told in the run's log so a new guest is never missed."""
@@ -400,6 +439,7 @@ class Engine:
         *,
         mail_to: list[str] | None = None,
         uncovered: list[str] | None = None,
+        tests: list[TestLine] | None = None,
     ) -> None:
         """Send the run's report as [notify] says, to the job's own ``mail_to`` if it has one.
 
@@ -417,6 +457,8 @@ class Engine:
                 result.outcomes,
                 result.problems,
                 uncovered=uncovered or [],
+                restore_tests=[t.text for t in tests or []],
+                restore_tests_failed=sum(t.failed for t in tests or []),
             )
             lines = [f"notify: {line}" for line in notify.send(config, report)]
         self._append_log(result, reporter, lines)
@@ -712,19 +754,53 @@ class Engine:
         self,
         name: str,
         *,
+        target_dir: Path | None = None,
         reporter: Reporter = events.null_reporter,
         cancel: threading.Event | None = None,
     ) -> list[str]:
-        """Copy into clone ``name``'s overlays what they read from the archive; cut the tie."""
-        return promote_clone(name, self.hv, self.paths, reporter=reporter, cancel=cancel)
+        """Copy into clone ``name``'s overlays what they read from the archive; cut the tie.
+
+        ``target_dir``: move its disks into that directory meanwhile.
+        """
+        return promote_clone(
+            name, self.hv, self.paths, reporter=reporter, cancel=cancel, target_dir=target_dir
+        )
 
     def discard_boot(self, name: str, reporter: Reporter = events.null_reporter) -> list[str]:
         """Remove an instant-boot clone, its overlays and its record; never another guest."""
         return discard_clone(name, self.hv, self.paths, reporter)
 
+    def test_restore(
+        self,
+        guest: str,
+        number: int | None = None,
+        destination: Path | None = None,
+        *,
+        reporter: Reporter = events.null_reporter,
+        cancel: threading.Event | None = None,
+    ) -> tuple[VersionInfo, RestoreTest]:
+        """Boot version ``number`` (default: the newest good one) cut off, wait, record.
+
+        The console line and the wait come from the first job that backs ``guest``
+        up into that archive; without one, the defaults (the guest stays running).
+        """
+        archive = self.find_archive(guest, destination)
+        version = newest_good(archive, guest) if number is None else archive.version(guest, number)
+        settings = TestSettings()
+        for job in self.jobs():
+            same = os.path.realpath(job.destination) == os.path.realpath(archive.root)
+            if same and guest in resolve_guests(job, [guest]):
+                settings = settings_of(job)
+                break
+        test = run_restore_test(
+            archive, version, self.hv, self.paths, settings, reporter=reporter, cancel=cancel
+        )
+        return version, test
+
     def booted_clones(self) -> list[BootRecord]:
         """The instant-boot clones neither promoted nor discarded, each naming its version."""
         return all_records(self.paths.state_dir)
+
     @contextmanager
     def version_files(self, archive: Archive, guest: str, number: int) -> Iterator[VersionFiles]:
         """Browse a version's filesystems read-only (libguestfs appliance; seconds to open)."""

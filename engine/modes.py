@@ -40,6 +40,8 @@ class IoClass(StrEnum):
 
     IDLE = "idle"
     BEST_EFFORT = "best-effort"
+
+
 class ChainMode(StrEnum):
     """How a disk on a qcow2 backing chain is kept (``chain`` in jobs.toml).
 

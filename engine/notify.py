@@ -164,6 +164,8 @@ class RunReport:
     problems: Sequence[str] = ()  # job-level failures, such as a failed job-end hook
     host: str = field(default_factory=socket.gethostname)
     uncovered: Sequence[str] = ()  # persistent guests no job backs up, seen after the run
+    restore_tests: Sequence[str] = ()  # one line per restore test after the run
+    restore_tests_failed: int = 0
 
     def subject(self) -> str:
         notes = []
@@ -172,6 +174,8 @@ class RunReport:
             notes.append(f"{failed} of {len(self.outcomes)} guests")
         if self.uncovered:
             notes.append(f"{_guests(len(self.uncovered))} in no job")
+        if self.restore_tests_failed:
+            notes.append(f"restore test FAILED for {_guests(self.restore_tests_failed)}")
         status = "ok" if self.ok else "FAILED"
         suffix = f" ({', '.join(notes)})" if notes else ""
         return f"guestsafe: job {self.job} {status} on {self.host}{suffix}"
@@ -185,6 +189,8 @@ class RunReport:
         lines += [f"total: {_size(self.total_bytes)}", ""]
         lines += [f"{o.guest}: {o.message}" for o in self.outcomes]
         lines += list(self.problems)
+        if self.restore_tests:
+            lines += ["", *self.restore_tests]
         if self.uncovered:
             lines += ["", "not backed up by any job: " + ", ".join(self.uncovered)]
         lines += ["", f"log: {self.log_path}", f"guestsafe {__version__} on {self.host}"]
@@ -203,6 +209,8 @@ class RunReport:
             "guests": [asdict(o) for o in self.outcomes],
             "total_bytes": self.total_bytes,
             "uncovered": list(self.uncovered),
+            "restore_tests": list(self.restore_tests),
+            "restore_tests_failed": self.restore_tests_failed,
         }
 
 
@@ -260,7 +268,9 @@ def delivery_of(line: str) -> Delivery:
 
 def wanted(config: NotifyConfig, report: RunReport) -> bool:
     # A guest in no job is news even after a good run: it is going without backups.
-    return config.enabled and (not report.ok or config.on_success or bool(report.uncovered))
+    # So is a version that did not boot in its restore test: the backup may be useless.
+    news = bool(report.uncovered) or report.restore_tests_failed > 0
+    return config.enabled and (not report.ok or config.on_success or news)
 
 
 def send(config: NotifyConfig, report: RunReport) -> list[str]:

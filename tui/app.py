@@ -83,9 +83,7 @@ class GuestsafeApp(ReportsWorkerErrors, App[int]):
         self.engine = engine
         # Read once before the console draws: a few bytes, and keys must be
         # right from the first keypress.
-        self._keymap, self._keymap_problems = load_keymap(
-            keymap_path(engine.paths.config_file)
-        )
+        self._keymap, self._keymap_problems = load_keymap(keymap_path(engine.paths.config_file))
         self.running_job: str | None = None
         self._cancel_run: threading.Event | None = None
         self._quit_when_idle = False

@@ -35,6 +35,7 @@ from guestsafe.engine.api import (
     __version__,
     byte_size,
     describe_policy,
+    describe_restore_test,
     escape,
     mode_label,
     on_calendar,
@@ -152,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
         "promote", help="copy a booted clone onto its own storage while it runs"
     )
     promote.add_argument("clone")
+    promote.add_argument(
+        "--target-dir",
+        type=Path,
+        metavar="DIR",
+        help="move the clone's disks into DIR while it runs (default: they stay where boot "
+        "put them)",
+    )
+    test = sub.add_parser(
+        "test-restore",
+        help="boot a version cut off from the network, wait for a sign of life, record it",
+    )
+    test.add_argument("guest")
+    test.add_argument("version", nargs="?", type=int, help="default: the newest good version")
+    test.add_argument("--dest", type=Path, help="archive directory")
     verify = sub.add_parser("verify", help="re-read and check versions")
     verify.add_argument("guest", nargs="?")
     verify.add_argument("version", nargs="?", type=int)
@@ -369,7 +384,7 @@ def _print_versions(
     archives: Iterable[tuple[str, list[VersionInfo]]], booted: Sequence[BootRecord] = ()
 ) -> int:
     # ON DISK: the version folder's size; a run log's "copied" is the data read.
-    header = ("GUEST", "VERSION", "DATE", "MODE", "ON DISK", "VERIFIED", "ARCHIVE")
+    header = ("GUEST", "VERSION", "DATE", "MODE", "ON DISK", "VERIFIED", "BOOT TEST", "ARCHIVE")
     # An IN USE column only while some clone runs on a version (guestsafe boot).
     rows: list[tuple[str, ...]] = [header + (("IN USE",) if booted else ())]
     for where, versions in archives:
@@ -382,6 +397,7 @@ def _print_versions(
                 mode_label(v.mode),
                 byte_size(v.size),
                 verified,
+                v.restore_test.label() if v.restore_test else "",
                 where,
             )
             if booted:
@@ -534,8 +550,22 @@ def cmd_boot(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
 
 
 def cmd_promote(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    disks = engine.promote(args.clone, reporter=reporter, cancel=cancel_on_signals())
+    disks = engine.promote(
+        args.clone, target_dir=args.target_dir, reporter=reporter, cancel=cancel_on_signals()
+    )
     print(f"promoted {escape(args.clone)}: {', '.join(disks)} on its own storage")
+    return 0
+
+
+def cmd_test_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    version, test = engine.test_restore(
+        args.guest, args.version, args.dest, reporter=reporter, cancel=cancel_on_signals()
+    )
+    line = f"{escape(version.guest)} version {version.number}: restore test "
+    if not test.ok:
+        print(f"guestsafe: {line}{escape(describe_restore_test(test))}", file=sys.stderr)
+        return RestoreError.exit_code
+    print(line + escape(describe_restore_test(test)))
     return 0
 
 
@@ -701,6 +731,7 @@ _COMMANDS = {
     "restore": cmd_restore,
     "boot": cmd_boot,
     "promote": cmd_promote,
+    "test-restore": cmd_test_restore,
     "recover": cmd_recover,
     "guests": cmd_guests,
     "run-due": cmd_run_due,

@@ -49,24 +49,28 @@ def console_commands(app: ConsoleActions) -> list[PaletteCommand]:
     commands = [
         PaletteCommand("New job", "Create a backup job", app.action_new_job),
         PaletteCommand(
-            "Start selected job", "Back up the job selected on the Jobs tab now",
+            "Start selected job",
+            "Back up the job selected on the Jobs tab now",
             app.action_start_job,
         ),
     ]
     commands += [
         PaletteCommand(
-            escape(f"Start job {name}"), "Back up this job now (asks first)",
+            escape(f"Start job {name}"),
+            "Back up this job now (asks first)",
             partial(app.action_start_job, name),
         )
         for name in app.job_names
     ]
     commands += [
         PaletteCommand(
-            "Restore selected version", "Restore the version selected on the Restore tab",
+            "Restore selected version",
+            "Restore the version selected on the Restore tab",
             app.action_restore_selected,
         ),
         PaletteCommand(
-            "Follow latest log", "Tail the newest run's log, whoever started it",
+            "Follow latest log",
+            "Tail the newest run's log, whoever started it",
             app.action_follow_latest,
         ),
         PaletteCommand("Refresh", "Reload jobs, archives, guests and logs", app.action_refresh),
@@ -81,7 +85,8 @@ def console_commands(app: ConsoleActions) -> list[PaletteCommand]:
         label = theme.name.removeprefix("guestsafe-").replace("-", " ")
         commands.append(
             PaletteCommand(
-                f"Theme: {label}", f"Switch the colours to {theme.name}",
+                f"Theme: {label}",
+                f"Switch the colours to {theme.name}",
                 partial(app.action_use_theme, theme.name),
             )
         )

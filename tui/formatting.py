@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from guestsafe.engine.api import LastResult, escape
+from guestsafe.engine.api import LastResult, RestoreTest, escape
 
 from .model.text import short_time
 
@@ -46,6 +46,13 @@ def last_result(result: LastResult | None, styles: StatusStyles) -> Text:
     if result.ok:
         return Text(f"ok {when}", style=styles.ok)
     return Text(f"FAILED {when}", style=styles.bad)
+
+
+def restore_test(test: RestoreTest | None, styles: StatusStyles) -> Text:
+    """The version's last restore test: "boot ok 14 s", "boot FAILED", blank if never."""
+    if test is None:
+        return Text("")
+    return Text(test.label(), style=styles.ok if test.ok else styles.bad)
 
 
 def verified(value: bool | None, styles: StatusStyles) -> Text:

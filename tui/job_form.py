@@ -36,6 +36,7 @@ from guestsafe.engine.api import (
     MARKER,
     MODES,
     ON_TIMEOUT,
+    RESTORE_TESTS,
     WEEKDAYS,
     BlockDevice,
     Engine,
@@ -185,6 +186,11 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                     "verify", "Verify", TickBox("read the copy back", v.verify, compact=True)
                 )
                 yield from self._row(
+                    "restore_test",
+                    "Restore test",
+                    self._radio_set("restore_test", RESTORE_TESTS, v.restore_test, horizontal=True),
+                )
+                yield from self._row(
                     "group",
                     "Group",
                     TickBox("stop all, copy, start in reverse", v.group, compact=True),
@@ -313,6 +319,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             on_timeout=choice("on_timeout", "abort"),
             group=self.query_one("#f-group", Checkbox).value,
             verify=self.query_one("#f-verify", Checkbox).value,
+            restore_test=choice("restore_test", "never"),
             fallback_to_stop=self.query_one("#f-fallback_to_stop", Checkbox).value,
             lock_wait=text("lock_wait"),
             hook_timeout=text("hook_timeout"),

@@ -299,6 +299,7 @@ def _cut(text: Text, column: str) -> Text:
 
 def fitting_columns(rows: list[dict[str, Text]], width: int) -> list[str]:
     """The columns that fit ``width`` cells, by ``PRIORITY``, in the table's order."""
+
     def needed(column: str) -> int:
         return max([len(column), *(row[column].cell_len for row in rows)]) + CELL_PADDING
 

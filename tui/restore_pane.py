@@ -59,7 +59,7 @@ from .restore_form import RestoreForm
 from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors, background
 
-COLUMNS = ("Guest", "Version", "Date", "On disk", "Mode", "Verified")
+COLUMNS = ("Guest", "Version", "Date", "On disk", "Mode", "Verified", "Boot test")
 # Archive choices that are devices carry this before the device's spec.
 DEVICE_PREFIX = "device:"
 # The archive choice's first entry: what the list holds, or that it is empty.
@@ -255,6 +255,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 Text(plain.size(v.size), justify="right"),
                 fmt.literal(short_mode_label(v.mode), mode_style),
                 self._verified_cell(v, styles, warning),
+                fmt.restore_test(v.restore_test, styles),
                 key=str(index),
             )
         if self._shown:

@@ -99,7 +99,11 @@ async def open_and_close(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
-        "out", nargs="?", type=Path, default=Path("screenshots"), metavar="DIR",
+        "out",
+        nargs="?",
+        type=Path,
+        default=Path("screenshots"),
+        metavar="DIR",
         help="where the SVGs go (default: screenshots)",
     )
     args = parser.parse_args(argv)

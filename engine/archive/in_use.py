@@ -36,6 +36,9 @@ class BootRecord:
     # above them), taken back when the last clone of the version lets go of it.
     qemu_acl: list[str] = field(default_factory=list)
     qemu_uid: int | None = None
+    # A restore test's clone (restore/boottest/): recovery removes it once the test's
+    # process is gone, since nobody asked to keep it.
+    restore_test: bool = False
 
     def uses(self, archive_root: Path, guest: str) -> bool:
         return self.guest == guest and _same_path(self.archive, archive_root)

@@ -35,9 +35,21 @@ MANIFEST_FILE = "manifest.json"
 DOMAIN_XML_FILE = "domain.xml"
 VERIFIED_FILE = "verified.json"
 B3SUMS_FILE = "B3SUMS"
+# The last restore test's record and screenshot (FORMAT.md, 9.1): records about the
+# version like verified.json, outside the manifest and B3SUMS.
+RESTORE_TEST_FILE = "restore-test.json"
+# The screenshot's name by the image type libvirt hands back (QEMU gives PPM, newer PNG).
+SCREENSHOT_FILES = {"image/png": "restore-test.png", "image/x-portable-pixmap": "restore-test.ppm"}
 # Files of a version that are not disk images; a disk file may not take these names,
 # compared case-insensitively because exFAT and NTFS fold case.
-RESERVED_FILES = (MANIFEST_FILE, DOMAIN_XML_FILE, VERIFIED_FILE, B3SUMS_FILE)
+RESERVED_FILES = (
+    MANIFEST_FILE,
+    DOMAIN_XML_FILE,
+    VERIFIED_FILE,
+    B3SUMS_FILE,
+    RESTORE_TEST_FILE,
+    *SCREENSHOT_FILES.values(),
+)
 
 _RESERVED_LOWER = frozenset(r.lower() for r in RESERVED_FILES)
 _SAFE_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")

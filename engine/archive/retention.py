@@ -22,6 +22,7 @@ from guestsafe.engine import failpoints
 from guestsafe.engine.archive.calendar_retention import Candidate, RetentionPolicy, keep_reasons
 from guestsafe.engine.archive.in_use import in_use_reason
 from guestsafe.engine.archive.layout import DELETING_PREFIX, remove, version_numbers
+from guestsafe.engine.archive.restore_record import last_test_failed
 from guestsafe.engine.archive.versions import read_verified, read_version
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.fsutil import fsync_dir
@@ -83,11 +84,14 @@ def _candidate(version: Path, guest: str) -> Candidate:
         return Candidate(number, None, good=False)
     verified = read_verified(version)
     started = datetime.fromisoformat(info.manifest.started)
-    return Candidate(number, started, good=verified is not False, verified=verified is True)
+    # A version that did not boot in its last restore test is no version to fall back on.
+    good = verified is not False and not last_test_failed(version)
+    return Candidate(number, started, good=good, verified=good and verified is True)
 
 
 def is_good(version: Path, guest: str) -> bool:
-    """A version that counts toward ``keep``: its manifest reads and no verification failed.
+    """A version that counts toward ``keep``: its manifest reads, and neither its last
+    verification nor its last restore test failed.
 
     Never verified counts as good: a job may run without ``verify``.
     """

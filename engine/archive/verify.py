@@ -101,6 +101,7 @@ def check_version(guest: str, folder: Path, number: int) -> Check:
     _check_entries(check, manifest)
     return check
 
+
 def _check_entries(check: Check, manifest: Manifest) -> None:
     expected: dict[str, tuple[str, int | None]] = {
         r.file: (r.blake3, r.size) for r in manifest.files
@@ -131,6 +132,7 @@ def _check_entries(check: Check, manifest: Manifest) -> None:
     if B3SUMS_FILE in present:
         _check_b3sums(check, manifest)
 
+
 def _check_b3sums(check: Check, manifest: Manifest) -> None:
     try:
         text = read_small(check.folder / B3SUMS_FILE)
@@ -139,6 +141,7 @@ def _check_b3sums(check: Check, manifest: Manifest) -> None:
         return
     if text != b3sums_text(manifest).encode():
         check.problems.append(f"{B3SUMS_FILE}: does not match {MANIFEST_FILE}")
+
 
 def hash_job(
     check: Check,
@@ -154,9 +157,7 @@ def hash_job(
         # hash_file counts data bytes only (holes cost nothing); scale them to the
         # file's length, which is what the total is made of.
         if progress is not None and file_total:
-            progress(
-                Progress(check.guest, item, done + file_done * job.size // file_total, total)
-            )
+            progress(Progress(check.guest, item, done + file_done * job.size // file_total, total))
 
     try:
         actual = hash_file(job.path, progress=report, cancel=cancel)
@@ -172,6 +173,7 @@ def hash_job(
     if progress is not None:
         progress(Progress(check.guest, item, done + job.size, total))
     return done + job.size
+
 
 def record(check: Check) -> VerifyReport:
     report = VerifyReport(check.guest, check.number, not check.problems, check.problems)

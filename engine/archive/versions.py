@@ -11,6 +11,7 @@ from pathlib import Path
 from guestsafe.engine.archive.layout import read_small
 from guestsafe.engine.archive.manifest import MANIFEST_FILE, VERIFIED_FILE, Manifest
 from guestsafe.engine.archive.names import printable
+from guestsafe.engine.archive.restore_record import RestoreTest, read_restore_test
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.modes import Mode
 
@@ -27,6 +28,7 @@ class VersionInfo:
     date: str  # manifest.finished
     mode: Mode
     verified: bool | None  # None: never verified, or its record is unreadable
+    restore_test: RestoreTest | None = None  # its last restore test; None: never tested
 
 
 def read_version(guest: str, folder: Path) -> VersionInfo:
@@ -54,6 +56,7 @@ def read_version(guest: str, folder: Path) -> VersionInfo:
         date=manifest.finished,
         mode=manifest.mode,
         verified=read_verified(folder),
+        restore_test=read_restore_test(folder),
     )
 
 

@@ -85,7 +85,6 @@ def _device_key(device: BlockDevice) -> str:
 MOUNTS_DIR = "mounts"
 
 
-
 @dataclass
 class MountRecord:
     """One mount a job made, and who made it."""

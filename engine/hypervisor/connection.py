@@ -502,6 +502,10 @@ class Hypervisor:
         uuid = self._uuid(name)
         return any(e == libvirt.VIR_DOMAIN_EVENT_STARTED for e, _ in self._board.since(uuid, t0))
 
+    def lifecycle_since(self, name: str, t0: float) -> list[tuple[int, int]]:
+        """libvirt's lifecycle events (event, detail) for the guest after monotonic ``t0``."""
+        return self._board.since(self._uuid(name), t0)
+
     def wait_state(self, name: str, state: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.state(name) != state:

@@ -28,6 +28,10 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     ionice = "idle"                   # the copier's I/O class: idle or best-effort
     bwlimit = "100 MiB/s"             # optional: the copier writes at most this (0: no limit)
     chain = "flatten"                 # qcow2 overlays: flatten (one file) or keep (every layer)
+    restore_test = "never"            # boot the new version cut off from the network: never,
+                                      #   weekly or always (after every backup)
+    restore_test_console = "login:"   # optional: the serial console line that proves a boot
+    restore_test_seconds = 60         # how long to wait for a sign of life
 
     [jobs.everything]
     guests = "all"                    # every persistent guest defined when the run starts
@@ -71,10 +75,12 @@ from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
     DEFAULT_LOCK_WAIT,
+    DEFAULT_RESTORE_TEST_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
     Hooks,
     Job,
+    RestoreTestWhen,
     Schedule,
     as_choice,
 )
@@ -108,6 +114,9 @@ _JOB_KEYS = (
     "ionice",
     "bwlimit",
     "chain",
+    "restore_test",
+    "restore_test_console",
+    "restore_test_seconds",
 )
 ALL_GUESTS = "all"  # guests = "all"
 # Top-level tables other than jobs; save_jobs keeps them as they are.
@@ -217,6 +226,9 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         ionice=as_choice(IoClass, table.get("ionice", IoClass.IDLE)),
         bwlimit=_bwlimit(table.get("bwlimit")),
         chain=as_choice(ChainMode, table.get("chain", ChainMode.FLATTEN)),
+        restore_test=as_choice(RestoreTestWhen, table.get("restore_test", RestoreTestWhen.NEVER)),
+        restore_test_console=table.get("restore_test_console"),
+        restore_test_seconds=table.get("restore_test_seconds", DEFAULT_RESTORE_TEST_SECONDS),
     )
     # A missing or malformed field is reported once, by the parser.
     reported = {problem.field for problem in problems + hook_problems}
@@ -374,6 +386,12 @@ def _job_table(job: Job) -> dict[str, Any]:
         table["chain"] = job.chain
     if job.include_readonly:
         table["include_readonly"] = True
+    if job.restore_test != RestoreTestWhen.NEVER:
+        table["restore_test"] = job.restore_test
+    if job.restore_test_console:
+        table["restore_test_console"] = job.restore_test_console
+    if job.restore_test_seconds != DEFAULT_RESTORE_TEST_SECONDS:
+        table["restore_test_seconds"] = job.restore_test_seconds
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
         table["hooks"] = hooks | {"timeout": job.hooks.timeout}

@@ -43,6 +43,14 @@ class Weekday(StrEnum):
     SUN = "sun"
 
 
+class RestoreTestWhen(StrEnum):
+    """When a job boots its new version as a restore test (restore/boottest/)."""
+
+    NEVER = "never"
+    WEEKLY = "weekly"  # when no version of the guest was tested in the last 7 days
+    ALWAYS = "always"  # after every backup
+
+
 # The choices in file and form order, for the forms and the messages that list them.
 MODES: tuple[str, ...] = tuple(Mode)
 ON_TIMEOUT: tuple[str, ...] = tuple(OnTimeout)
@@ -50,6 +58,8 @@ IO_CLASSES: tuple[str, ...] = tuple(IoClass)
 CHAIN_MODES: tuple[str, ...] = tuple(ChainMode)
 HOOK_PHASES: tuple[str, ...] = tuple(HookPhase)
 WEEKDAYS: tuple[str, ...] = tuple(Weekday)
+RESTORE_TESTS: tuple[str, ...] = tuple(RestoreTestWhen)
+DEFAULT_RESTORE_TEST_SECONDS = 60
 DEFAULT_KEEP = 3
 # The calendar rules' keys, beside keep (alias keep_last), in the file and the Job.
 CALENDAR_KEYS: tuple[str, ...] = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
@@ -122,6 +132,10 @@ class Job:
     bwlimit: int | None = None  # bytes per second the copier writes at most; None: no cap
     # A disk on a qcow2 backing chain: one flattened file, or every file of the chain.
     chain: ChainMode = ChainMode.FLATTEN
+    # Restore tests: when, the console line that proves a boot, how long to wait.
+    restore_test: RestoreTestWhen = RestoreTestWhen.NEVER
+    restore_test_console: str | None = None
+    restore_test_seconds: int = DEFAULT_RESTORE_TEST_SECONDS
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)

@@ -17,6 +17,7 @@ from guestsafe.engine.jobs.model import (
     IO_CLASSES,
     MODES,
     ON_TIMEOUT,
+    RESTORE_TESTS,
     WEEKDAYS,
     Hooks,
     Job,
@@ -64,6 +65,9 @@ def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
         _check_seconds("lock_wait", job.lock_wait),
         _check_seconds("randomized_delay", job.schedule.randomized_delay),
         _check_choice("chain", job.chain, CHAIN_MODES),
+        _check_choice("restore_test", job.restore_test, RESTORE_TESTS),
+        _check_console_line(job.restore_test_console),
+        _check_count("restore_test_seconds", job.restore_test_seconds),
     )
     problems = [problem for problem in checks if problem is not None]
     problems += _check_hooks(job.hooks)
@@ -274,6 +278,23 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> tuple[str
     if value not in allowed:
         return (name, f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     return None
+
+
+def _check_console_line(value: object) -> tuple[str, str] | None:
+    # Matched against the serial console's text: a control character never shows there.
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or _has_control(value):
+        return (
+            "restore_test_console",
+            f'restore_test_console must be a line of text the console prints, like "login:", '
+            f"not {value!r}",
+        )
+    return None
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def _check_bool(name: str, value: object) -> tuple[str, str] | None:

@@ -24,7 +24,7 @@ import subprocess
 import threading
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,8 +78,14 @@ def boot_clone(
     force: bool = False,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
+    xml_filter: Callable[[str], str] | None = None,
+    restore_test: bool = False,
 ) -> RestoreResult:
-    """Define and start the clone ``plan`` names, on overlays over the version's files."""
+    """Define and start the clone ``plan`` names, on overlays over the version's files.
+
+    ``xml_filter`` changes the clone's XML last, before it is defined (a restore
+    test cuts its network); ``restore_test`` marks the record as such a clone's.
+    """
     name, version = plan.new_name, plan.version
     if plan.device_targets:
         raise RestoreError(
@@ -100,6 +106,7 @@ def boot_clone(
         version_path=str(version.path.resolve()),
         overlays={rec.target: str(dst) for rec, dst in plan.disks},
         nvram=str(plan.nvram[1]) if plan.nvram else None,
+        restore_test=restore_test,
     )
     purpose = f"instant boot of {version.guest} version {version.number} as {name}"
     # The source guest's lock: retention must not delete the version before the
@@ -112,7 +119,9 @@ def boot_clone(
             )
         write_record(paths.state_dir, record)  # first: whatever follows can be undone
         try:
-            record, notes = _build(plan, record, chains, macs, hv, paths, force, reporter, cancel)
+            record, notes = _build(
+                plan, record, chains, macs, hv, paths, force, reporter, cancel, xml_filter
+            )
         except BaseException:
             # The record as last written: it names the ACL entries granted meanwhile.
             written = read_record(paths.state_dir, name) or record
@@ -134,6 +143,7 @@ def _build(
     force: bool,
     reporter: Reporter,
     cancel: threading.Event | None,
+    xml_filter: Callable[[str], str] | None = None,
 ) -> tuple[BootRecord, list[str]]:
     """Overlays, NVRAM, QEMU's access, define and start; the record and the XML's notes."""
     name = plan.new_name
@@ -154,7 +164,8 @@ def _build(
             raise RestoreError(f"a guest named {name!r} was defined meanwhile; nothing defined")
         macs = recheck_macs(plan, macs, hv.mac_owners())
         clone = build_clone_xml(plan, record.clone_uuid, macs)
-        hv.define(overlay_xml(clone.xml, chains))
+        xml = overlay_xml(clone.xml, chains)
+        hv.define(xml_filter(xml) if xml_filter is not None else xml)
     reporter(PhaseChanged(name, "start"))
     hv.start(name)
     return record, clone.notes

@@ -7,6 +7,10 @@ overlay's header, and libvirt drops it from the live and the persistent XML. The
 the record goes, and with it the version's protection from retention: the clone
 is an ordinary guest. A clone that is shut off is flattened by ``qemu-img rebase``
 instead, which does the same with nothing running.
+
+With ``target_dir`` the disks move as well: a block copy per disk, flattened into
+a new file there, and a pivot onto it (``qemu-img convert`` for a clone shut off);
+then the old overlay goes. The directory is checked first (``promote_target.py``).
 """
 
 from __future__ import annotations
@@ -14,18 +18,20 @@ from __future__ import annotations
 import subprocess
 import threading
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 from guestsafe.engine import events
-from guestsafe.engine.archive.in_use import BootRecord, read_record, remove_record
+from guestsafe.engine.archive.in_use import BootRecord, read_record, remove_record, write_record
 from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import HypervisorError, RestoreError
 from guestsafe.engine.events import PhaseChanged, Progress, Reporter
-from guestsafe.engine.hypervisor.block_jobs import backing_files, pull_backing
+from guestsafe.engine.hypervisor.block_jobs import backing_files, copy_to, pull_backing
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING, SHUTOFF
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.instant_boot import release_access
+from guestsafe.engine.restore.promote_target import check_target_dir
 
 
 def promote_clone(
@@ -35,25 +41,23 @@ def promote_clone(
     *,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
+    target_dir: Path | None = None,
 ) -> list[str]:
-    """Make clone ``name`` independent of the archive; the disks it flattened."""
+    """Make clone ``name`` independent of the archive; the disks it flattened.
+
+    ``target_dir``: move the disks into that directory meanwhile.
+    """
     record = _own_record(name, hv, paths)
     state = hv.state(name)
     if state not in (RUNNING, SHUTOFF):
         raise RestoreError(f"clone {printable(name)} is {state}; promote it running or shut off")
     reporter(PhaseChanged(name, "promote"))
-    for target, overlay in record.overlays.items():
-        events.info(
-            reporter, f"{target}: copying what {overlay} still reads from the archive", name
-        )
-        if state == RUNNING:
-
-            def progress(done: int, total: int, target: str = target) -> None:
-                reporter(Progress(name, target, done, total))
-
-            pull_backing(hv, name, target, progress, cancel)
-        else:
-            _rebase_offline(Path(overlay))
+    if target_dir is not None:
+        moves = check_target_dir(target_dir, record, hv.xml(name))
+        _move(record, moves, state == RUNNING, hv, paths, reporter, cancel)
+        record = read_record(paths.state_dir, name) or record
+    else:
+        _flatten_in_place(record, state == RUNNING, hv, reporter, cancel)
     _drop_backing_from_config(hv, name, list(record.overlays))
     release_access(record, paths)
     remove_record(paths.state_dir, name)
@@ -64,6 +68,81 @@ def promote_clone(
     )
     reporter(events.RunEnded(events.RunKind.RESTORE, True, "promote successful", name))
     return list(record.overlays)
+
+
+def _flatten_in_place(
+    record: BootRecord,
+    running: bool,
+    hv: Hypervisor,
+    reporter: Reporter,
+    cancel: threading.Event | None,
+) -> None:
+    name = record.clone
+    for target, overlay in record.overlays.items():
+        events.info(
+            reporter, f"{target}: copying what {overlay} still reads from the archive", name
+        )
+        if running:
+
+            def progress(done: int, total: int, target: str = target) -> None:
+                reporter(Progress(name, target, done, total))
+
+            pull_backing(hv, name, target, progress, cancel)
+        else:
+            _rebase_offline(Path(overlay))
+
+
+def _move(
+    record: BootRecord,
+    moves: dict[str, Path],
+    running: bool,
+    hv: Hypervisor,
+    paths: Paths,
+    reporter: Reporter,
+    cancel: threading.Event | None,
+) -> None:
+    """Each disk into its new file, flattened; the definition and the record follow each."""
+    name = record.clone
+    for target, dest in moves.items():
+        old = Path(record.overlays[target])
+        events.info(reporter, f"{target}: copying {old} and what it reads into {dest}", name)
+        if running:
+
+            def progress(done: int, total: int, target: str = target) -> None:
+                reporter(Progress(name, target, done, total))
+
+            copy_to(hv, name, target, dest, progress, cancel)
+        else:
+            _convert_offline(old, dest)
+        _point_config_at(hv, name, target, dest)
+        record = replace(record, overlays={**record.overlays, target: str(dest)})
+        write_record(paths.state_dir, record)
+        old.unlink(missing_ok=True)
+
+
+def _convert_offline(overlay: Path, dest: Path) -> None:
+    argv = ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2", str(overlay), str(dest)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        dest.unlink(missing_ok=True)
+        raise HypervisorError(f"cannot copy {overlay} to {dest}: {proc.stderr.strip()}")
+
+
+def _point_config_at(hv: Hypervisor, name: str, target: str, dest: Path) -> None:
+    """The persistent XML's disk ``target`` on ``dest``, a file with no backing chain."""
+    root = ET.fromstring(hv.xml(name))
+    for disk in root.findall("./devices/disk"):
+        dev = disk.find("target")
+        if dev is None or dev.get("dev") != target:
+            continue
+        source = disk.find("source")
+        if source is None:
+            source = ET.SubElement(disk, "source")
+        source.set("file", str(dest))
+        for store in disk.findall("backingStore"):
+            disk.remove(store)
+        disk.insert(list(disk).index(source) + 1, ET.Element("backingStore"))
+    hv.define(ET.tostring(root, encoding="unicode"))
 
 
 def _own_record(name: str, hv: Hypervisor, paths: Paths) -> BootRecord:

@@ -43,7 +43,6 @@ class SwapPhase(StrEnum):
     CLEANUP = "cleanup"
 
 
-
 @dataclass
 class FileSwap:
     """One file restored over the original: where it goes, its copy, the replaced one."""

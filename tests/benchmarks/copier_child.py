@@ -30,8 +30,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["copy"] and len(argv) in (3, 4):
         pace = HostPacer("idle", int(argv[3])) if len(argv) == 4 else None
         result = copy_file(Path(argv[1]), Path(argv[2]), pace=pace)
-        out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
-               "cloned": result.cloned}
+        out = {"blake3": result.blake3, "data_bytes": result.data_bytes, "cloned": result.cloned}
     elif argv[:1] == ["hash"] and len(argv) == 2:
         out = {"blake3": hash_file(Path(argv[1]))}
     else:

@@ -28,16 +28,18 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     uri, home, archive, guest, version, new_name, target = args
-    paths = Paths(Path(home) / "jobs.toml", Path(home) / "state", Path(home) / "log",
-                  Path(home) / "cache")
+    paths = Paths(
+        Path(home) / "jobs.toml", Path(home) / "state", Path(home) / "log", Path(home) / "cache"
+    )
     engine = Engine(uri=uri, paths=paths)
     assert engine.hv is not None  # connected before the clock starts, as a console is
     if wait:
         print("ready", flush=True)
         sys.stdin.readline()
     start = time.perf_counter()
-    plan = engine.plan_restore(engine.archive(Path(archive)), guest, int(version), new_name,
-                               target_dir=Path(target))
+    plan = engine.plan_restore(
+        engine.archive(Path(archive)), guest, int(version), new_name, target_dir=Path(target)
+    )
     result = engine.restore(plan)
     seconds = time.perf_counter() - start
     restored = sum(path.stat().st_blocks * 512 for path in result.disk_paths)

@@ -98,8 +98,9 @@ class Bench:
     restore_source: RestoreSource | None = None  # a version the downtime section made
 
     def record(self, section: str, what: str, run: Run, data_bytes: int) -> None:
-        self.rows.append(Row(section, what, run.seconds, run.median, data_bytes, run.peak_rss,
-                             run.page_cache))
+        self.rows.append(
+            Row(section, what, run.seconds, run.median, data_bytes, run.peak_rss, run.page_cache)
+        )
 
 
 # --------------------------------------------------------------------------- timing
@@ -142,8 +143,9 @@ class CacheWatch:
         return max(0, self.peak - self.base)
 
 
-def run_timed(argv: Sequence[str], bench: Bench, *, then_sync: Path | None = None,
-              primed: bool = False) -> Run:
+def run_timed(
+    argv: Sequence[str], bench: Bench, *, then_sync: Path | None = None, primed: bool = False
+) -> Run:
     """One cold run of ``argv``, timed until its output is durable.
 
     ``then_sync``: the tool does not fsync, so ``sync FILE`` is part of its time.
@@ -153,8 +155,9 @@ def run_timed(argv: Sequence[str], bench: Bench, *, then_sync: Path | None = Non
     with tempfile.TemporaryFile() as err:
         drop_caches(bench)
         spawned = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=err)
+        proc = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err
+        )
         assert proc.stdin is not None and proc.stdout is not None
         startup = 0.0
         if primed:
@@ -209,8 +212,9 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
             run = run_timed(contender.argv, bench, then_sync=then_sync, primed=contender.primed)
             runs[contender.name].append(run)
     return {
-        name: replace(min(done, key=lambda r: r.seconds),
-                      median=statistics.median(r.seconds for r in done))
+        name: replace(
+            min(done, key=lambda r: r.seconds), median=statistics.median(r.seconds for r in done)
+        )
         for name, done in runs.items()
     }
 
@@ -261,8 +265,9 @@ def prepare(bench: Bench) -> None:
     qcow2 = bench.scratch / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
     bench.files.update(raw=raw, qcow2=qcow2)
-    bench.figures.update(source_virtual_bytes=size, source_data_bytes=written,
-                         qcow2_file_bytes=qcow2.stat().st_size)
+    bench.figures.update(
+        source_virtual_bytes=size, source_data_bytes=written, qcow2_file_bytes=qcow2.stat().st_size
+    )
 
 
 # --------------------------------------------------------------------------- sections
@@ -288,8 +293,21 @@ def bench_copy(bench: Bench) -> None:
             contenders.append(disk_limit(bench, src))
         if name == "raw":
             qemu_out = bench.scratch / "qemu-img.raw"
-            argv = ["qemu-img", "convert", "-t", "none", "-T", "none", "-W", "-m", "16",
-                    "-O", "raw", str(src), str(qemu_out)]
+            argv = [
+                "qemu-img",
+                "convert",
+                "-t",
+                "none",
+                "-T",
+                "none",
+                "-W",
+                "-m",
+                "16",
+                "-O",
+                "raw",
+                str(src),
+                str(qemu_out),
+            ]
             contenders.append(Contender("qemu-img", argv, qemu_out, True))
         runs = race(bench, contenders)
         for contender in contenders[1:]:
@@ -298,7 +316,8 @@ def bench_copy(bench: Bench) -> None:
         record_copy(bench, name, runs, data)
         bench.files[f"ours.{name}"] = mine
     bench.figures["copy_peak_rss_bytes"] = max(
-        int(str(bench.figures[f"copy_peak_rss_bytes_{n}"])) for n in ("raw", "qcow2"))
+        int(str(bench.figures[f"copy_peak_rss_bytes_{n}"])) for n in ("raw", "qcow2")
+    )
 
 
 def disk_limit(bench: Bench, src: Path) -> Contender:
@@ -308,9 +327,11 @@ def disk_limit(bench: Bench, src: Path) -> Contender:
     """
     out = bench.scratch / "limit.out"
     count = -(-src.stat().st_size // (16 * MiB))
-    script = (f"dd if={src} of=/dev/null bs=16M iflag=direct status=none & "
-              f"dd if=/dev/zero of={out} bs=16M count={count} oflag=direct conv=fsync "
-              "status=none; wait")
+    script = (
+        f"dd if={src} of=/dev/null bs=16M iflag=direct status=none & "
+        f"dd if=/dev/zero of={out} bs=16M count={count} oflag=direct conv=fsync "
+        "status=none; wait"
+    )
     return Contender("disk limit", ["sh", "-c", script], out)
 
 
@@ -321,26 +342,30 @@ def record_copy(bench: Bench, name: str, runs: dict[str, Run], data: int) -> Non
     bench.record("copy", f"cp --sparse=always {name} + sync FILE", runs["cp"], data)
     set_ratio(bench, f"copy_vs_cp_ratio_{name}", runs["cp"], mine)
     if "disk limit" in runs:
-        bench.record("copy", "disk limit: dd O_DIRECT read || write, same bytes",
-                     runs["disk limit"], data)
+        bench.record(
+            "copy", "disk limit: dd O_DIRECT read || write, same bytes", runs["disk limit"], data
+        )
         set_ratio(bench, f"copy_vs_disk_limit_ratio_{name}", runs["disk limit"], mine)
     if "qemu-img" in runs:
-        bench.record("copy", "qemu-img convert -t none -T none -W -m16 + sync", runs["qemu-img"],
-                     data)
+        bench.record(
+            "copy", "qemu-img convert -t none -T none -W -m16 + sync", runs["qemu-img"], data
+        )
         set_ratio(bench, "copy_vs_qemu_img_ratio", runs["qemu-img"], mine)
         bench.figures["qemu_img_seconds_raw"] = round(runs["qemu-img"].seconds, 3)
-    bench.figures.update({
-        f"copy_seconds_{name}": round(mine.seconds, 3),
-        f"copy_call_seconds_{name}": round(float(result["seconds"]), 3),
-        f"cp_seconds_{name}": round(runs["cp"].seconds, 3),
-        f"copy_page_cache_peak_bytes_{name}": mine.page_cache,
-        f"cp_page_cache_peak_bytes_{name}": runs["cp"].page_cache,
-        f"copy_data_mb_s_{name}": round(int(result["data_bytes"]) / mine.seconds / 1e6, 1),
-        f"copy_allocated_bytes_{name}": allocated(bench.scratch / f"ours.{name}"),
-        f"copy_peak_rss_bytes_{name}": mine.peak_rss,
-        "copier_process_startup_cold_seconds": round(mine.startup, 3),
-        f"blake3_{name}": result["blake3"],
-    })
+    bench.figures.update(
+        {
+            f"copy_seconds_{name}": round(mine.seconds, 3),
+            f"copy_call_seconds_{name}": round(float(result["seconds"]), 3),
+            f"cp_seconds_{name}": round(runs["cp"].seconds, 3),
+            f"copy_page_cache_peak_bytes_{name}": mine.page_cache,
+            f"cp_page_cache_peak_bytes_{name}": runs["cp"].page_cache,
+            f"copy_data_mb_s_{name}": round(int(result["data_bytes"]) / mine.seconds / 1e6, 1),
+            f"copy_allocated_bytes_{name}": allocated(bench.scratch / f"ours.{name}"),
+            f"copy_peak_rss_bytes_{name}": mine.peak_rss,
+            "copier_process_startup_cold_seconds": round(mine.startup, 3),
+            f"blake3_{name}": result["blake3"],
+        }
+    )
 
 
 def bench_verify(bench: Bench) -> None:
@@ -351,8 +376,9 @@ def bench_verify(bench: Bench) -> None:
     if b3sum:
         ref = Contender("b3sum", [b3sum, "--no-names", str(target)])
     else:
-        ref = Contender("blake3 module, whole file",
-                        [sys.executable, "-c", PLAIN_HASH, str(target)])
+        ref = Contender(
+            "blake3 module, whole file", [sys.executable, "-c", PLAIN_HASH, str(target)]
+        )
     runs = race(bench, [ours("ours", "hash", str(target)), ref])
     mine, theirs = runs["ours"], runs[ref.name]
     bench.record("verify", "guestsafe hash_file raw copy (cold)", mine, data)
@@ -420,8 +446,9 @@ class GuestLab:
         self.home = bench.scratch / "gshome"
         self.archive = bench.scratch / "archive"
         self.archive.mkdir(mode=0o700)
-        self.paths = Paths(self.home / "jobs.toml", self.home / "state", self.home / "log",
-                           self.home / "cache")
+        self.paths = Paths(
+            self.home / "jobs.toml", self.home / "state", self.home / "log", self.home / "cache"
+        )
         self.paths.ensure()
         self.hv = Hypervisor(self.uri)
         self.made: list[Any] = []
@@ -430,9 +457,14 @@ class GuestLab:
         """A running guest with a qcow2 vda (its counter) and a raw vdb of ``size`` data."""
         from rig import DiskSpec, make_guest, unique_name
 
-        guest = make_guest(self.conn, self.guests_dir, unique_name("bench"),
-                           disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", size)),
-                           start=False, assets=self.assets)
+        guest = make_guest(
+            self.conn,
+            self.guests_dir,
+            unique_name("bench"),
+            disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", size)),
+            start=False,
+            assets=self.assets,
+        )
         self.made.append(guest)
         fill_random(guest.disks["vdb"].path, size)
         guest.start()
@@ -443,8 +475,16 @@ class GuestLab:
         from guestsafe.engine.backup.runner import run_job
         from guestsafe.engine.jobs.model import Job, Schedule
 
-        job = Job(f"bench-{mode}", [guest.name], self.archive, keep=1, mode=mode, verify=False,
-                  schedule=Schedule(None), lock_wait=0)
+        job = Job(
+            f"bench-{mode}",
+            [guest.name],
+            self.archive,
+            keep=1,
+            mode=mode,
+            verify=False,
+            schedule=Schedule(None),
+            lock_wait=0,
+        )
         result = run_job(job, self.hv, self.paths)
         outcome = result.outcomes[0]
         if not outcome.ok or outcome.downtime is None:
@@ -504,7 +544,7 @@ DOWNTIME_KEYS = dict(zip(DOWNTIME_WAYS, ("restart", "stop", "stop_short"), stric
 
 
 def size_label(bench: Bench, size: int) -> str:
-    """"1g" for the small guest, "4g" for the large one (also with --quick)."""
+    """ "1g" for the small guest, "4g" for the large one (also with --quick)."""
     return "1g" if size == downtime_sizes(bench)[0] else "4g"
 
 
@@ -563,13 +603,15 @@ def keep_for_restore(bench: Bench, lab: GuestLab, guest: Any) -> None:
 
     [version] = Archive.open(lab.archive).versions(guest.name)
     files = [version.path / record.file for record in version.manifest.records]
-    bench.restore_source = RestoreSource(lab.uri, lab.home, lab.archive, guest.name,
-                                         version.number, files)
+    bench.restore_source = RestoreSource(
+        lab.uri, lab.home, lab.archive, guest.name, version.number, files
+    )
     # The guest goes with the lab; the version stays in the scratch dir for the restore.
 
 
-def record_downtimes(bench: Bench, found: dict[tuple[str, int], tuple[float, float]],
-                     small: int, large: int) -> None:
+def record_downtimes(
+    bench: Bench, found: dict[tuple[str, int], tuple[float, float]], small: int, large: int
+) -> None:
     bare, stop, short = DOWNTIME_WAYS
 
     def ratio(key: str, top: tuple[float, float], bottom: tuple[float, float]) -> None:
@@ -614,12 +656,30 @@ def bench_restore(bench: Bench) -> None:
         cp_dir.mkdir()
 
     copies = [str(cp_dir / path.name) for path in source.files]
-    cp = ["sh", "-c", 'cp --sparse=always "$@" && sync ' + " ".join(copies), "cp",
-          *map(str, source.files), str(cp_dir)]
-    restore = [sys.executable, str(RESTORE_CHILD), "--wait", source.uri, str(source.home),
-               str(source.archive), source.guest, str(source.number), name, str(target)]
-    contenders = [Contender("ours", restore, primed=True, cleanup=clean_restore),
-                  Contender("cp", cp, cleanup=clean_cp)]
+    cp = [
+        "sh",
+        "-c",
+        'cp --sparse=always "$@" && sync ' + " ".join(copies),
+        "cp",
+        *map(str, source.files),
+        str(cp_dir),
+    ]
+    restore = [
+        sys.executable,
+        str(RESTORE_CHILD),
+        "--wait",
+        source.uri,
+        str(source.home),
+        str(source.archive),
+        source.guest,
+        str(source.number),
+        name,
+        str(target),
+    ]
+    contenders = [
+        Contender("ours", restore, primed=True, cleanup=clean_restore),
+        Contender("cp", cp, cleanup=clean_cp),
+    ]
     try:
         runs = race(bench, contenders)
     finally:
@@ -695,8 +755,7 @@ def bench_instant_boot(bench: Bench) -> None:
             name = unique_name("benchboot" if boot else "benchfull")
             drop_caches(bench)
             began = time.perf_counter()
-            plan = engine.plan_restore(archive, guest.name, version.number, name,
-                                       target_dir=target)
+            plan = engine.plan_restore(archive, guest.name, version.number, name, target_dir=target)
             if boot:
                 engine.boot(plan)
             else:
@@ -723,13 +782,19 @@ def bench_instant_boot(bench: Bench) -> None:
         # The issue's figure: the wait with instant boot over the wait with a restore.
         instant_boot_vs_restore_ratio=round(min(boots) / min(restores), 3),
         instant_boot_vs_restore_ratio_median=round(
-            statistics.median(boots) / statistics.median(restores), 3),
+            statistics.median(boots) / statistics.median(restores), 3
+        ),
     )
 
 
 BWLIMIT = 50 * MiB
 SECTIONS: list[Callable[[Bench], None]] = [
-    bench_copy, bench_verify, bench_bwlimit, bench_downtime, bench_restore, bench_instant_boot,
+    bench_copy,
+    bench_verify,
+    bench_bwlimit,
+    bench_downtime,
+    bench_restore,
+    bench_instant_boot,
 ]
 
 
@@ -743,19 +808,25 @@ def human_bytes(n: int) -> str:
 def print_table(bench: Bench) -> None:
     size = int(str(bench.figures["source_virtual_bytes"]))
     data = int(str(bench.figures["source_data_bytes"]))
-    print(f"source: raw {size / GiB:.0f} GiB virtual, {human_bytes(data)} data; "
-          f"qcow2 {human_bytes(int(str(bench.figures['qcow2_file_bytes'])))}; "
-          f"best of {bench.repeat} cold runs"
-          + ("" if bench.drop_caches else " (caches NOT dropped: not root)"))
-    header = (f"{'section':<8} {'measurement':<50} {'best s':>7} {'median':>7} "
-              f"{'data MB/s':>10} {'peak RSS':>10} {'page cache':>11}")
+    print(
+        f"source: raw {size / GiB:.0f} GiB virtual, {human_bytes(data)} data; "
+        f"qcow2 {human_bytes(int(str(bench.figures['qcow2_file_bytes'])))}; "
+        f"best of {bench.repeat} cold runs"
+        + ("" if bench.drop_caches else " (caches NOT dropped: not root)")
+    )
+    header = (
+        f"{'section':<8} {'measurement':<50} {'best s':>7} {'median':>7} "
+        f"{'data MB/s':>10} {'peak RSS':>10} {'page cache':>11}"
+    )
     print(header)
     print("-" * len(header))
     for row in bench.rows:
         rate = row.data_bytes / row.seconds / 1e6
-        print(f"{row.section:<8} {row.what:<50} {row.seconds:>7.2f} {row.median:>7.2f} "
-              f"{rate:>10.0f} "
-              f"{human_bytes(row.peak_rss):>10} {human_bytes(row.page_cache):>11}")
+        print(
+            f"{row.section:<8} {row.what:<50} {row.seconds:>7.2f} {row.median:>7.2f} "
+            f"{rate:>10.0f} "
+            f"{human_bytes(row.peak_rss):>10} {human_bytes(row.page_cache):>11}"
+        )
     print()
     print(f"{'ratio (theirs / ours, >1: guestsafe faster)':<44} {'best':>7} {'median':>7}")
     for key, value in bench.figures.items():
@@ -787,8 +858,9 @@ def print_downtimes(bench: Bench) -> None:
 
 def scratch_parent(requested: str | None) -> Path:
     parent = Path(requested or "/var/tmp")
-    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(parent)], capture_output=True,
-                            text=True, check=True).stdout.strip()
+    fstype = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(parent)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if fstype == "tmpfs":
         sys.exit(f"{parent} is tmpfs: benchmarks must run on a real disk (use --dir)")
     return parent
@@ -796,16 +868,25 @@ def scratch_parent(requested: str | None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="1 GiB copy source with 128 MiB data; 256 MiB and 1 GiB guest disks")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 GiB copy source with 128 MiB data; 256 MiB and 1 GiB guest disks",
+    )
     parser.add_argument("--dir", help="parent of the scratch dir (default /var/tmp)")
     parser.add_argument("--repeat", type=int, default=3, help="cold runs per figure (best)")
-    parser.add_argument("--downtime-turns", type=int,
-                        help="runs of each way per guest in the downtime section "
-                             "(default 5, 3 with --quick)")
-    parser.add_argument("--section", action="append", metavar="NAME",
-                        help="run only this section (repeatable): "
-                             + ", ".join(f.__name__.removeprefix("bench_") for f in SECTIONS))
+    parser.add_argument(
+        "--downtime-turns",
+        type=int,
+        help="runs of each way per guest in the downtime section (default 5, 3 with --quick)",
+    )
+    parser.add_argument(
+        "--section",
+        action="append",
+        metavar="NAME",
+        help="run only this section (repeatable): "
+        + ", ".join(f.__name__.removeprefix("bench_") for f in SECTIONS),
+    )
     args = parser.parse_args(argv)
     parent = scratch_parent(args.dir)
     scratch = Path(tempfile.mkdtemp(prefix="guestsafe-bench-", dir=parent))
@@ -819,8 +900,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             section(bench)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    bench.figures.update(quick=args.quick, caches_dropped=bench.drop_caches,
-                         downtime_turns=bench.downtime_turns)
+    bench.figures.update(
+        quick=args.quick, caches_dropped=bench.drop_caches, downtime_turns=bench.downtime_turns
+    )
     print_table(bench)
     print(json.dumps(bench.figures, sort_keys=True))
     return 0

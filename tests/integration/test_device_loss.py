@@ -37,7 +37,8 @@ def test_device_vanishing_mid_copy_restarts_the_guest_and_the_next_run_works(
     disk = disks(Part("ext4", 384, "gsloss"))
     part = disk.partitions[0]
     guest = guest_factory(
-        "loss", disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", 96 * MiB)),
+        "loss",
+        disks=(DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", 96 * MiB)),
         start=False,
     )
     fill_random(guest.disks["vdb"].path, 96 * MiB)

@@ -177,8 +177,11 @@ def test_disk_filling_mid_copy_removes_the_partial_and_keeps_old_versions(
     worker.start()
     assert copying.wait(120)
     # Another writer takes the rest of the disk while the copy runs.
-    subprocess.run(["dd", "if=/dev/zero", f"of={small_fs / 'filler2'}", "bs=1M"],
-                   capture_output=True, check=False)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={small_fs / 'filler2'}", "bs=1M"],
+        capture_output=True,
+        check=False,
+    )
     worker.join(180)
 
     [result] = results
@@ -218,13 +221,18 @@ def test_guest_powering_off_after_the_timeout_is_started_again(
 
 
 def _virt_admin_clients_of(pid: int) -> list[str]:
-    listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["virt-admin", "srv-clients-list", "libvirtd"], capture_output=True, text=True, check=True
+    ).stdout
     ids = re.findall(r"^\s*(\d+)\s+unix", listing, re.MULTILINE)
     mine = []
     for client in ids:
-        info = subprocess.run(["virt-admin", "client-info", "libvirtd", client],
-                              capture_output=True, text=True, check=False).stdout
+        info = subprocess.run(
+            ["virt-admin", "client-info", "libvirtd", client],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
         if re.search(rf"unix_process_id\s*:\s*{pid}\b", info):
             mine.append(client)
     return mine

@@ -42,9 +42,7 @@ def _macs(xml: str) -> list[str]:
 
 
 def _owners(folder: Path) -> dict[str, tuple[int, int, int]]:
-    return {
-        p.name: (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode) for p in folder.iterdir()
-    }
+    return {p.name: (p.stat().st_uid, p.stat().st_gid, p.stat().st_mode) for p in folder.iterdir()}
 
 
 def _disk_files(xml: str) -> list[str]:

@@ -465,8 +465,11 @@ async def test_recovery_runs_at_start_and_says_what_it_did(
 
     def recover(reporter: Any) -> list[str]:
         calls.append("recover")
-        reporter(LogLine(logging.INFO, "recovered: guest started again after an interrupted backup",
-                         "web1"))
+        reporter(
+            LogLine(
+                logging.INFO, "recovered: guest started again after an interrupted backup", "web1"
+            )
+        )
         return ["web1"]
 
     monkeypatch.setattr(engine, "recover", recover)

@@ -70,9 +70,7 @@ def test_the_simulated_series_answers_as_the_engine_retention_does() -> None:
 
 
 def test_real_versions_name_the_ones_that_would_go() -> None:
-    versions = [
-        Candidate(n, datetime(2025, 1, n, 2, 0, tzinfo=UTC), good=True) for n in (3, 2, 1)
-    ]
+    versions = [Candidate(n, datetime(2025, 1, n, 2, 0, tzinfo=UTC), good=True) for n in (3, 2, 1)]
     history = [GuestHistory("web1", versions)]
     lines = preview_lines(history, policy_of({"keep": "1"}), FIXED_NOW, UTC)
     assert lines[1:] == [
@@ -90,13 +88,22 @@ def test_the_preview_says_why_it_cannot_answer() -> None:
 
 def test_calendar_fields_become_the_job_rules(tmp_path: Any) -> None:
     values = JobFormValues(
-        name="daily", guests="web1", destination=str(tmp_path), keep="0", keep_daily="7",
-        keep_weekly="4", keep_monthly="6",
+        name="daily",
+        guests="web1",
+        destination=str(tmp_path),
+        keep="0",
+        keep_daily="7",
+        keep_weekly="4",
+        keep_monthly="6",
     )
     job, problems = check_job(values, existing=[], known_guests=None)
     assert problems == []
     assert (job.keep, job.keep_daily, job.keep_weekly, job.keep_monthly, job.keep_yearly) == (
-        0, 7, 4, 6, 0,
+        0,
+        7,
+        4,
+        6,
+        0,
     )
     assert JobFormValues.from_job(job).keep_daily == "7"
     assert plain.keep_summary(job) == "d7 w4 m6"
@@ -280,6 +287,8 @@ async def test_jobs_table_fits_80_columns(engine: Engine, monkeypatch: pytest.Mo
         await settle(pilot)
         table = app.query_one("#jobs-table", DataTable)
         assert [str(c.label) for c in table.columns.values()][-3:] == [
-            "Took", "Size", "Destination / device",
+            "Took",
+            "Size",
+            "Destination / device",
         ]
         assert str(table.get_cell("mail-weekly", "Took")) == "41s"

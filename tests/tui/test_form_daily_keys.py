@@ -51,9 +51,7 @@ def test_all_guests_with_exclude_mail_ionice_and_bwlimit_make_the_job(tmp_path: 
 
 
 def test_exclude_is_ignored_while_the_guests_are_listed(tmp_path: Path) -> None:
-    job, problems = check_job(
-        form(tmp_path, exclude="scratch-*"), existing=[], known_guests=KNOWN
-    )
+    job, problems = check_job(form(tmp_path, exclude="scratch-*"), existing=[], known_guests=KNOWN)
     assert problems == []
     assert (job.all_guests, job.guests, job.exclude) == (False, ["web1"], [])
 
@@ -89,7 +87,7 @@ def test_an_all_guests_job_round_trips_through_the_form(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "field", "words"),
     [
-        ({"bwlimit": "fast"}, "bwlimit", "bwlimit must be a rate like \"100 MiB/s\""),
+        ({"bwlimit": "fast"}, "bwlimit", 'bwlimit must be a rate like "100 MiB/s"'),
         ({"bwlimit": "100 B/s"}, "bwlimit", "at least 1 MiB/s"),
         ({"mail_to": "ops@example.org, not an address"}, "mail_to", "'not'"),
         ({"ionice": "realtime"}, "ionice", "idle, best-effort"),

@@ -112,7 +112,7 @@ async def test_a_bad_bwlimit_is_refused_at_its_field_and_nothing_is_saved(
         assert app.screen is form, "an invalid job must keep the form open"
         error = form.query_one("#e-bwlimit", Static)
         assert error.display
-        assert "bwlimit must be a rate like \"100 MiB/s\"" in str(error.render())
+        assert 'bwlimit must be a rate like "100 MiB/s"' in str(error.render())
         assert form.query_one("#f-bwlimit", Input).has_class("invalid")
         assert form.query_one("#f-bwlimit", Input).has_focus
         # Only the bad field says anything.

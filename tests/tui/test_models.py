@@ -223,8 +223,16 @@ def test_every_binding_has_an_id_and_avoids_keys_terminals_eat() -> None:
     from guestsafe.tui.mac_modal import MacClashScreen
     from guestsafe.tui.restore_pane import RestorePane
 
-    owners = (GuestsafeApp, ConfirmModal, ErrorModal, JobFormScreen, JobsPane, LogPane,
-              MacClashScreen, RestorePane)
+    owners = (
+        GuestsafeApp,
+        ConfirmModal,
+        ErrorModal,
+        JobFormScreen,
+        JobsPane,
+        LogPane,
+        MacClashScreen,
+        RestorePane,
+    )
     ids: list[str] = []
     for owner in owners:
         for binding in owner.__dict__["BINDINGS"]:

@@ -86,8 +86,17 @@ def test_a_manifest_reads_its_mode_as_a_member_and_writes_the_spelling(tmp_path:
     disk = DiskRecord("vda", "/img/vda.qcow2", "qcow2", 100, 100, "vda.qcow2", "0" * 64)
     stamp = "2025-03-01T02:00:00+00:00"
     manifest = Manifest(
-        1, "web", "6f2d8d1e-5a3c-4b59-9d61-1a2b3c4d5e6f", "hv1", Mode.STOP, stamp, stamp,
-        None, "0.1.0", [disk], None,
+        1,
+        "web",
+        "6f2d8d1e-5a3c-4b59-9d61-1a2b3c4d5e6f",
+        "hv1",
+        Mode.STOP,
+        stamp,
+        stamp,
+        None,
+        "0.1.0",
+        [disk],
+        None,
     )
     version = partial.commit(manifest)
     assert version.mode is Mode.STOP and version.manifest.mode is Mode.STOP

@@ -119,8 +119,9 @@ def test_fragmented_file_small_extents_and_gaps(
     assert data_extents(dst) == data_extents(src)
 
 
-def test_existing_destination_is_refused_and_kept(sparse_src: tuple[Path, bytes],
-                                                   tmp_path: Path) -> None:
+def test_existing_destination_is_refused_and_kept(
+    sparse_src: tuple[Path, bytes], tmp_path: Path
+) -> None:
     src, _ = sparse_src
     dst = tmp_path / "taken"
     dst.write_bytes(b"precious")
@@ -146,8 +147,9 @@ def test_block_device_source(tmp_path: Path) -> None:
     need_root_tool("losetup")
     image = tmp_path / "disk.img"
     content = make_sparse(image, 8 * MiB, [(MiB, 100 * 1024)])
-    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", str(image)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         dst = tmp_path / "copy"
         result = copy_file(Path(loop), dst)
@@ -201,8 +203,9 @@ def test_cancel_before_start_and_during_verify(tmp_path: Path) -> None:
         hash_file(src, cancel=cancel)
 
 
-@pytest.mark.parametrize(("action", "pattern"), [("enospc", "no space left on"),
-                                                  ("raise", "cannot write")])
+@pytest.mark.parametrize(
+    ("action", "pattern"), [("enospc", "no space left on"), ("raise", "cannot write")]
+)
 def test_failpoint_failure_removes_destination(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, action: str, pattern: str
 ) -> None:
@@ -293,8 +296,9 @@ def test_hash_file_matches_whole_content(sparse_src: tuple[Path, bytes]) -> None
     assert hash_file(src) == digest(content)
     b3sum = shutil.which("b3sum")
     if b3sum:
-        out = subprocess.run([b3sum, "--no-names", str(src)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [b3sum, "--no-names", str(src)], capture_output=True, text=True, check=True
+        )
         assert out.stdout.strip() == digest(content)
 
 
@@ -336,8 +340,9 @@ def xfs(tmp_path: Path) -> Iterator[Path]:
     image = tmp_path / "xfs.img"
     with image.open("wb") as f:
         f.truncate(320 * MiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True, capture_output=True
+    )
     with mounted(["-o", "loop", str(image)], tmp_path / "xfs") as mnt:
         yield mnt
 

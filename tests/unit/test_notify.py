@@ -233,7 +233,9 @@ def test_slow_webhook_times_out(tmp_path: Path) -> None:
 
 
 def test_engine_logs_notify_results_and_keeps_the_outcome(
-    tmp_path: Path, sendmail: Path, server: tuple[HTTPServer, list]  # type: ignore[type-arg]
+    tmp_path: Path,
+    sendmail: Path,
+    server: tuple[HTTPServer, list],  # type: ignore[type-arg]
 ) -> None:
     httpd, received = server
     home = tmp_path / "home"

@@ -266,9 +266,7 @@ def test_a_clone_never_takes_the_path_of_an_existing_file(setup: Setup, tmp_path
         ("web/copy", "libvirt refuses such names"),
     ],
 )
-def test_a_clone_name_that_cannot_be_used_is_refused(
-    setup: Setup, name: str, problem: str
-) -> None:
+def test_a_clone_name_that_cannot_be_used_is_refused(setup: Setup, name: str, problem: str) -> None:
     with pytest.raises(RestoreError, match=problem):
         _plan(setup, name)
 

@@ -30,6 +30,7 @@ from guestsafe.engine.api import (
     JobConfigError,
     Mode,
     OnTimeout,
+    RestoreTestWhen,
     Schedule,
     as_choice,
     byte_rate,
@@ -71,6 +72,7 @@ FIELDS = (
     "on_timeout",
     "group",
     "verify",
+    "restore_test",
     "lock_wait",
     *HOOK_FIELDS,
     "hook_timeout",
@@ -113,6 +115,7 @@ class JobFormValues:
     on_timeout: str = "abort"
     group: bool = False
     verify: bool = True
+    restore_test: str = RestoreTestWhen.NEVER.value
     fallback_to_stop: bool = False
     lock_wait: str = str(DEFAULT_LOCK_WAIT)
     # Each hook as the operator types it: a program and its arguments, shell-quoted.
@@ -147,6 +150,7 @@ class JobFormValues:
             on_timeout=job.on_timeout,
             group=job.group,
             verify=job.verify,
+            restore_test=job.restore_test,
             fallback_to_stop=job.fallback_to_stop,
             lock_wait=str(job.lock_wait),
             hook_timeout=str(job.hooks.timeout),
@@ -284,6 +288,7 @@ def build_job(
         mail_to=split_addresses(values.mail_to),
         ionice=as_choice(IoClass, values.ionice),
         bwlimit=_bwlimit(values, problems, name),
+        restore_test=as_choice(RestoreTestWhen, values.restore_test),
     )
     return (_keep_unedited(base, job) if base is not None else job), problems
 
@@ -294,6 +299,7 @@ FORM_EDITS = frozenset(
         *("name", "guests", "destination", "device", "keep", *CALENDAR_FIELDS, "schedule"),
         *("mode", "shutdown_timeout", "on_timeout", "group", "verify", "fallback_to_stop"),
         *("hooks", "lock_wait", "all_guests", "exclude", "mail_to", "ionice", "bwlimit"),
+        "restore_test",
     }
 )
 

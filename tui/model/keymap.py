@@ -34,12 +34,12 @@ def load_keymap(path: Path) -> tuple[dict[str, str], list[str]]:
         return {}, [f"{path}: {exc}"]
     table = document.get("keys", {})
     if not isinstance(table, dict):
-        return {}, [f"{path}: [keys] must be a table of binding id = \"key\""]
+        return {}, [f'{path}: [keys] must be a table of binding id = "key"']
     keymap: dict[str, str] = {}
     problems: list[str] = []
     for binding_id, keys in table.items():
         if not isinstance(keys, str) or not keys.strip():
-            problems.append(f"{path}: {binding_id} must be a key name such as \"f9\"")
+            problems.append(f'{path}: {binding_id} must be a key name such as "f9"')
             continue
         refused = sorted(set(k.strip() for k in keys.split(",")) & REFUSED_KEYS)
         if refused:

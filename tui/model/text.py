@@ -93,4 +93,3 @@ def keep_summary(job: Job) -> str:
     if not any(counts[letter] for letter in "dwmy"):
         return str(job.keep)
     return " ".join(f"{letter}{count}" for letter, count in counts.items() if count)
-

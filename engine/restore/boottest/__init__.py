@@ -1,0 +1,1 @@
+"""Automatic restore tests: boot a version as a cut-off clone, wait for a sign of life."""
