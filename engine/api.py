@@ -35,6 +35,13 @@ from guestsafe.engine.archive.calendar_retention import (
     keep_reasons,
 )
 from guestsafe.engine.archive.in_use import BootRecord, all_records, versions_in_use
+from guestsafe.engine.archive.sharing import (
+    device_shares,
+    directory_shares,
+    sharing_label,
+    sharing_note,
+)
+from guestsafe.engine.archive.space import ArchiveSpace, space_of
 from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
@@ -120,6 +127,7 @@ __all__ = [
     "ON_TIMEOUT",
     "WEEKDAYS",
     "Archive",
+    "ArchiveSpace",
     "BlockDevice",
     "BootRecord",
     "Candidate",
@@ -167,6 +175,8 @@ __all__ = [
     "check_job_runtime",
     "check_programs",
     "describe_policy",
+    "device_shares",
+    "directory_shares",
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
@@ -181,7 +191,10 @@ __all__ = [
     "reset_sandbox",
     "resolve_guests",
     "retention_policy",
+    "sharing_label",
+    "sharing_note",
     "short_mode_label",
+    "space_of",
     "split_path",
     "uncovered_guests",
     "validate_job",
