@@ -436,7 +436,10 @@ class PushCopy:
         self.running = False
         if not outcome.ok:
             raise CopyError(self._failure(outcome))
-        b.say_info(f"QEMU copied the disks in {time.monotonic() - self.begun_at:.1f} s")
+        b.say_info(
+            f"QEMU copied the disks in {time.monotonic() - self.begun_at:.1f} s "
+            f"({self._bytes_read()} bytes read)"
+        )
         self._keep_checkpoint()
         # The job's end comes before QEMU closes the targets; their block-job ends
         # come after. Waiting for those first leaves the check below one look.
@@ -456,6 +459,12 @@ class PushCopy:
             else r
             for r in records
         ]
+
+    def _bytes_read(self) -> int:
+        """What QEMU read: every disk for a full backup, the changed clusters otherwise."""
+        assert self.watch is not None
+        stats = self.watch.completed or {}
+        return int(stats.get(libvirt.VIR_DOMAIN_JOB_DISK_PROCESSED, 0))
 
     def _keep_checkpoint(self) -> None:
         """Record the checkpoint begun (and the base) for the manifest; drop older ones."""
