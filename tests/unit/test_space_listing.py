@@ -49,7 +49,7 @@ def test_list_shows_unique_sizes_and_the_total_on_the_device(
         versions = [_version(first, 1), _version(second, 2)]
         assert _print_versions([("/srv/backup", versions)]) == 0
     out = capsys.readouterr().out
-    header, row1, row2, total = out.splitlines()
+    header, row1, _row2, total = out.splitlines()
     cells = [re.split(r"\s{2,}", line) for line in (header, row1)]
     assert cells[0][4:6] == ["ALLOCATED", "UNIQUE"]
     assert cells[1][4:6] == [byte_size(8 * MIB), byte_size(MIB if fstype == "xfs" else 8 * MIB)]
