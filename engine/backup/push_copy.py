@@ -202,6 +202,12 @@ class PushCopy:
             return
         if any(t.fmt != "qcow2" for t in self.targets):
             return  # a raw disk keeps no bitmap: no checkpoint, every backup reads it all
+        reflink = supports_reflink(folder)
+        if not reflink:
+            # No version can start as a clone here, so a checkpoint would only cost
+            # the guest a bitmap to keep up to date on every write.
+            b.say_info("reading every block: the destination has no reflink (XFS, btrfs)")
+            return
         try:
             self.sources = {t.target: source_id(t.source) for t in self.targets}
             sizes = {t.target: disk_files.virtual_size(Path(t.source), t.fmt) for t in self.targets}
@@ -215,7 +221,7 @@ class PushCopy:
         base = choose_base(
             self.archive.latest(b.name),
             self.targets,
-            reflink=supports_reflink(folder),
+            reflink=reflink,
             leaves=leaves,
             sources=self.sources,
             sizes=sizes,

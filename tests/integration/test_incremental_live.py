@@ -179,3 +179,21 @@ def test_a_second_snapshot_backup_is_incremental_too(xgs: GS, guest_factory: Gue
     assert second.manifest.checkpoint.based_on == first.manifest.checkpoint.name  # type: ignore[union-attr]
     assert second.verified is True and guest.is_running()
     assert read_disk_counter(second.path / "vda.qcow2", "qcow2") > 0
+
+
+def test_without_reflink_no_checkpoint_is_begun_and_every_block_is_read(
+    gs: GS, guest_factory: GuestFactory, workdir: Path
+) -> None:
+    with scratch_fs(workdir, "ext4", 512 * 1024 * 1024) as root:
+        root.chmod(0o755)
+        gs.archive = root / "archive"
+        gs.archive.mkdir(mode=0o700)
+        guest = guest_factory("incrext4")
+        gs.job("incrext4", [guest], mode="stop-short")
+        _run_then_ready(gs, "incrext4", guest)
+        log = _run(gs, "incrext4")
+        assert "reading every block: the destination has no reflink" in log
+        assert all(v.manifest.checkpoint is None for v in gs.versions(guest))
+        assert guest.dom.listAllCheckpoints(0) == []
+        for version in gs.versions(guest):
+            assert read_disk_counter(version.path / "vda.qcow2", "qcow2") > 0
