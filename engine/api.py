@@ -36,6 +36,13 @@ from guestsafe.engine.archive.calendar_retention import (
 )
 from guestsafe.engine.archive.in_use import BootRecord, all_records, versions_in_use
 from guestsafe.engine.archive.restore_record import RestoreTest
+from guestsafe.engine.archive.sharing import (
+    device_shares,
+    directory_shares,
+    sharing_label,
+    sharing_note,
+)
+from guestsafe.engine.archive.space import ArchiveSpace, space_of
 from guestsafe.engine.archive.store import MARKER, Archive
 from guestsafe.engine.archive.verify import VerifyReport
 from guestsafe.engine.archive.versions import VersionInfo
@@ -136,6 +143,7 @@ __all__ = [
     "RESTORE_TESTS",
     "WEEKDAYS",
     "Archive",
+    "ArchiveSpace",
     "BlockDevice",
     "BootRecord",
     "Candidate",
@@ -186,6 +194,8 @@ __all__ = [
     "check_programs",
     "describe_policy",
     "describe_restore_test",
+    "device_shares",
+    "directory_shares",
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
@@ -200,7 +210,10 @@ __all__ = [
     "reset_sandbox",
     "resolve_guests",
     "retention_policy",
+    "sharing_label",
+    "sharing_note",
     "short_mode_label",
+    "space_of",
     "split_path",
     "uncovered_guests",
     "validate_job",

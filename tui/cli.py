@@ -36,10 +36,13 @@ from guestsafe.engine.api import (
     byte_size,
     describe_policy,
     describe_restore_test,
+    device_shares,
     escape,
     mode_label,
     on_calendar,
     retention_policy,
+    sharing_label,
+    space_of,
 )
 from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
 from guestsafe.engine.events import (
@@ -53,6 +56,11 @@ from .model.coverage import coverage
 from .model.printing import ConsoleReporter
 
 EXIT_INTERRUPTED = 130
+SPACE_HELP = (
+    "ALLOCATED is the space a version's files take; UNIQUE the part of it no other "
+    "file shares (reflink), about what deleting the version frees. The line under "
+    "each archive's versions counts every block once however many versions share it."
+)
 DEVICE_HELP = (
     "the archive on an unmounted device: /dev/sdb1, UUID=... or LABEL=... "
     "(mounted read-only meanwhile)"
@@ -87,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to the job's lock_wait for a busy guest or destination "
         "(the timers do); without it a busy one fails at once, naming its holder",
     )
-    lst = sub.add_parser("list", help="list backed-up versions")
+    lst = sub.add_parser(
+        "list",
+        help="list backed-up versions",
+        description="List backed-up versions. " + SPACE_HELP,
+    )
     lst.add_argument("guest", nargs="?")
     lst.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
     lst.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
@@ -383,11 +395,21 @@ def _mounted_archives(engine: Engine, destinations: list[Path]) -> list[Path]:
 def _print_versions(
     archives: Iterable[tuple[str, list[VersionInfo]]], booted: Sequence[BootRecord] = ()
 ) -> int:
-    # ON DISK: the version folder's size; a run log's "copied" is the data read.
-    header = ("GUEST", "VERSION", "DATE", "MODE", "ON DISK", "VERIFIED", "BOOT TEST", "ARCHIVE")
+    # ALLOCATED: the version folder's size; a run log's "copied" is the data read.
+    header = (
+        "GUEST", "VERSION", "DATE", "MODE", "ALLOCATED", "UNIQUE", "VERIFIED", "BOOT TEST",
+        "ARCHIVE",
+    )
     # An IN USE column only while some clone runs on a version (guestsafe boot).
     rows: list[tuple[str, ...]] = [header + (("IN USE",) if booted else ())]
+    totals: list[str] = []
     for where, versions in archives:
+        space = space_of(v.path for v in versions)
+        if versions:
+            totals.append(
+                f"{where}: these {len(versions)} version(s) take {byte_size(space.total)} "
+                "on the device, blocks shared between versions counted once"
+            )
         for v in versions:
             verified = {True: "ok", False: "FAILED", None: "-"}[v.verified]
             row: tuple[str, ...] = (
@@ -396,6 +418,7 @@ def _print_versions(
                 v.date,
                 mode_label(v.mode),
                 byte_size(v.size),
+                byte_size(space.unique[v.path]),
                 verified,
                 v.restore_test.label() if v.restore_test else "",
                 where,
@@ -407,6 +430,8 @@ def _print_versions(
         print("no versions found")
         return 0
     _table(rows)
+    for line in totals:
+        print(escape(line))
     return 0
 
 
@@ -614,7 +639,9 @@ def cmd_devices(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
     if not found:
         print("no external devices with a filesystem (plugged in and not mounted)")
         return 0
-    rows = [("NODE", "LABEL", "UUID", "FILESYSTEM", "SIZE", "VENDOR/MODEL", "BUS", "ARCHIVE")]
+    header = ("NODE", "LABEL", "UUID", "FILESYSTEM", "SIZE", "VENDOR/MODEL", "BUS", "VERSIONS")
+    rows = [(*header, "ARCHIVE")]
+    sharing = {dev.node: device_shares(dev.fstype, dev.node) for dev in found}
     for dev in found:
         rows.append(
             (
@@ -625,10 +652,17 @@ def cmd_devices(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
                 byte_size(dev.size),
                 " ".join(x for x in (dev.vendor, dev.model) if x) or "-",
                 dev.bus or "-",
+                sharing_label(sharing[dev.node]),
                 {True: "yes", False: "no", None: "?"}[dev.has_marker],
             )
         )
     _table(rows)
+    if not all(sharing.values()):
+        print(
+            "VERSIONS: shared = each version shares the blocks that did not change with the "
+            "one before (reflink); full copies = every version takes the whole space. "
+            "For a backup disk, XFS or btrfs shares."
+        )
     return 0
 
 

@@ -43,7 +43,10 @@ from guestsafe.engine.api import (
     FieldError,
     Job,
     RetentionPolicy,
+    device_shares,
+    directory_shares,
     resolve_guests,
+    sharing_note,
 )
 from guestsafe.engine.errors import GuestsafeError, JobConfigError
 
@@ -61,6 +64,7 @@ from .model.job_form import (
     coverage_hint,
     device_hint,
     hook_field,
+    named_device,
     next_runs_text,
     node_note,
     split_weekdays,
@@ -112,6 +116,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         # a new form waits until a field is changed or Save is pressed.
         self._show_all = job is not None
         self._detected: list[BlockDevice] = []
+        self._sharing = ""  # whether versions on the destination will share blocks
         # The versions the prune preview shows; the newest load wins.
         self._histories: list[GuestHistory] = []
         self._history_load = 0
@@ -141,6 +146,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
                     "device", "Device", v.device, "optional: /dev/sdb1, UUID=..., LABEL=..."
                 )
                 yield Static("", id="device-hint", classes="field-hint")
+                yield Static("", id="sharing-hint", classes="field-hint")
                 yield from self._text("keep", "Keep last", v.keep, "3", integer=True)
                 for field, label in CALENDAR_LABELS.items():
                     yield from self._text(field, label, getattr(v, field), "0: off", integer=True)
@@ -281,6 +287,8 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         self._show_mode_help()
         self._validate()
         self._showdevice_hint()
+        self._show_sharing()
+        self._check_sharing()
         self._find_devices()
         self._show_next_runs()
         self._show_prune_preview()
@@ -378,6 +386,8 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         elif field in ("all_guests", "guests", "exclude", "destination", "device"):
             self._show_guests()
             self._reload_history()
+            if field in ("destination", "device"):
+                self._check_sharing()
 
     # --- previews ----------------------------------------------------------
 
@@ -521,6 +531,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         names += [f"LABEL={d.label}" for d in found if d.label]
         self.query_one("#f-device", Input).suggester = SuggestFromList(names, case_sensitive=True)
         self._showdevice_hint()
+        self._check_sharing()  # a device the field names may be among them now
 
     @on(Input.Changed, "#f-device")
     def _device_changed(self) -> None:
@@ -528,9 +539,44 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
     def on_descendant_focus(self) -> None:
         self._showdevice_hint()  # shown while the device field has focus
+        self._show_sharing()
 
     def on_descendant_blur(self) -> None:
         self._showdevice_hint()
+        self._show_sharing()
+
+    # --- whether versions there will share blocks (reflink) ------------------
+
+    def _check_sharing(self) -> None:
+        device_value = self.query_one("#f-device", Input).value.strip()
+        destination = self.query_one("#f-destination", Input).value.strip()
+        self._probe_sharing(destination, device_value, list(self._detected))
+
+    @background(group="form-sharing")
+    def _probe_sharing(
+        self, destination: str, device_value: str, detected: list[BlockDevice]
+    ) -> None:
+        """Ask the destination (a probe file pair) or the named device's filesystem."""
+        if device_value:
+            device = named_device(device_value, detected)
+            shares = None if device is None else device_shares(device.fstype, device.node)
+            note = sharing_note(shares, device_value)
+        elif destination.startswith("/"):
+            note = sharing_note(directory_shares(Path(destination)), destination)
+        else:
+            note = ""
+        self.app.call_from_thread(self._sharing_checked, note)
+
+    def _sharing_checked(self, note: str) -> None:
+        self._sharing = note
+        self._show_sharing()
+
+    def _show_sharing(self) -> None:
+        """Shown while the destination or device field has focus, as the device hint is."""
+        hint = self.query_one("#sharing-hint", Static)
+        hint.update(literal(self._sharing))
+        focused = any(self.query_one(f"#f-{f}", Input).has_focus for f in ("destination", "device"))
+        hint.display = bool(self._sharing) and focused
 
     def _showdevice_hint(self) -> None:
         """The detected devices while the field has focus; the UUID tip for a /dev node."""

@@ -41,6 +41,7 @@ from guestsafe.engine.api import (
     escape,
     is_crash_consistent,
     short_mode_label,
+    space_of,
 )
 from guestsafe.engine.errors import Cancelled, GuestsafeError
 from guestsafe.engine.events import Event
@@ -59,7 +60,9 @@ from .restore_form import RestoreForm
 from .styles import status_styles
 from .worker_errors import ReportsWorkerErrors, background
 
-COLUMNS = ("Guest", "Version", "Date", "On disk", "Mode", "Verified", "Boot test")
+# Allocated: what a version's files take; Unique: the part no other version shares
+# (reflink), about what deleting it frees. The status line counts shared blocks once.
+COLUMNS = ("Guest", "Version", "Date", "Allocated", "Unique", "Mode", "Verified", "Boot test")
 # Archive choices that are devices carry this before the device's spec.
 DEVICE_PREFIX = "device:"
 # The archive choice's first entry: what the list holds, or that it is empty.
@@ -99,6 +102,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         super().__init__(id=id)
         self._engine = engine
         self._versions: list[VersionInfo] = []  # the archive's, all of them
+        self._unique: dict[Path, int] = {}  # version folder -> bytes no other file shares
         self._shown: list[VersionInfo] = []  # those whose guest matches the filter
         self._status = ""  # how many versions the archive holds, or why none
         self._start_restored = False  # the form's "start" box, at the last submit
@@ -209,8 +213,9 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         if isinstance(source, str):
             with self._engine.device_archive(source) as archive:
                 versions = archive.versions()
-            count = f"{len(versions)} version{'s' if len(versions) != 1 else ''} on the device"
-            self.app.call_from_thread(self._loaded, versions, count)
+                space = space_of(v.path for v in versions)
+            count = f"{_counted(versions)} on the device, {_total(space.total)}"
+            self.app.call_from_thread(self._loaded, versions, count, None, space.unique)
             return
         destination = source
         if not (destination / MARKER).exists():
@@ -218,20 +223,23 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             self.app.call_from_thread(self._loaded, [], "no backups here yet")
             return
         versions = self._engine.versions(destination)
-        count = f"{len(versions)} version{'s' if len(versions) != 1 else ''}"
+        space = space_of(v.path for v in versions)
+        count = f"{_counted(versions)}, {_total(space.total)}"
         in_use: dict[tuple[str, int], list[str]] = {}
         for record in self._engine.booted_clones():  # instant-boot clones running on one
             if record.uses(destination, record.guest):
                 in_use.setdefault((record.guest, record.number), []).append(record.clone)
-        self.app.call_from_thread(self._loaded, versions, count, in_use)
+        self.app.call_from_thread(self._loaded, versions, count, in_use, space.unique)
 
     def _loaded(
         self,
         versions: list[VersionInfo],
         status: str,
         in_use: dict[tuple[str, int], list[str]] | None = None,
+        unique: dict[Path, int] | None = None,
     ) -> None:
         self._versions = versions
+        self._unique = unique or {}
         self._status = status
         self._in_use = in_use or {}
         self._fill()
@@ -253,6 +261,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 Text(str(v.number), justify="right"),
                 fmt.literal(plain.short_time(v.date)),
                 Text(plain.size(v.size), justify="right"),
+                Text(self._unique_cell(v), justify="right"),
                 fmt.literal(short_mode_label(v.mode), mode_style),
                 self._verified_cell(v, styles, warning),
                 fmt.restore_test(v.restore_test, styles),
@@ -260,6 +269,10 @@ class RestorePane(ReportsWorkerErrors, Vertical):
             )
         if self._shown:
             table.move_cursor(row=min(row, len(self._shown) - 1))
+
+    def _unique_cell(self, version: VersionInfo) -> str:
+        unique = self._unique.get(version.path)
+        return "-" if unique is None else plain.size(unique)
 
     def _verified_cell(self, version: VersionInfo, styles: StatusStyles, warning: str) -> Text:
         cell = fmt.verified(version.verified, styles)
@@ -602,6 +615,15 @@ class RestorePane(ReportsWorkerErrors, Vertical):
     @property
     def busy(self) -> bool:
         return self._busy
+
+
+def _counted(versions: list[VersionInfo]) -> str:
+    return f"{len(versions)} version{'s' if len(versions) != 1 else ''}"
+
+
+def _total(total: int) -> str:
+    """The archive's space on the device, each block shared between versions counted once."""
+    return f"{plain.size(total)} in all (blocks shared by versions counted once)"
 
 
 def restore_summary(result: RestoreResult, *, booted: bool = False) -> str:

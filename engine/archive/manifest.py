@@ -155,6 +155,24 @@ class NotCopied:
 
 
 @dataclass(frozen=True)
+class CheckpointRecord:
+    """The libvirt checkpoint a push backup began, and what the version was built on.
+
+    ``name`` is the checkpoint (a dirty bitmap in each qcow2 disk) begun with this
+    version; the next backup may read only what changed since it. ``based_on`` is
+    the checkpoint whose changes QEMU wrote into a reflink clone of version
+    ``previous``; None for both means every block was read. ``sources`` maps each
+    disk's target to the ``device:inode`` of its file then, so a disk file replaced
+    since (a restore, a copy by hand) is noticed.
+    """
+
+    name: str
+    based_on: str | None
+    previous: int | None
+    sources: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a version records about itself (see FORMAT.md).
 
@@ -179,6 +197,7 @@ class Manifest:
     tpm: TpmRecord | None = None
     firmware: FirmwareRecord | None = None
     not_copied: list[NotCopied] = field(default_factory=list)
+    checkpoint: CheckpointRecord | None = None
 
     @property
     def records(self) -> list[DiskRecord]:
@@ -214,6 +233,7 @@ def manifest_format(
     firmware: FirmwareRecord | None,
     not_copied: list[NotCopied],
     disks: Sequence[DiskRecord] = (),
+    checkpoint: CheckpointRecord | None = None,
 ) -> int:
     """The format a manifest with these records is written in (1 when it has none).
 
@@ -221,7 +241,7 @@ def manifest_format(
     backing files, a block device as a file), so each makes the manifest format 2.
     """
     special = any(_record_dict(d).keys() - _RECORD_KEYS for d in disks)
-    if tpm or firmware or not_copied or special:
+    if tpm or firmware or not_copied or special or checkpoint:
         return DEVICE_STATE_FORMAT
     return FORMAT_VERSION
 
@@ -308,6 +328,10 @@ def _optional_dict(manifest: Manifest) -> dict[str, Any]:
         data["firmware"] = dict(vars(manifest.firmware))
     if manifest.not_copied:
         data["not_copied"] = [dict(vars(n)) for n in manifest.not_copied]
+    if manifest.checkpoint is not None:
+        data["checkpoint"] = dict(vars(manifest.checkpoint)) | {
+            "sources": dict(manifest.checkpoint.sources)
+        }
     return data
 
 
@@ -318,7 +342,8 @@ _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys
 _OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume"})
 _CHAIN_KEYS = frozenset(_chain_dict(ChainFile("", "", "", None, "")).keys())
 # Keys a manifest may leave out: versions without a TPM, firmware facts or media have none.
-_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied"))
+_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied", "checkpoint"))
+_CHECKPOINT_KEYS = frozenset(CheckpointRecord.__dataclass_fields__)
 _TPM_KEYS = frozenset(("model", "version", "state_dir", "files"))
 _FIRMWARE_KEYS = frozenset(FirmwareRecord.__dataclass_fields__)
 _NOT_COPIED_KEYS = frozenset(NotCopied.__dataclass_fields__)
@@ -400,9 +425,27 @@ class _Reader:
                 self.not_copied(n, f"not_copied[{i}]")
                 for i, n in enumerate(self.list_of(data, "not_copied", dict, []))
             ],
+            checkpoint=self.checkpoint(data.get("checkpoint")),
         )
         self.unique(manifest.records)
         return manifest
+
+    def checkpoint(self, data: Any) -> CheckpointRecord | None:
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            self.fail("has checkpoint that is not a JSON object")
+        self.keys(data, _CHECKPOINT_KEYS, "checkpoint.")
+        based_on, previous, sources = data["based_on"], data["previous"], data["sources"]
+        if based_on is not None and not isinstance(based_on, str):
+            self.fail("has checkpoint.based_on that is neither a name nor null")
+        if previous is not None and (type(previous) is not int or previous < 1):
+            self.fail("has checkpoint.previous that is neither a version number nor null")
+        if not isinstance(sources, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in sources.items()
+        ):
+            self.fail("has checkpoint.sources that is not an object of strings")
+        return CheckpointRecord(self.text(data, "name", "checkpoint."), based_on, previous, sources)
 
     def tpm(self, data: Any) -> TpmRecord | None:
         if data is None:

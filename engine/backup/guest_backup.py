@@ -286,7 +286,7 @@ class GuestBackup:
         self._enter(Phase.COMMIT, None)
         firmware = firmware_record(run.info)
         manifest = Manifest(
-            format=manifest_format(run.tpm, firmware, run.not_copied, run.records),
+            format=manifest_format(run.tpm, firmware, run.not_copied, run.records, run.checkpoint),
             guest=run.name,
             uuid=run.info.uuid,
             host=self.ctx.hv.hostname,
@@ -301,6 +301,7 @@ class GuestBackup:
             tpm=run.tpm,
             firmware=firmware,
             not_copied=list(run.not_copied),
+            checkpoint=run.checkpoint,
         )
         with naming("committing the version in", run.partial.path):
             self.version = run.partial.commit(manifest)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from guestsafe.engine.archive.manifest import DiskRecord, NotCopied, TpmRecord
+from guestsafe.engine.archive.manifest import CheckpointRecord, DiskRecord, NotCopied, TpmRecord
 from guestsafe.engine.archive.partial import PartialVersion
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.phases import Phase
@@ -69,6 +69,7 @@ class GuestRun:
     warnings: list[str] = field(default_factory=list)  # the version's notes
     include_readonly: bool = False  # the job's: read-only disks and media copied too
     tpm: TpmRecord | None = None  # the emulated TPM's state, copied while off
+    checkpoint: CheckpointRecord | None = None  # the checkpoint a push backup began
     not_copied: list[NotCopied] = field(default_factory=list)  # media recorded only
     # Timings: monotonic seconds, except the ISO start for the manifest.
     # t0 is reset when this guest's own work begins (preflight), and ended set

@@ -35,10 +35,12 @@ from pathlib import Path
 import libvirt
 
 from guestsafe.engine import failpoints, modes
-from guestsafe.engine.archive.manifest import DiskRecord
+from guestsafe.engine.archive.manifest import CheckpointRecord, DiskRecord
+from guestsafe.engine.archive.reflink import clone_file, supports_reflink
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.cold_copy import copy_disk_file
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
+from guestsafe.engine.backup.incremental import Base, bitmaps_problem, choose_base, source_id
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.backup.push_files import (
     CLOSE_WAIT_SECONDS,
@@ -58,7 +60,7 @@ from guestsafe.engine.errors import (
     naming,
 )
 from guestsafe.engine.fsutil import lstat_or_none
-from guestsafe.engine.hypervisor import chains, disk_files, push_jobs, volumes
+from guestsafe.engine.hypervisor import chains, checkpoints, disk_files, push_jobs, volumes
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING, GuestInfo, parse_domain_xml
 from guestsafe.engine.hypervisor.push_jobs import JobOutcome, JobWatch, PushTarget
@@ -142,6 +144,9 @@ class PushCopy:
         self.frozen = False
         self.frozen_at = 0.0
         self.begun_at = 0.0
+        self.checkpoint: str | None = None  # the checkpoint this backup begins
+        self.base: Base | None = None  # set: QEMU writes only what changed since it
+        self.sources: dict[str, str] = {}  # target -> device:inode of its file
 
     @property
     def stops_guest(self) -> bool:
@@ -186,6 +191,63 @@ class PushCopy:
             self.targets.append(PushTarget(disk.target, disk.source, fmt, path))
         self.access = QemuAccess(qemu_uid(self._hv, b.name), self.archive.root, partial.path)
         self.access.grant()
+        self._plan_incremental(partial.path)
+
+    # --- incremental: only what changed since the previous version's checkpoint ---
+
+    def _plan_incremental(self, folder: Path) -> None:
+        """Begin a checkpoint with this backup; build on the previous one if nothing doubts it."""
+        b = self.run
+        if not self.targets or not checkpoints.supported():
+            return
+        if any(t.fmt != "qcow2" for t in self.targets):
+            return  # a raw disk keeps no bitmap: no checkpoint, every backup reads it all
+        reflink = supports_reflink(folder)
+        if not reflink:
+            # No version can start as a clone here, so a checkpoint would only cost
+            # the guest a bitmap to keep up to date on every write.
+            b.say_info("reading every block: the destination has no reflink (XFS, btrfs)")
+            return
+        try:
+            self.sources = {t.target: source_id(t.source) for t in self.targets}
+            sizes = {t.target: disk_files.virtual_size(Path(t.source), t.fmt) for t in self.targets}
+        except (OSError, GuestsafeError):
+            return  # a network disk, or one that cannot be read here: read all, as before
+        self.checkpoint = checkpoints.new_name()
+        try:
+            leaves: list[str] | None = checkpoints.leaves(self._dom())
+        except libvirt.libvirtError:
+            leaves = None
+        base = choose_base(
+            self.archive.latest(b.name),
+            self.targets,
+            reflink=reflink,
+            leaves=leaves,
+            sources=self.sources,
+            sizes=sizes,
+        )
+        if isinstance(base, str):
+            b.say_info(f"reading every block: {base}")
+            return
+        for target in self.targets:
+            with naming("cloning the previous version's file into", target.path):
+                cloned = clone_file(base.files[target.target], target.path)
+            if not cloned:
+                self._drop_base(f"{target.path.parent} refused a reflink clone")
+                return
+        self.base = base
+        b.say_info(
+            f"QEMU writes only what changed since checkpoint {base.checkpoint} into clones "
+            f"of version {base.previous}"
+        )
+
+    def _drop_base(self, reason: str) -> None:
+        """Give up the incremental backup: remove the clones, so QEMU writes new files."""
+        for target in self.targets:
+            with contextlib.suppress(FileNotFoundError), naming("removing", target.path):
+                target.path.unlink()
+        self.base = None
+        self.run.say_info(f"reading every block: {reason}")
 
     # --- copy --------------------------------------------------------------------
 
@@ -272,6 +334,10 @@ class PushCopy:
         # Journaled before the start: no fsync while the guest is down for it.
         b.enter(Phase.BACKUP_BEGIN, None)
         t0 = time.monotonic()
+        if self.base is not None:  # the guest is off: its bitmaps can be read now
+            problem = bitmaps_problem(self.base, self.targets, checkpoints.bitmap_consistent)
+            if problem is not None:
+                self._drop_base(problem)
         self._hv.start(b.name, paused=True)
         failpoints.hit(PAUSED_FAILPOINT)
         dom = self._dom()
@@ -311,16 +377,32 @@ class PushCopy:
             self._hv.connection, parse_domain_xml(self._hv.xml(b.name, inactive=False))
         )
         self._check_attached(live)
-        ours = {t.target for t in self.targets}
+        ours = [t.target for t in self.targets]
         others = [d.target for d in live.disks if d.target not in ours]
-        xml = push_jobs.backup_xml(self.targets, others)
         if self.live:
             b.enter(Phase.BACKUP_BEGIN, None)
-        self.watch = JobWatch(self._hv.connection, dom)
-        try:
-            dom.backupBegin(xml, None, 0)
-        except libvirt.libvirtError as exc:
-            raise CopyError(self._begin_failure(push_jobs.message(exc))) from exc
+        while True:
+            base = self.base.checkpoint if self.base is not None else None
+            xml = push_jobs.backup_xml(self.targets, others, base)
+            ckpt = None
+            if self.checkpoint is not None:
+                ckpt = checkpoints.checkpoint_xml(self.checkpoint, ours, others)
+            flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if base is not None else 0
+            if self.watch is not None:
+                self.watch.close()
+            self.watch = JobWatch(self._hv.connection, dom)
+            try:
+                dom.backupBegin(xml, ckpt, flags)
+                break
+            except libvirt.libvirtError as exc:
+                problem = push_jobs.message(exc)
+                if base is not None:  # libvirt doubts the chain (a bitmap gone): read all
+                    self._drop_base(f"libvirt refused the incremental backup ({problem})")
+                elif ckpt is not None:  # a qcow2 v2 file keeps no bitmap: no checkpoint
+                    self.checkpoint = None
+                    b.note(f"no checkpoint for the next backup: {problem}")
+                else:
+                    raise CopyError(self._begin_failure(problem)) from exc
         self.running = True
         self.begun_at = time.monotonic()
 
@@ -360,7 +442,11 @@ class PushCopy:
         self.running = False
         if not outcome.ok:
             raise CopyError(self._failure(outcome))
-        b.say_info(f"QEMU copied the disks in {time.monotonic() - self.begun_at:.1f} s")
+        b.say_info(
+            f"QEMU copied the disks in {time.monotonic() - self.begun_at:.1f} s "
+            f"({self._bytes_read()} bytes read)"
+        )
+        self._keep_checkpoint()
         # The job's end comes before QEMU closes the targets; their block-job ends
         # come after. Waiting for those first leaves the check below one look.
         self.watch.wait_detached({t.target for t in self.targets}, CLOSE_WAIT_SECONDS)
@@ -379,6 +465,30 @@ class PushCopy:
             else r
             for r in records
         ]
+
+    def _bytes_read(self) -> int:
+        """What QEMU read: every disk for a full backup, the changed clusters otherwise."""
+        assert self.watch is not None
+        stats = self.watch.completed or {}
+        return int(stats.get(libvirt.VIR_DOMAIN_JOB_DISK_PROCESSED, 0))
+
+    def _keep_checkpoint(self) -> None:
+        """Record the checkpoint begun (and the base) for the manifest; drop older ones."""
+        b = self.run
+        if self.checkpoint is None:
+            return
+        base = self.base
+        b.checkpoint = CheckpointRecord(
+            name=self.checkpoint,
+            based_on=base.checkpoint if base is not None else None,
+            previous=base.previous if base is not None else None,
+            sources=dict(self.sources),
+        )
+        try:
+            checkpoints.drop_others(self._dom(), self.checkpoint)
+        except (libvirt.libvirtError, GuestsafeError) as exc:
+            # Only a cost (each bitmap is kept up to date), never a wrong version.
+            b.note(f"older checkpoints of the guest stay: {exc}")
 
     def _failure(self, outcome: JobOutcome) -> str:
         b = self.run

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from guestsafe.engine import events, locks
+from guestsafe.engine.archive.sharing import directory_shares, sharing_note
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.context import JobContext, take_archive_lock, take_lock
 from guestsafe.engine.backup.guest_backup import GuestBackup
@@ -158,6 +159,7 @@ def _open_archive(ctx: JobContext) -> None:
         job_archive = mounts.job_archive(ctx.job, ctx.hv, ctx.paths.state_dir, ctx.report)
         ctx.archive = ctx.cleanup.enter_context(job_archive)
         _clear_leftovers(ctx)
+        _say_sharing(ctx)
         return
     if not dest.is_dir():
         raise PreflightError(f"destination {dest} does not exist or is not a directory")
@@ -166,6 +168,16 @@ def _open_archive(ctx: JobContext) -> None:
     _check_destination_owner(dest)
     ctx.archive = Archive.open(dest, create=True)
     _clear_leftovers(ctx)
+    _say_sharing(ctx)
+
+
+def _say_sharing(ctx: JobContext) -> None:
+    """On a destination's first run, whether its versions will share unchanged blocks."""
+    assert ctx.archive is not None
+    if ctx.archive.guests():
+        return  # said on the first run; the log of every later run would only repeat it
+    note = sharing_note(directory_shares(ctx.archive.root), str(ctx.archive.root))
+    events.info(ctx.report, note)  # advice, not a fault: full copies are still good copies
 
 
 def _clear_leftovers(ctx: JobContext) -> None:

@@ -329,6 +329,9 @@ class Hypervisor:
     def undefine(self, name: str) -> None:
         dom = self._domain(name)
         flags = libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        # The checkpoints push backups begin are libvirt's metadata: without this flag
+        # libvirt refuses to undefine a guest that has any.
+        flags |= libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
         try:
             dom.undefineFlags(flags)
         except libvirt.libvirtError:

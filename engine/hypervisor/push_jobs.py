@@ -127,13 +127,19 @@ def _capability_problem(conn: libvirt.virConnect, xml: str, daemon: int) -> str 
 # --- the job -------------------------------------------------------------------
 
 
-def backup_xml(targets: Sequence[PushTarget], other_disks: Sequence[str]) -> str:
-    """The <domainbackup> of a full push backup of ``targets``.
+def backup_xml(
+    targets: Sequence[PushTarget], other_disks: Sequence[str], incremental: str | None = None
+) -> str:
+    """The <domainbackup> of a push backup of ``targets``, full or since ``incremental``.
 
     Every other disk of the running guest is listed with backup='no': libvirt
     would otherwise back it up too, to a file it names next to the disk itself.
+    An incremental backup has QEMU write only the clusters changed since that
+    checkpoint into targets that exist already (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL).
     """
     root = ET.Element("domainbackup", mode="push")
+    if incremental is not None:
+        ET.SubElement(root, "incremental").text = incremental
     disks = ET.SubElement(root, "disks")
     for target in targets:
         disk = ET.SubElement(disks, "disk", name=target.target, backup="yes", type="file")

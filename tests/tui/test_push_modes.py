@@ -17,6 +17,7 @@ from guestsafe.engine.jobs.model import Job
 from guestsafe.tui.app import GuestsafeApp
 from guestsafe.tui.model.job_form import JobFormValues, build_job
 from guestsafe.tui.model.run_tracker import RunTracker
+from guestsafe.tui.restore_pane import COLUMNS
 from guestsafe.tui.run_progress import RunProgressPanel
 
 pytestmark = pytest.mark.tui
@@ -104,5 +105,6 @@ async def test_the_archive_list_marks_snapshot_versions_crash_consistent(
         await settle(pilot)
         table = app.query_one("#archive-table", DataTable)
         rows = [table.get_row_at(i) for i in range(table.row_count)]
-    shown = {str(row[0]): str(row[4]) for row in rows}
+    mode = COLUMNS.index("Mode")
+    shown = {str(row[0]): str(row[mode]) for row in rows}
     assert shown == {"web1": "crash-consistent", "db1": "stop"}

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 from tui_support import (
+    fixed_space,
     fixed_versions,
     freeze,
     fresh_sandbox,
@@ -58,6 +59,7 @@ def archived(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
     write_fixed_result(engine)
     (engine.paths.state_dir / "results" / "nightly.json").unlink()
     monkeypatch.setattr(engine, "versions", fixed_versions(engine))
+    monkeypatch.setattr("guestsafe.tui.restore_pane.space_of", fixed_space)
     return engine
 
 

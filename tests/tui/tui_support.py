@@ -9,7 +9,7 @@ import random
 import shutil
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +19,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from guestsafe.engine import demo
-from guestsafe.engine.api import Engine, LastResult
+from guestsafe.engine.api import ArchiveSpace, Engine, LastResult
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs import schedule
@@ -103,6 +103,12 @@ def fixed_versions(engine: Engine) -> Callable[..., list[VersionInfo]]:
         ]
 
     return versions
+
+
+def fixed_space(folders: Iterable[Path]) -> ArchiveSpace:
+    """space_of with unique sizes and a total that do not depend on the filesystem."""
+    unique = {f: (int(f.name) * 3 + len(f.parent.name)) * 1024 * 1024 for f in folders}
+    return ArchiveSpace(unique=unique, total=sum(unique.values()) + 5 * 1024 * 1024)
 
 
 def counting_macs() -> Callable[[set[str]], str]:

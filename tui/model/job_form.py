@@ -379,6 +379,15 @@ def device_hint(value: str, detected: Sequence[BlockDevice]) -> str:
     return "detected: " + "; ".join(shown)
 
 
+def named_device(value: str, detected: Sequence[BlockDevice]) -> BlockDevice | None:
+    """The detected device the device field names (node, UUID=... or LABEL=...), if any."""
+    for device in detected:
+        names = {device.node, device.spec, f"UUID={device.uuid}" if device.uuid else ""}
+        if value in names or (device.label and value == f"LABEL={device.label}"):
+            return device
+    return None
+
+
 def node_note(node: str, detected: Sequence[BlockDevice]) -> str:
     """Why the UUID form is better than the node the operator typed."""
     match = next((d for d in detected if d.node == node), None)
