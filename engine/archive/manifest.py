@@ -167,6 +167,9 @@ class Manifest:
     tpm: TpmRecord | None = None
     firmware: FirmwareRecord | None = None
     not_copied: list[NotCopied] = field(default_factory=list)
+    # The [hosts.NAME] the guest was backed up from; None: this machine ("local"),
+    # as every manifest written before hosts existed says by leaving it out.
+    host_name: str | None = None
 
     @property
     def records(self) -> list[DiskRecord]:
@@ -202,6 +205,7 @@ def manifest_format(
     firmware: FirmwareRecord | None,
     not_copied: list[NotCopied],
     disks: Sequence[DiskRecord] = (),
+    host_name: str | None = None,
 ) -> int:
     """The format a manifest with these records is written in (1 when it has none).
 
@@ -209,7 +213,7 @@ def manifest_format(
     backing files, a block device as a file), so each makes the manifest format 2.
     """
     special = any(_record_dict(d).keys() - _RECORD_KEYS for d in disks)
-    if tpm or firmware or not_copied or special:
+    if tpm or firmware or not_copied or special or host_name:
         return DEVICE_STATE_FORMAT
     return FORMAT_VERSION
 
@@ -294,6 +298,8 @@ def _optional_dict(manifest: Manifest) -> dict[str, Any]:
         }
     if manifest.firmware is not None:
         data["firmware"] = dict(vars(manifest.firmware))
+    if manifest.host_name is not None:
+        data["host_name"] = manifest.host_name
     if manifest.not_copied:
         data["not_copied"] = [dict(vars(n)) for n in manifest.not_copied]
     return data
@@ -306,7 +312,9 @@ _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys
 _OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume"})
 _CHAIN_KEYS = frozenset(_chain_dict(ChainFile("", "", "", None, "")).keys())
 # Keys a manifest may leave out: versions without a TPM, firmware facts or media have none.
-_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied"))
+_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied", "host_name"))
+# A host name of jobs.toml ([hosts.NAME]): it qualifies the guest's folder name too.
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _TPM_KEYS = frozenset(("model", "version", "state_dir", "files"))
 _FIRMWARE_KEYS = frozenset(FirmwareRecord.__dataclass_fields__)
 _NOT_COPIED_KEYS = frozenset(NotCopied.__dataclass_fields__)
@@ -383,6 +391,7 @@ class _Reader:
             notes=self.list_of(data, "notes", str),
             domain_xml_blake3=self.digest(data, "domain_xml_blake3"),
             tpm=self.tpm(data.get("tpm")),
+            host_name=self.host_name(data),
             firmware=self.firmware(data.get("firmware")),
             not_copied=[
                 self.not_copied(n, f"not_copied[{i}]")
@@ -405,6 +414,12 @@ class _Reader:
             state_dir=self.text(data, "state_dir", "tpm."),
             files=[self.record(f, f"tpm.files[{i}]") for i, f in enumerate(files)],
         )
+
+    def host_name(self, data: dict[str, Any]) -> str | None:
+        value = self.optional_text(data, "host_name", "")
+        if value is not None and not _HOST_NAME_RE.fullmatch(value):
+            self.fail(f"has host_name {value!r}, not a host name of jobs.toml")
+        return value
 
     def firmware(self, data: Any) -> FirmwareRecord | None:
         if data is None:
