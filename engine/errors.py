@@ -192,3 +192,9 @@ class RemoteDisksUnsupported(HypervisorError):
     """Reading or writing the disks of a guest on another host needs the remote transport."""
 
     title = "Remote disks not supported"
+
+
+class AmbiguousGuest(ConfigError):
+    """A guest name found on several hosts (or in their series): the caller names one."""
+
+    title = "Which host?"

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from guestsafe.engine.archive.names import printable
+from guestsafe.engine.archive.names import printable, series_name
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.modes import Mode, parse_mode
 
@@ -170,6 +170,11 @@ class Manifest:
     # The [hosts.NAME] the guest was backed up from; None: this machine ("local"),
     # as every manifest written before hosts existed says by leaving it out.
     host_name: str | None = None
+
+    @property
+    def series(self) -> str:
+        """The archive's name for this guest: "web1" here, "node2/web1" of host node2."""
+        return series_name(self.guest, self.host_name)
 
     @property
     def records(self) -> list[DiskRecord]:

@@ -14,10 +14,11 @@ name alone: the archive keeps the name in a ``guest-name`` file inside it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import blake3
 
-from guestsafe.engine.errors import ArchiveError
+from guestsafe.engine.errors import AmbiguousGuest, ArchiveError
 
 # Bytes, not characters; the result is ASCII. 255 is NAME_MAX on every Linux
 # filesystem; the margin leaves room for temporary names made from this one.
@@ -193,3 +194,22 @@ def split_series(series: str) -> tuple[str, str]:
     if not separator:
         return LOCAL_SERIES_HOST, series
     return host, guest
+
+
+def pick_series(known: Iterable[str], guest: str, host: str | None = None) -> str:
+    """The series a command means by ``guest`` (and ``--host``), among ``known`` ones.
+
+    With ``host`` it is that host's. Without, a guest backed up from one host alone
+    is that host's; one backed up from several is refused with ``AmbiguousGuest``,
+    asking for ``--host``; one not backed up at all is this machine's.
+    """
+    if host is not None:
+        return series_name(guest, host)
+    found = [s for s in dict.fromkeys(known) if split_series(s)[1] == guest]
+    if len(found) > 1:
+        hosts = ", ".join(sorted(split_series(s)[0] for s in found))
+        raise AmbiguousGuest(
+            f"guest {printable(guest)} is backed up from several hosts ({hosts}); "
+            "name one with --host"
+        )
+    return found[0] if found else guest

@@ -43,12 +43,14 @@ from guestsafe.engine.errors import GuestsafeError, HypervisorError, RestoreErro
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.qemu_access import grant_read, qemu_uid, revoke_read
+from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.clone import MACS_LOCK, MACS_LOCK_WAIT, recheck_macs
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.plan import (
     NEW,
+    MacsInUse,
     RestorePlan,
     RestoreResult,
     accept_damage,
@@ -78,9 +80,11 @@ def boot_clone(
     force: bool = False,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
+    macs_in_use: MacsInUse | None = None,
 ) -> RestoreResult:
     """Define and start the clone ``plan`` names, on overlays over the version's files."""
     name, version = plan.new_name, plan.version
+    require_local_disks(hv, name, "booting it on overlays over this machine's archive")
     if plan.device_targets:
         raise RestoreError(
             "boot puts every disk on an overlay file; --disk-target goes with a restore"
@@ -112,7 +116,10 @@ def boot_clone(
             )
         write_record(paths.state_dir, record)  # first: whatever follows can be undone
         try:
-            record, notes = _build(plan, record, chains, macs, hv, paths, force, reporter, cancel)
+            macs_now = macs_in_use or hv.mac_owners
+            record, notes = _build(
+                plan, record, chains, macs, hv, macs_now, paths, force, reporter, cancel
+            )
         except BaseException:
             # The record as last written: it names the ACL entries granted meanwhile.
             written = read_record(paths.state_dir, name) or record
@@ -130,6 +137,7 @@ def _build(
     chains: dict[str, list[ChainLink]],
     macs: list[str],
     hv: Hypervisor,
+    macs_in_use: MacsInUse,
     paths: Paths,
     force: bool,
     reporter: Reporter,
@@ -152,7 +160,7 @@ def _build(
     with locks.acquire(paths.state_dir, MACS_LOCK, f"instant boot to {name}", wait=MACS_LOCK_WAIT):
         if hv.exists(name):
             raise RestoreError(f"a guest named {name!r} was defined meanwhile; nothing defined")
-        macs = recheck_macs(plan, macs, hv.mac_owners())
+        macs = recheck_macs(plan, macs, macs_in_use())
         clone = build_clone_xml(plan, record.clone_uuid, macs)
         hv.define(overlay_xml(clone.xml, chains))
     reporter(PhaseChanged(name, "start"))
