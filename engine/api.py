@@ -98,6 +98,7 @@ from guestsafe.engine.jobs.model import (
     Job,
     Schedule,
     as_choice,
+    job_hosts,
     retention_policy,
 )
 from guestsafe.engine.jobs.schedule import DueRun, on_calendar
@@ -184,6 +185,7 @@ __all__ = [
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
+    "job_hosts",
     "jobs_covering",
     "keep_reasons",
     "mode_label",
@@ -408,7 +410,8 @@ class Engine:
     def uncovered_guests(self, guests: list[GuestInfo] | None = None) -> list[str]:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
         listed = self.guests() if guests is None else guests
-        return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+        local_jobs = [job for job in self.jobs() if LOCAL_HOST in job_hosts(job)]
+        return uncovered_guests(local_jobs, [g.name for g in listed if g.persistent])
     def disk_plans(
         self, guest: GuestInfo, job: Job | None = None, *, host: str | None = None
     ) -> list[DiskPlan]:
