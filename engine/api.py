@@ -83,7 +83,12 @@ from guestsafe.engine.hypervisor.hosts import (
 from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule, timers
-from guestsafe.engine.jobs.coverage import jobs_covering, resolve_guests, uncovered_guests
+from guestsafe.engine.jobs.coverage import (
+    job_series,
+    jobs_covering,
+    resolve_guests,
+    uncovered_guests,
+)
 from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
@@ -660,7 +665,7 @@ class Engine:
         """
         policy = retention_policy(job)
         with self.job_archive(job) as archive:
-            guests = resolve_guests(job, archive.guests())  # "all": those backed up so far
+            guests = job_series(job, archive.guests())  # "all": those backed up so far
             state = self.paths.state_dir
             return [
                 (g, archive.retention_rows(g, policy, versions_in_use(state, archive.root, g)))

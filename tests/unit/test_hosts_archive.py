@@ -111,3 +111,17 @@ def test_a_bad_host_name_is_refused(fmt: int, value: object, message: str) -> No
     data["host_name"] = value
     with pytest.raises(ArchiveError, match=message):
         Manifest.from_json(json.dumps(data))
+
+
+def test_retention_looks_after_the_series_of_the_jobs_own_hosts() -> None:
+    from guestsafe.engine.jobs.coverage import job_series
+    from guestsafe.engine.jobs.model import Job
+
+    archived = ["web1", "scratch1", "node2/web1", "node2/scratch2", "node3/db1"]
+    listed = Job("n", ["web1"], Path("/b"), hosts=["node2"])
+    assert job_series(listed, archived) == ["node2/web1"]  # not this machine's web1
+    local = Job("l", ["web1"], Path("/b"))
+    assert job_series(local, archived) == ["web1"]
+    everything = Job("a", [], Path("/b"), all_guests=True, exclude=["scratch*"])
+    everything.hosts = ["local", "node2"]
+    assert job_series(everything, archived) == ["web1", "node2/web1"]
