@@ -59,8 +59,11 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
         groups = [
             (listing, coverage(jobs, listing.guests, listing.status.name)) for listing in listings
         ]
-        local = next((g.guests for g, _c in groups if g.status.name == LOCAL_HOST), [])
-        self.app.call_from_thread(self._loaded_hosts, local, groups)
+        local, local_covered = next(
+            ((g.guests, c) for g, c in groups if g.status.name == LOCAL_HOST), ([], {})
+        )
+        plans = {g.name: self._engine.disk_plans(g, local_covered[g.name].first) for g in local}
+        self.app.call_from_thread(self._loaded_hosts, local, plans, groups)
 
     def _loaded(
         self,
@@ -76,11 +79,14 @@ class GuestsPane(ReportsWorkerErrors, Vertical):
             self._add_guest(table, guest, covered[guest.name], guest.uuid or guest.name)
 
     def _loaded_hosts(
-        self, local: list[GuestInfo], groups: list[tuple[HostGuests, dict[str, Coverage]]]
+        self,
+        local: list[GuestInfo],
+        plans: dict[str, list[DiskPlan]],
+        groups: list[tuple[HostGuests, dict[str, Coverage]]],
     ) -> None:
         """Each host's guests under a row naming the host and its state."""
         self._guests = local
-        self._show_plans([], {})  # disk plans are this machine's alone
+        self._show_plans(local, plans)  # disk plans: this machine's guests, as before
         table = self.query_one("#guests-table", DataTable)
         table.clear()
         for listing, covered in groups:
