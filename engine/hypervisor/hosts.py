@@ -97,8 +97,9 @@ class HostRegistry:
             try:
                 hv = self._opener(uri)
             except GuestsafeError as exc:
-                self._failed[name] = exc.message
-                raise HostUnreachable(f"host {name!r} is unreachable: {exc.message}") from exc
+                reason = _remote_reason(exc.message)
+                self._failed[name] = reason
+                raise HostUnreachable(f"host {name!r} is unreachable: {reason}") from exc
             self._failed.pop(name, None)
             self._open[name] = hv
             return hv
@@ -145,3 +146,11 @@ class HostRegistry:
                 if name != LOCAL_HOST or self._local is None:
                     hv.close()
             self._open.clear()
+
+
+# The local connection's advice, which misleads for another host (--connect is this one's).
+_LOCAL_ADVICE = " (is libvirtd running? use --connect to choose another URI)"
+
+
+def _remote_reason(message: str) -> str:
+    return message.removesuffix(_LOCAL_ADVICE)
