@@ -35,6 +35,7 @@ from guestsafe.engine.archive.calendar_retention import (
     keep_reasons,
 )
 from guestsafe.engine.archive.in_use import BootRecord, all_records, versions_in_use
+from guestsafe.engine.archive.names import pick_series, series_name, split_series
 from guestsafe.engine.archive.restore_record import RestoreTest
 from guestsafe.engine.archive.sharing import (
     device_shares,
@@ -69,6 +70,7 @@ from guestsafe.engine.devices.resolve import resolve
 from guestsafe.engine.devices.udev import BlockDevice, list_devices
 from guestsafe.engine.devices.watch import DevicesChanged, DeviceWatcher
 from guestsafe.engine.errors import (
+    AmbiguousGuest,
     ConfigError,
     FieldError,
     GuestsafeError,
@@ -77,11 +79,24 @@ from guestsafe.engine.errors import (
     NotFoundError,
 )
 from guestsafe.engine.events import Reporter
+from guestsafe.engine.hypervisor.cluster_macs import mac_owners_across
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
+from guestsafe.engine.hypervisor.hosts import (
+    LOCAL_HOST,
+    HostRegistry,
+    HostState,
+    HostStatus,
+)
+from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.jobs import jobs_file as jobs
 from guestsafe.engine.jobs import schedule, timers
-from guestsafe.engine.jobs.coverage import jobs_covering, resolve_guests, uncovered_guests
+from guestsafe.engine.jobs.coverage import (
+    job_series,
+    jobs_covering,
+    resolve_guests,
+    uncovered_guests,
+)
 from guestsafe.engine.jobs.model import (
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_KEEP,
@@ -99,6 +114,7 @@ from guestsafe.engine.jobs.model import (
     RestoreTestWhen,
     Schedule,
     as_choice,
+    job_hosts,
     retention_policy,
 )
 from guestsafe.engine.jobs.schedule import DueRun, on_calendar
@@ -136,6 +152,7 @@ __all__ = [
     "HOOK_PHASES",
     "IO_CLASSES",
     "KEEP",
+    "LOCAL_HOST",
     "MARKER",
     "MODES",
     "NEW",
@@ -160,7 +177,10 @@ __all__ = [
     "GuestInfo",
     "GuestPrune",
     "Hooks",
+    "HostGuests",
     "HostSite",
+    "HostState",
+    "HostStatus",
     "IoClass",
     "Job",
     "JobConfigError",
@@ -199,22 +219,26 @@ __all__ = [
     "ensure_sandbox",
     "escape",
     "is_crash_consistent",
+    "job_hosts",
     "jobs_covering",
     "keep_reasons",
     "mode_label",
     "on_calendar",
     "parse_bwlimit",
     "parse_line",
+    "pick_series",
     "plan_disks",
     "record_of",
     "reset_sandbox",
     "resolve_guests",
     "retention_policy",
+    "series_name",
     "sharing_label",
     "sharing_note",
     "short_mode_label",
     "space_of",
     "split_path",
+    "split_series",
     "uncovered_guests",
     "validate_job",
 ]
@@ -286,6 +310,14 @@ class HostSite:
         return None
 
 
+@dataclass(frozen=True)
+class HostGuests:
+    """One host's guests for a listing, with the host's state (why it is unreachable)."""
+
+    status: HostStatus
+    guests: list[GuestInfo]
+
+
 class Engine:
     def __init__(
         self,
@@ -302,6 +334,8 @@ class Engine:
         self.unit_dir = unit_dir or timers.default_unit_dir()
         self._hv: Hypervisor | None = None
         self._hv_lock = threading.Lock()
+        # The other hosts' connections, opened when first needed ([hosts.NAME]).
+        self._hosts = HostRegistry(self.uri, local=lambda: self.hv)
 
     @classmethod
     def demo(cls, sandbox: demo.Sandbox | None = None) -> Engine:
@@ -333,6 +367,7 @@ class Engine:
         return self.hv.hostname
 
     def close(self) -> None:
+        self._hosts.close()
         if self._hv is not None:
             self.site.closing(self._hv)  # the demo writes its guests back
             self._hv.close()
@@ -351,18 +386,82 @@ class Engine:
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
 
+    # --- hosts ([hosts.NAME] in jobs.toml; engine/hypervisor/hosts.py) ------------
+
+    @property
+    def hosts(self) -> HostRegistry:
+        """Every known host's connection: ``local`` and those jobs.toml names now."""
+        configured = jobs.load_hosts(self.paths.config_file)
+        self._hosts.configure({name: host.uri for name, host in configured.items()})
+        return self._hosts
+
+    def host_names(self) -> list[str]:
+        """``local`` first, then the hosts of jobs.toml in file order."""
+        return self.hosts.names()
+
+    def hv_for(self, host: str | None) -> Hypervisor:
+        """Host ``host``'s connection (None: this machine's); ``HostUnreachable`` says why not."""
+        if host is None or host == LOCAL_HOST:
+            return self.hv
+        return self.hosts.get(host)
+
+    def guests_by_host(self, host: str | None = None) -> list[HostGuests]:
+        """Each host's guests (only ``host``'s if given), with its state; none fails the rest."""
+        registry = self.hosts
+        listings = []
+        for name in [host] if host is not None else registry.names():
+            guests: list[GuestInfo] = []
+            hv = registry.try_get(name)
+            if hv is not None:
+                try:
+                    guests = hv.guests()
+                except GuestsafeError:
+                    guests = []  # lost since: the state below says so on the next try
+            listings.append(HostGuests(registry.status(name), guests))
+        return listings
+
+    def host_of(self, guest: str, host: str | None = None) -> str:
+        """The host defining ``guest``: ``host`` if given, else the one host that does.
+
+        Only hosts that answer are asked; a guest on several asks for ``--host``.
+        """
+        if host is not None:
+            self.hosts.uri(host)  # a host jobs.toml does not name is refused here
+            return host
+        registry = self.hosts
+        if len(registry.names()) == 1:
+            return LOCAL_HOST
+        owners = [name for name, hv in registry.connected() if hv.exists(guest)]
+        if len(owners) > 1:
+            raise AmbiguousGuest(
+                f"guest {guest!r} is defined on {', '.join(owners)}; name one with --host"
+            )
+        return owners[0] if owners else LOCAL_HOST
+
+    def series(self, archive: Archive, guest: str, host: str | None = None) -> str:
+        """The archive's name for ``guest`` of ``host`` ("node2/web1"); see pick_series."""
+        return pick_series(archive.guests(), guest, host)
+
+    def _macs_in_use(self, target: str) -> Callable[[], dict[str, list[str]]]:
+        """Every known host's MACs, read when called, for a clone defined on ``target``."""
+        return lambda: mac_owners_across(target, self.hosts.connected())
+
     def uncovered_guests(self, guests: list[GuestInfo] | None = None) -> list[str]:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
         listed = self.guests() if guests is None else guests
-        return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+        local_jobs = [job for job in self.jobs() if LOCAL_HOST in job_hosts(job)]
+        return uncovered_guests(local_jobs, [g.name for g in listed if g.persistent])
 
-    def disk_plans(self, guest: GuestInfo, job: Job | None = None) -> list[DiskPlan]:
-        """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
+    def disk_plans(
+        self, guest: GuestInfo, job: Job | None = None, *, host: str | None = None
+    ) -> list[DiskPlan]:
+        """Per disk of ``guest`` (of ``host``): whether ``job`` (default: mode stop) backs
+        it up, and how."""
         mode = job.mode if job is not None else Mode.STOP
         include_readonly = job.include_readonly if job is not None else False
         chain = job.chain if job is not None else ChainMode.FLATTEN
         try:
-            options = plan_options(self.hv, guest, mode, include_readonly, chain)
+            options = plan_options(self.hv_for(host), guest, mode, include_readonly, chain)
         except GuestsafeError:
             # A guest gone meanwhile: its XML only.
             options = PlanOptions(mode, include_readonly, chain=chain)
@@ -410,6 +509,7 @@ class Engine:
             cancel=cancel,
             on_log_path=on_log_path,
             interactive=interactive,
+            hosts=self.hosts,
         )
         results.save(self.paths.state_dir, result)
         tests = self._restore_tests(job, result, reporter, cancel)
@@ -620,7 +720,7 @@ class Engine:
         """
         policy = retention_policy(job)
         with self.job_archive(job) as archive:
-            guests = resolve_guests(job, archive.guests())  # "all": those backed up so far
+            guests = job_series(job, archive.guests())  # "all": those backed up so far
             state = self.paths.state_dir
             return [
                 (g, archive.retention_rows(g, policy, versions_in_use(state, archive.root, g)))
@@ -635,8 +735,14 @@ class Engine:
         """
         return prune_job(job, lambda: self.hv, self.paths, reporter)
 
-    def find_archive(self, guest: str, destination: Path | None = None) -> Archive:
-        """The archive holding ``guest``: the one given, or the first job destination with it."""
+    def find_archive(
+        self, guest: str, destination: Path | None = None, *, host: str | None = None
+    ) -> Archive:
+        """The archive holding ``guest``: the one given, or the first job destination with it.
+
+        ``guest`` is a series name ("node2/web1"), or a guest name with ``host``, or one
+        that a single host's series holds (``pick_series``).
+        """
         if destination is not None:
             return self.archive(destination)
         for dest in self.destinations():
@@ -644,7 +750,7 @@ class Engine:
                 archive = self.archive(dest)
             except GuestsafeError:
                 continue  # an unplugged or not yet used destination just is not it
-            if guest in archive.guests():
+            if self.series(archive, guest, host) in archive.guests():
                 return archive
         raise NotFoundError(f"no job destination holds backups of {guest!r}; name one with --dest")
 
@@ -678,16 +784,25 @@ class Engine:
         *,
         target_dir: Path | None = None,
         disk_targets: Iterable[str] = (),
+        to_host: str | None = None,
     ) -> RestorePlan:
-        """``disk_targets``: "vdb=/dev/vg/lv" specs, disks written onto existing devices."""
+        """``disk_targets``: "vdb=/dev/vg/lv" specs, disks written onto existing devices.
+
+        ``guest`` is the version's series ("node2/web1" for a guest of node2);
+        ``to_host`` the host the clone is defined on (default: this machine). Its MACs
+        are checked against the guests of every known host that answers.
+        """
+        target = to_host or LOCAL_HOST
         return plan_restore(
             archive,
             guest,
             number,
             new_name,
-            self.hv,
+            self.hv_for(target),
             target_dir=target_dir,
             disk_targets=parse_disk_targets(disk_targets),
+            macs_in_use=self._macs_in_use(target),
+            host=target,
         )
 
     def restore(
@@ -703,7 +818,7 @@ class Engine:
     ) -> RestoreResult:
         return restore_clone(
             plan,
-            self.hv,
+            self.hv_for(plan.host),
             self.paths,
             mac_policy=mac_policy,
             mac_choices=mac_choices,
@@ -711,6 +826,7 @@ class Engine:
             force=force,
             reporter=reporter,
             cancel=cancel,
+            macs_in_use=self._macs_in_use(plan.host),
         )
 
     def restore_over(
@@ -725,7 +841,17 @@ class Engine:
         reporter: Reporter = events.null_reporter,
         cancel: threading.Event | None = None,
     ) -> RestoreResult:
-        """Restore over the original; ``confirm`` is asked after every check, before any write."""
+        """Restore over the original; ``confirm`` is asked after every check, before any write.
+
+        ``guest`` is the version's series: a guest of another host goes back there.
+        """
+        host, name = split_series(guest)
+        if host != LOCAL_HOST:
+            require_local_disks(self.hv_for(host), name, "restoring over it")
+            raise GuestsafeError(
+                f"restoring over guest {name!r} of host {host!r} is not supported yet; "
+                "restore it as a new guest"
+            )
         return restore_over_original(
             archive,
             guest,
@@ -754,13 +880,14 @@ class Engine:
         """Define and start ``plan``'s clone on overlays backed by the version's files."""
         return boot_clone(
             plan,
-            self.hv,
+            self.hv_for(plan.host),
             self.paths,
             mac_policy=mac_policy,
             mac_choices=mac_choices,
             force=force,
             reporter=reporter,
             cancel=cancel,
+            macs_in_use=self._macs_in_use(plan.host),
         )
 
     def promote(

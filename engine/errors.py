@@ -180,3 +180,21 @@ class HookFailed(GuestsafeError):
     # A hook's failure is a failed backup: a run reports it as RunFailed (README,
     # "Exit codes"), and only the hooks' own checks raise it to a front-end.
     exit_code = RunFailed.exit_code
+
+
+class HostUnreachable(HypervisorError):
+    """A hypervisor host of ``[hosts.NAME]`` did not answer; its guests alone fail."""
+
+    title = "Host unreachable"
+
+
+class RemoteDisksUnsupported(HypervisorError):
+    """Reading or writing the disks of a guest on another host needs the remote transport."""
+
+    title = "Remote disks not supported"
+
+
+class AmbiguousGuest(ConfigError):
+    """A guest name found on several hosts (or in their series): the caller names one."""
+
+    title = "Which host?"

@@ -20,12 +20,14 @@ from typing import Any
 
 from guestsafe.engine.api import (
     KEEP,
+    LOCAL_HOST,
     MARKER,
     NEW,
     Archive,
     BootRecord,
     Candidate,
     Engine,
+    HostState,
     Job,
     LastResult,
     OverwriteNotice,
@@ -43,6 +45,7 @@ from guestsafe.engine.api import (
     retention_policy,
     sharing_label,
     space_of,
+    split_series,
 )
 from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
 from guestsafe.engine.events import (
@@ -53,6 +56,7 @@ from guestsafe.engine.events import (
 
 from .model import files_cli
 from .model.coverage import coverage
+from .model.host_options import add_host_option, add_to_host_option
 from .model.printing import ConsoleReporter
 
 EXIT_INTERRUPTED = 130
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("guest", nargs="?")
     lst.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
     lst.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
+    add_host_option(lst)
     restore = sub.add_parser("restore", help="restore a version as a new guest")
     restore.add_argument("guest")
     restore.add_argument("version", type=int)
@@ -141,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("--dest", type=Path, help="archive directory")
     restore.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
+    add_host_option(restore)
+    add_to_host_option(restore)
     boot = sub.add_parser(
         "boot", help="run a version now as a new guest on overlays backed by the version"
     )
@@ -156,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--target-dir", type=Path, help="where the overlays go")
     boot.add_argument("--force", action="store_true", help="boot a version that fails its checks")
     boot.add_argument("--dest", type=Path, help="archive directory")
+    add_host_option(boot)
+    add_to_host_option(boot)
     boot.add_argument(
         "--discard",
         metavar="CLONE",
@@ -184,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("version", nargs="?", type=int)
     verify.add_argument("--dest", type=Path, help="archive directory (default: every job's)")
     verify.add_argument("--device", metavar="DEV", help=DEVICE_HELP)
+    add_host_option(verify)
     recover = sub.add_parser("recover", help="finish the clean-up of an interrupted run")
     recover.add_argument(
         "--start",
@@ -203,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     guests = sub.add_parser("guests", help="list the hypervisor's guests and their disk plans")
     guests.add_argument(
         "--job", help="plan the disks as this job would back them up (default: mode stop)"
+    )
+    guests.add_argument(
+        "--host", metavar="NAME", help="list this host's guests alone (default: every host's)"
     )
     sub.add_parser(
         "run-due", help="run each job whose scheduled time has come (for a one-minute cron line)"
@@ -350,17 +363,33 @@ def cancel_on_signals() -> threading.Event:
 def cmd_list(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     if args.device is not None:
         with engine.device_archive(args.device) as archive:
-            code = _print_versions([(args.device, archive.versions(args.guest))])
-            _print_problems(archive.problems(args.guest))
+            code = _print_versions([(args.device, _host_versions(engine, archive, args))])
+            _print_problems(archive.problems(_series_of(engine, archive, args)))
             return code
     listed = _listed_archives(engine, args.dest)
     booted = engine.booted_clones()
+    archives = [engine.archive(dest) for dest in listed]
     code = _print_versions(
-        ((str(dest), engine.versions(dest, args.guest)) for dest in listed), booted
+        ((str(a.root), _host_versions(engine, a, args)) for a in archives), booted
     )
-    for dest in listed:
-        _print_problems(engine.archive(dest).problems(args.guest))
+    for archive in archives:
+        _print_problems(archive.problems(_series_of(engine, archive, args)))
     return code
+
+
+def _series_of(engine: Engine, archive: Archive, args: argparse.Namespace) -> str | None:
+    """The series the command's guest and --host name in ``archive`` (None: no guest)."""
+    if args.guest is None:
+        return None
+    return engine.series(archive, args.guest, args.host)
+
+
+def _host_versions(engine: Engine, archive: Archive, args: argparse.Namespace) -> list[VersionInfo]:
+    """The versions ``list`` shows: the guest's, or with --host alone every guest's of it."""
+    versions = archive.versions(_series_of(engine, archive, args))
+    if args.guest is None and args.host is not None:
+        versions = [v for v in versions if split_series(v.guest)[0] == args.host]
+    return versions
 
 
 def _print_problems(problems: list[str]) -> None:
@@ -449,13 +478,16 @@ def cmd_verify(engine: Engine, args: argparse.Namespace, reporter: ConsoleReport
         if args.dest is not None:
             raise ConfigError("give --dest or --device, not both")
         # Mounted read-only meanwhile: the results are shown, not recorded on the device.
-        found = engine.verify(guest=args.guest, number=args.version, device=args.device)
+        with engine.device_archive(args.device) as archive:
+            series = _series_of(engine, archive, args)
+        found = engine.verify(guest=series, number=args.version, device=args.device)
         return _exit_code(_printed(found))
     reports: list[VerifyReport] = []
     for dest in _listed_archives(engine, args.dest):
-        if args.guest is not None and args.guest not in engine.archive(dest).guests():
+        series = _series_of(engine, engine.archive(dest), args)
+        if series is not None and series not in engine.archive(dest).guests():
             continue
-        reports += _printed(engine.verify(dest, args.guest, args.version))
+        reports += _printed(engine.verify(dest, series, args.version))
     return _exit_code(reports)
 
 
@@ -497,7 +529,8 @@ def _confirm_overwrite(yes: bool) -> Callable[[OverwriteNotice], bool]:
 
 def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     if args.device is None:
-        return _restore_from(engine, engine.find_archive(args.guest, args.dest), args, reporter)
+        archive = engine.find_archive(args.guest, args.dest, host=args.host)
+        return _restore_from(engine, archive, args, reporter)
     if args.dest is not None:
         raise RestoreError("give --dest or --device, not both")
     with engine.device_archive(args.device) as archive:
@@ -507,7 +540,10 @@ def cmd_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 def _restore_from(
     engine: Engine, archive: Archive, args: argparse.Namespace, reporter: ConsoleReporter
 ) -> int:
+    series = engine.series(archive, args.guest, args.host)
     if args.overwrite:
+        if args.to_host is not None:
+            raise RestoreError("--overwrite restores on the guest's own host; give no --to-host")
         if args.new_name not in (None, args.guest):
             raise RestoreError("--overwrite restores over the original; give no new name")
         if args.disk_target:
@@ -517,7 +553,7 @@ def _restore_from(
             )
         engine.restore_over(
             archive,
-            args.guest,
+            series,
             args.version,
             force=args.force,
             keep_replaced=args.keep_replaced,
@@ -531,11 +567,12 @@ def _restore_from(
         raise RestoreError("give a new name for the restored guest, or --overwrite")
     plan = engine.plan_restore(
         archive,
-        args.guest,
+        series,
         args.version,
         args.new_name,
         target_dir=args.target_dir,
         disk_targets=args.disk_target,
+        to_host=args.to_host,
     )
     _say_clashes(plan.clashes, args.mac)
     result = engine.restore(
@@ -558,9 +595,14 @@ def cmd_boot(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
         return 0
     if args.guest is None or args.version is None or args.new_name is None:
         raise RestoreError("give the guest, the version and a new name: boot web1 3 web1-now")
-    archive = engine.find_archive(args.guest, args.dest)
+    archive = engine.find_archive(args.guest, args.dest, host=args.host)
     plan = engine.plan_restore(
-        archive, args.guest, args.version, args.new_name, target_dir=args.target_dir
+        archive,
+        engine.series(archive, args.guest, args.host),
+        args.version,
+        args.new_name,
+        target_dir=args.target_dir,
+        to_host=args.to_host,
     )
     _say_clashes(plan.clashes, args.mac)
     result = engine.boot(plan, mac_policy=args.mac, force=args.force, reporter=reporter)
@@ -611,6 +653,28 @@ def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 
 
 def cmd_guests(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
+    host = getattr(args, "host", None)
+    if host is None and engine.host_names() == [LOCAL_HOST]:
+        return _local_guests(engine, args)  # no [hosts.NAME]: the listing as it always was
+    listings = engine.guests_by_host(host)
+    for listing in listings:
+        status = listing.status
+        print(f"host {escape(status.describe())}")
+        if status.state != HostState.CONNECTED:
+            continue
+        rows = [("  GUEST", "STATE", "DISKS", "MACS")]
+        for guest in listing.guests:
+            disks = ",".join(d.target for d in guest.disks if d.backs_up)
+            rows.append((f"  {guest.name}", guest.state, disks or "-", ",".join(guest.macs) or "-"))
+        _table(rows if listing.guests else [("  (no guests)",)])
+    unreachable = [g.status.name for g in listings if g.status.state != HostState.CONNECTED]
+    if unreachable:
+        print(f"unreachable: {escape(', '.join(unreachable))}", file=sys.stderr)
+        return 4
+    return 0
+
+
+def _local_guests(engine: Engine, args: argparse.Namespace) -> int:
     rows = [("GUEST", "STATE", "DISKS", "MACS", "JOBS")]
     job = engine.job(args.job) if getattr(args, "job", None) else None
     guests = engine.guests()

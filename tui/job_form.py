@@ -101,9 +101,14 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
         known_guests: Sequence[str] | None,
         guests_problem: str = "",
         persistent_guests: Sequence[str] | None = None,
+        hosts: Sequence[str] = (),
     ) -> None:
         super().__init__(classes="modal")
         self._engine = engine
+        # The hosts jobs.toml names, "local" first; the field shows only beside another.
+        self._hosts = list(hosts)
+        # The form's fields as composed: Hosts only where there is a host to choose.
+        self._fields = [f for f in FIELDS if f != "hosts" or len(self._hosts) > 1]
         self._original = job
         self._others = [j for j in jobs if job is None or j.name != job.name]
         self._known = list(known_guests) if known_guests is not None else None
@@ -131,6 +136,9 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
             yield Static("", id="e-form", classes="field-error")
             with VerticalScroll(id="form-fields"):
                 yield from self._text("name", "Name", v.name, "nightly")
+                if len(self._hosts) > 1:
+                    known = ", ".join(self._hosts)
+                    yield from self._text("hosts", "Hosts", v.hosts, f"this machine; {known}")
                 yield from self._row(
                     "all_guests",
                     "All guests",
@@ -308,6 +316,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
         return JobFormValues(
             name=text("name"),
+            hosts=text("hosts") if len(self._hosts) > 1 else self._initial.hosts,
             all_guests=self.query_one("#f-all_guests", Checkbox).value,
             guests=text("guests"),
             exclude=text("exclude"),
@@ -336,7 +345,11 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
     def _check(self) -> tuple[Job, list[FieldError]]:
         return check_job(
-            self.values(), existing=self._others, known_guests=self._known, base=self._original
+            self.values(),
+            existing=self._others,
+            known_guests=self._known,
+            base=self._original,
+            known_hosts=self._hosts or None,
         )
 
     # --- showing problems --------------------------------------------------
@@ -349,12 +362,12 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
     def _show(self, problems: Sequence[FieldError], *, all_fields: bool = False) -> None:
         messages = by_field(problems)
         values = self.values()
-        for field in FIELDS:
+        for field in self._fields:
             changed = getattr(values, field) != getattr(self._initial, field)
             shown = all_fields or self._show_all or changed
             message = messages.get(field, "") if shown else ""
             self._set_error(field, message)
-        general = [messages[f] for f in messages if f not in FIELDS]
+        general = [messages[f] for f in messages if f not in self._fields]
         show_general = general and (all_fields or self._show_all)
         self._set_error(FORM_LEVEL, general[0] if show_general else "")
 
@@ -498,7 +511,7 @@ class JobFormScreen(ReportsWorkerErrors, ModalScreen[str | None]):
 
     def _focus_first_error(self, problems: Sequence[FieldError]) -> None:
         messages = by_field(problems)
-        for field in FIELDS:
+        for field in self._fields:
             if field in messages:
                 self.query_one(f"#f-{field}").focus()
                 return

@@ -240,6 +240,10 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             problem = ""
         except GuestsafeError as exc:
             known, persistent, problem = None, None, exc.message
+        try:
+            hosts = self._engine.host_names()
+        except GuestsafeError:
+            hosts = []  # a broken [hosts] table: the form's save names it
         screen = JobFormScreen(
             self._engine,
             job,
@@ -247,6 +251,7 @@ class JobsPane(ReportsWorkerErrors, Vertical):
             known_guests=known,
             guests_problem=problem,
             persistent_guests=persistent,
+            hosts=hosts,
         )
         self.app.call_from_thread(self.app.push_screen, screen, self._form_closed)
 

@@ -1,5 +1,8 @@
 """The restore form: which guest, which version, the new guest's ID, and which of its
-disks go onto existing block devices instead of new files ("vdb=/dev/vg/lv")."""
+disks go onto existing block devices instead of new files ("vdb=/dev/vg/lv").
+
+With ``[hosts.NAME]`` in jobs.toml a "To host" field names the host the new guest is
+defined on (this machine when empty), as the CLI's ``--to-host``."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, Input, Label, Static
 
-from guestsafe.engine.api import escape
+from guestsafe.engine.api import LOCAL_HOST, escape, split_series
 
 from .field_input import FieldInput
 from .formatting import literal
@@ -29,9 +32,14 @@ class RestoreForm(Vertical):
         boot: bool = False  # boot now on overlays of the version (guestsafe boot), no copy
         # Onto devices that hold a filesystem or partition table (the CLI's --force).
         overwrite_devices: bool = False
+        to_host: str | None = None  # the host the new guest is defined on (--to-host)
 
     # The row taken last: (its name as shown, its real name).
     _chosen: tuple[str, str] | None = None
+
+    def __init__(self, *, hosts: list[str] | None = None, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._hosts = list(hosts or [])  # "local" first; the field shows beside another
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="restore-fields"):
@@ -51,6 +59,11 @@ class RestoreForm(Vertical):
                 compact=True,
             )
             yield TickBox("overwrite", id="r-overwrite", compact=True)
+        if len(self._hosts) > 1:
+            with Horizontal(id="restore-hosts"):
+                yield Label("To host", classes="restore-label")
+                known = ", ".join(self._hosts)
+                yield FieldInput(id="r-host", placeholder=f"this machine; {known}", compact=True)
         yield Static("", id="r-error", classes="field-error")
 
     def on_mount(self) -> None:
@@ -67,7 +80,8 @@ class RestoreForm(Vertical):
         self._chosen = (shown, guest)
         self._input("r-guest").value = shown
         self._input("r-version").value = str(number)
-        visible = "".join(c for c in guest if c.isprintable()).strip() or "restored"
+        _host, name = split_series(guest)  # "node2/web1": web1 of host node2
+        visible = "".join(c for c in name if c.isprintable()).strip() or "restored"
         self._input("r-new").value = f"{visible}-v{number}"
         self._error("")
 
@@ -116,6 +130,9 @@ class RestoreForm(Vertical):
             self._error("Onto devices: Boot now puts every disk on an overlay; empty it")
             self._input("r-disks").focus()
             return
+        to_host = self._to_host()
+        if to_host == "":
+            return
         self._error("")
         start = self.query_one("#r-start", TickBox).value
         overwrite = self.query_one("#r-overwrite", TickBox).value
@@ -128,5 +145,19 @@ class RestoreForm(Vertical):
                 disk_targets,
                 boot=boot,
                 overwrite_devices=overwrite,
+                to_host=to_host,
             )
         )
+
+    def _to_host(self) -> str | None:
+        """The host typed (None: this machine); "" after saying it is not a known one."""
+        if len(self._hosts) <= 1:
+            return None
+        typed = self._input("r-host").value.strip()
+        if not typed or typed == LOCAL_HOST:
+            return None
+        if typed not in self._hosts:
+            self._error(f"To host: {typed!r} is not in jobs.toml (known: {', '.join(self._hosts)})")
+            self._input("r-host").focus()
+            return ""
+        return typed

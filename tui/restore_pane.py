@@ -118,6 +118,13 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._watcher: DeviceWatcher | None = None
         self._closed = False
 
+    def _host_names(self) -> list[str]:
+        """The hosts a version can be restored to; none to choose from if jobs.toml is bad."""
+        try:
+            return self._engine.host_names()
+        except GuestsafeError:
+            return []
+
     def compose(self) -> ComposeResult:
         with Horizontal(id="archive-bar"):
             yield Label("Archive", classes="restore-label")
@@ -129,7 +136,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
                 id="guest-filter", placeholder="type to filter by guest name (/)", compact=True
             )
         yield DataTable(id="archive-table", cursor_type="row", zebra_stripes=True)
-        yield RestoreForm(id="restore-form")
+        yield RestoreForm(hosts=self._host_names(), id="restore-form")
         yield ExternalDevicesPanel(id="devices")
 
     def on_mount(self) -> None:
@@ -425,7 +432,9 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self._start_restored = event.start
         self._overwrite_devices = event.overwrite_devices
         self._boot_now = event.boot
-        self._plan(source, event.guest, event.number, event.new_name, event.disk_targets)
+        self._plan(
+            source, event.guest, event.number, event.new_name, event.disk_targets, event.to_host
+        )
 
     @contextmanager
     def _archive(self, source: Source) -> Iterator[Archive]:
@@ -445,10 +454,11 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         number: int,
         new_name: str,
         disk_targets: tuple[str, ...] = (),
+        to_host: str | None = None,
     ) -> None:
         with self._archive(source) as archive:
             plan = self._engine.plan_restore(
-                archive, guest, number, new_name, disk_targets=disk_targets
+                archive, guest, number, new_name, disk_targets=disk_targets, to_host=to_host
             )
         plan.overwrite_devices = self._overwrite_devices
         self.app.call_from_thread(self._planned, plan, source)

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
-from guestsafe.engine.archive.names import printable
+from guestsafe.engine.archive.names import printable, series_name
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.modes import Mode, parse_mode
 
@@ -198,6 +198,14 @@ class Manifest:
     firmware: FirmwareRecord | None = None
     not_copied: list[NotCopied] = field(default_factory=list)
     checkpoint: CheckpointRecord | None = None
+    # The [hosts.NAME] the guest was backed up from; None: this machine ("local"),
+    # as every manifest written before hosts existed says by leaving it out.
+    host_name: str | None = None
+
+    @property
+    def series(self) -> str:
+        """The archive's name for this guest: "web1" here, "node2/web1" of host node2."""
+        return series_name(self.guest, self.host_name)
 
     @property
     def records(self) -> list[DiskRecord]:
@@ -234,6 +242,7 @@ def manifest_format(
     not_copied: list[NotCopied],
     disks: Sequence[DiskRecord] = (),
     checkpoint: CheckpointRecord | None = None,
+    host_name: str | None = None,
 ) -> int:
     """The format a manifest with these records is written in (1 when it has none).
 
@@ -241,7 +250,7 @@ def manifest_format(
     backing files, a block device as a file), so each makes the manifest format 2.
     """
     special = any(_record_dict(d).keys() - _RECORD_KEYS for d in disks)
-    if tpm or firmware or not_copied or special or checkpoint:
+    if tpm or firmware or not_copied or special or checkpoint or host_name:
         return DEVICE_STATE_FORMAT
     return FORMAT_VERSION
 
@@ -326,6 +335,8 @@ def _optional_dict(manifest: Manifest) -> dict[str, Any]:
         }
     if manifest.firmware is not None:
         data["firmware"] = dict(vars(manifest.firmware))
+    if manifest.host_name is not None:
+        data["host_name"] = manifest.host_name
     if manifest.not_copied:
         data["not_copied"] = [dict(vars(n)) for n in manifest.not_copied]
     if manifest.checkpoint is not None:
@@ -342,8 +353,10 @@ _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys
 _OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume"})
 _CHAIN_KEYS = frozenset(_chain_dict(ChainFile("", "", "", None, "")).keys())
 # Keys a manifest may leave out: versions without a TPM, firmware facts or media have none.
-_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied", "checkpoint"))
+_OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied", "checkpoint", "host_name"))
 _CHECKPOINT_KEYS = frozenset(CheckpointRecord.__dataclass_fields__)
+# A host name of jobs.toml ([hosts.NAME]): it qualifies the guest's folder name too.
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _TPM_KEYS = frozenset(("model", "version", "state_dir", "files"))
 _FIRMWARE_KEYS = frozenset(FirmwareRecord.__dataclass_fields__)
 _NOT_COPIED_KEYS = frozenset(NotCopied.__dataclass_fields__)
@@ -420,6 +433,7 @@ class _Reader:
             notes=self.list_of(data, "notes", str),
             domain_xml_blake3=self.digest(data, "domain_xml_blake3"),
             tpm=self.tpm(data.get("tpm")),
+            host_name=self.host_name(data),
             firmware=self.firmware(data.get("firmware")),
             not_copied=[
                 self.not_copied(n, f"not_copied[{i}]")
@@ -460,6 +474,12 @@ class _Reader:
             state_dir=self.text(data, "state_dir", "tpm."),
             files=[self.record(f, f"tpm.files[{i}]") for i, f in enumerate(files)],
         )
+
+    def host_name(self, data: dict[str, Any]) -> str | None:
+        value = self.optional_text(data, "host_name", "")
+        if value is not None and not _HOST_NAME_RE.fullmatch(value):
+            self.fail(f"has host_name {value!r}, not a host name of jobs.toml")
+        return value
 
     def firmware(self, data: Any) -> FirmwareRecord | None:
         if data is None:

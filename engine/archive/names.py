@@ -14,10 +14,11 @@ name alone: the archive keeps the name in a ``guest-name`` file inside it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import blake3
 
-from guestsafe.engine.errors import ArchiveError
+from guestsafe.engine.errors import AmbiguousGuest, ArchiveError
 
 # Bytes, not characters; the result is ASCII. 255 is NAME_MAX on every Linux
 # filesystem; the margin leaves room for temporary names made from this one.
@@ -165,3 +166,50 @@ def printable(name: str) -> str:
     """``name`` as it may appear in a message: quoted and escaped if it holds
     control characters, escapes or lone surrogates."""
     return name if name.isprintable() else repr(name)
+
+
+# --- series: which host's guest a folder holds --------------------------------
+
+# The host this machine is, whose guests keep the folders they had before hosts
+# existed (their series is the bare guest name). Equal to hypervisor.hosts.LOCAL_HOST;
+# the archive sits below the hypervisor layer and cannot import it.
+LOCAL_SERIES_HOST = "local"
+# libvirt refuses '/' in a guest name, so "node2/web1" names no local guest: the
+# series of web1 on host node2, whose folder is "node2%2Fweb1" (section 4 of FORMAT.md).
+HOST_SEPARATOR = "/"
+
+
+def series_name(guest: str, host: str | None = None) -> str:
+    """The archive's name for ``guest`` of ``host``: the guest's own on this machine."""
+    if host is None or host == LOCAL_SERIES_HOST:
+        return guest
+    if not host or HOST_SEPARATOR in host:
+        raise ArchiveError(f"host name {host!r} cannot qualify a guest folder")
+    return f"{host}{HOST_SEPARATOR}{guest}"
+
+
+def split_series(series: str) -> tuple[str, str]:
+    """``(host, guest)`` of an archive name: ``("local", "web1")``, ``("node2", "web1")``."""
+    host, separator, guest = series.partition(HOST_SEPARATOR)
+    if not separator:
+        return LOCAL_SERIES_HOST, series
+    return host, guest
+
+
+def pick_series(known: Iterable[str], guest: str, host: str | None = None) -> str:
+    """The series a command means by ``guest`` (and ``--host``), among ``known`` ones.
+
+    With ``host`` it is that host's. Without, a guest backed up from one host alone
+    is that host's; one backed up from several is refused with ``AmbiguousGuest``,
+    asking for ``--host``; one not backed up at all is this machine's.
+    """
+    if host is not None:
+        return series_name(guest, host)
+    found = [s for s in dict.fromkeys(known) if split_series(s)[1] == guest]
+    if len(found) > 1:
+        hosts = ", ".join(sorted(split_series(s)[0] for s in found))
+        raise AmbiguousGuest(
+            f"guest {printable(guest)} is backed up from several hosts ({hosts}); "
+            "name one with --host"
+        )
+    return found[0] if found else guest

@@ -123,7 +123,7 @@ class PartialVersion:
         when None, and checked when given.
         """
         self._check_open()
-        if manifest.guest != self.guest:
+        if manifest.series != self.guest:
             raise ArchiveError(
                 f"{self._where()}: the manifest is of guest {printable(manifest.guest)}"
             )

@@ -217,8 +217,8 @@ class Archive:
                 manifest = Manifest.from_json(read_small(folder / str(number) / MANIFEST_FILE))
             except (OSError, ArchiveError):
                 continue
-            if matches(manifest.guest, folder.name):
-                return manifest.guest
+            if matches(manifest.series, folder.name):
+                return manifest.series
         return None
 
     def guests(self) -> list[str]:

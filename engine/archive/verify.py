@@ -93,7 +93,7 @@ def check_version(guest: str, folder: Path, number: int) -> Check:
     except ArchiveError as exc:
         check.problems.append(f"{MANIFEST_FILE}: {exc.message}")
         return check
-    if manifest.guest != guest:
+    if manifest.series != guest:
         check.problems.append(
             f"{MANIFEST_FILE}: names guest {printable(manifest.guest)}, but the folder "
             f"belongs to {printable(guest)}"

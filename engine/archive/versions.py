@@ -42,7 +42,7 @@ def read_version(guest: str, folder: Path) -> VersionInfo:
             f"({folder}): {exc.strerror or exc}"
         ) from exc
     manifest = Manifest.from_json(data, version=number, path=folder / MANIFEST_FILE)
-    if manifest.guest != guest:
+    if manifest.series != guest:
         raise ArchiveError(
             f"version {number} of {printable(guest)} holds a manifest of guest "
             f"{printable(manifest.guest)} ({folder}); it was moved here by hand"

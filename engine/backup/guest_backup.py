@@ -20,6 +20,7 @@ from guestsafe.engine import __version__, failpoints, locks, modes
 from guestsafe.engine.archive.calendar_retention import describe_policy
 from guestsafe.engine.archive.in_use import in_use_reason, versions_in_use
 from guestsafe.engine.archive.manifest import Manifest, manifest_format
+from guestsafe.engine.archive.names import series_name
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.backup.cold_copy import ColdCopy
 from guestsafe.engine.backup.context import JobContext, take_lock
@@ -45,6 +46,8 @@ from guestsafe.engine.errors import (
 from guestsafe.engine.events import GuestDowntime, GuestOutcome, LogLine, PhaseChanged, Progress
 from guestsafe.engine.hypervisor import disk_files, volumes
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
+from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
+from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.jobs.model import retention_policy
 from guestsafe.engine.modes import Mode
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
@@ -67,8 +70,10 @@ RESTART_BACKOFF = (2.0, 5.0)
 class GuestBackup:
     """One guest's backup: the phases the runner calls, on one ``GuestRun``."""
 
-    def __init__(self, ctx: JobContext, name: str) -> None:
+    def __init__(self, ctx: JobContext, name: str, host: str = LOCAL_HOST) -> None:
         self.ctx = ctx
+        self.host = host  # the [hosts.NAME] ctx.hv reaches, "local" for this machine
+        self.series = series_name(name, host)  # the guest's name in the archive and reports
         self.run = GuestRun(
             name,
             ctx.job.mode,
@@ -77,6 +82,7 @@ class GuestBackup:
             enter=self._enter,
             progress=self._progress,
             downtime_known=self._downtime,
+            series=self.series,
         )
         self.entry: JournalEntry | None = None
         self.lock: locks.Lock | None = None
@@ -111,6 +117,7 @@ class GuestBackup:
                 f"guest {run.name!r} is {run.was_state}; guestsafe backs up running or "
                 "shut-off guests only (resume or stop it first)"
             )
+        require_local_disks(hv, run.name, "backing up its disks")
         volumes.check_volumes(run.info)
         cold = job.mode == Mode.STOP or run.was_state != RUNNING
         volumes.check_network_disks(run.info, cold=cold)
@@ -286,10 +293,18 @@ class GuestBackup:
         self._enter(Phase.COMMIT, None)
         firmware = firmware_record(run.info)
         manifest = Manifest(
-            format=manifest_format(run.tpm, firmware, run.not_copied, run.records, run.checkpoint),
+            format=manifest_format(
+                run.tpm,
+                firmware,
+                run.not_copied,
+                run.records,
+                run.checkpoint,
+                host_name=None if self.host == LOCAL_HOST else self.host,
+            ),
             guest=run.name,
             uuid=run.info.uuid,
             host=self.ctx.hv.hostname,
+            host_name=None if self.host == LOCAL_HOST else self.host,
             mode=run.mode,
             started=run.started_iso,
             finished=now_iso(),
@@ -314,7 +329,7 @@ class GuestBackup:
         if job.verify:
             self._enter(Phase.VERIFY, None)
             with naming("verifying", self.version.path):
-                report = archive.verify(self.name, number)[0]
+                report = archive.verify(self.series, number)[0]
             if not report.ok:
                 raise CopyError(
                     f"version {number} of {self.name} failed verification: "
@@ -325,8 +340,8 @@ class GuestBackup:
         self._enter(Phase.RETENTION, None)
         with naming("removing old versions next to", self.version.path):
             policy = retention_policy(job)
-            in_use = versions_in_use(self.ctx.paths.state_dir, archive.root, self.name)
-            deleted = archive.apply_retention(self.name, policy, in_use)
+            in_use = versions_in_use(self.ctx.paths.state_dir, archive.root, self.series)
+            deleted = archive.apply_retention(self.series, policy, in_use)
         for number, clones in sorted(in_use.items()):
             self.run.say_info(
                 f"retention keeps version {number}: {in_use_reason(clones)} (booted from it; "
@@ -454,7 +469,9 @@ class GuestBackup:
                 f"{_seconds(run.downtime)}, {spent}"
             )
         ok = self.error is None
-        return GuestOutcome(run.name, ok, number, run.downtime, run.bytes_copied, duration, message)
+        return GuestOutcome(
+            self.series, ok, number, run.downtime, run.bytes_copied, duration, message
+        )
 
     def _aftermath(self) -> str:
         try:
@@ -473,17 +490,17 @@ class GuestBackup:
         if self.entry is not None:
             with naming("writing the journal in", self.ctx.journal.dir):
                 self.ctx.journal.phase(self.entry, phase, partial)
-        self.ctx.report(PhaseChanged(self.name, phase))
+        self.ctx.report(PhaseChanged(self.series, phase))
         failpoints.hit(f"phase.{phase}")
 
     def _say(self, level: int, text: str) -> None:
-        self.ctx.report(LogLine(level, text, self.name))
+        self.ctx.report(LogLine(level, text, self.series))
 
     def _progress(self, item: str, done: int, total: int) -> None:
-        self.ctx.report(Progress(self.name, item, done, total))
+        self.ctx.report(Progress(self.series, item, done, total))
 
     def _downtime(self, seconds: float) -> None:
-        self.ctx.report(GuestDowntime(self.name, seconds))
+        self.ctx.report(GuestDowntime(self.series, seconds))
 
 
 def _media_bytes(run: GuestRun) -> int:

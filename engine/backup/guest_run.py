@@ -80,6 +80,13 @@ class GuestRun:
     stopped_at: float | None = None  # when the shutdown was asked for
     downtime: float | None = None
     bytes_copied: int = 0
+    # The guest's name in the archive: its own on this machine, "node2/web1" for web1
+    # of host node2 (archive/names.py, series_name); "" means the guest's name.
+    series: str = ""
+
+    @property
+    def archive_name(self) -> str:
+        return self.series or self.name
 
     def say_info(self, text: str) -> None:
         self.say(logging.INFO, text)
@@ -131,7 +138,7 @@ class GuestRun:
 def begin_partial(run: GuestRun, archive: Archive, hv: Hypervisor, phase: Phase) -> PartialVersion:
     """The guest's next partial version, journalled as ``phase``, with its domain.xml."""
     with naming("creating a partial version in", archive.root):
-        run.partial = archive.begin(run.name)
+        run.partial = archive.begin(run.archive_name)
     run.enter(phase, run.partial.path)
     xml = hv.xml(run.name)
     with naming("writing the domain XML to", run.partial.path):

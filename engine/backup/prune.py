@@ -24,7 +24,7 @@ from guestsafe.engine.devices import mounts
 from guestsafe.engine.errors import LockBusy
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
-from guestsafe.engine.jobs.coverage import resolve_guests
+from guestsafe.engine.jobs.coverage import job_series
 from guestsafe.engine.jobs.model import Job, retention_policy
 from guestsafe.engine.paths import Paths
 
@@ -55,7 +55,7 @@ def prune_job(
     policy = retention_policy(job)
     done: list[GuestPrune] = []
     with _job_archive(job, hv, paths, reporter, purpose) as archive:
-        for guest in resolve_guests(job, archive.guests()):
+        for guest in job_series(job, archive.guests()):
             # Versions an instant-boot clone runs on stay (engine/archive/in_use.py).
             in_use = versions_in_use(paths.state_dir, archive.root, guest)
             outcome = GuestPrune(guest, archive.retention_rows(guest, policy, in_use))

@@ -22,6 +22,7 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.context import JobContext, take_archive_lock, take_lock
 from guestsafe.engine.backup.guest_backup import GuestBackup
 from guestsafe.engine.backup.hooks import HookRunner
+from guestsafe.engine.backup.host_plan import Unreached, plan_hosts
 from guestsafe.engine.backup.journal import Journal
 from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.backup.runlog import RunLog, new_log_path
@@ -35,7 +36,7 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import GuestOutcome, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor, LibvirtError
-from guestsafe.engine.jobs.coverage import resolve_guests
+from guestsafe.engine.hypervisor.hosts import HostRegistry
 from guestsafe.engine.jobs.model import Job
 from guestsafe.engine.jobs.validation import misconfigured_device
 from guestsafe.engine.paths import Paths
@@ -61,8 +62,12 @@ def run_job(
     cancel: threading.Event | None = None,
     on_log_path: Callable[[Path], None] | None = None,
     interactive: bool = False,
+    hosts: HostRegistry | None = None,
 ) -> RunResult:
     """Back up every guest of ``job``; never raises for a guest's failure.
+
+    ``hv`` is this machine's connection; ``hosts`` reaches the others the job names
+    (``host_plan.py``). A host that does not answer fails its own guests alone.
 
     ``interactive``: a person waits for the result, so a busy guest or
     destination fails at once naming its holder; otherwise (timers, run-due)
@@ -82,24 +87,34 @@ def run_job(
     ctx = JobContext(job, hv, paths, runlog, Journal(paths.state_dir), cancel or threading.Event())
     ctx.interactive = interactive
     result = RunResult(job.name, log_path)
+    registry = hosts if hosts is not None else HostRegistry(hv.uri, local=lambda: hv)
     guests = list(job.guests)
     try:
-        guests = _guests_now(ctx)
+        plan = plan_hosts(job, registry)
+        guests = plan.guest_names()
         # The run's job names its guests, "all" resolved: hooks, the device's
         # capacity check and each guest's backup see the same list.
         ctx.job = dataclasses.replace(job, guests=guests)
         ctx.hooks = HookRunner(ctx.job, runlog, ctx.cancel)
         events.info(runlog, f"job {job.name}: {', '.join(guests)} -> {job.destination}")
+        for problem in plan.problems:
+            events.error(runlog, problem)
+        result.problems += plan.problems
         _begin(ctx, result)
         _open_archive(ctx)
-        backups = [GuestBackup(ctx, name) for name in guests]
+        backups = [
+            GuestBackup(dataclasses.replace(ctx, hv=target.hv), name, target.host)
+            for target in plan.targets
+            for name in target.guests
+        ]
         if job.group:
             run_group(backups)
         else:
             for backup in backups:
                 run_one(backup)
-        result.outcomes = [b.outcome() for b in backups]
-        result.causes = {b.name: b.error.exit_code for b in backups if b.error is not None}
+        result.outcomes = [b.outcome() for b in backups] + [_unreached(u) for u in plan.unreached]
+        result.causes = {b.series: b.error.exit_code for b in backups if b.error is not None}
+        result.causes |= {u.series: u.error.exit_code for u in plan.unreached}
     except GuestsafeError as exc:
         events.error(runlog, exc.message)
         result.outcomes = [
@@ -117,20 +132,10 @@ def run_job(
     return result
 
 
-def _guests_now(ctx: JobContext) -> list[str]:
-    """The job's guests: as listed, or for ``guests = "all"`` those defined right now."""
-    job = ctx.job
-    if not job.all_guests:
-        return list(job.guests)
-    persistent = [g.name for g in ctx.hv.guests() if g.persistent]
-    guests = resolve_guests(job, persistent)
-    if not guests:
-        patterns = f" outside exclude {', '.join(job.exclude)}" if job.exclude else ""
-        raise PreflightError(
-            f'guests = "all" found no persistent guest{patterns} on {ctx.hv.uri}; '
-            "nothing was backed up"
-        )
-    return guests
+def _unreached(unreached: Unreached) -> GuestOutcome:
+    """The outcome of a guest whose host did not answer: nothing was touched."""
+    message = f"failed: {unreached.error.message}; nothing was done to it"
+    return GuestOutcome(unreached.series, False, None, None, 0, 0.0, message)
 
 
 def _begin(ctx: JobContext, result: RunResult) -> None:

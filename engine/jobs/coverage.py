@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
-from guestsafe.engine.jobs.model import Job
+from guestsafe.engine.archive.names import series_name, split_series
+from guestsafe.engine.jobs.model import Job, job_hosts
 
 
 def excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -54,3 +55,20 @@ def jobs_covering(jobs: Iterable[Job], guest_names: Sequence[str]) -> dict[str, 
             if name in covering:
                 covering[name].append(job.name)
     return covering
+
+
+def job_series(job: Job, archived: Sequence[str]) -> list[str]:
+    """The archive series ``job``'s retention looks after, among ``archived`` ones.
+
+    Its guests of each of its hosts (``node2/web1`` for web1 of node2, archive/names.py);
+    for ``guests = "all"``, the archived series of its hosts that no exclude matches.
+    """
+    hosts = job_hosts(job)
+    if not job.all_guests:
+        return [series_name(guest, host) for host in hosts for guest in job.guests]
+    return [
+        series
+        for series in archived
+        if split_series(series)[0] in hosts
+        and not excluded(split_series(series)[1], job.exclude)
+    ]

@@ -43,7 +43,12 @@ Schedule keys sit flat in the job's table; hooks are a sub-table. Every key but
     timeout = 120                     # seconds per hook, default 300
 
 An optional top-level ``[notify]`` table says who hears about runs; see
-``notify.py`` for its keys.
+``notify.py`` for its keys. ``[hosts.NAME]`` tables name other hypervisor hosts
+(``hosts_config.py``); a job backs up the guests of one with ``host = "node2"``, or
+of several with ``hosts = ["local", "node2"]``; without either, this machine's::
+
+    [hosts.node2]
+    uri = "qemu+ssh://root@node2/system"
 
 Job names use ``A-Z a-z 0-9 . _ -`` (1 to 64, not starting with ``.`` or ``-``), as
 they become file and systemd unit names. A name with a dot is quoted in TOML:
@@ -70,6 +75,7 @@ import tomli_w
 
 from guestsafe.engine.errors import ConfigError, FieldError, JobConfigError, JobNotFound
 from guestsafe.engine.fsutil import atomic_write_bytes
+from guestsafe.engine.jobs.hosts_config import LOCAL_HOST, Host, host_names, parse_hosts
 from guestsafe.engine.jobs.model import (
     CALENDAR_KEYS,
     DEFAULT_HOOK_TIMEOUT,
@@ -117,10 +123,12 @@ _JOB_KEYS = (
     "restore_test",
     "restore_test_console",
     "restore_test_seconds",
+    "host",
+    "hosts",
 )
 ALL_GUESTS = "all"  # guests = "all"
 # Top-level tables other than jobs; save_jobs keeps them as they are.
-_SETTINGS_KEYS = ("notify",)
+_SETTINGS_KEYS = ("notify", "hosts")
 _HEADER = b"# guestsafe jobs. guestsafe rewrites this file on save; comments are not kept.\n\n"
 
 
@@ -172,20 +180,30 @@ def _parse_document(document: dict[str, Any]) -> tuple[list[Job], list[FieldErro
             problems.append(FieldError("", key, message))
     _config, notify_problems = parse_notify(document.get("notify", {}))
     problems += [FieldError("", f, m) for f, m in notify_problems]
+    hosts, host_problems = parse_hosts(document.get("hosts", {}))
+    problems += [FieldError("", f, m) for f, m in host_problems]
+    # A host whose table is wrong is still known, so its jobs are not blamed for it.
+    known = set(host_names(hosts)) | _table_names(document.get("hosts"))
     tables = document.get("jobs", {})
     if not isinstance(tables, dict):
         problems.append(FieldError("", "jobs", "jobs must be tables like [jobs.nightly]"))
         return [], problems
     jobs: list[Job] = []
     for name, table in tables.items():
-        job, job_problems = _parse_job(name, table)
+        job, job_problems = _parse_job(name, table, known)
         problems.extend(job_problems)
         if job is not None:
             jobs.append(job)
     return jobs, problems
 
 
-def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
+def _table_names(table: object) -> set[str]:
+    return {name for name in table if isinstance(name, str)} if isinstance(table, dict) else set()
+
+
+def _parse_job(
+    name: str, table: object, known_hosts: set[str] | None = None
+) -> tuple[Job | None, list[FieldError]]:
     if not isinstance(table, dict):
         return None, [FieldError(name, "", f"[jobs.{name}] must be a table of settings")]
     problems = [FieldError(name, k, f"unknown key {k!r}") for k in table if k not in _JOB_KEYS]
@@ -195,6 +213,9 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
     if "keep" in table and "keep_last" in table:
         message = "keep and keep_last mean the same; set only one of them"
         problems.append(FieldError(name, "keep_last", message))
+    if "host" in table and "hosts" in table:
+        message = 'set host = "node2" or hosts = ["node1", "node2"], not both'
+        problems.append(FieldError(name, "hosts", message))
     hooks, hook_problems = _parse_hooks(name, table.get("hooks", {}))
     job = Job(
         name=name,
@@ -229,10 +250,11 @@ def _parse_job(name: str, table: object) -> tuple[Job | None, list[FieldError]]:
         restore_test=as_choice(RestoreTestWhen, table.get("restore_test", RestoreTestWhen.NEVER)),
         restore_test_console=table.get("restore_test_console"),
         restore_test_seconds=table.get("restore_test_seconds", DEFAULT_RESTORE_TEST_SECONDS),
+        hosts=_job_hosts(table),
     )
     # A missing or malformed field is reported once, by the parser.
     reported = {problem.field for problem in problems + hook_problems}
-    checked = [p for p in validate_job(job) if p.field not in reported]
+    checked = [p for p in validate_job(job, known_hosts=known_hosts) if p.field not in reported]
     return job, problems + hook_problems + checked
 
 
@@ -245,6 +267,14 @@ def _keep_last(table: dict[str, Any]) -> Any:
     if "keep" in table or "keep_last" in table:
         return table.get("keep", table.get("keep_last"))
     return 0 if any(key in table for key in CALENDAR_KEYS) else DEFAULT_KEEP
+
+
+def _job_hosts(table: dict[str, Any]) -> Any:
+    """``host = "node2"`` is ``hosts = ["node2"]``; a wrong type stays for validation."""
+    if "host" in table:
+        host = table["host"]
+        return [host] if isinstance(host, str) else host
+    return table.get("hosts", [])
 
 
 def _one_or_list(value: Any) -> Any:
@@ -283,7 +313,7 @@ def save_jobs(path: Path, jobs: Sequence[Job]) -> None:
     Output is deterministic: jobs in list order, keys in the documented order,
     defaults written out so the file shows every setting.
     """
-    problems = _validate_all(jobs)
+    problems = _validate_all(jobs, _known_hosts(path))
     if problems:
         raise _invalid(path, problems)
     document = {"jobs": {job.name: _job_table(job) for job in jobs}} | _kept_settings(path)
@@ -297,7 +327,7 @@ def save_jobs(path: Path, jobs: Sequence[Job]) -> None:
 
 
 def _kept_settings(path: Path) -> dict[str, Any]:
-    """The settings tables (``[notify]``) of the file being replaced, unchanged."""
+    """The settings tables (``[notify]``, ``[hosts]``) of the file being replaced, unchanged."""
     try:
         document = _read_toml(path) or {}
     except ConfigError:
@@ -314,6 +344,22 @@ def load_notify(path: Path) -> NotifyConfig:
     return config
 
 
+def load_hosts(path: Path) -> dict[str, Host]:
+    """The ``[hosts.NAME]`` tables of ``path``, by name; ``local`` is never among them."""
+    document = _read_toml(path) or {}
+    hosts, problems = parse_hosts(document.get("hosts", {}))
+    if problems:
+        raise _invalid(path, [FieldError("", f, m) for f, m in problems])
+    return hosts
+
+
+def _known_hosts(path: Path) -> set[str]:
+    try:
+        return set(host_names(load_hosts(path)))
+    except ConfigError:
+        return {LOCAL_HOST}  # load_jobs names the file's problem; no job may use its hosts
+
+
 def upsert_job(path: Path, job: Job, *, previous_name: str | None = None) -> None:
     """Add ``job``, or replace the job of the same name, keeping its place.
 
@@ -327,7 +373,7 @@ def upsert_job(path: Path, job: Job, *, previous_name: str | None = None) -> Non
         others = [j for j in jobs if j.name != replaces]
         if previous_name is not None and len(others) == len(jobs):
             raise JobNotFound(f"job {previous_name!r} not found in {path}")
-        problems = validate_job(job, existing=others)
+        problems = validate_job(job, existing=others, known_hosts=_known_hosts(path))
         if problems:
             raise _invalid(path, problems)
         names = [j.name for j in jobs]
@@ -348,10 +394,10 @@ def delete_job(path: Path, name: str) -> None:
         save_jobs(path, kept)
 
 
-def _validate_all(jobs: Sequence[Job]) -> list[FieldError]:
+def _validate_all(jobs: Sequence[Job], known_hosts: set[str]) -> list[FieldError]:
     problems: list[FieldError] = []
     for index, job in enumerate(jobs):
-        problems += validate_job(job, existing=jobs[:index])
+        problems += validate_job(job, existing=jobs[:index], known_hosts=known_hosts)
     return problems
 
 
@@ -392,6 +438,10 @@ def _job_table(job: Job) -> dict[str, Any]:
         table["restore_test_console"] = job.restore_test_console
     if job.restore_test_seconds != DEFAULT_RESTORE_TEST_SECONDS:
         table["restore_test_seconds"] = job.restore_test_seconds
+    if len(job.hosts) == 1:
+        table["host"] = job.hosts[0]
+    elif job.hosts:
+        table["hosts"] = list(job.hosts)
     hooks: dict[str, Any] = {p: list(job.hooks[p]) for p in HOOK_PHASES if p in job.hooks}
     if hooks or job.hooks.timeout != DEFAULT_HOOK_TIMEOUT:
         table["hooks"] = hooks | {"timeout": job.hooks.timeout}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from guestsafe.engine.archive.calendar_retention import RetentionPolicy
+from guestsafe.engine.jobs.hosts_config import LOCAL_HOST
 from guestsafe.engine.modes import ChainMode, IoClass, Mode, OnTimeout
 
 
@@ -136,6 +137,9 @@ class Job:
     restore_test: RestoreTestWhen = RestoreTestWhen.NEVER
     restore_test_console: str | None = None
     restore_test_seconds: int = DEFAULT_RESTORE_TEST_SECONDS
+    # The hosts whose guests this job backs up ([hosts.NAME] in jobs.toml, "local" for
+    # this machine); empty: this machine alone, as before hosts existed.
+    hosts: list[str] = field(default_factory=list)
 
 
 _Choice = TypeVar("_Choice", bound=StrEnum)
@@ -150,6 +154,11 @@ def as_choice(kind: type[_Choice], value: object) -> _Choice:
     if isinstance(value, str) and value in {member.value for member in kind}:
         return kind(value)
     return cast(_Choice, value)
+
+
+def job_hosts(job: Job) -> list[str]:
+    """The hosts ``job`` backs up guests of, ``local`` when it names none."""
+    return list(job.hosts) or [LOCAL_HOST]
 
 
 def retention_policy(job: Job) -> RetentionPolicy:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from guestsafe.engine.archive.names import libvirt_accepts
 from guestsafe.engine.errors import FieldError, JobConfigError
+from guestsafe.engine.jobs.hosts_config import check_host_name
 from guestsafe.engine.jobs.model import (
     CALENDAR_KEYS,
     CHAIN_MODES,
@@ -37,14 +38,19 @@ MIN_BWLIMIT = 1024 * 1024
 _BWLIMIT_EXAMPLE = 'like "100 MiB/s" (or 0 for no limit)'
 
 
-def validate_job(job: Job, *, existing: Sequence[Job] = ()) -> list[FieldError]:
+def validate_job(
+    job: Job, *, existing: Sequence[Job] = (), known_hosts: Collection[str] | None = None
+) -> list[FieldError]:
     """Every problem with ``job``, without looking at the live system.
 
     ``existing`` are the other jobs; a job there with the same name is a clash, so
     a form editing a job passes the list without the job being edited.
+    ``known_hosts``: the hosts jobs.toml defines (``local`` among them); a job
+    naming another is refused. None: the host names' shape alone is checked.
     """
     checks = (
         _check_name(job.name, existing),
+        _check_hosts(job.hosts, known_hosts),
         _check_guests(job.guests) if not job.all_guests else _check_all_guests(job.guests),
         _check_exclude(job.exclude, job.all_guests),
         _check_mail_to(job.mail_to),
@@ -126,6 +132,22 @@ def _check_guests(guests: object) -> tuple[str, str] | None:
     duplicates = sorted({g for g in guests if guests.count(g) > 1})
     if duplicates:
         return ("guests", f"guests lists {duplicates[0]!r} more than once")
+    return None
+
+
+def _check_hosts(hosts: object, known: Collection[str] | None) -> tuple[str, str] | None:
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        return ("hosts", 'hosts must be a list of host names, e.g. ["local", "node2"]')
+    for host in hosts:
+        wrong = check_host_name(host)
+        if wrong is not None:
+            return ("hosts", f"hosts: {wrong}")
+        if known is not None and host not in known:
+            defined = ", ".join(sorted(known))
+            return ("hosts", f"host {host!r} is not defined; add [hosts.{host}] (known: {defined})")
+    duplicates = sorted({h for h in hosts if hosts.count(h) > 1})
+    if duplicates:
+        return ("hosts", f"hosts lists {duplicates[0]!r} more than once")
     return None
 
 

@@ -15,6 +15,7 @@ from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor import tpm_state
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import TpmInfo
+from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.block_targets import check_device_target, restore_to_device
 from guestsafe.engine.restore.chain_restore import restore_chain
@@ -22,6 +23,7 @@ from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file, warn_missing_firmware
 from guestsafe.engine.restore.plan import (
     NEW,
+    MacsInUse,
     RestorePlan,
     RestoreResult,
     accept_damage,
@@ -46,8 +48,14 @@ def restore_clone(
     force: bool = False,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
+    macs_in_use: MacsInUse | None = None,
 ) -> RestoreResult:
-    """Copy the version's files to their new paths and define the clone."""
+    """Copy the version's files to their new paths and define the clone.
+
+    ``hv`` is the connection of the plan's host; ``macs_in_use`` reads the MACs of
+    every known host just before the clone is defined (default: ``hv``'s alone).
+    """
+    require_local_disks(hv, plan.new_name, "restoring its disks")
     macs = choose_macs(plan, mac_policy, mac_choices)
     new_uuid = str(uuid.uuid4())
     name = plan.new_name
@@ -86,7 +94,7 @@ def restore_clone(
                     raise RestoreError(
                         f"a guest named {name!r} was defined meanwhile; nothing defined"
                     )
-                macs = recheck_macs(plan, macs, hv.mac_owners())
+                macs = recheck_macs(plan, macs, (macs_in_use or hv.mac_owners)())
                 clone = build_clone_xml(plan, new_uuid, macs)
                 hv.define(clone.xml)
         except BaseException:

@@ -43,12 +43,14 @@ from guestsafe.engine.errors import GuestsafeError, HypervisorError, RestoreErro
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.qemu_access import grant_read, qemu_uid, revoke_read
+from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.clone import MACS_LOCK, MACS_LOCK_WAIT, recheck_macs
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.plan import (
     NEW,
+    MacsInUse,
     RestorePlan,
     RestoreResult,
     accept_damage,
@@ -80,6 +82,7 @@ def boot_clone(
     cancel: threading.Event | None = None,
     xml_filter: Callable[[str], str] | None = None,
     restore_test: bool = False,
+    macs_in_use: MacsInUse | None = None,
 ) -> RestoreResult:
     """Define and start the clone ``plan`` names, on overlays over the version's files.
 
@@ -87,6 +90,7 @@ def boot_clone(
     test cuts its network); ``restore_test`` marks the record as such a clone's.
     """
     name, version = plan.new_name, plan.version
+    require_local_disks(hv, name, "booting it on overlays over this machine's archive")
     if plan.device_targets:
         raise RestoreError(
             "boot puts every disk on an overlay file; --disk-target goes with a restore"
@@ -119,8 +123,10 @@ def boot_clone(
             )
         write_record(paths.state_dir, record)  # first: whatever follows can be undone
         try:
+            macs_now = macs_in_use or hv.mac_owners
             record, notes = _build(
-                plan, record, chains, macs, hv, paths, force, reporter, cancel, xml_filter
+                plan, record, chains, macs, hv, macs_now, paths, force, reporter, cancel,
+                xml_filter,
             )
         except BaseException:
             # The record as last written: it names the ACL entries granted meanwhile.
@@ -139,6 +145,7 @@ def _build(
     chains: dict[str, list[ChainLink]],
     macs: list[str],
     hv: Hypervisor,
+    macs_in_use: MacsInUse,
     paths: Paths,
     force: bool,
     reporter: Reporter,
@@ -162,7 +169,7 @@ def _build(
     with locks.acquire(paths.state_dir, MACS_LOCK, f"instant boot to {name}", wait=MACS_LOCK_WAIT):
         if hv.exists(name):
             raise RestoreError(f"a guest named {name!r} was defined meanwhile; nothing defined")
-        macs = recheck_macs(plan, macs, hv.mac_owners())
+        macs = recheck_macs(plan, macs, macs_in_use())
         clone = build_clone_xml(plan, record.clone_uuid, macs)
         xml = overlay_xml(clone.xml, chains)
         hv.define(xml_filter(xml) if xml_filter is not None else xml)

@@ -14,7 +14,7 @@ import os
 import random
 import stat
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -30,6 +30,10 @@ from guestsafe.engine.errors import RestoreError, VerifyError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
+from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
+
+# Every MAC in use mapped to the guests using it, read when called (cluster_macs.py).
+MacsInUse = Callable[[], Mapping[str, list[str]]]
 
 
 class MacChoice(StrEnum):
@@ -73,6 +77,8 @@ class RestorePlan:
     device_targets: dict[str, Path] = field(default_factory=dict)
     # Write onto a device target even where blkid finds a filesystem or partition table.
     overwrite_devices: bool = False
+    # The host the clone is defined on ([hosts.NAME] of jobs.toml, "local" for this one).
+    host: str = LOCAL_HOST
 
     @property
     def clashes(self) -> list[InterfacePlan]:
@@ -110,11 +116,15 @@ def plan_restore(
     *,
     target_dir: Path | None = None,
     disk_targets: Mapping[str, Path] | None = None,
+    macs_in_use: MacsInUse | None = None,
+    host: str = LOCAL_HOST,
 ) -> RestorePlan:
     """Work out every new path and MAC, touching nothing.
 
     ``disk_targets`` (target -> block device) writes those disks onto existing
     devices; the devices themselves are checked when the restore begins.
+    ``hv`` is the connection of ``host``, where the clone is defined;
+    ``macs_in_use`` reads the MACs of every known host (default: ``hv``'s alone).
     """
     version = archive.version(guest, number)
     if not new_name or new_name != new_name.strip():
@@ -149,14 +159,17 @@ def plan_restore(
     ]
     nvram = version.manifest.nvram
     nvram_plan = (nvram, _new_path(nvram, new_name, target_dir, taken_paths)) if nvram else None
-    all_macs = hv.all_macs()
+    owners = (macs_in_use or hv.mac_owners)()
+    all_macs = {mac: names[0] for mac, names in owners.items() if names}
     taken = set(all_macs)
     interfaces = [
         InterfacePlan(i, mac, all_macs.get(mac), new_mac(taken))
         for i, mac in enumerate(m.mac or "" for m in xml_interfaces)
     ]
     problem = domain_xml_problem(version, xml)
-    return RestorePlan(version, new_name, disk_plan, nvram_plan, interfaces, xml, problem, devices)
+    return RestorePlan(
+        version, new_name, disk_plan, nvram_plan, interfaces, xml, problem, devices, host=host
+    )
 
 
 def _image_dir(version: VersionInfo) -> Path:

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from guestsafe.engine.api import GuestInfo, Job, jobs_covering, uncovered_guests
+from guestsafe.engine.api import (
+    LOCAL_HOST,
+    GuestInfo,
+    Job,
+    job_hosts,
+    jobs_covering,
+    uncovered_guests,
+)
 
 NO_BACKUP = "NONE (no backup)"
 
@@ -19,8 +26,11 @@ class Coverage:
     uncovered: bool
 
 
-def coverage(jobs: Sequence[Job], guests: Sequence[GuestInfo]) -> dict[str, Coverage]:
-    """Per guest name: the jobs that back it up, or why none does."""
+def coverage(
+    jobs: Sequence[Job], guests: Sequence[GuestInfo], host: str = LOCAL_HOST
+) -> dict[str, Coverage]:
+    """Per guest name (of ``host``): the jobs that back it up, or why none does."""
+    jobs = [job for job in jobs if host in job_hosts(job)]  # another host's web1 is not this
     persistent = [g.name for g in guests if g.persistent]
     # "all" takes persistent guests only; a transient one is covered only where listed.
     covering = jobs_covering(jobs, persistent)

@@ -12,6 +12,7 @@ from typing import Any
 
 from guestsafe.engine.api import Engine, Entry, Filesystem, byte_size, escape, split_path
 
+from .host_options import HOST_HELP
 from .printing import ConsoleReporter
 
 PATH_HELP = "DEVICE:/PATH inside the version, e.g. /dev/sda1:/etc (without it: the filesystems)"
@@ -23,6 +24,7 @@ def add_parsers(sub: Any) -> None:
     files.add_argument("version", type=int)
     files.add_argument("path", nargs="?", help=PATH_HELP)
     files.add_argument("--dest", type=Path, help="archive directory")
+    files.add_argument("--host", metavar="NAME", help=HOST_HELP)
     extract = sub.add_parser("extract", help="copy files or folders out of a version")
     extract.add_argument("guest")
     extract.add_argument("version", type=int)
@@ -30,13 +32,15 @@ def add_parsers(sub: Any) -> None:
     extract.add_argument("target", type=Path, metavar="DEST", help="folder to copy it into")
     extract.add_argument("--force", action="store_true", help="replace files DEST already has")
     extract.add_argument("--dest", type=Path, help="archive directory")
+    extract.add_argument("--host", metavar="NAME", help=HOST_HELP)
 
 
 def cmd_files(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     if args.path is not None:
         split_path(args.path)  # a bad path is refused before the appliance starts
-    archive = engine.find_archive(args.guest, args.dest)
-    with engine.version_files(archive, args.guest, args.version) as files:
+    archive = engine.find_archive(args.guest, args.dest, host=args.host)
+    series = engine.series(archive, args.guest, args.host)
+    with engine.version_files(archive, series, args.version) as files:
         if args.path is None:
             _print_filesystems(files.filesystems)
         else:
@@ -64,8 +68,9 @@ def entry_line(entry: Entry) -> str:
 
 def cmd_extract(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     split_path(args.path)
-    archive = engine.find_archive(args.guest, args.dest)
-    with engine.version_files(archive, args.guest, args.version) as files:
+    archive = engine.find_archive(args.guest, args.dest, host=args.host)
+    series = engine.series(archive, args.guest, args.host)
+    with engine.version_files(archive, series, args.version) as files:
         result = files.extract(args.path, args.target, force=args.force, cancel=threading.Event())
     for name in result.skipped:
         print(f"skipped (not a file, folder or link): {escape(name)}", file=sys.stderr)

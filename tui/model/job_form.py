@@ -22,6 +22,7 @@ from guestsafe.engine.api import (
     DEFAULT_LOCK_WAIT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     HOOK_PHASES,
+    LOCAL_HOST,
     BlockDevice,
     FieldError,
     Hooks,
@@ -36,6 +37,7 @@ from guestsafe.engine.api import (
     byte_rate,
     check_job_runtime,
     check_programs,
+    job_hosts,
     parse_bwlimit,
     resolve_guests,
     validate_job,
@@ -54,6 +56,7 @@ CALENDAR_FIELDS = ("keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
 # The form's fields, top to bottom; a FieldError's ``field`` is one of these.
 FIELDS = (
     "name",
+    "hosts",
     "all_guests",
     "guests",
     "exclude",
@@ -95,6 +98,7 @@ class JobFormValues:
     """The form's fields as typed."""
 
     name: str = ""
+    hosts: str = ""  # host names of jobs.toml, comma-separated; empty: this machine
     all_guests: bool = False
     guests: str = ""
     exclude: str = ""  # name patterns, comma-separated, used only with all_guests
@@ -133,6 +137,7 @@ class JobFormValues:
     def from_job(cls, job: Job) -> JobFormValues:
         return cls(
             name=job.name,
+            hosts=", ".join(job.hosts),
             all_guests=job.all_guests,
             guests=", ".join(job.guests),
             exclude=", ".join(job.exclude),
@@ -289,6 +294,7 @@ def build_job(
         ionice=as_choice(IoClass, values.ionice),
         bwlimit=_bwlimit(values, problems, name),
         restore_test=as_choice(RestoreTestWhen, values.restore_test),
+        hosts=split_guests(values.hosts),
     )
     return (_keep_unedited(base, job) if base is not None else job), problems
 
@@ -300,6 +306,7 @@ FORM_EDITS = frozenset(
         *("mode", "shutdown_timeout", "on_timeout", "group", "verify", "fallback_to_stop"),
         *("hooks", "lock_wait", "all_guests", "exclude", "mail_to", "ionice", "bwlimit"),
         "restore_test",
+        "hosts",
     }
 )
 
@@ -319,11 +326,13 @@ def check_job(
     known_guests: Collection[str] | None,
     hooks: Hooks | None = None,
     base: Job | None = None,
+    known_hosts: Collection[str] | None = None,
 ) -> tuple[Job, list[FieldError]]:
     """The job and every problem with it, at most one per field.
 
     ``existing`` are the other jobs (not the one being edited). ``known_guests``
-    are the hypervisor's guests, or None when they could not be listed.
+    are this machine's guests, or None when they could not be listed;
+    ``known_hosts`` the hosts of jobs.toml (``local`` among them).
     """
     job, problems = build_job(values, hooks=hooks, base=base)
     seen = {problem.field for problem in problems}
@@ -334,11 +343,12 @@ def check_job(
                 seen.add(problem.field)
                 problems.append(problem)
 
-    add(validate_job(job, existing=existing))
+    add(validate_job(job, existing=existing, known_hosts=known_hosts))
     add(check_job_runtime(job))
     # A hook the runner would refuse (missing, or writable by others) is shown now.
     add([FieldError(job.name, f"hooks.{p}", m) for p, m in check_programs(job.hooks)])
-    if known_guests is not None:
+    # Another host's guests are not listed here: its run says if one is missing.
+    if known_guests is not None and job_hosts(job) == [LOCAL_HOST]:
         unknown = [guest for guest in job.guests if guest not in known_guests]
         if unknown:
             defined = ", ".join(sorted(known_guests)) or "none"

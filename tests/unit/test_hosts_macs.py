@@ -1,0 +1,143 @@
+"""Issue 16, hosts: a clone restored to one host clashes with MACs used on any other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+import pytest
+import test_restoring as restoring
+
+from guestsafe.engine.errors import RemoteDisksUnsupported, RestoreError
+from guestsafe.engine.hypervisor.cluster_macs import mac_owners_across
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
+from guestsafe.engine.restore.clone import restore_clone
+from guestsafe.engine.restore.plan import KEEP, NEW, plan_restore
+
+Setup = restoring.Setup
+FakeHypervisor = restoring.FakeHypervisor
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Setup:
+    return restoring.build(tmp_path)  # guest "web" is defined on setup.hv, host node1
+
+
+def _hosts(setup: Setup, node2: FakeHypervisor) -> list[tuple[str, Hypervisor]]:
+    return [("node1", cast(Hypervisor, setup.hv)), ("node2", cast(Hypervisor, node2))]
+
+
+def test_owners_of_other_hosts_are_named_with_their_host() -> None:
+    node1 = FakeHypervisor(guests={"web": _xml("web", "52:54:00:00:00:01")})
+    node2 = FakeHypervisor(guests={"db": _xml("db", "52:54:00:00:00:01")})
+    hosts = [("node1", cast(Hypervisor, node1)), ("node2", cast(Hypervisor, node2))]
+
+    owners = mac_owners_across("node2", hosts)
+
+    # The target host's guests first and bare, the others' with their host.
+    assert owners == {"52:54:00:00:00:01": ["db", "web on node1"]}
+    # One libvirt reached under two names is read once.
+    assert mac_owners_across("node1", [*hosts, ("again", hosts[0][1])]) == {
+        "52:54:00:00:00:01": ["web", "db on node2"]
+    }
+
+
+def test_a_clone_planned_on_node2_clashes_with_the_original_on_node1(setup: Setup) -> None:
+    node2 = FakeHypervisor()
+    plan = plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web",  # the same name is free on node2
+        cast(Hypervisor, node2),
+        target_dir=setup.root / "node2-images",
+        macs_in_use=lambda: mac_owners_across("node2", _hosts(setup, node2)),
+        host="node2",
+    )
+    assert plan.host == "node2"
+    assert [(i.mac, i.clash_with) for i in plan.interfaces] == [
+        (restoring.MAC_WEB, "web on node1"),
+        (restoring.MAC_OTHER, "web on node1"),
+    ]
+    # Without the other hosts, node2 alone sees no clash: the check must span them.
+    alone = plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web",
+        cast(Hypervisor, node2),
+        target_dir=setup.root / "alone",
+    )
+    assert not alone.clashes
+
+
+def test_the_clone_is_defined_on_the_target_host_with_macs_no_host_uses(setup: Setup) -> None:
+    node2 = FakeHypervisor()
+    macs_now = lambda: mac_owners_across("node2", _hosts(setup, node2))  # noqa: E731
+    plan = plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web-copy",
+        cast(Hypervisor, node2),
+        target_dir=setup.root / "restored",
+        macs_in_use=macs_now,
+        host="node2",
+    )
+
+    result = restore_clone(
+        plan, cast(Hypervisor, node2), setup.paths, mac_policy=NEW, macs_in_use=macs_now
+    )
+
+    assert list(node2.guests) == ["web-copy"] and list(setup.hv.guests) == ["web"]
+    info = parse_domain_xml(node2.guests["web-copy"])
+    in_use_elsewhere = set(setup.hv.mac_owners())
+    assert info.macs == result.macs and not set(info.macs) & in_use_elsewhere
+
+
+def test_a_mac_taken_on_another_host_after_planning_is_refused(setup: Setup) -> None:
+    node2 = FakeHypervisor()
+    node3 = FakeHypervisor()
+    hosts = [*_hosts(setup, node2), ("node3", cast(Hypervisor, node3))]
+    macs_now = lambda: mac_owners_across("node2", hosts)  # noqa: E731
+    plan = plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web-copy",
+        cast(Hypervisor, node2),
+        target_dir=setup.root / "restored",
+        macs_in_use=macs_now,
+        host="node2",
+    )
+    # Meanwhile a guest on node3 took the first MAC (its clash on node1 was accepted).
+    node3.guests["late"] = _xml("late", restoring.MAC_WEB)
+
+    with pytest.raises(RestoreError, match="late on node3"):
+        restore_clone(
+            plan, cast(Hypervisor, node2), setup.paths, mac_policy=KEEP, macs_in_use=macs_now
+        )
+    assert not node2.guests
+
+
+def test_restoring_onto_a_remote_connection_waits_for_the_transport(setup: Setup) -> None:
+    remote = FakeHypervisor(uri="qemu+ssh://root@node2/system")
+    plan = plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web-copy",
+        cast(Hypervisor, remote),
+        target_dir=setup.root / "restored",
+    )
+    with pytest.raises(RemoteDisksUnsupported, match="not supported yet"):
+        restore_clone(plan, cast(Hypervisor, remote), setup.paths)
+    assert not remote.guests and not (setup.root / "restored").exists()
+
+
+def _xml(name: str, mac: str) -> str:
+    return (
+        f"<domain type='kvm'><name>{name}</name><devices><interface type='network'>"
+        f"<mac address='{mac}'/><source network='default'/></interface></devices></domain>"
+    )
