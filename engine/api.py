@@ -67,8 +67,10 @@ from guestsafe.engine.errors import (
     JobConfigError,
     JobNotFound,
     NotFoundError,
+    RestoreError,
 )
 from guestsafe.engine.events import Reporter
+from guestsafe.engine.hypervisor import remote_disks
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.jobs import jobs_file as jobs
@@ -104,6 +106,7 @@ from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over
 from guestsafe.engine.restore.over_recovery import recover_restores
 from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
 from guestsafe.engine.restore.promote import promote_clone
+from guestsafe.engine.restore.volume_upload import restore_clone_remote
 from guestsafe.engine.sizes import byte_rate, byte_size
 
 __all__ = [
@@ -321,6 +324,7 @@ class Engine:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
         listed = self.guests() if guests is None else guests
         return uncovered_guests(self.jobs(), [g.name for g in listed if g.persistent])
+
     def disk_plans(self, guest: GuestInfo, job: Job | None = None) -> list[DiskPlan]:
         """Per disk of ``guest``: whether ``job`` (default: mode stop) backs it up, and how."""
         mode = job.mode if job is not None else Mode.STOP
@@ -645,7 +649,25 @@ class Engine:
         force: bool = False,
         reporter: Reporter = events.null_reporter,
         cancel: threading.Event | None = None,
+        target_pool: str | None = None,
     ) -> RestoreResult:
+        """``target_pool``: on a remote host, the storage pool the disks are uploaded into
+        (default: the pool that held each original disk)."""
+        if remote_disks.is_remote(self.hv):
+            return restore_clone_remote(
+                plan,
+                self.hv,
+                self.paths,
+                target_pool=target_pool,
+                mac_policy=mac_policy,
+                mac_choices=mac_choices,
+                start=start,
+                force=force,
+                reporter=reporter,
+                cancel=cancel,
+            )
+        if target_pool is not None:
+            raise RestoreError("--target-pool is for restores onto a remote host")
         return restore_clone(
             plan,
             self.hv,
@@ -725,6 +747,7 @@ class Engine:
     def booted_clones(self) -> list[BootRecord]:
         """The instant-boot clones neither promoted nor discarded, each naming its version."""
         return all_records(self.paths.state_dir)
+
     @contextmanager
     def version_files(self, archive: Archive, guest: str, number: int) -> Iterator[VersionFiles]:
         """Browse a version's filesystems read-only (libguestfs appliance; seconds to open)."""
