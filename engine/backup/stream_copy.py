@@ -127,7 +127,7 @@ class StreamCopy:
             conn,
             vol,
             dst,
-            length=remote.capacity,
+            length=remote.length,
             total=remote.allocation,
             progress=run.copy_progress(disk.target),
             cancel=self._cancel,

@@ -47,7 +47,7 @@ class RemoteDisk:
     disk: DiskInfo
     pool: str
     volume: str
-    capacity: int  # what the volume holds: the file's length
+    length: int  # the volume's bytes as a file (a qcow2's own length, not its virtual size)
     allocation: int  # bytes allocated on the host: what crosses the wire at most
 
 
@@ -78,14 +78,12 @@ def _volume_of(conn: libvirt.virConnect, info: GuestInfo, disk: DiskInfo) -> Rem
             "guestsafe copies whole volumes only: flatten it first "
             f"('virsh blockpull {info.name} {disk.target}' while it runs) or back it up locally"
         )
-    _kind, capacity, allocation = vol.info()
-    return RemoteDisk(
-        disk,
-        str(vol.storagePoolLookupByVolume().name()),
-        str(vol.name()),
-        int(capacity),
-        int(allocation),
-    )
+    allocation = int(vol.info()[2])
+    # info()'s capacity is what the guest sees (a qcow2's virtual size); the file's
+    # own length, which the stream carries, is the physical size.
+    length = int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
+    pool = str(vol.storagePoolLookupByVolume().name())
+    return RemoteDisk(disk, pool, str(vol.name()), length, allocation)
 
 
 def _backing_path(vol: libvirt.virStorageVol) -> str | None:
