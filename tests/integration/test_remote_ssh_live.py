@@ -6,6 +6,7 @@ libvirtd behind a test sshd on 127.0.0.1 (key authentication, host key checked).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -50,10 +51,8 @@ def pooled(libvirt_conn: libvirt.virConnect) -> Iterator[list[libvirt.virStorage
     pools: list[libvirt.virStoragePool] = []
     yield pools
     for pool in pools:
-        try:
+        with contextlib.suppress(libvirt.libvirtError):
             pool.destroy()
-        except libvirt.libvirtError:
-            pass
 
 
 def _into_pool(
@@ -230,7 +229,13 @@ def test_connection_killed_mid_stream_restarts_the_guest_and_commits_nothing(
     before = guest.console_size()
     # One second per 16 MiB received: the stream is still running when the link dies.
     proc = user.popen(
-        sys.executable, "-m", "guestsafe.tui", "--connect", host.uri, "run", "remote",
+        sys.executable,
+        "-m",
+        "guestsafe.tui",
+        "--connect",
+        host.uri,
+        "run",
+        "remote",
         env={"GUESTSAFE_FAILPOINTS": "stream.chunk=slow"},
     )
     try:
@@ -257,6 +262,6 @@ def _wait_for_partial_data(user: RemoteUser, proc: object, timeout: float = 120)
         for path in user.archive.glob("*/.partial-*/*.raw"):
             if path.stat().st_blocks * 512 >= 16 * MiB:
                 return
-        assert getattr(proc, "poll")() is None, "the run ended before the stream began"
+        assert proc.poll() is None, "the run ended before the stream began"
         time.sleep(0.1)
     raise AssertionError("the stream never began")
