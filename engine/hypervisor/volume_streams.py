@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -109,21 +110,84 @@ def receive(
     progress: Callable[[int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> None:
-    """Read the whole sparse stream into ``sink`` (``recvFlags`` stopping at holes)."""
-    while True:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("copy cancelled")
-        got = stream.recvFlags(PACKET, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
-        if got == -3:  # a hole is next in the stream
-            sink.hole(int(stream.recvHole(0)))
-        elif isinstance(got, int):
-            raise CopyError(f"the stream answered {got} to a blocking receive")
-        elif not got:
-            return  # the end of the volume
-        else:
-            sink.data(got)
-        if progress is not None:
-            progress(sink.data_bytes)
+    """Read the whole sparse stream into ``sink`` (``recvFlags`` stopping at holes).
+
+    The network and the disk overlap: this thread receives, a writer thread
+    writes and hashes, with at most ``QUEUED`` packets between them.
+    """
+    writer = _Writer(sink)
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("copy cancelled")
+            writer.check()
+            got = stream.recvFlags(PACKET, libvirt.VIR_STREAM_RECV_STOP_AT_HOLE)
+            if got == -3:  # a hole is next in the stream
+                writer.put(int(stream.recvHole(0)))
+            elif isinstance(got, int):
+                raise CopyError(f"the stream answered {got} to a blocking receive")
+            elif not got:
+                break  # the end of the volume
+            else:
+                writer.put(got)
+            if progress is not None:
+                progress(writer.received)
+    finally:
+        writer.close()
+
+
+# Packets received and not yet written: memory stays at QUEUED x PACKET.
+QUEUED = 8
+
+
+class _Writer:
+    """The sink's writes and hashing, on their own thread, fed through a bounded queue."""
+
+    def __init__(self, sink: SparseSink) -> None:
+        self.sink = sink
+        self.received = 0  # data bytes handed over
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[bytes | int | None] = queue.Queue(QUEUED)
+        self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, item: bytes | int) -> None:
+        if isinstance(item, bytes):
+            self.received += len(item)
+        while True:
+            self.check()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                if isinstance(item, int):
+                    self.sink.hole(item)
+                else:
+                    self.sink.data(item)
+        except BaseException as exc:
+            self.error = exc
+            while self._queue.get() is not None:  # drain, so close() never blocks
+                pass
+
+    def close(self) -> None:
+        """Wait until everything queued is written; raise what the writer raised."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        self.check()
 
 
 def download_volume(
