@@ -256,6 +256,53 @@ def test_connection_killed_mid_stream_restarts_the_guest_and_commits_nothing(
     assert "streaming volume" in err + out
 
 
+def test_a_host_gone_for_good_leaves_the_restart_to_recover(
+    pooled: list[libvirt.virStoragePool],
+    remote: tuple[SshHost, RemoteUser],
+    guest_factory: GuestFactory,
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    """sshd itself stops mid-stream and stays away past the reconnect wait: the run
+    fails, the journal keeps the guest, and recover starts it once the host is back."""
+    host, user = remote
+    guest = _guest(guest_factory, "remgone", 96)
+    _into_pool(libvirt_conn, guest, pooled)
+    guest.start()
+    _save_job(user, guest)
+    proc = user.popen(
+        sys.executable,
+        "-m",
+        "guestsafe.tui",
+        "--connect",
+        host.uri,
+        "run",
+        "remote",
+        env={"GUESTSAFE_FAILPOINTS": "stream.chunk=slow"},
+    )
+    try:
+        _wait_for_partial_data(user, proc)
+        host.stop()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if host.proc.poll() is not None:
+            host.restart()
+
+    assert proc.returncode != 0
+    assert "still unreachable" in err + out
+    assert guest.state() == libvirt.VIR_DOMAIN_SHUTOFF  # nobody could start it
+    assert list((user.gs_home / "state" / "journal").iterdir()), "no journal entry was left"
+    assert _versions(user) == []
+
+    recover = user.guestsafe(host.uri, "recover")
+
+    assert recover.returncode == 0, recover.stderr
+    guest.wait_until_state(libvirt.VIR_DOMAIN_RUNNING, timeout=60)
+    assert list(user.archive.glob("*/.partial-*")) == []
+
+
 def _wait_for_partial_data(user: RemoteUser, proc: object, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

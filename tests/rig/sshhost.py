@@ -107,6 +107,11 @@ class SshHost:
         self.killed += pids
         return pids
 
+    def restart(self) -> None:
+        """sshd again on the same port and keys, after ``stop`` (the host is back)."""
+        self.proc = _launch(self.directory / "sshd_config", self.log)
+        _wait_listening(self.port, self.proc, self.log)
+
     def stop(self) -> None:
         self.kill_sessions()
         self.proc.terminate()
@@ -218,15 +223,19 @@ def start_sshd(workdir: Path, user: RemoteUser) -> SshHost:
     known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
     os.chown(known, user.uid, user.gid)
     log = directory / "sshd.log"
-    proc = subprocess.Popen(
-        [SSHD, "-D", "-f", str(config), "-E", str(log)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _launch(config, log)
     _wait_listening(port, proc, log)
     query = f"keyfile={quote(str(key))}&known_hosts={quote(str(known))}&no_tty=1"
     uri = f"qemu+ssh://root@127.0.0.1:{port}/system?{query}"
     return SshHost(port, uri, proc, directory, log)
+
+
+def _launch(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [SSHD, "-D", "-f", str(config), "-E", str(log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
