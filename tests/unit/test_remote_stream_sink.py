@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import blake3
 import libvirt
 import pytest
 
+from guestsafe.engine.backup import stream_copy
+from guestsafe.engine.backup.guest_run import GuestRun
+from guestsafe.engine.backup.stream_copy import StreamCopy
 from guestsafe.engine.copier import copy_file
-from guestsafe.engine.errors import Cancelled, CopyError, PreflightError
+from guestsafe.engine.errors import Cancelled, CopyError, HypervisorError, PreflightError
 from guestsafe.engine.hypervisor import volume_streams
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo, GuestState
 from guestsafe.engine.hypervisor.remote_disks import (
@@ -25,6 +29,7 @@ from guestsafe.engine.hypervisor.volume_streams import (
     receive,
     upload_volume,
 )
+from guestsafe.engine.modes import Mode
 
 MiB = 1024 * 1024
 
@@ -217,8 +222,6 @@ def test_a_stream_that_ends_short_is_refused(source: Path, tmp_path: Path) -> No
 
 
 def test_a_cancel_stops_the_stream(source: Path, tmp_path: Path) -> None:
-    import threading
-
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
@@ -353,3 +356,48 @@ def test_a_disk_in_a_stopped_pool_says_start_it() -> None:
     info = _guest()
     with pytest.raises(PreflightError, match="virsh pool-start default"):
         remote_disks(PoolConn(), info, [disk])  # type: ignore[arg-type]
+
+
+class FlakyHv:
+    """A remote host that answers again after ``down`` failed calls."""
+
+    uri = "qemu+ssh://root@node2/system"
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.calls = 0
+
+    def state(self, name: str) -> str:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise HypervisorError("cannot connect to qemu+ssh://root@node2/system")
+        return "shutoff"
+
+
+def _stream_copy(hv: FlakyHv) -> tuple[StreamCopy, list[str]]:
+    said: list[str] = []
+    run = GuestRun("web1", Mode.STOP, threading.Event(), say=lambda _lvl, text: said.append(text))
+    run.was_state = "running"
+    return StreamCopy(run, hv, None, []), said  # type: ignore[arg-type]
+
+
+def test_settle_waits_for_the_connection_to_come_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream_copy, "RECONNECT_PAUSE", 0.0)
+    hv = FlakyHv(down=3)
+    copy, said = _stream_copy(hv)
+
+    copy.settle()
+
+    assert hv.calls == 4
+    assert any("waiting for it" in line for line in said)
+    assert not any("still unreachable" in line for line in said)
+
+
+def test_settle_gives_up_after_the_reconnect_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream_copy, "RECONNECT_PAUSE", 0.0)
+    monkeypatch.setattr(stream_copy, "RECONNECT_WAIT", 0.05)
+    copy, said = _stream_copy(FlakyHv(down=10**9))
+
+    copy.settle()  # returns: the runner's restart then fails and the journal keeps it
+
+    assert any("still unreachable" in line for line in said)
