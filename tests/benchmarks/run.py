@@ -760,11 +760,16 @@ def bench_remote(bench: Bench) -> None:
            f"<target><path>{pool_dir}</path></target></pool>")
     pool = conn.storagePoolCreateXML(xml, 0)
     local_out, remote_out = bench.scratch / "local-copy.raw", out_dir / "remote-copy.raw"
+    virsh_out = out_dir / "virsh-copy.raw"
     child = [sys.executable, str(CHILD), "--wait"]
     contenders = [
         ours("local", "copy", str(src), str(local_out), output=local_out),
         Contender("remote", user.argv(*child, "download", host.uri, str(src), str(remote_out)),
                   remote_out, primed=True),
+        # libvirt's own client over the same path: the transport's ceiling (its time
+        # includes the SSH handshake, which the primed remote run has done before).
+        Contender("virsh", user.argv("virsh", "-c", host.uri, "vol-download", "--sparse",
+                                     str(src), str(virsh_out)), virsh_out, sync_output=True),
     ]
     try:
         runs = race(bench, contenders)
@@ -777,7 +782,9 @@ def bench_remote(bench: Bench) -> None:
     data = int(local["data_bytes"])
     bench.record("remote", "guestsafe copy_file raw, local", runs["local"], data)
     bench.record("remote", "sparse volume stream over qemu+ssh://127.0.0.1", runs["remote"], data)
+    bench.record("remote", "virsh vol-download --sparse, same path + sync", runs["virsh"], data)
     set_ratio(bench, "remote_copy_vs_local_ratio", runs["local"], runs["remote"])
+    set_ratio(bench, "remote_copy_vs_virsh_ratio", runs["virsh"], runs["remote"])
     bench.figures.update(
         remote_copy_seconds=round(runs["remote"].seconds, 3),
         remote_local_copy_seconds=round(runs["local"].seconds, 3),
