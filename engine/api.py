@@ -42,6 +42,7 @@ from guestsafe.engine.backup import recovery, results, runner
 from guestsafe.engine.backup.disk_plan import DiskPlan, PlanOptions, plan_disks, plan_options
 from guestsafe.engine.backup.hooks import check_programs
 from guestsafe.engine.backup.prune import GuestPrune, prune_job
+from guestsafe.engine.backup.remote_plan import plan_remote_disks
 from guestsafe.engine.backup.results import LastResult, RunResult
 from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
 
@@ -330,6 +331,8 @@ class Engine:
         mode = job.mode if job is not None else Mode.STOP
         include_readonly = job.include_readonly if job is not None else False
         chain = job.chain if job is not None else ChainMode.FLATTEN
+        if remote_disks.is_remote(self.hv):
+            return plan_remote_disks(self.hv.connection, guest, mode, include_readonly)
         try:
             options = plan_options(self.hv, guest, mode, include_readonly, chain)
         except GuestsafeError:

@@ -55,10 +55,10 @@ def remote_disks(
     conn: libvirt.virConnect, info: GuestInfo, disks: list[DiskInfo]
 ) -> list[RemoteDisk]:
     """Each disk's volume, or a PreflightError for the first one no pool holds."""
-    return [_volume_of(conn, info, disk) for disk in disks]
+    return [volume_of(conn, info, disk) for disk in disks]
 
 
-def _volume_of(conn: libvirt.virConnect, info: GuestInfo, disk: DiskInfo) -> RemoteDisk:
+def volume_of(conn: libvirt.virConnect, info: GuestInfo, disk: DiskInfo) -> RemoteDisk:
     where = f"guest {info.name!r} on {conn.getURI()}: disk {disk.target}"
     if disk.kind not in ("file", "block") or not disk.source:
         raise PreflightError(

@@ -142,6 +142,9 @@ def test_remote_backup_verified_and_clone_restored_by_upload(
     assert not user.can_read(vdb), "the test user must not reach the disk files"
     source_b3 = _b3(vdb)
     _save_job(user, original)
+    listing = user.guestsafe(host.uri, "guests")
+    assert listing.returncode == 0, listing.stderr
+    assert f"stream volume {pooled[0].name()}/{vdb.name} (raw)" in listing.stdout
     before = original.console_size()
 
     run = user.guestsafe(host.uri, "run", "remote")
@@ -189,7 +192,9 @@ def test_remote_disk_outside_any_pool_is_refused_before_the_stop(
     run = user.guestsafe(host.uri, "run", "remote")
 
     assert run.returncode != 0
-    assert f"define a dir pool for {guest.disks['vda'].path.parent}" in run.stderr + run.stdout
+    advice = f"define a dir pool for {guest.disks['vda'].path.parent}"
+    assert advice in run.stderr + run.stdout
+    assert advice in user.guestsafe(host.uri, "guests").stdout
     assert guest.is_running() and "GS-POWEROFF" not in guest.console_text(before)
     assert _versions(user) == []
 
