@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import blake3
@@ -13,6 +14,7 @@ import pytest
 
 from guestsafe.engine.backup import stream_copy
 from guestsafe.engine.backup.guest_run import GuestRun
+from guestsafe.engine.backup.remote_plan import plan_remote_disks
 from guestsafe.engine.backup.stream_copy import StreamCopy
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, HypervisorError, PreflightError
@@ -401,3 +403,18 @@ def test_settle_gives_up_after_the_reconnect_wait(monkeypatch: pytest.MonkeyPatc
     copy.settle()  # returns: the runner's restart then fails and the journal keeps it
 
     assert any("still unreachable" in line for line in said)
+
+
+def test_the_remote_plan_refuses_what_preflight_refuses() -> None:
+    info = _guest()
+    cdrom = DiskInfo("sda", "/srv/iso/x.iso", "file", "cdrom", "raw", True, False)
+    info = replace(info, disks=[*info.disks, cdrom], nvram="/var/lib/libvirt/qemu/nvram/w.fd")
+    conn = PoolConn()
+
+    plans = {p.target: p for p in plan_remote_disks(conn, info, Mode.STOP, False)}  # type: ignore[arg-type]
+
+    assert plans["vda"].refused and "define a dir pool for /srv/vms" in (plans["vda"].reason or "")
+    assert plans["sda"].action == "record"
+    assert plans["nvram"].refused and "NVRAM" in (plans["nvram"].reason or "")
+    short = plan_remote_disks(conn, info, Mode.STOP_SHORT, False)  # type: ignore[arg-type]
+    assert "mode stop-short has QEMU write" in (short[0].reason or "")
