@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -143,9 +144,10 @@ def _pool_for(
 def _pool_of_path(conn: libvirt.virConnect, path: str) -> str | None:
     with contextlib.suppress(libvirt.libvirtError):
         return str(conn.storageVolLookupByPath(path).storagePoolLookupByVolume().name())
-    folder = os.path.dirname(path)
+    folder = os.path.dirname(path).rstrip("/")
     for pool in conn.listAllStoragePools(0):
-        if f"<path>{escape(folder)}</path>" in pool.XMLDesc(0):
+        target = ET.fromstring(pool.XMLDesc(0)).findtext("./target/path") or ""
+        if target.strip().rstrip("/") == folder:
             return str(pool.name())
     return None
 
