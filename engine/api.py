@@ -683,6 +683,15 @@ class Engine:
             cancel=cancel,
         )
 
+    def _local_only(self, what: str) -> None:
+        """Refuse what writes or reads files beside the guest on a remote host."""
+        if remote_disks.is_remote(self.hv):
+            raise RestoreError(
+                f"{what} works on the local host only: on {self.hv.uri} guestsafe reaches "
+                "disks through storage pools; restore as a new guest there instead (its "
+                "disks are uploaded into a pool)"
+            )
+
     def restore_over(
         self,
         archive: Archive,
@@ -696,6 +705,7 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> RestoreResult:
         """Restore over the original; ``confirm`` is asked after every check, before any write."""
+        self._local_only("restoring over the original")
         return restore_over_original(
             archive,
             guest,
@@ -722,6 +732,7 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> RestoreResult:
         """Define and start ``plan``'s clone on overlays backed by the version's files."""
+        self._local_only("instant boot")
         return boot_clone(
             plan,
             self.hv,
