@@ -10,8 +10,8 @@ Upload (a version restored into a volume on a remote host): the archive file's
 data extents are sent as data and its holes with ``sendHole``, hashed the same
 way, and the digest must match the manifest before the guest is defined.
 
-Memory stays at one packet (``PACKET``) plus the page cache the copier's own
-throttle allows (two ``FLUSH`` ranges), whatever the volume's size.
+Memory stays at ``QUEUED`` packets plus the page cache the copier's own throttle
+allows (two ``FLUSH`` ranges), whatever the volume's size.
 """
 
 from __future__ import annotations
@@ -136,8 +136,10 @@ def receive(
         writer.close()
 
 
-# Packets received and not yet written: memory stays at QUEUED x PACKET.
-QUEUED = 8
+# Packets received and not yet written (libvirt sends 256 KiB ones): about one FLUSH
+# range, so the writer's wait for writeback does not stall the network. Memory stays
+# at QUEUED packets whatever the volume's size.
+QUEUED = 64
 
 
 class _Writer:
