@@ -741,7 +741,12 @@ def bench_remote(bench: Bench) -> None:
     """
     import libvirt
     from rig import unique_name
-    from rig.sshhost import make_remote_user, start_sshd
+    from rig.errors import RigError
+    from rig.sshhost import SSHD, make_remote_user, start_sshd
+
+    if not Path(SSHD).exists():
+        bench.figures["remote_section_skipped"] = f"{SSHD} is missing (openssh-server)"
+        return
 
     work = bench.scratch / "remote"
     work.mkdir(mode=0o755)
@@ -754,7 +759,11 @@ def bench_remote(bench: Bench) -> None:
     out_dir = work / "out"
     out_dir.mkdir(mode=0o700)
     os.chown(out_dir, user.uid, user.gid)
-    host = start_sshd(work, user)
+    try:
+        host = start_sshd(work, user)
+    except RigError as exc:
+        bench.figures["remote_section_skipped"] = str(exc)
+        return
     conn = libvirt.open("qemu:///system")
     xml = (f"<pool type='dir'><name>{unique_name('benchpool')}</name>"
            f"<target><path>{pool_dir}</path></target></pool>")
