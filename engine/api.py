@@ -51,6 +51,7 @@ from guestsafe.engine.backup import recovery, results, runner
 from guestsafe.engine.backup.disk_plan import DiskPlan, PlanOptions, plan_disks, plan_options
 from guestsafe.engine.backup.hooks import check_programs
 from guestsafe.engine.backup.prune import GuestPrune, prune_job
+from guestsafe.engine.backup.remote_plan import plan_remote_disks
 from guestsafe.engine.backup.results import LastResult, RunResult
 from guestsafe.engine.backup.runlog import ParsedLine, Record, RunLog, escape, parse_line, record_of
 
@@ -77,8 +78,10 @@ from guestsafe.engine.errors import (
     JobConfigError,
     JobNotFound,
     NotFoundError,
+    RestoreError,
 )
 from guestsafe.engine.events import Reporter
+from guestsafe.engine.hypervisor import remote_disks
 from guestsafe.engine.hypervisor.cluster_macs import mac_owners_across
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
@@ -141,6 +144,7 @@ from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over
 from guestsafe.engine.restore.over_recovery import recover_restores
 from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
 from guestsafe.engine.restore.promote import promote_clone
+from guestsafe.engine.restore.volume_upload import restore_clone_remote
 from guestsafe.engine.sizes import byte_rate, byte_size
 
 __all__ = [
@@ -460,6 +464,8 @@ class Engine:
         mode = job.mode if job is not None else Mode.STOP
         include_readonly = job.include_readonly if job is not None else False
         chain = job.chain if job is not None else ChainMode.FLATTEN
+        if remote_disks.is_remote(self.hv):
+            return plan_remote_disks(self.hv.connection, guest, mode, include_readonly)
         try:
             options = plan_options(self.hv_for(host), guest, mode, include_readonly, chain)
         except GuestsafeError:
@@ -815,10 +821,29 @@ class Engine:
         force: bool = False,
         reporter: Reporter = events.null_reporter,
         cancel: threading.Event | None = None,
+        target_pool: str | None = None,
     ) -> RestoreResult:
+        """``target_pool``: on a remote host, the storage pool the disks are uploaded into
+        (default: the pool that held each original disk)."""
+        target_hv = self.hv_for(plan.host)
+        if remote_disks.is_remote(target_hv):
+            return restore_clone_remote(
+                plan,
+                target_hv,
+                self.paths,
+                target_pool=target_pool,
+                mac_policy=mac_policy,
+                mac_choices=mac_choices,
+                start=start,
+                force=force,
+                reporter=reporter,
+                cancel=cancel,
+            )
+        if target_pool is not None:
+            raise RestoreError("--target-pool is for restores onto a remote host")
         return restore_clone(
             plan,
-            self.hv_for(plan.host),
+            target_hv,
             self.paths,
             mac_policy=mac_policy,
             mac_choices=mac_choices,
@@ -828,6 +853,15 @@ class Engine:
             cancel=cancel,
             macs_in_use=self._macs_in_use(plan.host),
         )
+
+    def _local_only(self, what: str) -> None:
+        """Refuse what writes or reads files beside the guest on a remote host."""
+        if remote_disks.is_remote(self.hv):
+            raise RestoreError(
+                f"{what} works on the local host only: on {self.hv.uri} guestsafe reaches "
+                "disks through storage pools; restore as a new guest there instead (its "
+                "disks are uploaded into a pool)"
+            )
 
     def restore_over(
         self,
@@ -845,6 +879,7 @@ class Engine:
 
         ``guest`` is the version's series: a guest of another host goes back there.
         """
+        self._local_only("restoring over the original")
         host, name = split_series(guest)
         if host != LOCAL_HOST:
             require_local_disks(self.hv_for(host), name, "restoring over it")
@@ -878,6 +913,7 @@ class Engine:
         cancel: threading.Event | None = None,
     ) -> RestoreResult:
         """Define and start ``plan``'s clone on overlays backed by the version's files."""
+        self._local_only("instant boot")
         return boot_clone(
             plan,
             self.hv_for(plan.host),

@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--start", action="store_true", help="start the restored guest")
     restore.add_argument("--target-dir", type=Path, help="where the disk files go")
     restore.add_argument(
+        "--target-pool",
+        metavar="POOL",
+        help="on a remote host (--connect qemu+ssh://...): the storage pool the disks are "
+        "uploaded into (default: the pool that held each original disk)",
+    )
+    restore.add_argument(
         "--disk-target",
         action="append",
         default=[],
@@ -576,7 +582,12 @@ def _restore_from(
     )
     _say_clashes(plan.clashes, args.mac)
     result = engine.restore(
-        plan, mac_policy=args.mac, start=args.start, force=args.force, reporter=reporter
+        plan,
+        mac_policy=args.mac,
+        start=args.start,
+        force=args.force,
+        reporter=reporter,
+        target_pool=args.target_pool,
     )
     print(
         f"restored {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})"

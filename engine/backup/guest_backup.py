@@ -31,6 +31,7 @@ from guestsafe.engine.backup.guest_run import GuestRun, now_iso
 from guestsafe.engine.backup.journal import JournalEntry, config_digest, newest_mtime_ns
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.backup.push_copy import choose_push
+from guestsafe.engine.backup.stream_copy import remote_strategy
 from guestsafe.engine.devices.preflight import space_needed_in
 from guestsafe.engine.errors import (
     Cancelled,
@@ -44,10 +45,9 @@ from guestsafe.engine.errors import (
     naming,
 )
 from guestsafe.engine.events import GuestDowntime, GuestOutcome, LogLine, PhaseChanged, Progress
-from guestsafe.engine.hypervisor import disk_files, volumes
+from guestsafe.engine.hypervisor import disk_files, remote_disks, volumes
 from guestsafe.engine.hypervisor.domain_xml import PAUSED, RUNNING, SHUTOFF
 from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
-from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.jobs.model import retention_policy
 from guestsafe.engine.modes import Mode
 from guestsafe.engine.sizes import SPACE_MARGIN, byte_size
@@ -117,22 +117,17 @@ class GuestBackup:
                 f"guest {run.name!r} is {run.was_state}; guestsafe backs up running or "
                 "shut-off guests only (resume or stop it first)"
             )
-        require_local_disks(hv, run.name, "backing up its disks")
-        volumes.check_volumes(run.info)
-        cold = job.mode == Mode.STOP or run.was_state != RUNNING
-        volumes.check_network_disks(run.info, cold=cold)
-        with naming(f"reading the disk files of guest {run.name!r}", None):
-            # Network disks are QEMU's to read (push backups); checked just above.
-            files = [d for d in run.info.disks if d.kind != "network"]
-            disk_files.check_backup_disks(replace(run.info, disks=files))
-        self.strategy = self._choose_strategy()
-        with naming(f"checking the disks of guest {run.name!r}", None):
-            options = plan_options(hv, run.info, run.mode, job.include_readonly, job.chain)
-            refuse_before_stop(run.info, options)
         run.include_readonly = job.include_readonly
+        if remote_disks.is_remote(hv):
+            # Its disk files are another machine's: streamed from its storage pools.
+            assert self.ctx.archive is not None
+            self.strategy = remote_strategy(run, hv, self.ctx.archive)
+        else:
+            self._check_local_disks()
         transient_xml = self._keep_transient() if not run.info.persistent else None
         with naming(f"measuring the disk files of guest {run.name!r}", None):
-            sparse_need = self.strategy.space_needed(run.info) + _media_bytes(run)
+            media = 0 if remote_disks.is_remote(hv) else _media_bytes(run)  # remote: in the plan
+            sparse_need = self._copier().space_needed(run.info) + media
         with naming("reading the filesystem of", job.destination):
             # FAT and exFAT keep no holes: a sparse disk takes its full size there.
             needed = space_needed_in(job.destination, run.info, sparse_need) + SPACE_MARGIN
@@ -148,6 +143,22 @@ class GuestBackup:
         self.entry.transient_xml = transient_xml
         with naming("writing the journal in", self.ctx.journal.dir):
             self.ctx.journal.write(self.entry)
+
+    def _check_local_disks(self) -> None:
+        """Refuse what a copy of local files cannot save, and choose how to copy."""
+        run, hv, job = self.run, self.ctx.hv, self.ctx.job
+        assert run.info is not None
+        volumes.check_volumes(run.info)
+        cold = job.mode == Mode.STOP or run.was_state != RUNNING
+        volumes.check_network_disks(run.info, cold=cold)
+        with naming(f"reading the disk files of guest {run.name!r}", None):
+            # Network disks are QEMU's to read (push backups); checked just above.
+            files = [d for d in run.info.disks if d.kind != "network"]
+            disk_files.check_backup_disks(replace(run.info, disks=files))
+        self.strategy = self._choose_strategy()
+        with naming(f"checking the disks of guest {run.name!r}", None):
+            options = plan_options(hv, run.info, run.mode, job.include_readonly, job.chain)
+            refuse_before_stop(run.info, options)
 
     def _keep_transient(self) -> str:
         """A transient guest vanishes when it stops: keep its XML to create it again."""
@@ -226,7 +237,9 @@ class GuestBackup:
             return
         self.entry.off_at = time.time()
         disks = [d.source for d in self.run.info.disks if d.backs_up and d.source]
-        self.entry.disks_mtime_ns = newest_mtime_ns(disks)
+        # A remote guest's paths are another machine's: a local file there is no witness.
+        remote = remote_disks.is_remote(self.ctx.hv)
+        self.entry.disks_mtime_ns = None if remote else newest_mtime_ns(disks)
         with naming("writing the journal in", self.ctx.journal.dir):
             self.ctx.journal.write(self.entry)
 

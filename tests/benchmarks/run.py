@@ -864,9 +864,85 @@ def bytes_read(result: Any) -> int:
 
 
 BWLIMIT = 50 * MiB
+# --------------------------------------------------------------------------- remote
+
+
+def bench_remote(bench: Bench) -> None:
+    """The copy source streamed over qemu+ssh:// to 127.0.0.1 against the local copier.
+
+    The remote side is this machine's libvirtd behind a test sshd, the disk a volume
+    of a dir pool; the stream is read as an unprivileged user, as in the tests.
+    ``remote_copy_vs_local_ratio`` is local seconds over remote seconds: 1 means
+    as fast as a local copy, 0.5 means twice as long.
+    """
+    import libvirt
+    from rig import unique_name
+    from rig.errors import RigError
+    from rig.sshhost import SSHD, make_remote_user, start_sshd
+
+    if not Path(SSHD).exists():
+        bench.figures["remote_section_skipped"] = f"{SSHD} is missing (openssh-server)"
+        return
+
+    work = bench.scratch / "remote"
+    work.mkdir(mode=0o755)
+    pool_dir = work / "pool"
+    pool_dir.mkdir(mode=0o755)
+    src = pool_dir / "disk.raw"
+    os.link(bench.files["raw"], src)  # the same file the copy section copies
+    user = make_remote_user(work)
+    subprocess.run(["setfacl", "-m", f"u:{user.name}:x", str(bench.scratch)], check=True)
+    out_dir = work / "out"
+    out_dir.mkdir(mode=0o700)
+    os.chown(out_dir, user.uid, user.gid)
+    try:
+        host = start_sshd(work, user)
+    except RigError as exc:
+        bench.figures["remote_section_skipped"] = str(exc)
+        return
+    conn = libvirt.open("qemu:///system")
+    xml = (f"<pool type='dir'><name>{unique_name('benchpool')}</name>"
+           f"<target><path>{pool_dir}</path></target></pool>")
+    pool = conn.storagePoolCreateXML(xml, 0)
+    local_out, remote_out = bench.scratch / "local-copy.raw", out_dir / "remote-copy.raw"
+    virsh_out = out_dir / "virsh-copy.raw"
+    child = [sys.executable, str(CHILD), "--wait"]
+    contenders = [
+        ours("local", "copy", str(src), str(local_out), output=local_out),
+        Contender("remote", user.argv(*child, "download", host.uri, str(src), str(remote_out)),
+                  remote_out, primed=True),
+        # libvirt's own client over the same path: the transport's ceiling (its time
+        # includes the SSH handshake, which the primed remote run has done before).
+        Contender("virsh", user.argv("virsh", "-c", host.uri, "vol-download", "--sparse",
+                                     str(src), str(virsh_out)), virsh_out, sync_output=True),
+    ]
+    try:
+        runs = race(bench, contenders)
+    finally:
+        pool.destroy()
+        conn.close()
+        host.stop()
+    local, remote = json.loads(runs["local"].stdout), json.loads(runs["remote"].stdout)
+    assert local["blake3"] == remote["blake3"], "the stream's digest differs from the copy's"
+    data = int(local["data_bytes"])
+    bench.record("remote", "guestsafe copy_file raw, local", runs["local"], data)
+    bench.record("remote", "sparse volume stream over qemu+ssh://127.0.0.1", runs["remote"], data)
+    bench.record("remote", "virsh vol-download --sparse, same path + sync", runs["virsh"], data)
+    set_ratio(bench, "remote_copy_vs_local_ratio", runs["local"], runs["remote"])
+    set_ratio(bench, "remote_copy_vs_virsh_ratio", runs["virsh"], runs["remote"])
+    bench.figures.update(
+        remote_copy_seconds=round(runs["remote"].seconds, 3),
+        remote_local_copy_seconds=round(runs["local"].seconds, 3),
+        remote_copy_data_mb_s=round(data / runs["remote"].seconds / 1e6, 1),
+        remote_copy_peak_rss_bytes=runs["remote"].peak_rss,
+        remote_copy_allocated_bytes=allocated(remote_out),
+    )
+
+
 SECTIONS: list[Callable[[Bench], None]] = [
     bench_copy, bench_verify, bench_bwlimit, bench_downtime, bench_restore, bench_instant_boot,
     bench_incremental,
+    bench_remote,
 ]
 
 

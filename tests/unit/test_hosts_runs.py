@@ -194,18 +194,6 @@ class _Listed:
         return name in self.names
 
 
-def test_a_guest_on_a_remote_connection_is_refused_before_it_stops(rig: phases.Rig) -> None:
-    node2, opener = _node2(rig, uri=NODE2_URI)
-    _add(rig, node2, "db1")
-    job = rig.job(["db1"], hosts=["node2"])
-
-    result = runner.run_job(job, rig._hv(), rig.paths, rig.report, hosts=_registry(rig, opener))
-
-    (outcome,) = result.outcomes
-    assert not outcome.ok and "remote disks are not supported yet" in outcome.message
-    assert rig.calls() == [] and node2.guests["db1"].state == "running"
-
-
 @pytest.mark.parametrize(
     ("uri", "remote"),
     [
