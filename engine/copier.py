@@ -92,12 +92,44 @@ class Pacer(Protocol):
         """Called by a writer after each batch; may wait, and returns once ``stop`` is set."""
 
 
+# The chunk of a version's chunk table (FORMAT.md, "Chunk tables"): reflinks share
+# whole chunks, and 4 MiB keeps a 2 TiB disk's table at 512 Ki entries.
+TABLE_CHUNK = 4 * MiB
+# The entry of a chunk that reads as zeros (a hole); no BLAKE3 digest is all zeros.
+HOLE = bytes(32)
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """BLAKE3 of every ``chunk_size`` piece of a file, in order; ``HOLE`` for zeros.
+
+    32 bytes a chunk (16 MiB for a 2 TiB disk): kept in RAM while the copy runs.
+    """
+
+    size: int
+    chunk_size: int
+    entries: bytes
+
+    def __len__(self) -> int:
+        return len(self.entries) // 32
+
+    def entry(self, index: int) -> bytes:
+        return self.entries[index * 32 : (index + 1) * 32]
+
+
 @dataclass(frozen=True)
 class CopyResult:
     size: int
     data_bytes: int
     blake3: str
     cloned: bool
+    chunks: ChunkTable | None = None
+
+
+@dataclass(frozen=True)
+class HashResult:
+    blake3: str
+    chunks: ChunkTable
 
 
 # --------------------------------------------------------------------------- helpers
@@ -156,6 +188,71 @@ def _hash_zeros(hasher: blake3.blake3, count: int) -> None:
         step = min(count, CHUNK)
         hasher.update(view[:step])
         count -= step
+
+
+_zero_digests: dict[int, bytes] = {}
+
+
+def zero_digest(length: int) -> bytes:
+    """BLAKE3 of ``length`` zero bytes (cached: a table has at most two lengths)."""
+    digest = _zero_digests.get(length)
+    if digest is None:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        _hash_zeros(hasher, length)
+        digest = _zero_digests[length] = hasher.digest()
+    return digest
+
+
+class _ChunkHasher:
+    """Cuts the hasher's stream (data, and zeros for holes) into table chunks.
+
+    A chunk the stream only ever fed zeros to is not hashed at all: it is a hole.
+    Zeros at the head of a chunk wait until data arrives, then are hashed first.
+    """
+
+    def __init__(self, size: int, chunk_size: int = TABLE_CHUNK) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.entries = bytearray()
+        self.filled = 0  # bytes of the current chunk fed so far
+        self.hasher: blake3.blake3 | None = None  # None: only zeros in this chunk so far
+
+    def zeros(self, count: int) -> None:
+        while count > 0:
+            step = min(count, self.chunk_size - self.filled)
+            if self.hasher is not None:
+                _hash_zeros(self.hasher, step)
+            self._advance(step)
+            count -= step
+
+    def data(self, view: memoryview) -> None:
+        while len(view):
+            step = min(len(view), self.chunk_size - self.filled)
+            if self.hasher is None:
+                self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                _hash_zeros(self.hasher, self.filled)
+            self.hasher.update(view[:step])
+            self._advance(step)
+            view = view[step:]
+
+    def _advance(self, step: int) -> None:
+        self.filled += step
+        done = len(self.entries) // 32 * self.chunk_size + self.filled
+        if self.filled == self.chunk_size or done == self.size:
+            self._close_chunk()
+
+    def _close_chunk(self) -> None:
+        if self.hasher is None:
+            self.entries += HOLE
+        else:
+            digest = self.hasher.digest()
+            # Zeros written as data (a preallocated disk) read as a hole does.
+            self.entries += HOLE if digest == zero_digest(self.filled) else digest
+        self.filled = 0
+        self.hasher = None
+
+    def table(self) -> ChunkTable:
+        return ChunkTable(self.size, self.chunk_size, bytes(self.entries))
 
 
 def _raw_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -500,6 +597,8 @@ class _Pipeline:
         self.error: BaseException | None = None
         self.error_side = ""
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        # Fed the same bytes as ``hasher``: the chunk table costs no extra read.
+        self.chunker = _ChunkHasher(src.size)
         self.done = 0
 
     # -- coordination
@@ -636,12 +735,16 @@ class _Pipeline:
                 turn += 1
         if not self.abort.is_set():
             _hash_zeros(self.hasher, self.src.size - pos)
+            self.chunker.zeros(self.src.size - pos)
 
     def _hash_batch(self, batch: _Batch, pos: int) -> int:
         view = self.views[batch.buf]
         for span in batch.spans:
             _hash_zeros(self.hasher, span.offset - pos)
-            self.hasher.update(view[span.start : span.start + span.length])
+            self.chunker.zeros(span.offset - pos)
+            data = view[span.start : span.start + span.length]
+            self.hasher.update(data)
+            self.chunker.data(data)
             pos = span.offset + span.length
         self._release(batch.buf)
         if not self.writers:
@@ -777,7 +880,8 @@ def _copy_into(
     finally:
         dest.close()
     fsync_dir(dst.parent)
-    return CopyResult(source.size, total, str(pipe.hasher.hexdigest()), cloned)
+    digest = str(pipe.hasher.hexdigest())
+    return CopyResult(source.size, total, digest, cloned, pipe.chunker.table())
 
 
 def copy_to_device(
@@ -916,6 +1020,17 @@ def hash_file(
     A cold read-back: O_DIRECT where possible, so it checks the disk, not RAM.
     Only data extents are read. ``limit``: only the first bytes (of a device).
     """
+    return hash_with_chunks(path, progress=progress, cancel=cancel, limit=limit).blake3
+
+
+def hash_with_chunks(
+    path: Path,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    limit: int | None = None,
+) -> HashResult:
+    """``hash_file``, and the file's chunk table from the same read."""
     source = _open_source(path, limit)
     try:
         pipe = _Pipeline(source, None, cancel)
@@ -930,4 +1045,4 @@ def hash_file(
         raise CopyError(f"cannot read {path}: {pipe.error.strerror}") from pipe.error
     if pipe.error is not None:
         raise CopyError(f"reading {path} failed: {pipe.error}") from pipe.error
-    return str(pipe.hasher.hexdigest())
+    return HashResult(str(pipe.hasher.hexdigest()), pipe.chunker.table())

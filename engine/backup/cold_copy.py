@@ -159,6 +159,7 @@ def copy_disk_file(
         allocated_size=allocated,
         file=file_name,
         blake3=result.blake3,
+        chunks=run.partial.write_chunk_table(file_name, result.chunks),
     )
 
 

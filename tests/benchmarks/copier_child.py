@@ -1,8 +1,11 @@
 """Run one copier call in its own process, so the parent can read its peak RSS.
 
-Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]`` or
-``copier_child.py [--wait] hash PATH``.
+Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
+``copier_child.py [--wait] hash PATH`` or ``copier_child.py [--wait] verify PATH``.
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
+``copy`` also writes the copy's chunk table to ``DST.chunks``, as a backup writes it
+beside the disk; ``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe
+verify`` checks a format-2 version's file.
 Prints one line of JSON: the result and the seconds the call itself took.
 
 With ``--wait`` it imports everything, prints ``ready``, and starts only when a
@@ -17,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from guestsafe.engine.copier import copy_file, hash_file
+from guestsafe.engine.archive.chunks import table_bytes, table_file_name, verify_file
+from guestsafe.engine.copier import TABLE_CHUNK, copy_file, hash_file
 from guestsafe.engine.throttle import HostPacer
 
 
@@ -29,11 +33,19 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     if argv[:1] == ["copy"] and len(argv) in (3, 4):
         pace = HostPacer("idle", int(argv[3])) if len(argv) == 4 else None
-        result = copy_file(Path(argv[1]), Path(argv[2]), pace=pace)
+        dst = Path(argv[2])
+        result = copy_file(Path(argv[1]), dst, pace=pace)
+        assert result.chunks is not None
+        dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(result.chunks))
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
                "cloned": result.cloned}
     elif argv[:1] == ["hash"] and len(argv) == 2:
         out = {"blake3": hash_file(Path(argv[1]))}
+    elif argv[:1] == ["verify"] and len(argv) == 2:
+        path = Path(argv[1])
+        table = path.with_name(table_file_name(path.name))
+        found = verify_file(path, path.name, table, TABLE_CHUNK)
+        out = {"ok": not found.problems, "problems": found.problems}
     else:
         print(__doc__, file=sys.stderr)
         return 2
