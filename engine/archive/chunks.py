@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import mmap
 import os
 import threading
@@ -193,6 +194,9 @@ class _Verifier:
         self.progress = progress
         self.lock = threading.Lock()
         self.result = ChunkCheck([])
+        # The first bad chunks by offset, whichever worker found them first:
+        # a max-heap of (-offset, problem), at most MAX_REPORTED long.
+        self.first_bad: list[tuple[int, str]] = []
         self.error: BaseException | None = None
         self.done = 0
         # Never written, so every page is the kernel's zero page: fills holes for free.
@@ -212,6 +216,7 @@ class _Verifier:
         self.zero_map.close()
         if self.error is not None:
             raise self.error
+        self.result.problems = [problem for _, problem in sorted(self.first_bad, reverse=True)]
         extra = self.result.bad_chunks - MAX_REPORTED
         if extra > 0:
             self.result.problems.append(f"{self.file}: {extra} more chunks do not match")
@@ -281,10 +286,10 @@ class _Verifier:
         with self.lock:
             if problem is not None:
                 self.result.bad_chunks += 1
-                if self.result.bad_chunks <= MAX_REPORTED:
-                    self.result.problems.append(
-                        f"{self.file}: chunk at offset {offset_text(offset)} {problem}"
-                    )
+                line = f"{self.file}: chunk at offset {offset_text(offset)} {problem}"
+                heapq.heappush(self.first_bad, (-offset, line))
+                if len(self.first_bad) > MAX_REPORTED:
+                    heapq.heappop(self.first_bad)  # the one furthest into the file
             self.done += length
             if self.progress is not None:
                 self.progress(self.done)

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from guestsafe.engine.archive.manifest import (
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import HOLE, TABLE_CHUNK, copy_file, hash_with_chunks
+from guestsafe.engine.errors import Cancelled
 from guestsafe.engine.restore.files import restore_file
 
 MiB = 1024 * 1024
@@ -330,3 +332,31 @@ def test_a_large_sparse_disk_verifies_fast_in_bounded_memory(tmp_path: Path) -> 
     assert time.perf_counter() - started < 5
     bad = 19 * 997 * MiB // TABLE_CHUNK * TABLE_CHUNK
     assert found.problems == [f"big.raw: chunk at offset {bad // MiB} MiB ({bad}) does not match"]
+
+
+def test_a_cancelled_verify_stops_with_cancelled(tmp_path: Path) -> None:
+    src = source_disk(tmp_path)
+    table = tmp_path / "src.raw.chunks"
+    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        verify_file(src, "src.raw", table, TABLE_CHUNK, cancel=cancel)
+
+
+def test_a_wrecked_file_names_its_first_ten_chunks_and_counts_the_rest(tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    sparse(src, 64 * MiB, [(0, os.urandom(64 * MiB))])
+    table = tmp_path / "src.raw.chunks"
+    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    with src.open("r+b") as f:
+        for n in range(16):
+            f.seek(n * TABLE_CHUNK + 9)
+            f.write(b"!")
+    found = verify_file(src, "src.raw", table, TABLE_CHUNK)
+    assert found.bad_chunks == 16
+    assert found.problems == [
+        *(f"src.raw: chunk at offset {4 * n} MiB ({n * TABLE_CHUNK}) does not match"
+          for n in range(10)),
+        "src.raw: 6 more chunks do not match",
+    ]  # fmt: skip
