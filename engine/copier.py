@@ -129,7 +129,7 @@ class CopyResult:
 @dataclass(frozen=True)
 class HashResult:
     blake3: str
-    chunks: ChunkTable
+    chunks: ChunkTable | None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -573,6 +573,7 @@ class _Pipeline:
         dst: _Dest | None,
         cancel: threading.Event | None,
         pace: Pacer | None = None,
+        chunk_table: bool = False,
     ) -> None:
         self.src = src
         self.pace = pace
@@ -598,7 +599,7 @@ class _Pipeline:
         self.error_side = ""
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         # Fed the same bytes as ``hasher``: the chunk table costs no extra read.
-        self.chunker = _ChunkHasher(src.size)
+        self.chunker = _ChunkHasher(src.size) if chunk_table else None
         self.done = 0
 
     # -- coordination
@@ -735,16 +736,18 @@ class _Pipeline:
                 turn += 1
         if not self.abort.is_set():
             _hash_zeros(self.hasher, self.src.size - pos)
-            self.chunker.zeros(self.src.size - pos)
+            if self.chunker is not None:
+                self.chunker.zeros(self.src.size - pos)
 
     def _hash_batch(self, batch: _Batch, pos: int) -> int:
         view = self.views[batch.buf]
         for span in batch.spans:
             _hash_zeros(self.hasher, span.offset - pos)
-            self.chunker.zeros(span.offset - pos)
             data = view[span.start : span.start + span.length]
             self.hasher.update(data)
-            self.chunker.data(data)
+            if self.chunker is not None:
+                self.chunker.zeros(span.offset - pos)
+                self.chunker.data(data)
             pos = span.offset + span.length
         self._release(batch.buf)
         if not self.writers:
@@ -826,17 +829,20 @@ def copy_file(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     pace: Pacer | None = None,
+    chunk_table: bool = True,
 ) -> CopyResult:
     """Copy ``src`` to the new file ``dst`` (0600), holes kept, hashed, fsynced.
 
     Raises CopyError, with ``dst`` removed, on any failure; Cancelled (a
     CopyError) when ``cancel`` is set. ``pace``: the I/O class and rate cap.
+    ``chunk_table``: also hash every chunk (``CopyResult.chunks``); a restore,
+    which only checks the whole-file digest, saves that work with False.
     """
     source = _open_source(src)
     try:
         fd = _create_dest(dst)
         try:
-            return _copy_into(source, dst, fd, progress, cancel, pace)
+            return _copy_into(source, dst, fd, progress, cancel, pace, chunk_table)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(dst)
@@ -852,6 +858,7 @@ def _copy_into(
     progress: ProgressFn | None,
     cancel: threading.Event | None,
     pace: Pacer | None = None,
+    chunk_table: bool = True,
 ) -> CopyResult:
     total = source.data_bytes
     try:
@@ -864,7 +871,7 @@ def _copy_into(
         raise _write_error(exc, dst, total, total) from exc
     dest = _Dest(dst, fd, skip_zeros=source.block)
     try:
-        pipe = _Pipeline(source, None if cloned else dest, cancel, pace)
+        pipe = _Pipeline(source, None if cloned else dest, cancel, pace, chunk_table)
         pipe.run(total, progress)
         if pipe.error is not None:
             raise _copy_error(pipe, source.path, dst, total) from pipe.error
@@ -881,7 +888,8 @@ def _copy_into(
         dest.close()
     fsync_dir(dst.parent)
     digest = str(pipe.hasher.hexdigest())
-    return CopyResult(source.size, total, digest, cloned, pipe.chunker.table())
+    table = pipe.chunker.table() if pipe.chunker is not None else None
+    return CopyResult(source.size, total, digest, cloned, table)
 
 
 def copy_to_device(
@@ -1020,7 +1028,7 @@ def hash_file(
     A cold read-back: O_DIRECT where possible, so it checks the disk, not RAM.
     Only data extents are read. ``limit``: only the first bytes (of a device).
     """
-    return hash_with_chunks(path, progress=progress, cancel=cancel, limit=limit).blake3
+    return _hash(path, progress, cancel, limit, chunk_table=False).blake3
 
 
 def hash_with_chunks(
@@ -1028,12 +1036,22 @@ def hash_with_chunks(
     *,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
-    limit: int | None = None,
 ) -> HashResult:
     """``hash_file``, and the file's chunk table from the same read."""
+    return _hash(path, progress, cancel, None, chunk_table=True)
+
+
+def _hash(
+    path: Path,
+    progress: ProgressFn | None,
+    cancel: threading.Event | None,
+    limit: int | None,
+    *,
+    chunk_table: bool,
+) -> HashResult:
     source = _open_source(path, limit)
     try:
-        pipe = _Pipeline(source, None, cancel)
+        pipe = _Pipeline(source, None, cancel, chunk_table=chunk_table)
         pipe.run(source.data_bytes, progress)
     finally:
         source.close()
@@ -1045,4 +1063,5 @@ def hash_with_chunks(
         raise CopyError(f"cannot read {path}: {pipe.error.strerror}") from pipe.error
     if pipe.error is not None:
         raise CopyError(f"reading {path} failed: {pipe.error}") from pipe.error
-    return HashResult(str(pipe.hasher.hexdigest()), pipe.chunker.table())
+    table = pipe.chunker.table() if pipe.chunker is not None else None
+    return HashResult(str(pipe.hasher.hexdigest()), table)
