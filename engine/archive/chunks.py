@@ -13,6 +13,7 @@ import errno
 import heapq
 import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ class _Reader:
             count = self._read_once(view, offset + got, got, length - got)
             if count == 0:
                 raise OSError(errno.EIO, "the file ended early")
-            got += count
+            got += min(count, length - got)
 
     def _read_once(self, view: memoryview, offset: int, at: int, want: int) -> int:
         if self.direct_fd >= 0 and at % _ALIGN == 0 and offset % _ALIGN == 0:
@@ -193,12 +194,14 @@ class _Verifier:
         self.cancel = cancel
         self.progress = progress
         self.lock = threading.Lock()
+        # Bytes checked, passed to the caller's thread: progress is reported there,
+        # as the copier reports it, never from a worker.
+        self.checked: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.result = ChunkCheck([])
         # The first bad chunks by offset, whichever worker found them first:
         # a max-heap of (-offset, problem), at most MAX_REPORTED long.
         self.first_bad: list[tuple[int, str]] = []
         self.error: BaseException | None = None
-        self.done = 0
         # Never written, so every page is the kernel's zero page: fills holes for free.
         self.zero_map = mmap.mmap(-1, chunk_size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
         self.zeros = memoryview(self.zero_map)
@@ -210,6 +213,7 @@ class _Verifier:
         ]
         for worker in workers:
             worker.start()
+        self._supervise(len(workers))
         for worker in workers:
             worker.join()
         self.zeros.release()
@@ -221,6 +225,19 @@ class _Verifier:
         if extra > 0:
             self.result.problems.append(f"{self.file}: {extra} more chunks do not match")
         return self.result
+
+    def _supervise(self, running: int) -> None:
+        done = 0
+        while running:
+            try:
+                event = self.checked.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if event is None:
+                running -= 1
+            elif self.progress is not None:
+                done += event
+                self.progress(done)
 
     def _next(self) -> tuple[int, bytes] | None:
         with self.lock:
@@ -248,6 +265,7 @@ class _Verifier:
         finally:
             view.release()
             buf.close()
+            self.checked.put(None)
 
     def _check(self, view: memoryview, offset: int, length: int, expected: bytes) -> str | None:
         ranges = list(self.reader.data_in(offset, offset + length))
@@ -290,9 +308,7 @@ class _Verifier:
                 heapq.heappush(self.first_bad, (-offset, line))
                 if len(self.first_bad) > MAX_REPORTED:
                     heapq.heappop(self.first_bad)  # the one furthest into the file
-            self.done += length
-            if self.progress is not None:
-                self.progress(self.done)
+        self.checked.put(length)
 
 
 def verify_file(

@@ -356,8 +356,9 @@ _FIRMWARE_KEYS = frozenset(FirmwareRecord.__dataclass_fields__)
 _NOT_COPIED_KEYS = frozenset(NotCopied.__dataclass_fields__)
 _CHUNKS_KEYS = frozenset(_chunks_dict(ChunkRef("", 0, "")).keys())
 CHUNKS_SUFFIX = ".chunks"
-# Chunk sizes a reader accepts: powers of two a reflink can share (4 KiB blocks up).
-_MIN_CHUNK, _MAX_CHUNK = 4096, 1 << 30
+# Chunk sizes a reader accepts: powers of two a reflink can share (4 KiB blocks up),
+# and small enough that verify's four chunk buffers stay well under 100 MiB.
+_MIN_CHUNK, _MAX_CHUNK = 4096, 16 << 20
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -600,7 +601,7 @@ class _Reader:
             self.fail(f"has {where}.file {ref['file']!r}, not {file + CHUNKS_SUFFIX!r}")
         size = ref["chunk_size"]
         if type(size) is not int or not _MIN_CHUNK <= size <= _MAX_CHUNK or size & (size - 1):
-            self.fail(f"has {where}.chunk_size {size!r}, not a power of two from 4 KiB to 1 GiB")
+            self.fail(f"has {where}.chunk_size {size!r}, not a power of two from 4 KiB to 16 MiB")
         return ChunkRef(file + CHUNKS_SUFFIX, size, self.digest(ref, "blake3"))
 
     def source_kind(self, data: dict[str, Any], where: str) -> str:

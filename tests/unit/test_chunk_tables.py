@@ -360,3 +360,18 @@ def test_a_wrecked_file_names_its_first_ten_chunks_and_counts_the_rest(tmp_path:
           for n in range(10)),
         "src.raw: 6 more chunks do not match",
     ]  # fmt: skip
+
+
+def test_verify_progress_comes_from_the_callers_thread_and_reaches_the_size(
+    archive: Archive, tmp_path: Path
+) -> None:
+    src = source_disk(tmp_path)
+    commit_version(archive, src)
+    seen: list[tuple[int, int, threading.Thread]] = []
+    archive.verify("web", 1, progress=lambda p: seen.append((p.done, p.total,
+                                                              threading.current_thread())))
+    assert {thread for _, _, thread in seen} == {threading.current_thread()}
+    dones = [done for done, _, _ in seen]
+    assert dones == sorted(dones) and dones[-1] == seen[-1][1]
+    assert src.stat().st_size in dones  # the disk, then domain.xml
+    assert len(dones) > 3  # chunk by chunk, not all at the end
