@@ -73,8 +73,13 @@ class TableError(Exception):
     """The table file is not a valid table for the file it describes."""
 
 
-def _entries(path: Path, count: int) -> Iterator[bytes]:
-    """The table's entries, streamed: 32 bytes each, ``HOLE`` for a hole."""
+def read_entries(path: Path, count: int) -> Iterator[bytes]:
+    """The table's entries, streamed: 32 bytes each, ``HOLE`` for a hole.
+
+    Raises TableError, after the entries before the fault, for a malformed table.
+    Check the table's digest (``file_digest``) first: only then does it describe
+    the file.
+    """
     with path.open("rb") as f:
         index = -1
         for index, line in enumerate(f):
@@ -328,7 +333,7 @@ def verify_file(
     is set. ``progress`` gets the bytes of the file checked so far.
     """
     size = os.stat(path).st_size
-    entries = _entries(table, chunk_count(size, chunk_size))
+    entries = read_entries(table, chunk_count(size, chunk_size))
     reader = _Reader(path)
     try:
         count = threads or min(MAX_THREADS, 2 * (os.cpu_count() or 1))
