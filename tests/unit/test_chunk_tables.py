@@ -1,4 +1,4 @@
-"""Format 2: chunk tables written by the copier, verify by chunk, format 1 still read."""
+"""Format 3: chunk tables written by the copier, verify by chunk, format 1 still read."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from guestsafe.engine import events
 from guestsafe.engine.archive.chunks import table_bytes, verify_file
 from guestsafe.engine.archive.manifest import (
     B3SUMS_FILE,
-    FORMAT_VERSION,
+    CHUNK_TABLE_FORMAT,
     MANIFEST_FILE,
     DiskRecord,
     Manifest,
@@ -27,7 +27,7 @@ from guestsafe.engine.archive.manifest import (
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.copier import HOLE, TABLE_CHUNK, copy_file, hash_with_chunks
-from guestsafe.engine.errors import Cancelled
+from guestsafe.engine.errors import ArchiveError, Cancelled
 from guestsafe.engine.restore.files import restore_file
 
 MiB = 1024 * 1024
@@ -87,7 +87,7 @@ def test_a_table_of_a_file_without_data_is_all_holes(tmp_path: Path) -> None:
     assert table_bytes(table) == b"hole\nhole\nhole\n"
 
 
-# --- versions in format 2 ------------------------------------------------------
+# --- versions in format 3 ------------------------------------------------------
 
 
 def commit_version(archive: Archive, src: Path, name: str = "vda.raw") -> VersionInfo:
@@ -100,7 +100,7 @@ def commit_version(archive: Archive, src: Path, name: str = "vda.raw") -> Versio
         chunks=partial.write_chunk_table(name, result.chunks),
     )  # fmt: skip
     manifest = Manifest(
-        FORMAT_VERSION, "web", UUID, "hv1", "stop", "2025-03-01T02:00:00+00:00",
+        CHUNK_TABLE_FORMAT, "web", UUID, "hv1", "stop", "2025-03-01T02:00:00+00:00",
         "2025-03-01T02:03:00+00:00", 1.0, "0.1.0", [record], None, [],
     )  # fmt: skip
     return partial.commit(manifest)
@@ -116,10 +116,10 @@ def problems(archive: Archive) -> list[str]:
     return report.problems
 
 
-def test_a_format_2_version_lists_and_protects_its_table(archive: Archive, tmp_path: Path) -> None:
+def test_a_format_3_version_lists_and_protects_its_table(archive: Archive, tmp_path: Path) -> None:
     version = commit_version(archive, source_disk(tmp_path))
     data = json.loads((version.path / MANIFEST_FILE).read_text())
-    assert data["format"] == 2
+    assert data["format"] == CHUNK_TABLE_FORMAT
     ref = data["disks"][0]["chunks"]
     table = version.path / "vda.raw.chunks"
     assert ref == {
@@ -268,13 +268,22 @@ def test_a_format_1_version_verifies_and_restores(archive: Archive, tmp_path: Pa
     assert restored.read_bytes() == FORMAT_1_DATA
 
 
-def test_a_format_1_manifest_with_a_table_is_refused(archive: Archive) -> None:
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [(1, r"unknown key disks\[0\]\.'chunks'"), (2, "which format 2 does not have")],
+)
+def test_a_format_1_or_2_manifest_with_a_table_is_refused(
+    archive: Archive, fmt: int, message: str
+) -> None:
     folder = format_1_version(archive)
     data = json.loads((folder / MANIFEST_FILE).read_text())
+    data["format"] = fmt
     data["disks"][0]["chunks"] = {"file": "vda.raw.chunks", "chunk_size": TABLE_CHUNK,
                                   "blake3": "ab" * 32}
-    with pytest.raises(Exception, match="which format 1 does not have"):
+    with pytest.raises(ArchiveError, match=message):
         Manifest.from_json(json.dumps(data))
+    data["format"] = CHUNK_TABLE_FORMAT
+    assert Manifest.from_json(json.dumps(data)).disks[0].chunks is not None
 
 
 # --- speed and memory ------------------------------------------------------------
