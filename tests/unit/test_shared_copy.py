@@ -138,7 +138,7 @@ def test_a_crash_mid_copy_removes_the_new_file_and_leaves_the_old_one(
     with src.open("r+b") as f:
         f.write(b"changed")
     monkeypatch.setenv("GUESTSAFE_FAILPOINTS", "copy.chunk=raise")
-    with pytest.raises(Exception, match="copy.chunk"):
+    with pytest.raises(Exception, match=r"copy\.chunk"):
         shared_copy(src, second, first, table)
     assert not second.exists() and first.read_bytes() == before
 
@@ -209,7 +209,8 @@ def test_the_base_is_the_newest_good_version_with_an_intact_table(tmp_path: Path
 
 def table_of(folder: Path) -> bytes:
     lines = (folder / "vda.raw.chunks").read_bytes().splitlines()
-    return b"".join(bytes(32) if line == b"hole" else bytes.fromhex(line.decode()) for line in lines)
+    entries = (bytes(32) if line == b"hole" else bytes.fromhex(line.decode()) for line in lines)
+    return b"".join(entries)
 
 
 def test_table_bytes_round_trip() -> None:
