@@ -132,6 +132,7 @@ class CopyResult:
 class HashResult:
     blake3: str
     chunks: ChunkTable | None
+    data_bytes: int = 0  # the bytes read: the file's data extents
 
 
 # --------------------------------------------------------------------------- helpers
@@ -758,6 +759,8 @@ class _Pipeline:
             self._release(batch.buf)
             if not self.writers:
                 self.events.put(batch.nbytes)
+                if self.pace is not None:  # a read-only pass of a backup (shared_copy)
+                    self.pace.wrote(batch.nbytes, self.abort)
         if not self.abort.is_set():
             _hash_zeros(self.hasher, self.src.size - pos)
 
@@ -1058,9 +1061,13 @@ def hash_with_chunks(
     *,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    pace: Pacer | None = None,
 ) -> HashResult:
-    """``hash_file``, and the file's chunk table from the same read."""
-    return _hash(path, progress, cancel, None, chunk_table=True)
+    """``hash_file``, and the file's chunk table from the same read.
+
+    ``pace``: a job's I/O class and rate, where the read is a backup's (shared_copy).
+    """
+    return _hash(path, progress, cancel, None, chunk_table=True, pace=pace)
 
 
 def _hash(
@@ -1070,10 +1077,11 @@ def _hash(
     limit: int | None,
     *,
     chunk_table: bool,
+    pace: Pacer | None = None,
 ) -> HashResult:
     source = _open_source(path, limit)
     try:
-        pipe = _Pipeline(source, None, cancel, chunk_table=chunk_table)
+        pipe = _Pipeline(source, None, cancel, pace, chunk_table=chunk_table)
         pipe.run(source.data_bytes, progress)
     finally:
         source.close()
@@ -1086,4 +1094,4 @@ def _hash(
     if pipe.error is not None:
         raise CopyError(f"reading {path} failed: {pipe.error}") from pipe.error
     table = pipe.chunker.table() if pipe.chunker is not None else None
-    return HashResult(str(pipe.hasher.hexdigest()), table)
+    return HashResult(str(pipe.hasher.hexdigest()), table, source.data_bytes)

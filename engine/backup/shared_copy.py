@@ -1,18 +1,19 @@
 """A disk copy that shares the previous version's unchanged chunks (issue 13, reflink).
 
 The new file starts as a reflink clone of the previous version's file of the same
-disk; the source is read in full, each chunk's BLAKE3 is compared with the previous
-version's chunk table, and only the chunks that differ are written (punched first,
-so the clone's old blocks of that chunk are let go, then the source's data extents
-written). The result is byte for byte the file a full copy makes: the chunks that
-match hold the same bytes (equal BLAKE3), the others are the source's.
+disk. The source is read once by the copier's own read pass (``hash_with_chunks``:
+O_DIRECT, several reads in flight, only data extents), which gives the whole-file
+BLAKE3 and the chunk table from the same buffers, each byte hashed once for each.
+The chunks whose digest differs from the previous version's table are then read
+again, checked against the digest just computed (a source that changed meanwhile
+is an error, not a wrong version), and written into the clone: only the 64 KiB
+blocks of the chunk that differ from the clone's, a block of zeros punched. The
+result is byte for byte the file a full copy makes: the chunks that match hold
+the same bytes (equal BLAKE3), the others are the source's.
 
 The previous version's file is only ever opened read-only (by ``clone_file``):
 its blocks are shared copy-on-write and the writes here land in new blocks of the
 new file, so a crash anywhere leaves the previous version as it was.
-
-One pass over the source: each chunk's bytes are hashed once for its table entry,
-and the same bytes feed the whole-file BLAKE3 (on a second thread, at the same time).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +32,24 @@ import blake3
 
 from guestsafe.engine import failpoints
 from guestsafe.engine.archive.reflink import clone_file
-from guestsafe.engine.copier import HOLE, TABLE_CHUNK, ChunkTable, Pacer, zero_digest
+from guestsafe.engine.copier import (
+    HOLE,
+    TABLE_CHUNK,
+    ChunkTable,
+    Pacer,
+    hash_with_chunks,
+    zero_digest,
+)
 from guestsafe.engine.errors import Cancelled, CopyError
 
 ProgressFn = Callable[[int, int], None]
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 # Private and never written: the kernel's zero page, hashed for holes at no RSS cost.
 _ZEROS = mmap.mmap(-1, TABLE_CHUNK, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+_ZERO_VIEW = memoryview(_ZEROS)
+# What a changed chunk is compared and written in: a 1 MiB change rewrites about
+# 1 MiB, not its whole 4 MiB chunk, so seven versions stay close to one.
+_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -123,19 +134,50 @@ def chunk_digest(chunk: _Chunk) -> bytes:
     return HOLE if digest == zero_digest(chunk.length) else digest
 
 
-def _rewrite(fd: int, chunk: _Chunk, entry: bytes) -> int:
-    """Make the new file's chunk the source's: punch it, write its data; bytes written."""
-    os_fallocate(fd, _FALLOC_PUNCH, chunk.offset, chunk.length)
+def _rewrite(fd: int, chunk: _Chunk, entry: bytes, old: memoryview) -> int:
+    """Make the clone's chunk the source's, block by block; the bytes written.
+
+    Only the blocks that differ from the clone's are touched: a changed block of
+    zeros is punched, any other written. The rest stay shared with the previous file.
+    """
     if entry == HOLE:
+        os_fallocate(fd, _FALLOC_PUNCH, chunk.offset, chunk.length)
         return 0  # zeros: the punched hole reads as them
+    _fill_holes(chunk)
+    _read_exact(fd, old, chunk.offset, chunk.length)
     written = 0
-    for low, high in chunk.ranges:
+    for start in range(0, chunk.length, _BLOCK):
+        end = min(start + _BLOCK, chunk.length)
+        piece = chunk.view[start:end]
+        if piece == old[start:end]:
+            continue
+        if piece == _ZERO_VIEW[: end - start]:
+            os_fallocate(fd, _FALLOC_PUNCH, chunk.offset + start, end - start)
+            continue
         done = 0
-        while done < high - low:
-            done += os.pwrite(fd, chunk.view[low + done : high], chunk.offset + low + done)
-        written += high - low
+        while done < end - start:
+            done += os.pwrite(fd, piece[done:], chunk.offset + start + done)
+        written += end - start
     failpoints.hit("copy.chunk")
     return written
+
+
+def _fill_holes(chunk: _Chunk) -> None:
+    """Zeros in the buffer where the chunk has holes: the buffer then holds its bytes."""
+    pos = 0
+    for low, high in [*chunk.ranges, (chunk.length, chunk.length)]:
+        if low > pos:
+            chunk.view[pos:low] = _ZERO_VIEW[: low - pos]
+        pos = high
+
+
+def _read_exact(fd: int, view: memoryview, offset: int, length: int) -> None:
+    got = 0
+    while got < length:
+        count = os.preadv(fd, [view[got:length]], offset + got)
+        if count == 0:
+            raise CopyError("the new version's file ended early")
+        got += count
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -162,84 +204,63 @@ def shared_copy(
     """Copy ``src`` to ``dst`` as a clone of ``previous``, writing only the changed chunks.
 
     ``previous_table`` is the previous file's chunk table (``TABLE_CHUNK`` chunks),
-    checked against its digest by the caller. ``pace`` paces the reads as the
-    copier's (a job's I/O class and ``bwlimit``). None, with nothing left behind, where
-    ``dst``'s filesystem cannot clone ``previous``: the caller then copies in full.
-    On any failure ``dst`` is removed; ``previous`` is never written.
+    checked against its digest by the caller. ``pace`` paces the read as the
+    copier's (a job's I/O class and ``bwlimit``). None, with nothing left behind,
+    where ``dst``'s filesystem cannot clone ``previous``: the caller then copies in
+    full. On any failure ``dst`` is removed; ``previous`` is never written.
     """
     if not clone_file(previous, dst):
         return None
     try:
-        return _fill(src, dst, previous_table, _Run(progress, cancel, pace))
+        hashed = hash_with_chunks(src, progress=progress, cancel=cancel, pace=pace)
+        assert hashed.chunks is not None
+        written = _write_changes(src, dst, hashed.chunks, previous_table, cancel)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
+    return SharedResult(
+        hashed.chunks.size, hashed.data_bytes, written, hashed.blake3, hashed.chunks
+    )
 
 
-@dataclass(frozen=True)
-class _Run:
-    progress: ProgressFn | None
-    cancel: threading.Event | None
-    pace: Pacer | None
+def changed_chunks(new: ChunkTable, old: ChunkTable) -> Iterator[int]:
+    """The chunks of ``new`` whose entry is not ``old``'s: those a clone must rewrite.
+
+    A chunk past the old file's end (a grown qcow2) has no entry: changed. A last
+    chunk of another length never matches (BLAKE3 covers the length), except a
+    hole, which reads as zeros at any length, in the clone as in the source.
+    """
+    for index in range(len(new)):
+        if index >= len(old) or new.entry(index) != old.entry(index):
+            yield index
 
 
-def _fill(src: Path, dst: Path, previous: ChunkTable, run: _Run) -> SharedResult:
+def _write_changes(
+    src: Path, dst: Path, table: ChunkTable, previous: ChunkTable, cancel: threading.Event | None
+) -> int:
     src_fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
-    dst_fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    bufs = [mmap.mmap(-1, TABLE_CHUNK, flags=mmap.MAP_PRIVATE) for _ in range(3)]
-    views = [memoryview(b) for b in bufs]
+    dst_fd = os.open(dst, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    bufs = [mmap.mmap(-1, TABLE_CHUNK, flags=mmap.MAP_PRIVATE) for _ in range(2)]
+    new, old = (memoryview(b) for b in bufs)
     try:
-        size = os.fstat(src_fd).st_size
-        os.ftruncate(dst_fd, size)  # a grown or shrunk file (a qcow2) ends where the source does
-        result = _copy_chunks(src_fd, dst_fd, size, previous, views, run)
+        os.ftruncate(dst_fd, table.size)  # a grown or shrunk file ends where the source does
+        written = 0
+        for index in changed_chunks(table, previous):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("copy cancelled")
+            chunk = _read_chunk(src_fd, index, table.size, new)
+            entry = chunk_digest(chunk)
+            if entry != table.entry(index):
+                raise CopyError(f"{src} changed while being copied; is something still writing it?")
+            written += _rewrite(dst_fd, chunk, entry, old)
         os.fsync(dst_fd)
-        return result
+        return written
     finally:
-        for view in views:
-            view.release()
-        for buf in bufs:
-            buf.close()
         os.close(dst_fd)
         os.close(src_fd)
-
-
-def _copy_chunks(
-    src_fd: int, dst_fd: int, size: int, previous: ChunkTable, views: list[memoryview], run: _Run
-) -> SharedResult:
-    """Read ahead one chunk, hash the current one twice at once, write it if it changed."""
-    count = -(-size // TABLE_CHUNK)
-    whole = blake3.blake3(max_threads=blake3.blake3.AUTO)  # the holes' zeros, on every core
-    entries = bytearray()
-    data_bytes = written = 0
-    stop = run.cancel or threading.Event()  # a cancel ends the pacer's wait
-    started = run.pace.thread_started if run.pace is not None else None
-    if started is not None:
-        started()
-    with ThreadPoolExecutor(2, "guestsafe-shared", initializer=started) as pool:
-        ahead: Future[_Chunk] | None = (
-            pool.submit(_read_chunk, src_fd, 0, size, views[0]) if count else None
-        )
-        for index in range(count):
-            if run.cancel is not None and run.cancel.is_set():
-                raise Cancelled("copy cancelled")
-            assert ahead is not None
-            chunk = ahead.result()
-            if index + 1 < count:
-                ahead = pool.submit(_read_chunk, src_fd, index + 1, size, views[(index + 1) % 3])
-            entry_future = pool.submit(chunk_digest, chunk)
-            _feed(whole, chunk)
-            entry = entry_future.result()
-            entries += entry
-            data_bytes += sum(high - low for low, high in chunk.ranges)
-            # A chunk past the previous file's end (a grown qcow2) has no entry: written.
-            # A last chunk of another length never matches: BLAKE3 covers the length,
-            # and a hole reads as zeros at any length, in the clone as in the source.
-            old = previous.entry(index) if index < len(previous) else None
-            if entry != old:
-                written += _rewrite(dst_fd, chunk, entry)
-            if run.progress is not None:
-                run.progress(chunk.offset + chunk.length, size)
-            if run.pace is not None:
-                run.pace.wrote(chunk.length if chunk.ranges else 0, stop)
-    table = ChunkTable(size, TABLE_CHUNK, bytes(entries))
-    return SharedResult(size, data_bytes, written, str(whole.hexdigest()), table)
+        for view in (new, old):
+            with contextlib.suppress(BufferError):  # a slice still alive (an error's frame)
+                view.release()
+        for buf in bufs:
+            with contextlib.suppress(BufferError):  # then the garbage collector frees it
+                buf.close()

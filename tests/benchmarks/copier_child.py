@@ -1,11 +1,15 @@
 """Run one copier call in its own process, so the parent can read its peak RSS.
 
 Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
-``copier_child.py [--wait] hash PATH`` or ``copier_child.py [--wait] verify PATH``.
+``copier_child.py [--wait] hash PATH``, ``copier_child.py [--wait] verify PATH`` or
+``copier_child.py [--wait] backup SRC DST PREV``.
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
 ``copy`` also writes the copy's chunk table to ``DST.chunks``, as a backup writes it
 beside the disk; ``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe
 verify`` checks a format-2 version's file.
+``backup`` copies as a backup does when ``PREV`` (with ``PREV.chunks``) is the previous
+version's file: a clone of it with only the changed chunks written where the
+filesystem can reflink (``shared_copy``), else a full ``copy_file``.
 Prints one line of JSON: the result and the seconds the call itself took.
 
 With ``--wait`` it imports everything, prints ``ready``, and starts only when a
@@ -20,8 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-from guestsafe.engine.archive.chunks import table_bytes, table_file_name, verify_file
-from guestsafe.engine.copier import TABLE_CHUNK, copy_file, hash_file
+from guestsafe.engine.archive.chunks import (
+    chunk_count,
+    read_entries,
+    table_bytes,
+    table_file_name,
+    verify_file,
+)
+from guestsafe.engine.backup.shared_copy import shared_copy
+from guestsafe.engine.copier import TABLE_CHUNK, ChunkTable, copy_file, hash_file
 from guestsafe.engine.throttle import HostPacer
 
 
@@ -39,6 +50,8 @@ def main(argv: list[str]) -> int:
         dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(result.chunks))
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
                "cloned": result.cloned}
+    elif argv[:1] == ["backup"] and len(argv) == 4:
+        out = backup(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     elif argv[:1] == ["hash"] and len(argv) == 2:
         out = {"blake3": hash_file(Path(argv[1]))}
     elif argv[:1] == ["verify"] and len(argv) == 2:
@@ -52,6 +65,24 @@ def main(argv: list[str]) -> int:
     out["seconds"] = time.perf_counter() - start
     print(json.dumps(out))
     return 0
+
+
+def backup(src: Path, dst: Path, prev: Path) -> dict[str, object]:
+    size = prev.stat().st_size
+    table_path = prev.with_name(table_file_name(prev.name))
+    entries = read_entries(table_path, chunk_count(size, TABLE_CHUNK))
+    table = ChunkTable(size, TABLE_CHUNK, b"".join(entries))
+    shared = shared_copy(src, dst, prev, table)
+    if shared is not None:
+        chunks, out = shared.chunks, {"blake3": shared.blake3, "written": shared.written,
+                                      "data_bytes": shared.data_bytes, "shared": True}
+    else:
+        result = copy_file(src, dst)
+        assert result.chunks is not None
+        chunks, out = result.chunks, {"blake3": result.blake3, "written": result.data_bytes,
+                                      "data_bytes": result.data_bytes, "shared": False}
+    dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(chunks))
+    return out
 
 
 if __name__ == "__main__":

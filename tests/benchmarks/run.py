@@ -33,6 +33,8 @@ RESTORE_CHILD = HERE / "restore_child.py"
 # The test rig (tests/rig) makes the guests of the downtime section.
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
+if str(HERE) not in sys.path:  # shared_versions.py beside this file
+    sys.path.insert(0, str(HERE))
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
@@ -733,8 +735,16 @@ def bench_instant_boot(bench: Bench) -> None:
 
 
 BWLIMIT = 50 * MiB
+def bench_shared(bench: Bench) -> None:
+    """Shared versions on a loop-mounted XFS (reflink) and ext4, side by side (issue 13)."""
+    import shared_versions
+
+    shared_versions.measure(bench, race, ours, CHILD, drop_caches)
+
+
 SECTIONS: list[Callable[[Bench], None]] = [
-    bench_copy, bench_verify, bench_bwlimit, bench_downtime, bench_restore, bench_instant_boot,
+    bench_copy, bench_verify, bench_shared, bench_bwlimit, bench_downtime, bench_restore,
+    bench_instant_boot,
 ]
 
 
