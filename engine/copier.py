@@ -12,7 +12,7 @@ it, so memory stays at ``NBUF`` buffers whatever the size of the disk.
 Only data extents (SEEK_DATA/SEEK_HOLE) are written: holes stay holes. Extents
 a few KiB apart are read as one span, the hole between read as zeros. The
 hasher feeds zeros for the holes, so the digest equals ``b3sum``. The same
-stream, cut at every 4 MiB of the file, gives the chunk table of archive format 2
+stream, cut at every 4 MiB of the file, gives the chunk table of archive format 3
 (``ChunkTable``): a digest per chunk, ``HOLE`` where only zeros went in.
 
 I/O is O_DIRECT where the kernel accepts it: buffered readahead into holes and

@@ -1,4 +1,4 @@
-"""Chunk tables (archive format 2): one ``<file>.chunks`` beside each archived file.
+"""Chunk tables (archive format 3): one ``<file>.chunks`` beside each archived file.
 
 The copier hashes every 4 MiB chunk on the way (``copier.ChunkTable``); this module
 writes that table as text, reads it back, and verifies a file against it: only

@@ -1,7 +1,7 @@
 """manifest.json: what a version holds and the BLAKE3 of every file in it.
 
-The JSON layout is archive format 2, specified in FORMAT.md ("manifest.json");
-format 1 (no chunk tables) is still read.
+The JSON layout is archive format 3, specified in FORMAT.md ("manifest.json");
+formats 1 and 2 (no chunk tables) are still read.
 Reading is strict: unknown format versions, unknown or missing keys, wrong types
 and unsafe file names are refused. A manifest is a safety record; a reader that
 skipped what it did not understand could call a version sound on grounds it never
@@ -71,7 +71,7 @@ def is_safe_file_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """A file's chunk table (format 2): ``file`` (``vda.qcow2.chunks``) and its BLAKE3.
+    """A file's chunk table (format 3): ``file`` (``vda.qcow2.chunks``) and its BLAKE3.
 
     The digest protects the table: an edited table does not match it.
     """
@@ -121,7 +121,7 @@ class DiskRecord:
     # A <disk type='volume'>: the libvirt storage pool and volume ``source`` resolved from.
     pool: str | None = None
     volume: str | None = None
-    chunks: ChunkRef | None = None  # format 2
+    chunks: ChunkRef | None = None  # format 3
 
     @property
     def backing(self) -> str | None:
@@ -587,7 +587,7 @@ class _Reader:
         )
 
     def chunks(self, data: dict[str, Any], file: str, where: str) -> ChunkRef | None:
-        """A format-2 file's chunk table; format 1 has none."""
+        """A format-3 file's chunk table; formats 1 and 2 have none."""
         if "chunks" not in data:
             return None
         if self.fmt < CHUNK_TABLE_FORMAT:

@@ -5,12 +5,12 @@ non-regular files, sizes, B3SUMS) and lists the files to hash; ``hash_job`` hash
 one; ``record`` writes the result to the version's ``verified.json``.
 ``Archive.verify`` runs them over the versions chosen.
 
-A format-2 file is checked against its chunk table (``chunks.verify_file``):
+A format-3 file is checked against its chunk table (``chunks.verify_file``):
 data chunks read in parallel, holes not read, a mismatch named by offset. The
 table is first checked against its digest in the manifest; a damaged table is
 reported and the file then checked whole. Its whole-file BLAKE3, computed from
 the same bytes by the same read when the version was written, is checked by every
-restore and by ``b3sum --check B3SUMS``. Format-1 files are checked whole.
+restore and by ``b3sum --check B3SUMS``. Files of formats 1 and 2 are checked whole.
 """
 
 from __future__ import annotations

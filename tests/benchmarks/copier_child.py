@@ -6,7 +6,7 @@ Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
 ``copy`` also writes the copy's chunk table to ``DST.chunks``, as a backup writes it
 beside the disk; ``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe
-verify`` checks a format-2 version's file.
+verify`` checks a format-3 version's file.
 ``backup`` copies as a backup does when ``PREV`` (with ``PREV.chunks``) is the previous
 version's file: a clone of it with only the changed chunks written where the
 filesystem can reflink (``shared_copy``), else a full ``copy_file``.

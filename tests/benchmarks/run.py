@@ -346,7 +346,7 @@ def record_copy(bench: Bench, name: str, runs: dict[str, Run], data: int) -> Non
 
 
 def bench_verify(bench: Bench) -> None:
-    """guestsafe's verify of a format-2 file (its chunk table, cold) against b3sum.
+    """guestsafe's verify of a format-3 file (its chunk table, cold) against b3sum.
 
     Against a plain blake3 loop where there is no b3sum. The table is the one the
     copy section's last raw copy wrote beside ``ours.raw``.

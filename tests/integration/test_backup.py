@@ -83,8 +83,8 @@ def test_qcow2_and_raw_disks_keep_their_formats(gs: GS, guest_factory) -> None:
     assert read_first_line(version.path / "vdb.qcow2", "qcow2") == "second disk says hello"
     # Holes stay holes: the raw copy allocates no more than the original.
     assert (version.path / "vda.raw").stat().st_blocks <= guest.disks["vda"].path.stat().st_blocks
-    # Format 2: each disk's chunk table lies beside it, matches its bytes, is in B3SUMS.
-    assert version.manifest.format == 2 and version.verified is True
+    # Format 3: each disk's chunk table lies beside it, matches its bytes, is in B3SUMS.
+    assert version.manifest.format == 3 and version.verified is True
     for disk in version.manifest.disks:
         assert disk.chunks is not None
         table = (version.path / disk.chunks.file).read_text().splitlines()
