@@ -123,10 +123,10 @@ def test_versions_share_blocks_verify_restore_survive_a_crash_and_retention(
     second_counter = run_and_settle(gs, guest, "rl")
     used_two = shutil.disk_usage(mnt).used
     one, two = gs.versions(guest)
-    disk_one, disk_two = one.path / "vda.qcow2", two.path / "vda.qcow2"
+    disk_two = two.path / "vda.qcow2"
 
     # The second version shares the first's unchanged blocks, and says so in its log.
-    [line] = [m for m in SHARED_LINE.finditer(logs(gs))]
+    [line] = list(SHARED_LINE.finditer(logs(gs)))
     assert line.group(1) == "1"
     assert shared_extents(disk_two), "no extent of the second version is shared"
     assert used_two - used_one < disk_two.stat().st_blocks * 512 // 2
