@@ -648,7 +648,7 @@ class _Pipeline:
         """Run all stages; return when every thread has exited."""
         threads = [self._thread("hash", self._hash_loop)]
         if self.chunker is not None:
-            threads.append(self._thread("hash", self._chunk_loop))
+            threads.append(self._thread("chunks", self._chunk_loop))
         threads += [self._thread("read", self._read_loop) for _ in range(self.readers)]
         threads += [self._thread("write", self._write_loop) for _ in range(self.writers)]
         for thread in threads:
