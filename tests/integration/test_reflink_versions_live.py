@@ -114,9 +114,10 @@ def test_versions_share_blocks_verify_restore_survive_a_crash_and_retention(
     kind, mnt, image = reflink_dir
     archive = mnt / "archive"
     archive.mkdir(mode=0o700)
+    gs.archive = archive  # versions, partials and the job's destination: on the reflink fs
     guest = guest_factory(f"rl{kind}")
     guest.wait_for_console(r"^GS-READY", timeout=90)
-    gs.job("rl", [guest], destination=archive, keep=2)
+    gs.job("rl", [guest], keep=2)
 
     first_counter = run_and_settle(gs, guest, "rl")
     used_one = shutil.disk_usage(mnt).used
