@@ -11,7 +11,9 @@ it, so memory stays at ``NBUF`` buffers whatever the size of the disk.
 
 Only data extents (SEEK_DATA/SEEK_HOLE) are written: holes stay holes. Extents
 a few KiB apart are read as one span, the hole between read as zeros. The
-hasher feeds zeros for the holes, so the digest equals ``b3sum``.
+hasher feeds zeros for the holes, so the digest equals ``b3sum``. The same
+stream, cut at every 4 MiB of the file, gives the chunk table of archive format 3
+(``ChunkTable``): a digest per chunk, ``HOLE`` where only zeros went in.
 
 I/O is O_DIRECT where the kernel accepts it: buffered readahead into holes and
 dirty-page writeback cost more than the disk itself, and a hypervisor's RAM
@@ -92,12 +94,45 @@ class Pacer(Protocol):
         """Called by a writer after each batch; may wait, and returns once ``stop`` is set."""
 
 
+# The chunk of a version's chunk table (FORMAT.md, "Chunk tables"): reflinks share
+# whole chunks, and 4 MiB keeps a 2 TiB disk's table at 512 Ki entries.
+TABLE_CHUNK = 4 * MiB
+# The entry of a chunk that reads as zeros (a hole); no BLAKE3 digest is all zeros.
+HOLE = bytes(32)
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """BLAKE3 of every ``chunk_size`` piece of a file, in order; ``HOLE`` for zeros.
+
+    32 bytes a chunk (16 MiB for a 2 TiB disk): kept in RAM while the copy runs.
+    """
+
+    size: int
+    chunk_size: int
+    entries: bytes
+
+    def __len__(self) -> int:
+        return len(self.entries) // 32
+
+    def entry(self, index: int) -> bytes:
+        return self.entries[index * 32 : (index + 1) * 32]
+
+
 @dataclass(frozen=True)
 class CopyResult:
     size: int
     data_bytes: int
     blake3: str
     cloned: bool
+    chunks: ChunkTable | None = None
+
+
+@dataclass(frozen=True)
+class HashResult:
+    blake3: str
+    chunks: ChunkTable | None
+    data_bytes: int = 0  # the bytes read: the file's data extents
 
 
 # --------------------------------------------------------------------------- helpers
@@ -156,6 +191,71 @@ def _hash_zeros(hasher: blake3.blake3, count: int) -> None:
         step = min(count, CHUNK)
         hasher.update(view[:step])
         count -= step
+
+
+_zero_digests: dict[int, bytes] = {}
+
+
+def zero_digest(length: int) -> bytes:
+    """BLAKE3 of ``length`` zero bytes (cached: a table has at most two lengths)."""
+    digest = _zero_digests.get(length)
+    if digest is None:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        _hash_zeros(hasher, length)
+        digest = _zero_digests[length] = hasher.digest()
+    return digest
+
+
+class _ChunkHasher:
+    """Cuts the hasher's stream (data, and zeros for holes) into table chunks.
+
+    A chunk the stream only ever fed zeros to is not hashed at all: it is a hole.
+    Zeros at the head of a chunk wait until data arrives, then are hashed first.
+    """
+
+    def __init__(self, size: int, chunk_size: int = TABLE_CHUNK) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.entries = bytearray()
+        self.filled = 0  # bytes of the current chunk fed so far
+        self.hasher: blake3.blake3 | None = None  # None: only zeros in this chunk so far
+
+    def zeros(self, count: int) -> None:
+        while count > 0:
+            step = min(count, self.chunk_size - self.filled)
+            if self.hasher is not None:
+                _hash_zeros(self.hasher, step)
+            self._advance(step)
+            count -= step
+
+    def data(self, view: memoryview) -> None:
+        while len(view):
+            step = min(len(view), self.chunk_size - self.filled)
+            if self.hasher is None:
+                self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                _hash_zeros(self.hasher, self.filled)
+            self.hasher.update(view[:step])
+            self._advance(step)
+            view = view[step:]
+
+    def _advance(self, step: int) -> None:
+        self.filled += step
+        done = len(self.entries) // 32 * self.chunk_size + self.filled
+        if self.filled == self.chunk_size or done == self.size:
+            self._close_chunk()
+
+    def _close_chunk(self) -> None:
+        if self.hasher is None:
+            self.entries += HOLE
+        else:
+            digest = self.hasher.digest()
+            # Zeros written as data (a preallocated disk) read as a hole does.
+            self.entries += HOLE if digest == zero_digest(self.filled) else digest
+        self.filled = 0
+        self.hasher = None
+
+    def table(self) -> ChunkTable:
+        return ChunkTable(self.size, self.chunk_size, bytes(self.entries))
 
 
 def _raw_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -476,6 +576,7 @@ class _Pipeline:
         dst: _Dest | None,
         cancel: threading.Event | None,
         pace: Pacer | None = None,
+        chunk_table: bool = False,
     ) -> None:
         self.src = src
         self.pace = pace
@@ -489,6 +590,10 @@ class _Pipeline:
             self.free.put(index)
         self.to_write: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self.to_hash: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        # The chunk table's hashing runs on its own thread, beside the whole-file
+        # hasher, over the same buffers: each byte read once, both digests at once
+        # on two cores instead of one after the other on one.
+        self.to_chunk: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self.events: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.refs = [0] * NBUF
         self.lock = threading.Lock()
@@ -500,6 +605,8 @@ class _Pipeline:
         self.error: BaseException | None = None
         self.error_side = ""
         self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        # Fed the same bytes as ``hasher``: the chunk table costs no extra read.
+        self.chunker = _ChunkHasher(src.size) if chunk_table else None
         self.done = 0
 
     # -- coordination
@@ -515,6 +622,7 @@ class _Pipeline:
         for _ in range(self.writers):
             self.to_write.put(None)
         self.to_hash.put(None)
+        self.to_chunk.put(None)
 
     def _release(self, index: int) -> None:
         with self.lock:
@@ -539,6 +647,8 @@ class _Pipeline:
     def run(self, total: int, progress: ProgressFn | None) -> None:
         """Run all stages; return when every thread has exited."""
         threads = [self._thread("hash", self._hash_loop)]
+        if self.chunker is not None:
+            threads.append(self._thread("chunks", self._chunk_loop))
         threads += [self._thread("read", self._read_loop) for _ in range(self.readers)]
         threads += [self._thread("write", self._write_loop) for _ in range(self.writers)]
         for thread in threads:
@@ -599,9 +709,11 @@ class _Pipeline:
             for span in spans:
                 room = view[span.start : span.start + _align_up(span.length)]
                 self.src.read_into(room, span.offset, span.length)
-            self.refs[index] = 1 + (self.writers > 0)
+            self.refs[index] = 1 + (self.writers > 0) + (self.chunker is not None)
             batch = _Batch(index, seq, spans, segments)
             self.to_hash.put(batch)
+            if self.chunker is not None:
+                self.to_chunk.put(batch)
             if self.writers:
                 self.to_write.put(batch)
         self._reader_finished()
@@ -612,6 +724,7 @@ class _Pipeline:
             last = self.readers == 0
         if last and not self.abort.is_set():
             self.to_hash.put(None)
+            self.to_chunk.put(None)
             for _ in range(self.writers):
                 self.to_write.put(None)
 
@@ -625,28 +738,46 @@ class _Pipeline:
             if self.pace is not None:  # after the buffer is back: the readers go on meanwhile
                 self.pace.wrote(batch.nbytes, self.abort)
 
-    def _hash_loop(self) -> None:
-        pos = 0  # bytes of the file hashed so far
-        turn = 0  # seq of the next batch to hash
+    def _in_order(self, batches: queue.SimpleQueue[_Batch | None]) -> Iterator[_Batch]:
+        """The batches of ``batches`` in file order, whichever reader read them first."""
+        turn = 0  # seq of the next batch to hand out
         early: dict[int, _Batch] = {}  # batches read ahead of their turn
-        while (batch := self.to_hash.get()) is not None and not self.abort.is_set():
+        while (batch := batches.get()) is not None and not self.abort.is_set():
             early[batch.seq] = batch
             while turn in early:
-                pos = self._hash_batch(early.pop(turn), pos)
+                yield early.pop(turn)
                 turn += 1
+
+    def _hash_loop(self) -> None:
+        pos = 0  # bytes of the file hashed so far
+        for batch in self._in_order(self.to_hash):
+            view = self.views[batch.buf]
+            for span in batch.spans:
+                _hash_zeros(self.hasher, span.offset - pos)
+                self.hasher.update(view[span.start : span.start + span.length])
+                pos = span.offset + span.length
+            self._release(batch.buf)
+            if not self.writers:
+                self.events.put(batch.nbytes)
+                if self.pace is not None:  # a read-only pass of a backup (shared_copy)
+                    self.pace.wrote(batch.nbytes, self.abort)
         if not self.abort.is_set():
             _hash_zeros(self.hasher, self.src.size - pos)
 
-    def _hash_batch(self, batch: _Batch, pos: int) -> int:
-        view = self.views[batch.buf]
-        for span in batch.spans:
-            _hash_zeros(self.hasher, span.offset - pos)
-            self.hasher.update(view[span.start : span.start + span.length])
-            pos = span.offset + span.length
-        self._release(batch.buf)
-        if not self.writers:
-            self.events.put(batch.nbytes)
-        return pos
+    def _chunk_loop(self) -> None:
+        """The chunk table, from the same buffers as ``_hash_loop``, at the same time."""
+        chunker = self.chunker
+        assert chunker is not None
+        pos = 0
+        for batch in self._in_order(self.to_chunk):
+            view = self.views[batch.buf]
+            for span in batch.spans:
+                chunker.zeros(span.offset - pos)
+                chunker.data(view[span.start : span.start + span.length])
+                pos = span.offset + span.length
+            self._release(batch.buf)
+        if not self.abort.is_set():
+            chunker.zeros(self.src.size - pos)
 
 
 # --------------------------------------------------------------------------- errors
@@ -723,17 +854,20 @@ def copy_file(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     pace: Pacer | None = None,
+    chunk_table: bool = True,
 ) -> CopyResult:
     """Copy ``src`` to the new file ``dst`` (0600), holes kept, hashed, fsynced.
 
     Raises CopyError, with ``dst`` removed, on any failure; Cancelled (a
     CopyError) when ``cancel`` is set. ``pace``: the I/O class and rate cap.
+    ``chunk_table``: also hash every chunk (``CopyResult.chunks``); a restore,
+    which only checks the whole-file digest, saves that work with False.
     """
     source = _open_source(src)
     try:
         fd = _create_dest(dst)
         try:
-            return _copy_into(source, dst, fd, progress, cancel, pace)
+            return _copy_into(source, dst, fd, progress, cancel, pace, chunk_table)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(dst)
@@ -749,6 +883,7 @@ def _copy_into(
     progress: ProgressFn | None,
     cancel: threading.Event | None,
     pace: Pacer | None = None,
+    chunk_table: bool = True,
 ) -> CopyResult:
     total = source.data_bytes
     try:
@@ -761,7 +896,7 @@ def _copy_into(
         raise _write_error(exc, dst, total, total) from exc
     dest = _Dest(dst, fd, skip_zeros=source.block)
     try:
-        pipe = _Pipeline(source, None if cloned else dest, cancel, pace)
+        pipe = _Pipeline(source, None if cloned else dest, cancel, pace, chunk_table)
         pipe.run(total, progress)
         if pipe.error is not None:
             raise _copy_error(pipe, source.path, dst, total) from pipe.error
@@ -777,7 +912,9 @@ def _copy_into(
     finally:
         dest.close()
     fsync_dir(dst.parent)
-    return CopyResult(source.size, total, str(pipe.hasher.hexdigest()), cloned)
+    digest = str(pipe.hasher.hexdigest())
+    table = pipe.chunker.table() if pipe.chunker is not None else None
+    return CopyResult(source.size, total, digest, cloned, table)
 
 
 def copy_to_device(
@@ -916,9 +1053,35 @@ def hash_file(
     A cold read-back: O_DIRECT where possible, so it checks the disk, not RAM.
     Only data extents are read. ``limit``: only the first bytes (of a device).
     """
+    return _hash(path, progress, cancel, limit, chunk_table=False).blake3
+
+
+def hash_with_chunks(
+    path: Path,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    pace: Pacer | None = None,
+) -> HashResult:
+    """``hash_file``, and the file's chunk table from the same read.
+
+    ``pace``: a job's I/O class and rate, where the read is a backup's (shared_copy).
+    """
+    return _hash(path, progress, cancel, None, chunk_table=True, pace=pace)
+
+
+def _hash(
+    path: Path,
+    progress: ProgressFn | None,
+    cancel: threading.Event | None,
+    limit: int | None,
+    *,
+    chunk_table: bool,
+    pace: Pacer | None = None,
+) -> HashResult:
     source = _open_source(path, limit)
     try:
-        pipe = _Pipeline(source, None, cancel)
+        pipe = _Pipeline(source, None, cancel, pace, chunk_table=chunk_table)
         pipe.run(source.data_bytes, progress)
     finally:
         source.close()
@@ -930,4 +1093,5 @@ def hash_file(
         raise CopyError(f"cannot read {path}: {pipe.error.strerror}") from pipe.error
     if pipe.error is not None:
         raise CopyError(f"reading {path} failed: {pipe.error}") from pipe.error
-    return str(pipe.hasher.hexdigest())
+    table = pipe.chunker.table() if pipe.chunker is not None else None
+    return HashResult(str(pipe.hasher.hexdigest()), table, source.data_bytes)

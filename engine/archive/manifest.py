@@ -1,6 +1,7 @@
 """manifest.json: what a version holds and the BLAKE3 of every file in it.
 
-The JSON layout is archive format v1, specified in FORMAT.md ("manifest.json").
+The JSON layout is archive format 3, specified in FORMAT.md ("manifest.json");
+formats 1 and 2 (no chunk tables) are still read.
 Reading is strict: unknown format versions, unknown or missing keys, wrong types
 and unsafe file names are refused. A manifest is a safety record; a reader that
 skipped what it did not understand could call a version sound on grounds it never
@@ -24,12 +25,19 @@ from guestsafe.engine.archive.names import printable, series_name
 from guestsafe.engine.errors import ArchiveError
 from guestsafe.engine.modes import Mode, parse_mode
 
-FORMAT_VERSION = 1  # the archive marker's, and the manifest of a plain version
+FORMAT_VERSION = 1  # the manifest of a plain version
+# The archive's marker (guestsafe-archive.json) keeps format 1: a newer version is
+# refused on its own by an older guestsafe, the older versions beside it stay readable.
+ARCHIVE_FORMAT = FORMAT_VERSION
 # A manifest with the guest's device state and firmware facts (tpm, firmware,
 # not_copied) is format 2: a reader of format 1 alone would restore such a
 # version without its TPM state, so it must refuse it (FORMAT.md, section 1).
 DEVICE_STATE_FORMAT = 2
-MANIFEST_FORMATS = (FORMAT_VERSION, DEVICE_STATE_FORMAT)
+# A manifest whose files have chunk tables (``chunks``) is format 3, which includes
+# format 2: a reader of format 2 alone would refuse the unknown key with a message
+# that hides what it lacks; the format number says it.
+CHUNK_TABLE_FORMAT = 3
+MANIFEST_FORMATS = (FORMAT_VERSION, DEVICE_STATE_FORMAT, CHUNK_TABLE_FORMAT)
 
 MANIFEST_FILE = "manifest.json"
 DOMAIN_XML_FILE = "domain.xml"
@@ -74,6 +82,18 @@ def is_safe_file_name(name: str) -> bool:
 
 
 @dataclass(frozen=True)
+class ChunkRef:
+    """A file's chunk table (format 3): ``file`` (``vda.qcow2.chunks``) and its BLAKE3.
+
+    The digest protects the table: an edited table does not match it.
+    """
+
+    file: str
+    chunk_size: int
+    blake3: str
+
+
+@dataclass(frozen=True)
 class ChainFile:
     """A backing file of a disk kept with its chain (``chain = "keep"``).
 
@@ -87,6 +107,7 @@ class ChainFile:
     backing: str | None
     blake3: str
     size: int | None = None
+    chunks: ChunkRef | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,7 @@ class DiskRecord:
     # A <disk type='volume'>: the libvirt storage pool and volume ``source`` resolved from.
     pool: str | None = None
     volume: str | None = None
+    chunks: ChunkRef | None = None  # format 3
 
     @property
     def backing(self) -> str | None:
@@ -248,16 +270,29 @@ def manifest_format(
 
     A reader of format 1 alone would misread any of them (a kept chain without its
     backing files, a block device as a file), so each makes the manifest format 2.
+    A chunk table on any file makes it format 3 (which includes format 2).
     """
-    special = any(_record_dict(d).keys() - _RECORD_KEYS for d in disks)
+    files: list[ArchivedFile] = [*disks, *(c for d in disks for c in d.chain)]
+    if tpm is not None:
+        files += tpm.files
+    if any(f.chunks is not None for f in files):
+        return CHUNK_TABLE_FORMAT
+    special = any(_record_dict(d).keys() - _RECORD_KEYS - {"chunks"} for d in disks)
     if tpm or firmware or not_copied or special or checkpoint or host_name:
         return DEVICE_STATE_FORMAT
     return FORMAT_VERSION
 
 
 def b3sums_text(manifest: Manifest) -> str:
-    """The B3SUMS file of a version: ``b3sum --check B3SUMS`` checks it without guestsafe."""
-    lines = [f"{r.blake3}  {r.file}\n" for r in manifest.files]
+    """The B3SUMS file of a version: ``b3sum --check B3SUMS`` checks it without guestsafe.
+
+    Each file's chunk table follows the file, so ``b3sum --check`` covers the tables too.
+    """
+    lines = []
+    for r in manifest.files:
+        lines.append(f"{r.blake3}  {r.file}\n")
+        if r.chunks is not None:
+            lines.append(f"{r.chunks.blake3}  {r.chunks.file}\n")
     lines.append(f"{manifest.domain_xml_blake3}  {DOMAIN_XML_FILE}\n")
     return "".join(lines)
 
@@ -291,11 +326,17 @@ def _record_dict(record: DiskRecord) -> dict[str, Any]:
         data["pool"] = record.pool
     if record.volume is not None:
         data["volume"] = record.volume
+    if record.chunks is not None:
+        data["chunks"] = _chunks_dict(record.chunks)
     return data
 
 
+def _chunks_dict(ref: ChunkRef) -> dict[str, Any]:
+    return {"file": ref.file, "chunk_size": ref.chunk_size, "blake3": ref.blake3}
+
+
 def _chain_dict(layer: ChainFile) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "file": layer.file,
         "source": layer.source,
         "format": layer.format,
@@ -303,6 +344,9 @@ def _chain_dict(layer: ChainFile) -> dict[str, Any]:
         "size": layer.size,
         "blake3": layer.blake3,
     }
+    if layer.chunks is not None:
+        data["chunks"] = _chunks_dict(layer.chunks)
+    return data
 
 
 def _to_dict(manifest: Manifest) -> dict[str, Any]:
@@ -350,7 +394,7 @@ _MANIFEST_KEYS = frozenset(
     _to_dict(Manifest(1, "", "", "", Mode.STOP, "", "", None, "", [], None, [])).keys()
 )
 _RECORD_KEYS = frozenset(_record_dict(DiskRecord("", "", "", 0, 0, "", "")).keys())
-_OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume"})
+_OPTIONAL_RECORD_KEYS = frozenset({"source_kind", "chain", "pool", "volume", "chunks"})
 _CHAIN_KEYS = frozenset(_chain_dict(ChainFile("", "", "", None, "")).keys())
 # Keys a manifest may leave out: versions without a TPM, firmware facts or media have none.
 _OPTIONAL_KEYS = frozenset(("tpm", "firmware", "not_copied", "checkpoint", "host_name"))
@@ -360,6 +404,11 @@ _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _TPM_KEYS = frozenset(("model", "version", "state_dir", "files"))
 _FIRMWARE_KEYS = frozenset(FirmwareRecord.__dataclass_fields__)
 _NOT_COPIED_KEYS = frozenset(NotCopied.__dataclass_fields__)
+_CHUNKS_KEYS = frozenset(_chunks_dict(ChunkRef("", 0, "")).keys())
+CHUNKS_SUFFIX = ".chunks"
+# Chunk sizes a reader accepts: powers of two a reflink can share (4 KiB blocks up),
+# and small enough that verify's four chunk buffers stay well under 100 MiB.
+_MIN_CHUNK, _MAX_CHUNK = 4096, 16 << 20
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -506,7 +555,10 @@ class _Reader:
                 f"use a guestsafe release that reads format {value}",
             )
         if value not in MANIFEST_FORMATS:
-            self.fail(f"uses unknown archive format {value} (this guestsafe reads 1 and {newest})")
+            self.fail(
+                f"uses unknown archive format {value} (this guestsafe reads "
+                f"{', '.join(map(str, MANIFEST_FORMATS))})"
+            )
         return int(value)
 
     def keys(
@@ -606,7 +658,26 @@ class _Reader:
             chain=layers,
             pool=self.optional_text(data, "pool", f"{where}."),
             volume=self.optional_text(data, "volume", f"{where}."),
+            chunks=self.chunks(data, file, where),
         )
+
+    def chunks(self, data: dict[str, Any], file: str, where: str) -> ChunkRef | None:
+        """A format-3 file's chunk table; formats 1 and 2 have none."""
+        if "chunks" not in data:
+            return None
+        if self.fmt < CHUNK_TABLE_FORMAT:
+            self.fail(f"has {where}.chunks, which format {self.fmt} does not have")
+        ref = data["chunks"]
+        where = f"{where}.chunks"
+        if not isinstance(ref, dict):
+            self.fail(f"has {where} that is not a JSON object")
+        self.keys(ref, _CHUNKS_KEYS, f"{where}.")
+        if ref["file"] != file + CHUNKS_SUFFIX:
+            self.fail(f"has {where}.file {ref['file']!r}, not {file + CHUNKS_SUFFIX!r}")
+        size = ref["chunk_size"]
+        if type(size) is not int or not _MIN_CHUNK <= size <= _MAX_CHUNK or size & (size - 1):
+            self.fail(f"has {where}.chunk_size {size!r}, not a power of two from 4 KiB to 16 MiB")
+        return ChunkRef(file + CHUNKS_SUFFIX, size, self.digest(ref, "blake3"))
 
     def source_kind(self, data: dict[str, Any], where: str) -> str:
         if "source_kind" not in data:
@@ -637,7 +708,7 @@ class _Reader:
     def chain_file(self, data: Any, where: str) -> ChainFile:
         if not isinstance(data, dict):
             self.fail(f"has {where} that is not a JSON object")
-        self.keys(data, _CHAIN_KEYS, f"{where}.")
+        self.keys(data, _CHAIN_KEYS, f"{where}.", frozenset({"chunks"}))
         backing = data["backing"]
         if backing is not None and (not isinstance(backing, str) or not is_safe_file_name(backing)):
             self.fail(f"names an unsafe backing file {backing!r} in {where}")
@@ -648,6 +719,7 @@ class _Reader:
             backing=backing,
             blake3=self.digest(data, "blake3"),
             size=self.size(data, "size", f"{where}."),
+            chunks=self.chunks(data, self.file_name(data, where), where),
         )
 
     def chain_links(self, top: str, fmt: str, layers: tuple[ChainFile, ...], where: str) -> None:
@@ -671,8 +743,9 @@ class _Reader:
                 self.fail(f"has {where}.chain[{i}], a {layer.format} file with a backing file")
 
     def unique(self, records: list[DiskRecord]) -> None:
-        files = [r.file.lower() for r in records]
-        files += [c.file.lower() for r in records for c in r.chain]
+        layers: list[ArchivedFile] = [*records, *(c for r in records for c in r.chain)]
+        files = [f.file.lower() for f in layers]
+        files += [f.chunks.file.lower() for f in layers if f.chunks is not None]
         targets = [r.target for r in records]
         for label, values in (("file", files), ("target", targets)):
             twice = sorted({v for v in values if values.count(v) > 1})

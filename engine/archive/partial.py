@@ -12,13 +12,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import blake3
+
 from guestsafe.engine import failpoints
+from guestsafe.engine.archive.chunks import table_bytes, table_file_name
 from guestsafe.engine.archive.layout import FILE_MODE, kind_of, remove
 from guestsafe.engine.archive.manifest import (
     B3SUMS_FILE,
     DOMAIN_XML_FILE,
     MANIFEST_FILE,
     ChainFile,
+    ChunkRef,
     DiskRecord,
     Manifest,
     b3sums_text,
@@ -26,7 +30,7 @@ from guestsafe.engine.archive.manifest import (
 )
 from guestsafe.engine.archive.names import printable
 from guestsafe.engine.archive.versions import VersionInfo
-from guestsafe.engine.copier import hash_file
+from guestsafe.engine.copier import ChunkTable, hash_file
 from guestsafe.engine.errors import ArchiveError, CopyError
 from guestsafe.engine.fsutil import atomic_write_bytes, fsync_dir, fsync_file, lstat_or_none
 
@@ -70,6 +74,20 @@ class PartialVersion:
             )
         return self.path / name
 
+    def write_chunk_table(self, name: str, table: ChunkTable | None) -> ChunkRef | None:
+        """Store the chunk table of the disk file ``name`` beside it (``name.chunks``).
+
+        None in, None out: a file copied without a table is verified whole.
+        """
+        if table is None:
+            return None
+        self._check_open()
+        self.file_path(name)  # the same plain-name check as the file's own
+        data = table_bytes(table)
+        table_name = table_file_name(name)
+        atomic_write_bytes(self.path / table_name, data, FILE_MODE)
+        return ChunkRef(table_name, table.chunk_size, str(blake3.blake3(data).hexdigest()))
+
     def write_domain_xml(self, xml: str) -> None:
         """Store the domain XML, 0600: it can hold console and storage passwords."""
         self._check_open()
@@ -93,6 +111,8 @@ class PartialVersion:
                 f"{self._where()}: {record.file} is {st.st_size} bytes, "
                 f"the manifest says {record.size}"
             )
+        if record.chunks is not None and lstat_or_none(self.path / record.chunks.file) is None:
+            raise ArchiveError(f"{self._where()}: {record.chunks.file} is missing in {self.path}")
         return replace(record, size=st.st_size)
 
     def _domain_digest(self) -> str:
@@ -141,6 +161,7 @@ class PartialVersion:
         except ArchiveError as exc:
             raise ArchiveError(f"{self._where()}: {exc.message}") from exc
         files = {r.file for r in final.files}
+        files |= {r.chunks.file for r in final.files if r.chunks is not None}
         # manifest.json and B3SUMS may be left by an earlier commit attempt; rewritten.
         self._check_no_strays(files | {DOMAIN_XML_FILE, MANIFEST_FILE, B3SUMS_FILE})
         for name in sorted(files):

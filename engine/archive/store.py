@@ -50,7 +50,7 @@ from guestsafe.engine.archive.layout import (
     remove,
     version_numbers,
 )
-from guestsafe.engine.archive.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+from guestsafe.engine.archive.manifest import ARCHIVE_FORMAT, MANIFEST_FILE, Manifest
 from guestsafe.engine.archive.names import (
     decode_guest_dir,
     encode_guest_name,
@@ -123,7 +123,7 @@ class Archive:
                     f"{root} is not a guestsafe archive (no {MARKER}); check the "
                     "destination, or let a backup job create the archive there"
                 )
-            data = {"format": FORMAT_VERSION, "archive_id": str(uuidlib.uuid4()), "created": now()}
+            data = {"format": ARCHIVE_FORMAT, "archive_id": str(uuidlib.uuid4()), "created": now()}
             atomic_write_bytes(marker, (json.dumps(data, indent=2) + "\n").encode(), FILE_MODE)
         archive = cls(root, data["archive_id"], data["created"])
         if expected_id is not None and expected_id != archive.archive_id:
@@ -153,21 +153,21 @@ class Archive:
         if not isinstance(data, dict):
             data = {}
         fmt = data.get("format")
-        if type(fmt) is int and fmt > FORMAT_VERSION:
+        if type(fmt) is int and fmt > ARCHIVE_FORMAT:
             raise ArchiveError(
                 f"archive {marker.parent} uses format {fmt}, newer than this guestsafe "
-                f"reads ({FORMAT_VERSION}); use a guestsafe release that reads format {fmt}"
+                f"reads ({ARCHIVE_FORMAT}); use a guestsafe release that reads format {fmt}"
             )
         if not (
             type(fmt) is int
-            and fmt == FORMAT_VERSION
+            and fmt == ARCHIVE_FORMAT
             and data.keys() == {"format", "archive_id", "created"}
             and _is_uuid(data["archive_id"])
             and isinstance(data["created"], str)
         ):
             raise ArchiveError(
                 f"archive marker {marker} is damaged: expected exactly format "
-                f"{FORMAT_VERSION}, archive_id (a UUID) and created"
+                f"{ARCHIVE_FORMAT}, archive_id (a UUID) and created"
             )
         return data
 

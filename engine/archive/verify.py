@@ -4,6 +4,13 @@
 non-regular files, sizes, B3SUMS) and lists the files to hash; ``hash_job`` hashes
 one; ``record`` writes the result to the version's ``verified.json``.
 ``Archive.verify`` runs them over the versions chosen.
+
+A format-3 file is checked against its chunk table (``chunks.verify_file``):
+data chunks read in parallel, holes not read, a mismatch named by offset. The
+table is first checked against its digest in the manifest; a damaged table is
+reported and the file then checked whole. Its whole-file BLAKE3, computed from
+the same bytes by the same read when the version was written, is checked by every
+restore and by ``b3sum --check B3SUMS``. Files of formats 1 and 2 are checked whole.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from guestsafe.engine.archive.chunks import TableError, file_digest, verify_file
 from guestsafe.engine.archive.layout import FILE_MODE, kind_of, now, read_small
 from guestsafe.engine.archive.manifest import (
     B3SUMS_FILE,
@@ -24,6 +32,7 @@ from guestsafe.engine.archive.manifest import (
     MANIFEST_FILE,
     RESERVED_FILES,
     VERIFIED_FILE,
+    ChunkRef,
     Manifest,
     b3sums_text,
 )
@@ -60,6 +69,7 @@ class HashJob:
     path: Path
     expected: str
     size: int
+    chunks: ChunkRef | None = None
 
 
 @dataclass
@@ -106,6 +116,8 @@ def _check_entries(check: Check, manifest: Manifest) -> None:
     expected: dict[str, tuple[str, int | None]] = {
         r.file: (r.blake3, r.size) for r in manifest.files
     }
+    tables = {r.file: r.chunks for r in manifest.files if r.chunks is not None}
+    table_files = {ref.file for ref in tables.values()}
     if manifest.domain_xml_blake3 is not None:  # always, in a valid manifest
         expected[DOMAIN_XML_FILE] = (manifest.domain_xml_blake3, None)
     present: dict[str, os.stat_result] = {}
@@ -114,11 +126,11 @@ def _check_entries(check: Check, manifest: Manifest) -> None:
         st = os.lstat(check.folder / name)
         if not stat.S_ISREG(st.st_mode):
             check.problems.append(f"{printable(name)} is {kind_of(st)}")
-        elif name not in expected and name not in RESERVED_FILES:
+        elif name not in expected and name not in RESERVED_FILES and name not in table_files:
             check.problems.append(f"{printable(name)}: unexpected file")
         else:
             present[name] = st
-    for name in [*expected, B3SUMS_FILE]:
+    for name in [*expected, *sorted(table_files), B3SUMS_FILE]:
         if name not in entries:
             check.problems.append(f"{name}: missing")
     for name, (digest, size) in expected.items():
@@ -128,7 +140,10 @@ def _check_entries(check: Check, manifest: Manifest) -> None:
         if size is not None and st_file.st_size != size:
             check.problems.append(f"{name}: size {st_file.st_size} != {size}")
             continue
-        check.jobs.append(HashJob(name, check.folder / name, digest, st_file.st_size))
+        chunks = tables.get(name)
+        if chunks is not None and chunks.file not in present:
+            chunks = None  # reported missing above; the file itself is checked whole
+        check.jobs.append(HashJob(name, check.folder / name, digest, st_file.st_size, chunks))
     if B3SUMS_FILE in present:
         _check_b3sums(check, manifest)
 
@@ -159,20 +174,69 @@ def hash_job(
         if progress is not None and file_total:
             progress(Progress(check.guest, item, done + file_done * job.size // file_total, total))
 
+    if job.chunks is not None and _table_intact(check, job.chunks):
+        _verify_chunks(check, job, job.chunks, lambda n: report(n, job.size), cancel)
+    else:
+        _verify_whole(check, job, report, cancel)
+    if progress is not None:
+        progress(Progress(check.guest, item, done + job.size, total))
+    return done + job.size
+
+
+def _table_intact(check: Check, ref: ChunkRef) -> bool:
+    """The table matches its digest in the manifest; otherwise reported, and False."""
+    try:
+        actual = file_digest(check.folder / ref.file)
+    except OSError as exc:
+        check.problems.append(f"{ref.file}: read error ({exc.strerror or exc})")
+        return False
+    if actual == ref.blake3:
+        return True
+    check.problems.append(
+        f"{ref.file}: blake3 mismatch (expected {ref.blake3[:16]}.., got {actual[:16]}..): "
+        f"the chunk table was edited or is damaged; its file is checked whole instead"
+    )
+    return False
+
+
+def _verify_chunks(
+    check: Check,
+    job: HashJob,
+    ref: ChunkRef,
+    report: Callable[[int], None],
+    cancel: threading.Event | None,
+) -> None:
+    try:
+        found = verify_file(
+            job.path, job.file, check.folder / ref.file, ref.chunk_size,
+            progress=report, cancel=cancel,
+        )  # fmt: skip
+    except TableError as exc:
+        check.problems.append(f"{ref.file}: {exc}")
+        return
+    except OSError as exc:
+        check.problems.append(f"{job.file}: read error ({exc.strerror or exc})")
+        return
+    check.problems += found.problems
+
+
+def _verify_whole(
+    check: Check,
+    job: HashJob,
+    report: Callable[[int, int], None],
+    cancel: threading.Event | None,
+) -> None:
     try:
         actual = hash_file(job.path, progress=report, cancel=cancel)
     except CopyError as exc:
         if cancel is not None and cancel.is_set():
             raise
         check.problems.append(f"{job.file}: read error ({exc.message})")
-        return done + job.size
+        return
     if actual != job.expected:
         check.problems.append(
             f"{job.file}: blake3 mismatch (expected {job.expected[:16]}.., got {actual[:16]}..)"
         )
-    if progress is not None:
-        progress(Progress(check.guest, item, done + job.size, total))
-    return done + job.size
 
 
 def record(check: Check) -> VerifyReport:

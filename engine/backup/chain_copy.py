@@ -21,7 +21,7 @@ import threading
 from guestsafe.engine.archive.manifest import ChainFile, DiskRecord
 from guestsafe.engine.archive.partial import PartialVersion
 from guestsafe.engine.backup.guest_run import GuestRun
-from guestsafe.engine.copier import copy_file, hash_file
+from guestsafe.engine.copier import ChunkTable, copy_file, hash_with_chunks
 from guestsafe.engine.errors import CopyError, naming
 from guestsafe.engine.fsutil import fsync_file
 from guestsafe.engine.hypervisor import chains, disk_files
@@ -75,7 +75,7 @@ def _flatten(
         with naming("flushing", dst):
             fsync_file(dst)  # qemu-img convert writes without flushing
         run.say_info(f"hashing {disk.target} ({name}, written by qemu-img)")
-        digest = hash_file(dst, progress=progress, cancel=cancel)
+        hashed = hash_with_chunks(dst, progress=progress, cancel=cancel)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
@@ -89,7 +89,8 @@ def _flatten(
             virtual_size=disk_files.virtual_size(dst, "qcow2"),
             allocated_size=allocated,
             file=name,
-            blake3=digest,
+            blake3=hashed.blake3,
+            chunks=partial.write_chunk_table(name, hashed.chunks),
             pool=disk.pool,
             volume=disk.volume,
         )
@@ -104,6 +105,7 @@ def _keep(
 ) -> DiskRecord:
     names = [layer_file_name(disk.target, i, layer.format) for i, layer in enumerate(layers)]
     digests = []
+    tables: list[ChunkTable | None] = []
     for depth, (layer, name) in enumerate(zip(layers, names, strict=True)):
         item = disk.target if depth == 0 else f"{disk.target} backing {depth}"
         result = copy_file(
@@ -111,13 +113,15 @@ def _keep(
         )
         run.bytes_copied += result.data_bytes
         digests.append(result.blake3)
+        tables.append(result.chunks)
     for depth in range(len(layers) - 1):
         # The copy still names the host's backing path; make it the version's own file.
         dst = partial.file_path(names[depth])
         chains.rebase_unsafe(dst, names[depth + 1], layers[depth + 1].format)
         with naming("flushing", dst):
             fsync_file(dst)
-        digests[depth] = hash_file(dst, cancel=cancel)
+        hashed = hash_with_chunks(dst, cancel=cancel)
+        digests[depth], tables[depth] = hashed.blake3, hashed.chunks
     backing = [
         ChainFile(
             file=names[depth],
@@ -125,6 +129,7 @@ def _keep(
             format=layer.format,
             backing=names[depth + 1] if depth + 1 < len(names) else None,
             blake3=digests[depth],
+            chunks=partial.write_chunk_table(names[depth], tables[depth]),
         )
         for depth, layer in enumerate(layers)
         if depth > 0
@@ -139,6 +144,7 @@ def _keep(
             allocated_size=sum(partial.file_path(n).stat().st_blocks * 512 for n in names),
             file=names[0],
             blake3=digests[0],
+            chunks=partial.write_chunk_table(names[0], tables[0]),
             chain=tuple(backing),
             pool=disk.pool,
             volume=disk.volume,

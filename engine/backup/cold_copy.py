@@ -16,8 +16,10 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup import chain_copy
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
+from guestsafe.engine.backup.shared_base import copy_shared
+from guestsafe.engine.backup.shared_copy import SharedResult
 from guestsafe.engine.backup.tpm_copy import copy_tpm_state
-from guestsafe.engine.copier import copy_file
+from guestsafe.engine.copier import CopyResult, copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, GuestsafeError, naming
 from guestsafe.engine.hypervisor import chains, disk_files
 from guestsafe.engine.hypervisor.connection import Hypervisor
@@ -140,10 +142,14 @@ def copy_disk_file(
     assert run.partial is not None
     file_name = disk_files.archive_file_name(target, fmt)
     dst = run.partial.file_path(file_name)
-    run.say_info(f"copying {target} ({source}){_pace_note(pace)}")
-    result = copy_file(
-        Path(source), dst, progress=run.copy_progress(target), cancel=cancel, pace=pace
+    result: CopyResult | SharedResult | None = copy_shared(
+        run, target, Path(source), fmt or "raw", dst, cancel, pace
     )
+    if result is None:
+        run.say_info(f"copying {target} ({source}){_pace_note(pace)}")
+        result = copy_file(
+            Path(source), dst, progress=run.copy_progress(target), cancel=cancel, pace=pace
+        )
     if pace is not None and pace.refused is not None:
         run.warn(f"the copy ran in the default I/O class: {pace.refused}")
         pace.refused = None  # said once per disk at most
@@ -159,6 +165,7 @@ def copy_disk_file(
         allocated_size=allocated,
         file=file_name,
         blake3=result.blake3,
+        chunks=run.partial.write_chunk_table(file_name, result.chunks),
     )
 
 

@@ -50,7 +50,7 @@ from guestsafe.engine.backup.push_files import (
     wait_until_closed,
 )
 from guestsafe.engine.backup.tpm_copy import copy_tpm_state
-from guestsafe.engine.copier import copy_file, hash_file
+from guestsafe.engine.copier import copy_file, hash_with_chunks
 from guestsafe.engine.errors import (
     Cancelled,
     CopyError,
@@ -280,7 +280,10 @@ class PushCopy:
         with naming("reading the copy", dst):
             allocated = dst.stat().st_blocks * 512
             size = disk_files.virtual_size(dst, "raw")
-        return DiskRecord("nvram", source, "fd", size, allocated, name, result.blake3)
+        chunks = b.partial.write_chunk_table(name, result.chunks)
+        return DiskRecord(
+            "nvram", source, "fd", size, allocated, name, result.blake3, chunks=chunks
+        )
 
     def _snapshot(self) -> None:
         """Begin the job on the running guest, its filesystems frozen if an agent answers."""
@@ -507,6 +510,7 @@ class PushCopy:
     def _adopt(self, target: PushTarget) -> DiskRecord:
         """QEMU's file made ours: root's, 0600, zeros given back, size checked, hashed."""
         b = self.run
+        assert b.partial is not None
         path = target.path
         st = lstat_or_none(path)
         if st is None or not stat.S_ISREG(st.st_mode):
@@ -520,7 +524,7 @@ class PushCopy:
                     punch_zero_blocks(path)  # QEMU copied the device's zeros as data
         self._check_size(target)
         b.say_info(f"hashing {target.target} ({path.name}, written by QEMU)")
-        digest = hash_file(path, progress=b.copy_progress(target.target), cancel=b.cancel)
+        hashed = hash_with_chunks(path, progress=b.copy_progress(target.target), cancel=b.cancel)
         with naming("reading the copy", path):
             allocated = os.stat(path).st_blocks * 512
             size = disk_files.virtual_size(path, target.fmt)
@@ -532,7 +536,8 @@ class PushCopy:
             virtual_size=size,
             allocated_size=allocated,
             file=path.name,
-            blake3=digest,
+            blake3=hashed.blake3,
+            chunks=b.partial.write_chunk_table(path.name, hashed.chunks),
             source_kind="block" if disk_files.is_block_device(Path(target.source)) else "file",
         )
 

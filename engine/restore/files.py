@@ -56,7 +56,8 @@ def restore_file(
     dst.parent.mkdir(parents=True, exist_ok=True)
     events.info(reporter, f"restoring {rec.file} to {dst}", who)
     progress = progress_of(reporter, who, rec)
-    result = copy_file(src, dst, progress=progress, cancel=cancel)
+    # Checked whole against the manifest: no chunk table needed.
+    result = copy_file(src, dst, progress=progress, cancel=cancel, chunk_table=False)
     if result.blake3 != rec.blake3:
         message = mismatch(version, rec, result.blake3)
         if not force:

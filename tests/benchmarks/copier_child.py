@@ -1,10 +1,17 @@
 """Run one copier call in its own process, so the parent can read its peak RSS.
 
 Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
-``copier_child.py [--wait] hash PATH``, or
+``copier_child.py [--wait] hash PATH``, ``copier_child.py [--wait] verify PATH``,
+``copier_child.py [--wait] backup SRC DST PREV``, or
 ``copier_child.py [--wait] download URI VOLUME-PATH DST`` (a volume streamed over
 libvirt's connection, as a remote backup reads it; connected before ``ready``).
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
+``copy`` also writes the copy's chunk table to ``DST.chunks``, as a backup writes it
+beside the disk; ``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe
+verify`` checks a format-3 version's file.
+``backup`` copies as a backup does when ``PREV`` (with ``PREV.chunks``) is the previous
+version's file: a clone of it with only the changed chunks written where the
+filesystem can reflink (``shared_copy``), else a full ``copy_file``.
 Prints one line of JSON: the result and the seconds the call itself took.
 
 With ``--wait`` it imports everything, prints ``ready``, and starts only when a
@@ -21,7 +28,15 @@ from pathlib import Path
 
 import libvirt
 
-from guestsafe.engine.copier import copy_file, hash_file
+from guestsafe.engine.archive.chunks import (
+    chunk_count,
+    read_entries,
+    table_bytes,
+    table_file_name,
+    verify_file,
+)
+from guestsafe.engine.backup.shared_copy import shared_copy
+from guestsafe.engine.copier import TABLE_CHUNK, ChunkTable, copy_file, hash_file
 from guestsafe.engine.hypervisor.volume_streams import download_volume
 from guestsafe.engine.throttle import HostPacer
 
@@ -36,7 +51,10 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     if argv[:1] == ["copy"] and len(argv) in (3, 4):
         pace = HostPacer("idle", int(argv[3])) if len(argv) == 4 else None
-        result = copy_file(Path(argv[1]), Path(argv[2]), pace=pace)
+        dst = Path(argv[2])
+        result = copy_file(Path(argv[1]), dst, pace=pace)
+        assert result.chunks is not None
+        dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(result.chunks))
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
                "cloned": result.cloned}
     elif download is not None:
@@ -44,8 +62,15 @@ def main(argv: list[str]) -> int:
         length = int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
         result = download_volume(conn, vol, Path(argv[3]), length=length, total=vol.info()[2])
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes, "cloned": False}
+    elif argv[:1] == ["backup"] and len(argv) == 4:
+        out = backup(Path(argv[1]), Path(argv[2]), Path(argv[3]))
     elif argv[:1] == ["hash"] and len(argv) == 2:
         out = {"blake3": hash_file(Path(argv[1]))}
+    elif argv[:1] == ["verify"] and len(argv) == 2:
+        path = Path(argv[1])
+        table = path.with_name(table_file_name(path.name))
+        found = verify_file(path, path.name, table, TABLE_CHUNK)
+        out = {"ok": not found.problems, "problems": found.problems}
     else:
         print(__doc__, file=sys.stderr)
         return 2
@@ -57,6 +82,24 @@ def main(argv: list[str]) -> int:
 def _connect(argv: list[str]) -> tuple[libvirt.virConnect, libvirt.virStorageVol]:
     conn = libvirt.open(argv[1])
     return conn, conn.storageVolLookupByPath(argv[2])
+
+
+def backup(src: Path, dst: Path, prev: Path) -> dict[str, object]:
+    size = prev.stat().st_size
+    table_path = prev.with_name(table_file_name(prev.name))
+    entries = read_entries(table_path, chunk_count(size, TABLE_CHUNK))
+    table = ChunkTable(size, TABLE_CHUNK, b"".join(entries))
+    shared = shared_copy(src, dst, prev, table)
+    if shared is not None:
+        chunks, out = shared.chunks, {"blake3": shared.blake3, "written": shared.written,
+                                      "data_bytes": shared.data_bytes, "shared": True}
+    else:
+        result = copy_file(src, dst)
+        assert result.chunks is not None
+        chunks, out = result.chunks, {"blake3": result.blake3, "written": result.data_bytes,
+                                      "data_bytes": result.data_bytes, "shared": False}
+    dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(chunks))
+    return out
 
 
 if __name__ == "__main__":

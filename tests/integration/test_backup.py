@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
+import blake3
 import pytest
 from rig import DiskSpec, MiB, read_disk_counter, read_first_line
 from rig.gs import GS, shutdown_counter
@@ -12,6 +14,16 @@ from rig.gs import GS, shutdown_counter
 from guestsafe.engine.archive.manifest import Manifest
 
 pytestmark = pytest.mark.integration
+
+
+def chunk_lines(path: Path) -> list[str]:
+    """The chunk table of ``path`` computed here: b3sum of each 4 MiB, ``hole`` for zeros."""
+    lines = []
+    with path.open("rb") as f:
+        while piece := f.read(4 * MiB):
+            zero = piece.count(0) == len(piece)
+            lines.append("hole" if zero else blake3.blake3(piece).hexdigest())
+    return lines
 
 
 def test_running_guest_is_stopped_copied_and_running_again(gs: GS, guest_factory) -> None:
@@ -71,6 +83,14 @@ def test_qcow2_and_raw_disks_keep_their_formats(gs: GS, guest_factory) -> None:
     assert read_first_line(version.path / "vdb.qcow2", "qcow2") == "second disk says hello"
     # Holes stay holes: the raw copy allocates no more than the original.
     assert (version.path / "vda.raw").stat().st_blocks <= guest.disks["vda"].path.stat().st_blocks
+    # Format 3: each disk's chunk table lies beside it, matches its bytes, is in B3SUMS.
+    assert version.manifest.format == 3 and version.verified is True
+    for disk in version.manifest.disks:
+        assert disk.chunks is not None
+        table = (version.path / disk.chunks.file).read_text().splitlines()
+        assert table == chunk_lines(version.path / disk.file)
+    check = ["b3sum", "--check", "B3SUMS"]
+    subprocess.run(check, cwd=version.path, check=True, capture_output=True)
 
 
 def test_retention_keeps_two_of_three_runs(gs: GS, guest_factory) -> None:

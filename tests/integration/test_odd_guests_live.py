@@ -109,7 +109,7 @@ def test_tpm_state_is_kept_refused_in_snapshot_and_back_after_restore_over_origi
     at_backup = shutdown_counter(guest, offset)
     [version] = gs.versions(guest)
     tpm = version.manifest.tpm
-    assert version.manifest.format == 2  # an older guestsafe refuses it, not loses the TPM
+    assert version.manifest.format == 3  # 2 and up: an older guestsafe refuses it
     assert tpm is not None and tpm.version == "2.0" and tpm.state_dir == str(state.parent)
     [record] = tpm.files
     assert record.source == str(state)

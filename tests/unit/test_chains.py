@@ -14,6 +14,7 @@ import blake3
 import pytest
 
 from guestsafe.engine import events
+from guestsafe.engine.archive.chunks import table_bytes
 from guestsafe.engine.archive.manifest import (
     ChainFile,
     DiskRecord,
@@ -24,6 +25,7 @@ from guestsafe.engine.archive.manifest import (
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.chain_copy import copy_chain
 from guestsafe.engine.backup.guest_run import GuestRun
+from guestsafe.engine.copier import hash_with_chunks
 from guestsafe.engine.errors import ArchiveError, PreflightError
 from guestsafe.engine.hypervisor import chains, volumes
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo, GuestState
@@ -153,6 +155,12 @@ def test_copied_chain_reads_both_layers_and_is_hashed_as_written(
     else:
         assert record.chain == () and len(archived) == 1
         assert "flattened from a chain of 2 files" in run.warnings[0]
+    # Each file hashed as written (rebased, or by qemu-img) has the table of those bytes.
+    for archived_file in (record, *record.chain):
+        assert archived_file.chunks is not None
+        table = (folder / archived_file.chunks.file).read_bytes()
+        assert table == table_bytes(hash_with_chunks(folder / archived_file.file).chunks)
+        assert archived_file.chunks.blake3 == blake3.blake3(table).hexdigest()
     run.partial.write_domain_xml("<domain/>")
     version = run.partial.commit(replace(manifest([record]), domain_xml_blake3=None))
     (report,) = archive.verify("web", version.number)

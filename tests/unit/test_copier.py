@@ -17,7 +17,7 @@ import blake3
 import pytest
 
 from guestsafe.engine import copier
-from guestsafe.engine.copier import CopyResult, copy_file, hash_file
+from guestsafe.engine.copier import TABLE_CHUNK, ChunkTable, CopyResult, copy_file, hash_file
 from guestsafe.engine.errors import CopyError
 
 MiB = 1024 * 1024
@@ -79,7 +79,7 @@ def test_empty_file(tmp_path: Path) -> None:
     src.touch()
     calls: list[tuple[int, int]] = []
     result = copy_file(src, dst, progress=lambda d, t: calls.append((d, t)))
-    assert result == CopyResult(0, 0, digest(b""), False)
+    assert result == CopyResult(0, 0, digest(b""), False, ChunkTable(0, TABLE_CHUNK, b""))
     assert dst.read_bytes() == b""
     assert calls == [(0, 0)]
     assert hash_file(src) == digest(b"")

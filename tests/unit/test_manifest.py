@@ -91,8 +91,8 @@ def test_hostile_guest_name_survives_as_ascii_json() -> None:
 
 def test_newer_format_is_refused_with_guest_and_version() -> None:
     data = as_dict(manifest())
-    data["format"] = 3  # 2 is the format of versions with TPM state (test_disk_plan.py)
-    with pytest.raises(ArchiveError, match=r"manifest of web version 3 uses archive format 3"):
+    data["format"] = 4  # 2: versions with TPM state, 3: with chunk tables
+    with pytest.raises(ArchiveError, match=r"manifest of web version 3 uses archive format 4"):
         load(data)
 
 

@@ -98,9 +98,11 @@ def test_copy_threads_run_in_the_jobs_io_class(
     assert (tmp_path / "copy.raw").read_bytes() == src.read_bytes()
     assert pacer.refused is None
     names = sorted(name for name, _ in pacer.seen)
-    assert (
-        names
-        == ["guestsafe-copy-hash"] + ["guestsafe-copy-read"] * 2 + ["guestsafe-copy-write"] * 2
-    )
+    assert names == [
+        "guestsafe-copy-chunks",  # the chunk table, hashed beside the whole-file digest
+        "guestsafe-copy-hash",
+        *["guestsafe-copy-read"] * 2,
+        *["guestsafe-copy-write"] * 2,
+    ]
     assert {p for _, p in pacer.seen} == {priority}
     assert thread_io_priority() == before  # the caller's own thread keeps its class
