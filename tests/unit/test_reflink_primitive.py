@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rig.host import require
+from rig.scratch_fs import scratch_fs
 
 from guestsafe.engine.archive.reflink import clone_file, supports_reflink
 
 
 @pytest.fixture
 def xfs(tmp_path: Path) -> Iterator[Path]:
-    require(shutil.which("mkfs.xfs"), "mkfs.xfs (xfsprogs) is not installed")
-    image = tmp_path / "xfs.img"
-    with image.open("wb") as handle:
-        handle.truncate(512 * 1024 * 1024)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    result = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=False)
-    require(result.returncode == 0, "cannot loop-mount an XFS image here")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=False)
+    with scratch_fs(tmp_path, "xfs") as root:
+        yield root
 
 
 def test_a_clone_has_the_bytes_and_writing_it_leaves_the_source_alone(xfs: Path) -> None:

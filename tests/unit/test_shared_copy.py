@@ -16,7 +16,7 @@ from pathlib import Path
 
 import blake3
 import pytest
-from rig.host import require
+from rig.scratch_fs import scratch_fs
 
 from guestsafe.engine.archive.chunks import table_bytes
 from guestsafe.engine.archive.manifest import CHUNK_TABLE_FORMAT, DiskRecord, Manifest
@@ -33,19 +33,8 @@ XML = "<domain type='qemu'><name>web</name></domain>\n"
 
 @pytest.fixture
 def xfs(tmp_path: Path) -> Iterator[Path]:
-    require(shutil.which("mkfs.xfs"), "mkfs.xfs (xfsprogs) is not installed")
-    image = tmp_path / "xfs.img"
-    with image.open("wb") as handle:
-        handle.truncate(512 * MiB)
-    subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    result = subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=False)
-    require(result.returncode == 0, "cannot loop-mount an XFS image here")
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=False)
+    with scratch_fs(tmp_path, "xfs") as root:
+        yield root
 
 
 def sparse(path: Path, size: int, extents: list[tuple[int, bytes]]) -> None:
