@@ -96,7 +96,8 @@ def test_damaged_versions_need_force_and_retention_keeps_the_last_good_one(
     proc = gs.cli("verify", guest.name, "--dest", str(gs.archive))
     assert proc.returncode == 8
     assert f"{guest.name} version 1: ok" in proc.stdout
-    assert f"{guest.name} version 2: FAILED: vda.raw: blake3 mismatch" in proc.stdout
+    # Format 3: the chunk table names the 4 MiB piece that holds the flipped byte.
+    assert f"{guest.name} version 2: FAILED: vda.raw: chunk at offset 0 MiB (0)" in proc.stdout
     # ... which the next restore of it refuses without --force.
     clone2 = unique_name("rot-clone")
     guest_factory.adopt(clone2)

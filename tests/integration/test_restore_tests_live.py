@@ -229,3 +229,44 @@ def test_promote_a_shut_off_clone_into_a_target_dir(
     assert file_digests(version) == digests and not _booted(gs)
     clone.create()  # it boots from its own file
     assert clone.isActive()
+
+
+DISPLAY = (
+    "<graphics type='vnc' autoport='yes' listen='127.0.0.1'/>",
+    "<video><model type='vga'/></video>",
+)
+PPM_HEADER = re.compile(rb"P6\s+(\d+)\s+(\d+)\s+255\s")
+
+
+def _with_display(conn: libvirt.virConnect, guest: TestGuest) -> None:
+    """Redefine the (shut off) guest with a VNC display on a VGA card."""
+    root = ET.fromstring(guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    devices = root.find("./devices")
+    assert devices is not None
+    for text in DISPLAY:
+        devices.append(ET.fromstring(text))
+    conn.defineXML(ET.tostring(root, encoding="unicode"))
+
+
+def test_a_clone_with_a_display_leaves_a_screenshot_beside_the_record(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("rtshot", start=False)
+    _with_display(libvirt_conn, original)
+    gs.job("rtshot", [original], restore_test_console=READY, restore_test_seconds=120)
+    gs.cli("run", "rtshot", check=True)
+    guest_factory.adopt(_clone_of(original))
+
+    gs.cli("test-restore", original.name, check=True)
+
+    record = _record(gs, original)
+    assert record["ok"] is True and isinstance(record["screenshot"], str), record
+    image = (gs.versions(original)[0].path / record["screenshot"]).read_bytes()
+    size = PPM_HEADER.match(image) if image.startswith(b"P6") else None
+    if size is not None:  # QEMU's PPM: a real frame of the VGA card's mode
+        width, height = int(size.group(1)), int(size.group(2))
+        assert width >= 320 and height >= 200 and len(image) >= width * height * 3
+    else:
+        assert image.startswith(b"\x89PNG\r\n\x1a\n"), image[:16]
+    assert _clone_of(original) not in _domains(libvirt_conn)
+    assert gs.cli("verify", original.name, "1", check=True).returncode == 0
