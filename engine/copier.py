@@ -258,6 +258,26 @@ class _ChunkHasher:
         return ChunkTable(self.size, self.chunk_size, bytes(self.entries))
 
 
+def data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The data extents of ``[start, end)`` of ``fd``, clipped to it (SEEK_DATA/SEEK_HOLE)."""
+    pos = start
+    while pos < end:
+        try:
+            low = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, end  # no SEEK_DATA here: all of it is data
+                return
+            raise
+        if low >= end:
+            return
+        high = min(os.lseek(fd, low, os.SEEK_HOLE), end)
+        yield low, high
+        pos = high
+
+
 def _raw_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     pos = 0
     while pos < size:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import blake3
 
-from guestsafe.engine.copier import HOLE, ChunkTable, zero_digest
+from guestsafe.engine.copier import HOLE, ChunkTable, data_ranges, zero_digest
 from guestsafe.engine.errors import Cancelled
 
 CHUNKS_SUFFIX = ".chunks"
@@ -151,22 +151,7 @@ class _Reader:
 
     def data_in(self, start: int, end: int) -> Iterator[tuple[int, int]]:
         """The data extents of ``[start, end)``, clipped to it."""
-        pos = start
-        while pos < end:
-            try:
-                low = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    return
-                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                    yield pos, end  # no SEEK_DATA here: all of it is data
-                    return
-                raise
-            if low >= end:
-                return
-            high = min(os.lseek(self.fd, low, os.SEEK_HOLE), end)
-            yield low, high
-            pos = high
+        return data_ranges(self.fd, start, end)
 
     def close(self) -> None:
         if self.direct_fd >= 0:

@@ -110,15 +110,7 @@ class ColdCopy:
         return record
 
     def start(self) -> GuestsafeError | None:
-        """A failure here must not cost the finished copy: returned, not raised."""
-        run = self.run
-        try:
-            self.hv.start(run.name)
-        except GuestsafeError as exc:
-            return exc
-        run.running_again()
-        run.say_info(f"guest is running again (downtime {run.downtime or 0:.1f} s)")
-        return None
+        return start_again(self.hv, self.run)
 
     def finish(self) -> list[DiskRecord]:
         return []  # every record was made in copy
@@ -128,6 +120,20 @@ class ColdCopy:
 
     def still_frozen(self) -> bool:
         return False  # nothing is frozen in a cold copy
+
+
+def start_again(hv: Hypervisor, run: GuestRun) -> GuestsafeError | None:
+    """Start the guest after a copy made while it was off.
+
+    A failure here must not cost the finished copy: returned, not raised.
+    """
+    try:
+        hv.start(run.name)
+    except GuestsafeError as exc:
+        return exc
+    run.running_again()
+    run.say_info(f"guest is running again (downtime {run.downtime or 0:.1f} s)")
+    return None
 
 
 def copy_disk_file(

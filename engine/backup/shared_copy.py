@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import mmap
 import os
 import threading
@@ -37,6 +36,7 @@ from guestsafe.engine.copier import (
     TABLE_CHUNK,
     ChunkTable,
     Pacer,
+    data_ranges,
     hash_with_chunks,
     zero_digest,
 )
@@ -74,24 +74,6 @@ class _Chunk:
     view: memoryview
 
 
-def data_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The data extents of ``[start, end)`` of ``fd``, clipped to it (SEEK_DATA/SEEK_HOLE)."""
-    pos = start
-    while pos < end:
-        try:
-            low = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                yield pos, end  # no SEEK_DATA here: all of it is data
-                return
-            raise
-        if low >= end:
-            return
-        high = min(os.lseek(fd, low, os.SEEK_HOLE), end)
-        yield low, high
-        pos = high
 
 
 def _read_chunk(fd: int, index: int, size: int, buf: memoryview) -> _Chunk:

@@ -17,7 +17,7 @@ import libvirt
 
 from guestsafe.engine.archive.manifest import DiskRecord
 from guestsafe.engine.archive.store import Archive
-from guestsafe.engine.backup.cold_copy import AnyEvent
+from guestsafe.engine.backup.cold_copy import AnyEvent, start_again
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
 from guestsafe.engine.backup.phases import Phase
 from guestsafe.engine.errors import (
@@ -150,15 +150,7 @@ class StreamCopy:
         )
 
     def start(self) -> GuestsafeError | None:
-        """A failure here must not cost the finished copy: returned, not raised."""
-        run = self.run
-        try:
-            self.hv.start(run.name)
-        except GuestsafeError as exc:
-            return exc
-        run.running_again()
-        run.say_info(f"guest is running again (downtime {run.downtime or 0:.1f} s)")
-        return None
+        return start_again(self.hv, self.run)
 
     def finish(self) -> list[DiskRecord]:
         return []  # every record was made in copy
