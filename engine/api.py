@@ -144,6 +144,7 @@ from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over
 from guestsafe.engine.restore.over_recovery import recover_restores
 from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
 from guestsafe.engine.restore.promote import promote_clone
+from guestsafe.engine.restore.promote_moves import recover_promotes
 from guestsafe.engine.restore.volume_upload import restore_clone_remote
 from guestsafe.engine.sizes import byte_rate, byte_size
 
@@ -385,6 +386,7 @@ class Engine:
             recovery.recover(self.paths, reporter, start=start)
             + recover_restores(self.paths, reporter)
             + recover_restore_tests(self.paths, lambda: self.hv, reporter)
+            + recover_promotes(self.paths, lambda: self.hv, reporter)
         )
 
     def guests(self) -> list[GuestInfo]:
@@ -952,20 +954,27 @@ class Engine:
         number: int | None = None,
         destination: Path | None = None,
         *,
+        host: str | None = None,
         reporter: Reporter = events.null_reporter,
         cancel: threading.Event | None = None,
     ) -> tuple[VersionInfo, RestoreTest]:
         """Boot version ``number`` (default: the newest good one) cut off, wait, record.
 
-        The console line and the wait come from the first job that backs ``guest``
+        ``guest`` of ``host`` names the series, as for a restore; the clone runs here.
+        The console line and the wait come from the first job that backs that guest
         up into that archive; without one, the defaults (the guest stays running).
         """
-        archive = self.find_archive(guest, destination)
-        version = newest_good(archive, guest) if number is None else archive.version(guest, number)
+        archive = self.find_archive(guest, destination, host=host)
+        series = self.series(archive, guest, host)
+        version = (
+            newest_good(archive, series) if number is None else archive.version(series, number)
+        )
+        series_host, name = split_series(series)
         settings = TestSettings()
         for job in self.jobs():
             same = os.path.realpath(job.destination) == os.path.realpath(archive.root)
-            if same and guest in resolve_guests(job, [guest]):
+            backs_up = series_host in job_hosts(job) and name in resolve_guests(job, [name])
+            if same and backs_up:
                 settings = settings_of(job)
                 break
         test = run_restore_test(

@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("guest")
     test.add_argument("version", nargs="?", type=int, help="default: the newest good version")
     test.add_argument("--dest", type=Path, help="archive directory")
+    add_host_option(test)
     verify = sub.add_parser("verify", help="re-read and check versions")
     verify.add_argument("guest", nargs="?")
     verify.add_argument("version", nargs="?", type=int)
@@ -637,7 +638,12 @@ def cmd_promote(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
 
 def cmd_test_restore(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
     version, test = engine.test_restore(
-        args.guest, args.version, args.dest, reporter=reporter, cancel=cancel_on_signals()
+        args.guest,
+        args.version,
+        args.dest,
+        host=args.host,
+        reporter=reporter,
+        cancel=cancel_on_signals(),
     )
     line = f"{escape(version.guest)} version {version.number}: restore test "
     if not test.ok:

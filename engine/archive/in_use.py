@@ -39,6 +39,10 @@ class BootRecord:
     # A restore test's clone (restore/boottest/): recovery removes it once the test's
     # process is gone, since nobody asked to keep it.
     restore_test: bool = False
+    # A ``promote --target-dir`` under way: disk target -> the new file being written,
+    # named before the copy starts so that a crash leaves no file nobody knows of
+    # (restore/promote_moves.py).
+    moving: dict[str, str] = field(default_factory=dict)
 
     def uses(self, archive_root: Path, guest: str) -> bool:
         return self.guest == guest and _same_path(self.archive, archive_root)

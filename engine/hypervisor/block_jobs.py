@@ -19,6 +19,7 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
+from guestsafe.engine import failpoints
 from guestsafe.engine.errors import Cancelled, HypervisorError
 from guestsafe.engine.hypervisor.connection import Hypervisor
 
@@ -130,6 +131,7 @@ def copy_to(
         done, total = int(info.get("cur", 0)), int(info.get("end", 0))
         if progress is not None:
             progress(done, total)
+        failpoints.hit("promote.copy")
         if total > 0 and done == total:
             if _pivoted(dom, target):
                 break
@@ -142,7 +144,7 @@ def copy_to(
                 )
         time.sleep(POLL_SECONDS)
     live = hv.xml(name, inactive=False)
-    if _source_of(live, target) != str(dest):
+    if source_of(live, target) != str(dest):
         raise HypervisorError(f"the block copy of {name} {target} did not switch to {dest}")
 
 
@@ -155,10 +157,25 @@ def _pivoted(dom: libvirt.virDomain, target: str) -> bool:
     return True
 
 
-def _source_of(xml: str, target: str) -> str | None:
+def source_of(xml: str, target: str) -> str | None:
     for disk in ET.fromstring(xml).findall("./devices/disk"):
         dev = disk.find("target")
         source = disk.find("source")
         if dev is not None and dev.get("dev") == target and source is not None:
             return source.get("file")
     return None
+
+
+def abort_job(hv: Hypervisor, name: str, target: str) -> bool:
+    """End a block job left on disk ``target`` of running guest ``name``, without a pivot.
+
+    False when there was none (the guest is off, or the job ended with its process).
+    """
+    try:
+        dom = hv.connection.lookupByName(name)
+        if not dom.isActive() or not dom.blockJobInfo(target, 0):
+            return False
+        dom.blockJobAbort(target, 0)  # no pivot: the guest stays on the disk it had
+    except libvirt.libvirtError:
+        return False
+    return True

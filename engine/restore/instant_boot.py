@@ -125,7 +125,16 @@ def boot_clone(
         try:
             macs_now = macs_in_use or hv.mac_owners
             record, notes = _build(
-                plan, record, chains, macs, hv, macs_now, paths, force, reporter, cancel,
+                plan,
+                record,
+                chains,
+                macs,
+                hv,
+                macs_now,
+                paths,
+                force,
+                reporter,
+                cancel,
                 xml_filter,
             )
         except BaseException:
@@ -295,7 +304,8 @@ def _undo(record: BootRecord, hv: Hypervisor, paths: Paths, *, defined: bool) ->
         hv.destroy(record.clone)
         hv.undefine(record.clone)  # with its NVRAM file
         done.append(f"removed guest {record.clone}")
-    for path in [*record.overlays.values(), *([record.nvram] if record.nvram else [])]:
+    owned = [*record.overlays.values(), *record.moving.values()]
+    for path in [*owned, *([record.nvram] if record.nvram else [])]:
         with contextlib.suppress(FileNotFoundError):
             Path(path).unlink()
             done.append(f"removed {path}")

@@ -15,22 +15,29 @@ then the old overlay goes. The directory is checked first (``promote_target.py``
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import xml.etree.ElementTree as ET
-from dataclasses import replace
 from pathlib import Path
 
-from guestsafe.engine import events
-from guestsafe.engine.archive.in_use import BootRecord, read_record, remove_record, write_record
+from guestsafe.engine import events, failpoints, locks
+from guestsafe.engine.archive.in_use import BootRecord, read_record, remove_record
 from guestsafe.engine.archive.names import printable
-from guestsafe.engine.errors import HypervisorError, RestoreError
+from guestsafe.engine.errors import GuestsafeError, HypervisorError, LockBusy, RestoreError
 from guestsafe.engine.events import PhaseChanged, Progress, Reporter
 from guestsafe.engine.hypervisor.block_jobs import backing_files, copy_to, pull_backing
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING, SHUTOFF
 from guestsafe.engine.paths import Paths
 from guestsafe.engine.restore.instant_boot import release_access
+from guestsafe.engine.restore.promote_moves import (
+    end_move,
+    lock_key,
+    point_config_at,
+    resolve_moves,
+    start_move,
+)
 from guestsafe.engine.restore.promote_target import check_target_dir
 
 
@@ -47,7 +54,28 @@ def promote_clone(
 
     ``target_dir``: move the disks into that directory meanwhile.
     """
+    purpose = f"promoting {name}"
+    try:
+        lock = locks.acquire(paths.state_dir, lock_key(name), purpose)
+    except LockBusy as exc:
+        raise RestoreError(f"{printable(name)} is being promoted already ({exc.message})") from exc
+    with lock:
+        return _promote(name, hv, paths, reporter, cancel, target_dir)
+
+
+def _promote(
+    name: str,
+    hv: Hypervisor,
+    paths: Paths,
+    reporter: Reporter,
+    cancel: threading.Event | None,
+    target_dir: Path | None,
+) -> list[str]:
     record = _own_record(name, hv, paths)
+    if record.moving:  # an earlier promote died midway: settle its files first
+        record, lines = resolve_moves(record, hv, paths)
+        for line in lines:
+            events.info(reporter, line, name)
     state = hv.state(name)
     if state not in (RUNNING, SHUTOFF):
         raise RestoreError(f"clone {printable(name)} is {state}; promote it running or shut off")
@@ -106,18 +134,37 @@ def _move(
     for target, dest in moves.items():
         old = Path(record.overlays[target])
         events.info(reporter, f"{target}: copying {old} and what it reads into {dest}", name)
-        if running:
-
-            def progress(done: int, total: int, target: str = target) -> None:
-                reporter(Progress(name, target, done, total))
-
-            copy_to(hv, name, target, dest, progress, cancel)
-        else:
-            _convert_offline(old, dest)
-        _point_config_at(hv, name, target, dest)
-        record = replace(record, overlays={**record.overlays, target: str(dest)})
-        write_record(paths.state_dir, record)
+        record = start_move(paths, record, target, dest)
+        try:
+            _copy_one(hv, name, target, old, dest, running, reporter, cancel)
+        except BaseException:
+            # Settled now if it can be; else the record still names the file for recover.
+            with contextlib.suppress(GuestsafeError, OSError):
+                resolve_moves(record, hv, paths)
+            raise
+        point_config_at(hv, name, target, dest)
+        record = end_move(paths, record, target, adopted=True)
         old.unlink(missing_ok=True)
+
+
+def _copy_one(
+    hv: Hypervisor,
+    name: str,
+    target: str,
+    old: Path,
+    dest: Path,
+    running: bool,
+    reporter: Reporter,
+    cancel: threading.Event | None,
+) -> None:
+    if running:
+
+        def progress(done: int, total: int) -> None:
+            reporter(Progress(name, target, done, total))
+
+        copy_to(hv, name, target, dest, progress, cancel)
+    else:
+        _convert_offline(old, dest)
 
 
 def _convert_offline(overlay: Path, dest: Path) -> None:
@@ -126,23 +173,7 @@ def _convert_offline(overlay: Path, dest: Path) -> None:
     if proc.returncode != 0:
         dest.unlink(missing_ok=True)
         raise HypervisorError(f"cannot copy {overlay} to {dest}: {proc.stderr.strip()}")
-
-
-def _point_config_at(hv: Hypervisor, name: str, target: str, dest: Path) -> None:
-    """The persistent XML's disk ``target`` on ``dest``, a file with no backing chain."""
-    root = ET.fromstring(hv.xml(name))
-    for disk in root.findall("./devices/disk"):
-        dev = disk.find("target")
-        if dev is None or dev.get("dev") != target:
-            continue
-        source = disk.find("source")
-        if source is None:
-            source = ET.SubElement(disk, "source")
-        source.set("file", str(dest))
-        for store in disk.findall("backingStore"):
-            disk.remove(store)
-        disk.insert(list(disk).index(source) + 1, ET.Element("backingStore"))
-    hv.define(ET.tostring(root, encoding="unicode"))
+    failpoints.hit("promote.converted")
 
 
 def _own_record(name: str, hv: Hypervisor, paths: Paths) -> BootRecord:

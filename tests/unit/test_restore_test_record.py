@@ -21,6 +21,7 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.events import GuestOutcome
 from guestsafe.engine.notify import NotifyConfig, RunReport, wanted
+from guestsafe.engine.restore.boottest.run import clone_name
 
 XML = "<domain type='qemu'><name>web</name></domain>\n"
 
@@ -173,3 +174,8 @@ def test_a_failed_restore_test_is_news_even_after_a_good_backup() -> None:
     assert report.payload()["restore_tests"] == [line]
     quiet = RunReport("nightly", True, "/x.log", [outcome], host="hv1", restore_tests=["passed"])
     assert not wanted(config, quiet)
+
+
+def test_a_test_clone_of_another_hosts_series_has_a_name_libvirt_takes() -> None:
+    assert clone_name("web1") == "web1-restore-test"
+    assert clone_name("node2/web1") == "node2-web1-restore-test"

@@ -18,7 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from guestsafe.engine import events, locks
-from guestsafe.engine.archive.names import encode_guest_name, printable
+from guestsafe.engine.archive.names import (
+    LOCAL_SERIES_HOST,
+    encode_guest_name,
+    printable,
+    split_series,
+)
 from guestsafe.engine.archive.restore_record import RestoreTest, write_restore_test
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
@@ -47,8 +52,12 @@ class TestSettings:
     seconds: int = DEFAULT_SECONDS
 
 
-def clone_name(guest: str) -> str:
-    return f"{guest}-restore-test"
+def clone_name(series: str) -> str:
+    """The test clone's name: a series of another host ("node2/web1") gives
+    "node2-web1-restore-test", since libvirt refuses a "/" in a guest's name."""
+    host, guest = split_series(series)
+    prefix = "" if host == LOCAL_SERIES_HOST else f"{host}-"
+    return f"{prefix}{guest}-restore-test"
 
 
 def lock_key(clone: str) -> str:
