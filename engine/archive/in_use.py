@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from guestsafe.engine import locks
 from guestsafe.engine.archive.names import encode_guest_name
-from guestsafe.engine.errors import ArchiveError
+from guestsafe.engine.errors import ArchiveError, LockBusy
 from guestsafe.engine.fsutil import atomic_write_bytes
 
 BOOTED_DIR = "booted"
@@ -96,6 +98,25 @@ def all_records(state_dir: Path) -> list[BootRecord]:
         except (OSError, ValueError, TypeError):
             continue
     return found
+
+
+def abandoned_records(
+    state_dir: Path,
+    wanted: Callable[[BootRecord], bool],
+    lock_key: Callable[[str], str],
+    purpose: str,
+) -> Iterator[BootRecord]:
+    """Each ``wanted`` record whose lock (``lock_key(clone)``) nobody holds, yielded
+    while that lock is taken, so that its owner, dead, is the only one it can be."""
+    for record in all_records(state_dir):
+        if not wanted(record):
+            continue
+        try:
+            lock = locks.acquire(state_dir, lock_key(record.clone), f"{purpose} {record.clone}")
+        except LockBusy:
+            continue  # its owner runs on in another process
+        with lock:
+            yield record
 
 
 def versions_in_use(state_dir: Path, archive_root: Path, guest: str) -> dict[int, list[str]]:

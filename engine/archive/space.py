@@ -108,6 +108,12 @@ def space_of(folders: Iterable[Path]) -> ArchiveSpace:
     return ArchiveSpace(unique=unique, total=unplaced + _union_length(ranges))
 
 
+def unique_bytes(path: Path) -> int:
+    """The bytes of one file that no other file shares (all it allocates without FIEMAP)."""
+    with naming("mapping the extents of", path):
+        return _map_file(path, [])[0]
+
+
 def _map_file(path: Path, ranges: list[tuple[int, int]]) -> tuple[int, int]:
     """(unique bytes, bytes not in ``ranges``) of one file; its placed extents join ``ranges``."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -37,6 +37,7 @@ import libvirt
 from guestsafe.engine import failpoints, modes
 from guestsafe.engine.archive.manifest import CheckpointRecord, DiskRecord
 from guestsafe.engine.archive.reflink import clone_file, supports_reflink
+from guestsafe.engine.archive.space import unique_bytes
 from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup.cold_copy import copy_disk_file
 from guestsafe.engine.backup.guest_run import GuestRun, begin_partial, check_still_off
@@ -528,7 +529,9 @@ class PushCopy:
         with naming("reading the copy", path):
             allocated = os.stat(path).st_blocks * 512
             size = disk_files.virtual_size(path, target.fmt)
-        b.bytes_copied += allocated
+        # Into a clone of the previous version QEMU wrote only what changed: the
+        # blocks the clone no longer shares are this run's copy, not the whole file.
+        b.bytes_copied += unique_bytes(path) if self.base is not None else allocated
         return DiskRecord(
             target=target.target,
             source=target.source,

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from guestsafe.engine import events, locks
-from guestsafe.engine.archive.in_use import BootRecord, all_records, write_record
-from guestsafe.engine.errors import GuestsafeError, LockBusy
+from guestsafe.engine import events
+from guestsafe.engine.archive.in_use import BootRecord, abandoned_records, write_record
+from guestsafe.engine.errors import GuestsafeError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor.block_jobs import abort_job, source_of
 from guestsafe.engine.hypervisor.connection import Hypervisor
@@ -103,20 +103,15 @@ def recover_promotes(
 ) -> list[str]:
     """Resolve the moves of promotes that died; what was done, in words."""
     done: list[str] = []
-    for record in all_records(paths.state_dir):
-        if not record.moving:
-            continue
-        purpose = f"finishing the interrupted promote of {record.clone}"
+    dead = abandoned_records(
+        paths.state_dir, lambda r: bool(r.moving), lock_key, "finishing the promote of"
+    )
+    for record in dead:
         try:
-            lock = locks.acquire(paths.state_dir, lock_key(record.clone), purpose)
-        except LockBusy:
-            continue  # the promote goes on in another process
-        with lock:
-            try:
-                _, lines = resolve_moves(record, hv(), paths)
-            except (GuestsafeError, OSError) as exc:
-                events.warn(reporter, f"interrupted promote of {record.clone}: {exc}")
-                continue
+            _, lines = resolve_moves(record, hv(), paths)
+        except (GuestsafeError, OSError) as exc:
+            events.warn(reporter, f"interrupted promote of {record.clone}: {exc}")
+            continue
         for line in lines:
             events.info(reporter, f"recovery of a promote: {line}", record.clone)
         done += lines

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from guestsafe.engine import events, locks
-from guestsafe.engine.archive.in_use import all_records
-from guestsafe.engine.errors import GuestsafeError, LockBusy
+from guestsafe.engine import events
+from guestsafe.engine.archive.in_use import abandoned_records
+from guestsafe.engine.errors import GuestsafeError
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.paths import Paths
@@ -26,20 +26,15 @@ def recover_restore_tests(
 ) -> list[str]:
     """Remove the clones of dead restore tests; what was done, in words."""
     done: list[str] = []
-    for record in all_records(paths.state_dir):
-        if not record.restore_test:
-            continue
-        purpose = f"removing the clone {record.clone} of a restore test that died"
+    dead = abandoned_records(
+        paths.state_dir, lambda r: r.restore_test, lock_key, "removing the restore test clone"
+    )
+    for record in dead:
         try:
-            lock = locks.acquire(paths.state_dir, lock_key(record.clone), purpose)
-        except LockBusy:
-            continue  # the test runs on in another process
-        with lock:
-            try:
-                lines = discard_clone(record.clone, hv(), paths)
-            except GuestsafeError as exc:
-                events.warn(reporter, f"restore test clone {record.clone}: {exc.message}")
-                continue
+            lines = discard_clone(record.clone, hv(), paths)
+        except GuestsafeError as exc:
+            events.warn(reporter, f"restore test clone {record.clone}: {exc.message}")
+            continue
         for line in lines:
             events.info(reporter, f"recovery of a restore test: {line}", record.clone)
         done += lines
