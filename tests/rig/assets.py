@@ -288,8 +288,7 @@ def _check_dependencies(
         missing = [n for n in needs if n not in builtin and n not in loaded_before]
         if missing:
             raise RigError(
-                f"kernel module {name} needs {', '.join(missing)}; add them to "
-                "guest_init.MODULES"
+                f"kernel module {name} needs {', '.join(missing)}; add them to guest_init.MODULES"
             )
 
 
