@@ -103,7 +103,10 @@ def test_a_version_that_panics_fails_and_says_so(
 
     run = gs.cli("run", "rtbad")
 
-    assert run.returncode == 0, run.stderr  # the backup itself went well
+    # The backup itself went well, but cron must hear of the failed test: 9, as below.
+    assert run.returncode == 9, run.stderr
+    assert f"restore test of {original.name} version 1: FAILED" in run.stderr
+    assert "backup failed" not in run.stderr
     log = Path(re.findall(r"^log: (.+)$", run.stderr, re.M)[-1]).read_text()
     assert "restore test of" in log and "FAILED" in log, log
     record = _record(gs, original)
