@@ -173,6 +173,28 @@ def test_the_agent_answers_first_and_without_it_a_pty_console_line_does(
     assert "<log " not in original.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
 
 
+def test_a_clone_this_host_cannot_make_is_a_boot_error_not_a_failed_version(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("rterr", start=False)
+    gs.job("rterr", [original], restore_test_console=READY)
+    gs.cli("run", "rterr", check=True)
+    guest_factory.adopt(_clone_of(original))
+    # The overlays go beside the original's disks; immutable, not even root writes there.
+    subprocess.run(["chattr", "+i", str(original.directory)], check=True)
+    try:
+        proc = gs.cli("test-restore", original.name, "1")
+    finally:
+        subprocess.run(["chattr", "-i", str(original.directory)], check=True)
+
+    assert proc.returncode == 9, proc.stderr
+    assert "could not run (not the version's fault)" in proc.stderr.strip().splitlines()[-1]
+    record = _record(gs, original)
+    assert record["ok"] is False and record["error"] is True and record["sign"] is None
+    assert "boot error" in _row(gs.cli("list", original.name, check=True).stdout, original)
+    assert _clone_of(original) not in _domains(libvirt_conn) and not _booted(gs)
+
+
 def test_a_test_killed_midway_leaves_no_clone_after_recover(
     gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
 ) -> None:
