@@ -521,6 +521,7 @@ class Engine:
         )
         results.save(self.paths.state_dir, result)
         tests = self._restore_tests(job, result, reporter, cancel)
+        result.restore_tests_failed = [t.text for t in tests if t.failed]
         uncovered = self._report_uncovered(result, reporter)
         self._notify(result, reporter, mail_to=job.mail_to, uncovered=uncovered, tests=tests)
         return result

@@ -3,7 +3,8 @@
 Exit codes: 0 success; the engine error's ``exit_code`` otherwise (2 bad
 configuration, 3 not found, 4 hypervisor, 5 refused, 6 copy, 7 archive,
 8 verification, 9 restore, 10 device, 11 a backup failed); 130 interrupted.
-``run`` exits with its run's most specific cause (``RunResult.exit_code``).
+``run`` exits with its run's most specific cause (``RunResult.exit_code``), or
+9 when every backup went well but a restore test after it did not pass.
 """
 
 from __future__ import annotations
@@ -344,6 +345,12 @@ def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter)
     )
     print(f"log: {result.log_path}", file=sys.stderr)
     result.raise_for_failure()
+    if result.restore_tests_failed:
+        # The backups are fine, but cron must hear that a version did not boot:
+        # the code test-restore gives for the same verdict.
+        for line in result.restore_tests_failed:
+            print(f"guestsafe: {escape(line)}", file=sys.stderr)
+        return RestoreError.exit_code
     return 0
 
 

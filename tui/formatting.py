@@ -49,7 +49,7 @@ def last_result(result: LastResult | None, styles: StatusStyles) -> Text:
 
 
 def restore_test(test: RestoreTest | None, styles: StatusStyles) -> Text:
-    """The version's last restore test: "boot ok 14 s", "boot FAILED", blank if never."""
+    """The version's last restore test: "boot ok 14 s", "boot FAILED", "boot error", or ""."""
     if test is None:
         return Text("")
     return Text(test.label(), style=styles.ok if test.ok else styles.bad)

@@ -35,9 +35,20 @@ class RestoreTest:
     seconds: float | None  # from start to the sign of life
     problem: str | None = None  # why it failed, one line
     screenshot: str | None = None  # the file beside this one, if one was taken
+    # Not ok because the test could not run (this host: no room for the overlays,
+    # libvirt refused the clone), not because the guest showed no sign of life.
+    # Says nothing about the version, so retention still counts it as good.
+    error: bool = False
+
+    @property
+    def failed(self) -> bool:
+        """The version failed its test: it ran and the guest never came up."""
+        return not self.ok and not self.error
 
     def label(self) -> str:
-        """How a listing shows it: "boot ok 14 s", "boot FAILED"."""
+        """How a listing shows it: "boot ok 14 s", "boot FAILED", "boot error"."""
+        if self.error:
+            return "boot error"
         if not self.ok:
             return "boot FAILED"
         return f"boot ok {round(self.seconds or 0)} s"
@@ -65,6 +76,7 @@ def read_restore_test(folder: Path) -> RestoreTest | None:
         seconds=float(seconds) if isinstance(seconds, int | float) else None,
         problem=_text(data.get("problem")),
         screenshot=_text(data.get("screenshot")),
+        error=data.get("error") is True and not data["ok"],
     )
 
 
@@ -73,6 +85,6 @@ def _text(value: object) -> str | None:
 
 
 def last_test_failed(folder: Path) -> bool:
-    """Whether the version's last restore test failed (not: never tested)."""
+    """Whether the version's last restore test failed (not: never tested, nor could not run)."""
     test = read_restore_test(folder)
-    return test is not None and not test.ok
+    return test is not None and test.failed

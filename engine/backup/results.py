@@ -52,6 +52,9 @@ class RunResult:
     causes: dict[str, int] = field(default_factory=dict)  # failed guest: its error's exit code
     # When the run began (ISO, UTC): made with the result, at the run's start.
     started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    # The restore tests after the run that did not pass (failed, or could not run),
+    # one line each; set by Engine.run_job. The backups may still all be ok.
+    restore_tests_failed: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:

@@ -1,6 +1,7 @@
 """Automatic restore tests of real TCG guests: a good version passes, a panicking one
-fails and says so in the list, a test killed midway leaves nothing after recover,
-and promote --target-dir moves a running clone's disks."""
+fails and says so in the list, a guest agent's answer is the first sign and a pty
+console's line the next, a test killed midway leaves nothing after recover, and
+promote --target-dir moves a running clone's disks."""
 
 from __future__ import annotations
 
@@ -102,7 +103,10 @@ def test_a_version_that_panics_fails_and_says_so(
 
     run = gs.cli("run", "rtbad")
 
-    assert run.returncode == 0, run.stderr  # the backup itself went well
+    # The backup itself went well, but cron must hear of the failed test: 9, as below.
+    assert run.returncode == 9, run.stderr
+    assert f"restore test of {original.name} version 1: FAILED" in run.stderr
+    assert "backup failed" not in run.stderr
     log = Path(re.findall(r"^log: (.+)$", run.stderr, re.M)[-1]).read_text()
     assert "restore test of" in log and "FAILED" in log, log
     record = _record(gs, original)
@@ -120,6 +124,75 @@ def test_a_version_that_panics_fails_and_says_so(
     # A failed test deletes nothing.
     assert [v.number for v in gs.versions(original)] == [1]
     assert gs.cli("verify", original.name, "1", check=True).returncode == 0
+
+
+def _silent_agent_on_a_pty(conn: libvirt.virConnect, guest: TestGuest) -> None:
+    """Redefine the (shut off) guest: its agent responder off (the channel stays), and its
+    serial console a pty that logs nowhere, as a guest made by virt-install has."""
+    root = ET.fromstring(guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    cmdline = root.find("./os/cmdline")
+    assert cmdline is not None
+    cmdline.text = f"{cmdline.text} gs.agent=0"
+    for dev in [*root.findall("./devices/serial"), *root.findall("./devices/console")]:
+        dev.set("type", "pty")
+        for source in dev.findall("source"):
+            dev.remove(source)
+    conn.defineXML(ET.tostring(root, encoding="unicode"))
+
+
+def test_the_agent_answers_first_and_without_it_a_pty_console_line_does(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("rtagent", start=False, agent_channel=True)
+    # No console line: the agent is the only sign short of staying up 120 s.
+    gs.job("rtagent", [original], restore_test_seconds=120)
+    gs.cli("run", "rtagent", check=True)
+    guest_factory.adopt(_clone_of(original))
+
+    gs.cli("test-restore", original.name, "1", check=True)
+
+    record = _record(gs, original)
+    assert record["ok"] is True and record["sign"] == "agent", record
+    assert isinstance(record["seconds"], float) and record["seconds"] < 60
+    listed = _row(gs.cli("list", original.name, check=True).stdout, original)
+    assert f"boot ok {round(record['seconds'])} s" in listed, listed
+
+    # Version 2: the channel is there but nobody answers, and the console is a pty.
+    _silent_agent_on_a_pty(libvirt_conn, original)
+    gs.job("rtagent", [original], restore_test_console=READY, restore_test_seconds=120)
+    gs.cli("run", "rtagent", check=True)
+
+    gs.cli("test-restore", original.name, "2", check=True)
+
+    version = next(v for v in gs.versions(original) if v.number == 2)
+    record = json.loads((version.path / "restore-test.json").read_text())
+    assert record["ok"] is True and record["sign"] == "console", record
+    assert _clone_of(original) not in _domains(libvirt_conn) and not _booted(gs)
+    # The console log the clone was given went with it; the original's XML has none.
+    assert not list(original.directory.glob(f"{_clone_of(original)}-*"))
+    assert "<log " not in original.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+
+def test_a_clone_this_host_cannot_make_is_a_boot_error_not_a_failed_version(
+    gs: GS, guest_factory: GuestFactory, libvirt_conn: libvirt.virConnect
+) -> None:
+    original = guest_factory("rterr", start=False)
+    gs.job("rterr", [original], restore_test_console=READY)
+    gs.cli("run", "rterr", check=True)
+    guest_factory.adopt(_clone_of(original))
+    # The overlays go beside the original's disks; immutable, not even root writes there.
+    subprocess.run(["chattr", "+i", str(original.directory)], check=True)
+    try:
+        proc = gs.cli("test-restore", original.name, "1")
+    finally:
+        subprocess.run(["chattr", "-i", str(original.directory)], check=True)
+
+    assert proc.returncode == 9, proc.stderr
+    assert "could not run (not the version's fault)" in proc.stderr.strip().splitlines()[-1]
+    record = _record(gs, original)
+    assert record["ok"] is False and record["error"] is True and record["sign"] is None
+    assert "boot error" in _row(gs.cli("list", original.name, check=True).stdout, original)
+    assert _clone_of(original) not in _domains(libvirt_conn) and not _booted(gs)
 
 
 def test_a_test_killed_midway_leaves_no_clone_after_recover(

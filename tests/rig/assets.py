@@ -172,8 +172,11 @@ def _build(package: str, version: str, target: Path) -> None:
         bzimage = tree / "boot" / f"vmlinuz-{version}"
         shutil.copyfile(bzimage, out / BZIMAGE_NAME)
         (out / KERNEL_NAME).write_bytes(_bootable_kernel(bzimage, tree / "boot", version))
-        modules = _load_modules(tree / "lib" / "modules" / version)
-        (out / INITRAMFS_NAME).write_bytes(_initramfs(modules))
+        module_dir = tree / "lib" / "modules" / version
+        modules = _load_modules(module_dir, guest_init.MODULES)
+        device_modules = _load_modules(module_dir, tuple(guest_init.DEVICE_MODULES))
+        _check_dependencies(module_dir, device_modules, loaded_before=modules)
+        (out / INITRAMFS_NAME).write_bytes(_initramfs(modules, device_modules))
         _make_public_tree(out)
         if target.exists():
             shutil.rmtree(target)
@@ -254,11 +257,11 @@ def _find_or_download(package: str, scratch: Path) -> Path:
     return debs[-1]
 
 
-def _load_modules(module_dir: Path) -> dict[str, bytes]:
+def _load_modules(module_dir: Path, names: tuple[str, ...]) -> dict[str, bytes]:
     """Module name -> uncompressed .ko bytes; builtin modules are left out."""
     builtin = _builtin_modules(module_dir)
     found: dict[str, bytes] = {}
-    for name in guest_init.MODULES:
+    for name in names:
         if name in builtin:
             continue
         path = _module_file(module_dir, name)
@@ -268,6 +271,36 @@ def _load_modules(module_dir: Path) -> dict[str, bytes]:
             raise RigError(f"kernel module {name} not found under {module_dir}")
         found[name] = _decompress(path)
     return found
+
+
+def _check_dependencies(
+    module_dir: Path, modules: dict[str, bytes], *, loaded_before: dict[str, bytes]
+) -> None:
+    """Every module ``modules`` needs (modules.dep) is builtin or loaded before them.
+
+    busybox insmod resolves nothing, so a new kernel that splits a module out
+    would otherwise fail only inside the guest, as a GS-WARN line.
+    """
+    builtin = _builtin_modules(module_dir)
+    for name, needs in _dependencies(module_dir).items():
+        if name not in modules:
+            continue
+        missing = [n for n in needs if n not in builtin and n not in loaded_before]
+        if missing:
+            raise RigError(
+                f"kernel module {name} needs {', '.join(missing)}; add them to guest_init.MODULES"
+            )
+
+
+def _dependencies(module_dir: Path) -> dict[str, list[str]]:
+    listing = module_dir / "modules.dep"
+    if not listing.exists():
+        return {}
+    deps: dict[str, list[str]] = {}
+    for line in listing.read_text().splitlines():
+        module, _, needs = line.partition(":")
+        deps[_module_name(Path(module))] = [_module_name(Path(n)) for n in needs.split()]
+    return deps
 
 
 def _builtin_modules(module_dir: Path) -> set[str]:
@@ -301,7 +334,7 @@ def _decompress(path: Path) -> bytes:
     return data
 
 
-def _initramfs(modules: dict[str, bytes]) -> bytes:
+def _initramfs(modules: dict[str, bytes], device_modules: dict[str, bytes]) -> bytes:
     archive = NewcWriter()
     for directory in ("bin", "dev", "etc", "etc/acpi", "etc/acpi/PWRF", "lib", "lib/modules"):
         archive.directory(directory)
@@ -312,9 +345,12 @@ def _initramfs(modules: dict[str, bytes]) -> bytes:
     archive.file("bin/busybox", BUSYBOX.read_bytes(), mode=0o755)
     for applet in _busybox_applets():
         archive.symlink(f"bin/{applet}", "busybox")
-    for name, data in modules.items():
+    for name, data in {**modules, **device_modules}.items():
         archive.file(f"lib/modules/{name}.ko", data)
     archive.file("etc/gs-modules", "\n".join(modules).encode() + b"\n")
+    wanted = [f"{name} {guest_init.DEVICE_MODULES[name]}\n" for name in device_modules]
+    archive.file("etc/gs-device-modules", "".join(wanted).encode())
+    archive.file("etc/gs-agent.sh", guest_init.AGENT_SH.encode(), mode=0o755)
     archive.file("etc/gs-lib.sh", guest_init.LIB_SH.encode())
     archive.file("etc/acpi/PWRF/00000080", guest_init.POWEROFF_SH.encode(), mode=0o755)
     archive.file("init", guest_init.INIT_SH.encode(), mode=0o755)

@@ -48,6 +48,7 @@ class GuestFactory:
         vdb_text: str | None = None,
         nvram: bool = False,
         memory_mib: int = 192,
+        agent_channel: bool = False,
     ) -> TestGuest:
         """Make a guest named ``gstest-<label>-<random>``; see rig.make_guest."""
         guest = make_guest(
@@ -62,6 +63,7 @@ class GuestFactory:
             nvram=nvram,
             assets=self.assets,
             memory_mib=memory_mib,
+            agent_channel=agent_channel,
         )
         self.guests.append(guest)
         return guest

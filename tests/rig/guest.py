@@ -22,6 +22,7 @@ import libvirt
 from .assets import GuestAssets, build_guest_assets
 from .disks import DiskFormat, DiskSpec, MiB, create_disk, read_disk_counter
 from .errors import RigError
+from .guest_init import AGENT_PORT
 from .host import make_traversable, supports_o_direct
 
 NAME_PREFIX = "gstest-"
@@ -268,11 +269,14 @@ def make_guest(
     assets: GuestAssets | None = None,
     memory_mib: int = 192,
     ready_timeout: float = READY_TIMEOUT,
+    agent_channel: bool = False,
 ) -> TestGuest:
     """Create the disks, define the guest and (by default) start it and wait for GS-READY.
 
     Files go to ``workdir/<name>/``. name must start with ``gstest-`` (see
     unique_name) so nothing here can touch a guest the rig did not make.
+    ``agent_channel`` adds the guest agent's virtio channel, which the guest's
+    responder answers (``guest_init.AGENT_SH``).
     """
     _check_request(conn, name, disks, vdb_text)
     assets = assets or build_guest_assets()
@@ -287,7 +291,14 @@ def make_guest(
     nvram_path = directory / "nvram.fd" if nvram else None
     guest = TestGuest(conn, name, directory, disks_made, macs, nvram_path)
     try:
-        _define(guest, assets, vdb_text, ignore_acpi=ignore_acpi, memory_mib=memory_mib)
+        _define(
+            guest,
+            assets,
+            vdb_text,
+            ignore_acpi=ignore_acpi,
+            memory_mib=memory_mib,
+            agent_channel=agent_channel,
+        )
         if start:
             guest.start(timeout=ready_timeout)
     except BaseException:
@@ -304,6 +315,7 @@ def _define(
     *,
     ignore_acpi: bool,
     memory_mib: int,
+    agent_channel: bool,
 ) -> None:
     make_traversable(guest.directory)
     for disk in guest.disks.values():
@@ -320,6 +332,7 @@ def _define(
         memory_mib=memory_mib,
         cache="none" if supports_o_direct(guest.directory) else "writeback",
         owner=str(guest.directory),
+        agent_channel=agent_channel,
     )
     guest.xml_path.write_text(xml)
     guest.conn.defineXML(xml)
@@ -356,6 +369,7 @@ def domain_xml(
     memory_mib: int,
     cache: str,
     owner: str,
+    agent_channel: bool = False,
 ) -> str:
     """The libvirt XML of a test guest."""
     domain = ET.Element("domain", type="qemu")  # TCG: nested KVM hangs on this host
@@ -370,6 +384,8 @@ def domain_xml(
     for event, action in (("poweroff", "destroy"), ("reboot", "restart"), ("crash", "destroy")):
         ET.SubElement(domain, f"on_{event}").text = action
     _devices(domain, disks, macs, console_log, cache)
+    if agent_channel:
+        _agent_channel(domain)
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
 
@@ -434,6 +450,14 @@ def _devices(
     # Leave out what the guest does not use; every device costs boot time under TCG.
     ET.SubElement(devices, "controller", type="usb", model="none")
     ET.SubElement(devices, "memballoon", model="none")
+
+
+def _agent_channel(domain: ET.Element) -> None:
+    # No source path: libvirt makes the socket under its own channel folder.
+    devices = domain.find("devices")
+    assert devices is not None
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT)
 
 
 def _disk(devices: ET.Element, disk: GuestDisk, cache: str) -> None:

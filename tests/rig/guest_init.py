@@ -16,7 +16,12 @@ console, one ``GS-...`` line per event:
 
 Kernel command line options: ``gs.acpi=0`` leaves acpid out, so the guest
 ignores the power button; ``gs.disks=<n>`` tells init how many virtio disks to
-wait for.
+wait for; ``gs.agent=0`` leaves the guest-agent responder out, so a guest with
+the agent channel never answers on it.
+
+When the host gave the guest a virtio-serial device, init loads virtio_console
+and, on the port named ``org.qemu.guest_agent.0``, runs a tiny stand-in for
+qemu-guest-agent (``AGENT_SH``): enough of its protocol for libvirt's ping.
 """
 
 from __future__ import annotations
@@ -37,6 +42,13 @@ MODULES: tuple[str, ...] = (
     "net_failover",
     "virtio_net",
 )
+
+# Loaded only when the host gave the guest such a device (a virtio device of
+# that id under /sys/bus/virtio): module -> virtio device id. Their dependencies
+# must be in MODULES (the builder checks modules.dep).
+DEVICE_MODULES: dict[str, str] = {"virtio_console": "0x0003"}
+
+AGENT_PORT = "org.qemu.guest_agent.0"
 
 # Every module except these must load, or the guest cannot do its job.
 OPTIONAL_MODULES: frozenset[str] = frozenset({"failover", "net_failover", "virtio_net"})
@@ -92,6 +104,12 @@ exec </dev/console >/dev/console 2>&1
 for module in $(cat /etc/gs-modules); do
     insmod "/lib/modules/$module.ko" || echo "GS-WARN insmod $module failed"
 done
+# "<module> <virtio device id>" lines: a module only for a device the guest has.
+while read -r module device; do
+    if grep -qx "$device" /sys/bus/virtio/devices/*/device 2>/dev/null; then
+        insmod "/lib/modules/$module.ko" || echo "GS-WARN insmod $module failed"
+    fi
+done </etc/gs-device-modules
 
 # acpid opens the input devices at start, so button and evdev come first. It
 # starts before the disks: a power button press with nobody listening is lost,
@@ -147,6 +165,12 @@ else
     counter_loop "$counter" &
 fi
 
+# A virtio-serial device: the agent's port may be on it (the responder looks).
+if [ "$(gs_opt agent 1)" != 0 ] && grep -qx 0x0003 /sys/bus/virtio/devices/*/device 2>/dev/null
+then
+    /etc/gs-agent.sh &
+fi
+
 echo GS-READY
 
 # PID 1 must never exit (the kernel panics); reap orphans meanwhile.
@@ -180,3 +204,59 @@ sync
 sleep 0.1
 poweroff -f
 """
+
+# A stand-in for qemu-guest-agent on its virtio port: one JSON command a line in,
+# one reply a line out. libvirt sends guest-sync (its id echoed back) before a
+# command, then the command; guest-sync-delimited's reply starts with a 0xFF byte
+# as qemu-ga's does, so a client can find the reply's start after stale bytes.
+AGENT_SH = r"""#!/bin/sh
+. /etc/gs-lib.sh
+
+# Without udev there is no /dev/virtio-ports/<name> link: find /dev/vportNpM by name.
+port=
+tries=0
+while [ -z "$port" ] && [ "$tries" -lt 200 ]; do
+    for name in /sys/class/virtio-ports/*/name; do
+        if [ "$(cat "$name" 2>/dev/null)" = @PORT@ ]; then
+            dir=${name%/name}
+            port=/dev/${dir##*/}
+        fi
+    done
+    [ -c "$port" ] || port=
+    [ -n "$port" ] || sleep 0.05
+    tries=$((tries + 1))
+done
+if [ -z "$port" ]; then
+    echo "GS-WARN no virtio port @PORT@"
+    exit 0
+fi
+echo "GS-AGENT $port"
+
+# The number after "id": in a command line, or 0.
+sync_id() {
+    rest=${1#*'"id"'}
+    rest=${rest#*:}
+    rest=${rest#"${rest%%[!\ ]*}"}
+    id=${rest%%[!0-9]*}
+    echo "${id:-0}"
+}
+
+# One reply a line: the port is opened once, read-write (a second open is EBUSY).
+serve() {
+    while IFS= read -r line; do
+        case "$line" in
+            *'"guest-sync-delimited"'*) printf '\377{"return": %s}\n' "$(sync_id "$line")" ;;
+            *'"guest-sync"'*) printf '{"return": %s}\n' "$(sync_id "$line")" ;;
+            *'"guest-ping"'*) printf '{"return": {}}\n' ;;
+            *'"execute"'*)
+                printf '{"error": {"class": "CommandNotFound", "desc": "not in the rig"}}\n' ;;
+        esac >&0
+    done
+}
+
+# read gets end-of-file while the host side is closed; open the port again then.
+while :; do
+    serve <>"$port"
+    sleep 0.2
+done
+""".replace("@PORT@", AGENT_PORT)

@@ -65,6 +65,14 @@ FAILED = RestoreTest(
     seconds=None,
     problem="the guest's kernel panicked: Kernel panic - not syncing: No working init found.",
 )
+COULD_NOT_RUN = RestoreTest(
+    ok=False,
+    at="2026-12-03T17:00:00+00:00",
+    sign=None,
+    seconds=None,
+    problem="the clone could not be started: cannot create /srv/backup/web/7/x: read-only",
+    error=True,
+)
 
 
 @pytest.fixture
@@ -80,7 +88,7 @@ def test_the_record_reads_back_as_written_with_the_documented_keys(tmp_path: Pat
     write_restore_test(tmp_path, PASSED)
 
     data = json.loads((tmp_path / RESTORE_TEST_FILE).read_text())
-    assert set(data) == {"ok", "at", "sign", "seconds", "problem", "screenshot"}
+    assert set(data) == {"ok", "at", "sign", "seconds", "problem", "screenshot", "error"}
     assert read_restore_test(tmp_path) == PASSED
     assert oct((tmp_path / RESTORE_TEST_FILE).stat().st_mode & 0o777) == "0o600"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -95,6 +103,22 @@ def test_a_record_that_proves_nothing_reads_as_never_tested(tmp_path: Path, text
 def test_labels_as_the_list_shows_them() -> None:
     assert PASSED.label() == "boot ok 14 s"
     assert FAILED.label() == "boot FAILED"
+    assert COULD_NOT_RUN.label() == "boot error"
+
+
+def test_a_test_that_could_not_run_reads_back_and_is_no_failure(tmp_path: Path) -> None:
+    write_restore_test(tmp_path, COULD_NOT_RUN)
+    assert json.loads((tmp_path / RESTORE_TEST_FILE).read_text())["error"] is True
+    assert read_restore_test(tmp_path) == COULD_NOT_RUN
+    assert COULD_NOT_RUN.failed is False and FAILED.failed is True and PASSED.failed is False
+    # A record from before the key existed reads as the verdict it states.
+    (tmp_path / RESTORE_TEST_FILE).write_text('{"ok": false, "at": "x", "problem": "off"}')
+    old = read_restore_test(tmp_path)
+    assert old is not None and old.error is False and old.label() == "boot FAILED"
+    # "error" means nothing on a passed test.
+    (tmp_path / RESTORE_TEST_FILE).write_text('{"ok": true, "at": "x", "error": true}')
+    passed = read_restore_test(tmp_path)
+    assert passed is not None and not passed.error and passed.label().startswith("boot ok")
 
 
 def test_the_record_changes_neither_b3sums_nor_the_manifest_and_verify_passes_it_by(
@@ -137,6 +161,18 @@ def test_a_passed_test_leaves_the_rule_as_before(archive: Archive) -> None:
     second = _backup(archive)
     archive.verify("web", second.number)
     write_restore_test(second.path, PASSED)
+    _backup(archive)
+
+    assert archive.apply_retention("web", 1) == [1]
+    assert _on_disk(archive) == [2, 3]
+
+
+def test_a_test_that_could_not_run_leaves_the_rule_as_before(archive: Archive) -> None:
+    first = _backup(archive)
+    archive.verify("web", first.number)
+    second = _backup(archive)
+    archive.verify("web", second.number)
+    write_restore_test(second.path, COULD_NOT_RUN)  # this host's fault, not the version's
     _backup(archive)
 
     assert archive.apply_retention("web", 1) == [1]

@@ -136,6 +136,38 @@ def test_the_clone_is_cut_off_and_boots_once() -> None:
     assert tags.index("on_crash") < tags.index("devices")
 
 
+def _pty_domain(folder: Path, devices: str) -> str:
+    return (
+        "<domain type='qemu'><name>web1-restore-test</name><devices>"
+        f"<disk type='file'><source file='{folder}/web1-restore-test-vda.qcow2'/></disk>"
+        f"{devices}</devices></domain>"
+    )
+
+
+def test_a_pty_console_gets_a_log_beside_the_overlays(tmp_path: Path) -> None:
+    serial = "<serial type='pty'><target port='0'/></serial>"
+    console = "<console type='pty'><target type='serial' port='0'/></console>"
+    (tmp_path / "web1-restore-test-console.log").write_text("an older test's")
+    root = ET.fromstring(isolate_xml(_pty_domain(tmp_path, serial + console)))
+    logs = [dev.find("log") for dev in root.findall("./devices/*") if dev.tag != "disk"]
+    # serial and its console view carry one log, new (the old file is not reused)
+    files = {log.get("file") for log in logs if log is not None}
+    assert len(logs) == 2 and files == {str(tmp_path / "1-web1-restore-test-console.log")}
+    assert console_file(ET.tostring(root, encoding="unicode")) == Path(files.pop() or "")
+
+
+def test_a_logged_or_file_console_and_a_virtio_console_are_handled(tmp_path: Path) -> None:
+    logged = "<serial type='pty'><log file='/l/own.log'/><target port='0'/></serial>"
+    root = ET.fromstring(isolate_xml(_pty_domain(tmp_path, logged)))
+    assert [log.get("file") for log in root.iter("log")] == ["/l/own.log"]
+    virtio = "<console type='pty'><target type='virtio' port='0'/></console>"
+    root = ET.fromstring(isolate_xml(_pty_domain(tmp_path, virtio)))
+    assert [log.get("file") for log in root.iter("log")] == [
+        str(tmp_path / "web1-restore-test-console.log")
+    ]
+    assert not list(ET.fromstring(isolate_xml(DOMAIN)).iter("log"))  # a file serial: none
+
+
 def test_the_probes_find_the_console_file_and_the_agent_channel() -> None:
     assert console_file(DOMAIN) == Path("/var/log/c.log")
     assert has_agent_channel(DOMAIN)

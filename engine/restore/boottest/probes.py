@@ -1,8 +1,10 @@
 """The running clone's signs, read through libvirt: state, agent, serial console.
 
 The console is read from a file the clone's XML names: a ``<serial type='file'>``
-source, or the ``<log file=...>`` of a pty console. Both are the clone's own new
-files (a restore never reuses a path), so all of it is this boot's.
+source, or the ``<log file=...>`` of a pty console (``isolate.py`` gives a pty
+console without one a log; see there why a file and not libvirt's console
+stream). Both are the clone's own new files (a restore never reuses a path), so
+all of it is this boot's.
 """
 
 from __future__ import annotations

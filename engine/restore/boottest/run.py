@@ -103,9 +103,10 @@ def run_restore_test(
         seconds=round(outcome.seconds, 1) if outcome.ok else None,
         problem=outcome.problem,
         screenshot=screenshot,
+        error=outcome.error,
     )
     write_restore_test(version.path, test)
-    say = events.info if test.ok else events.error
+    say = events.info if test.ok else events.error  # an error too: someone must look
     say(reporter, f"{what}: {describe(test)}", version.guest)
     return test
 
@@ -136,8 +137,11 @@ def _boot_and_watch(
     except LockBusy:
         raise  # a backup of the guest runs: no verdict on the version
     except GuestsafeError as exc:
-        # boot_clone removed what it made; the version would not boot as a clone.
-        return Outcome(False, None, _now() - began, f"the clone did not start: {exc.message}"), None
+        # boot_clone removed what it made. The guest never ran (no room or no write
+        # access for the overlays, libvirt or QEMU refused the clone): this host
+        # failed the test, the version did not, so it stays good for retention.
+        problem = f"the clone could not be started: {exc.message}"
+        return Outcome(False, None, _now() - began, problem, error=True), None
     screenshot = None
     probes: CloneProbes | None = None
     try:
@@ -174,6 +178,8 @@ def _discard(name: str, hv: Hypervisor, paths: Paths) -> list[str]:
 
 def describe(test: RestoreTest) -> str:
     """One line for logs and mails: "passed: guest agent answered after 14.2 s"."""
+    if test.error:
+        return f"could not run (not the version's fault): {test.problem}"
     if not test.ok:
         return f"FAILED: {test.problem}"
     how = {

@@ -54,6 +54,7 @@ class Outcome:
     sign: str | None
     seconds: float  # from the start of the watch to the sign, or to the failure
     problem: str | None = None
+    error: bool = False  # the test could not run: no verdict on the version
 
 
 def watch(
