@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
@@ -687,15 +687,19 @@ class Engine:
 
     def run_due(self, reporter: Reporter = events.null_reporter) -> list[DueRun]:
         """Run each scheduled job whose time came since its last run, once (for cron)."""
+        tests_failed: dict[str, tuple[str, ...]] = {}
 
         def run(job: Job) -> bool:
             try:
-                return self.run_job(job.name, reporter).ok
+                result = self.run_job(job.name, reporter)
             except GuestsafeError as exc:
                 events.error(reporter, f"job {job.name}: {exc.message}")
                 return False
+            tests_failed[job.name] = tuple(result.restore_tests_failed)
+            return result.ok
 
-        return schedule.run_due(self.jobs(), self.paths.state_dir, run)
+        done = schedule.run_due(self.jobs(), self.paths.state_dir, run)
+        return [replace(d, restore_tests_failed=tests_failed.get(d.job, ())) for d in done]
 
     # --- archives ----------------------------------------------------------
 

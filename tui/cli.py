@@ -759,8 +759,15 @@ def cmd_run_due(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
     done = engine.run_due(_OutcomesOnly(reporter))
     for run in done:
         status = "ok" if run.ok else "FAILED"
+        if run.ok and run.restore_tests_failed:
+            status = "ok, but a restore test did not pass"
         print(f"job {escape(run.job)} (due {run.due:%Y-%m-%d %H:%M %Z}): {status}")
-    return 0 if all(run.ok for run in done) else RunFailed.exit_code
+        for line in run.restore_tests_failed:
+            print(f"guestsafe: {escape(line)}", file=sys.stderr)
+    if not all(run.ok for run in done):
+        return RunFailed.exit_code
+    # As for run: cron must hear that a version did not boot.
+    return RestoreError.exit_code if any(run.restore_tests_failed for run in done) else 0
 
 
 class _OutcomesOnly:

@@ -192,6 +192,8 @@ class DueRun:
     job: str
     due: datetime
     ok: bool
+    # The backups went well, but these restore tests after them did not pass.
+    restore_tests_failed: tuple[str, ...] = ()
 
 
 def run_due(

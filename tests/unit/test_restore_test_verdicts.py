@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from guestsafe.engine.archive.restore_record import RestoreTest
 from guestsafe.engine.backup.results import RunResult
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import GuestOutcome
+from guestsafe.engine.jobs.schedule import DueRun
 from guestsafe.engine.restore.boottest import run
 from guestsafe.engine.restore.boottest.run import TestSettings, describe
 from guestsafe.tui import cli
@@ -82,3 +84,30 @@ def test_run_exits_9_when_the_backup_went_well_but_its_restore_test_did_not(
         assert f"guestsafe: {failed[0]}" in err.splitlines()
     else:
         assert code == 0 and "restore test" not in err
+
+
+DUE = datetime(2026, 12, 4, 2, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("runs", "code"),
+    [
+        ([DueRun("a", DUE, True)], 0),
+        ([DueRun("a", DUE, True, ("web1 version 3: restore test FAILED",))], 9),
+        ([DueRun("a", DUE, False), DueRun("b", DUE, True, ("web1: FAILED",))], 11),
+    ],
+)
+def test_run_due_passes_a_failed_restore_test_on_to_cron(
+    capsys: pytest.CaptureFixture[str], runs: list[DueRun], code: int
+) -> None:
+    class _DueEngine:
+        def run_due(self, reporter: object) -> list[DueRun]:
+            return runs
+
+    assert cli.cmd_run_due(_DueEngine(), argparse.Namespace(), None) == code  # type: ignore[arg-type]
+
+    out, err = capsys.readouterr()
+    for run_ in runs:
+        for line in run_.restore_tests_failed:
+            assert f"guestsafe: {line}" in err.splitlines()
+            assert "restore test did not pass" in out
