@@ -121,7 +121,8 @@ class GuestBackup:
         if remote_disks.is_remote(hv):
             # Its disk files are another machine's: streamed from its storage pools.
             assert self.ctx.archive is not None
-            self.strategy = remote_strategy(run, hv, self.ctx.archive)
+            pace = HostPacer(self.ctx.job.ionice, self.ctx.job.bwlimit)
+            self.strategy = remote_strategy(run, hv, self.ctx.archive, pace)
         else:
             self._check_local_disks()
         transient_xml = self._keep_transient() if not run.info.persistent else None

@@ -39,6 +39,8 @@ from guestsafe.engine.hypervisor.remote_disks import (
 )
 from guestsafe.engine.hypervisor.volume_streams import download_volume
 from guestsafe.engine.modes import Mode
+from guestsafe.engine.sizes import byte_rate
+from guestsafe.engine.throttle import HostPacer
 
 # How long settle waits for a dropped connection to come back before leaving the
 # guest's restart to ``guestsafe recover``.
@@ -46,7 +48,9 @@ RECONNECT_WAIT = 60.0
 RECONNECT_PAUSE = 2.0
 
 
-def remote_strategy(run: GuestRun, hv: Hypervisor, archive: Archive) -> StreamCopy:
+def remote_strategy(
+    run: GuestRun, hv: Hypervisor, archive: Archive, pace: HostPacer | None = None
+) -> StreamCopy:
     """The copy of a remote guest, after every refusal that must come before the stop."""
     info = run.info
     assert info is not None
@@ -62,7 +66,7 @@ def remote_strategy(run: GuestRun, hv: Hypervisor, archive: Archive) -> StreamCo
         )
     run.skip_media()
     disks = remote_disks(hv.connection, info, run.copied_disks())
-    return StreamCopy(run, hv, archive, disks)
+    return StreamCopy(run, hv, archive, disks, pace)
 
 
 class StreamCopy:
@@ -71,9 +75,15 @@ class StreamCopy:
     stops_guest = True
 
     def __init__(
-        self, run: GuestRun, hv: Hypervisor, archive: Archive, disks: list[RemoteDisk]
+        self,
+        run: GuestRun,
+        hv: Hypervisor,
+        archive: Archive,
+        disks: list[RemoteDisk],
+        pace: HostPacer | None = None,
     ) -> None:
         self.run = run
+        self.pace = pace
         self.hv = hv
         self.archive = archive
         self.disks = disks
@@ -116,7 +126,7 @@ class StreamCopy:
         dst = run.partial.file_path(file_name)
         run.say_info(
             f"streaming {disk.target} (volume {remote.volume} of pool {remote.pool} "
-            f"on {self.hv.uri})"
+            f"on {self.hv.uri}){_pace_note(self.pace)}"
         )
         conn = self.hv.connection
         try:
@@ -131,7 +141,10 @@ class StreamCopy:
             total=remote.allocation,
             progress=run.copy_progress(disk.target),
             cancel=self._cancel,
+            pace=self.pace,
         )
+        if self.pace is not None and self.pace.refused is not None:
+            run.warn(f"the archive's writes ran in the default I/O class: {self.pace.refused}")
         run.bytes_copied += result.data_bytes
         with naming("reading the copy", dst):
             virtual_size = disk_files.virtual_size(dst, disk.format)
@@ -147,6 +160,7 @@ class StreamCopy:
             source_kind="block" if disk.kind == "block" else "file",
             pool=remote.pool,
             volume=remote.volume,
+            chunks=run.partial.write_chunk_table(file_name, result.chunks),
         )
 
     def start(self) -> GuestsafeError | None:
@@ -176,3 +190,14 @@ class StreamCopy:
 
     def still_frozen(self) -> bool:
         return False  # nothing is frozen in a cold copy
+
+
+def _pace_note(pace: HostPacer | None) -> str:
+    """The cap, and where ``ionice`` applies: the remote host's reads are libvirtd's."""
+    if pace is None:
+        return ""
+    cap = f", at most {byte_rate(pace.rate)}" if pace.rate else ""
+    return (
+        f"{cap}; I/O class {pace.io_class} for the archive's writes only "
+        "(the volume is read on its host by libvirtd, in libvirtd's class)"
+    )

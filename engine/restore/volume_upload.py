@@ -40,6 +40,7 @@ from guestsafe.engine.restore.plan import (
     check_plain_files,
     choose_macs,
 )
+from guestsafe.engine.throttle import HostPacer
 
 
 def restore_clone_remote(
@@ -54,8 +55,13 @@ def restore_clone_remote(
     force: bool = False,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
+    bwlimit: int | None = None,
 ) -> RestoreResult:
-    """Upload the version's disks into volumes on ``hv``'s host and define the clone there."""
+    """Upload the version's disks into volumes on ``hv``'s host and define the clone there.
+
+    ``bwlimit``: bytes per second sent at most (a token bucket, as a job's cap).
+    """
+    pace = HostPacer("best-effort", bwlimit) if bwlimit else None
     _refuse_unsupported(plan)
     macs = choose_macs(plan, mac_policy, mac_choices)
     new_uuid = str(uuid.uuid4())
@@ -75,7 +81,7 @@ def restore_clone_remote(
                 pool = _pool_for(conn, rec, target_pool)
                 vol = _create_volume(pool, planned.name, plan.version.path / rec.file)
                 made.append(vol)
-                _upload(conn, vol, plan, rec, reporter, name, cancel)
+                _upload(conn, vol, plan, rec, reporter, name, cancel, pace)
                 new_disks.append((rec, Path(str(vol.path()))))
             reporter(PhaseChanged(name, "define"))
             with locks.acquire(paths.state_dir, MACS_LOCK, purpose, wait=MACS_LOCK_WAIT):
@@ -177,6 +183,7 @@ def _upload(
     reporter: Reporter,
     who: str,
     cancel: threading.Event | None,
+    pace: HostPacer | None = None,
 ) -> None:
     src = plan.version.path / rec.file
     events.info(reporter, f"uploading {rec.target} into volume {vol.path()}", who)
@@ -184,7 +191,7 @@ def _upload(
     def progress(done: int, total: int) -> None:
         reporter(Progress(who, rec.target, done, total))
 
-    sent = upload_volume(conn, vol, src, progress=progress, cancel=cancel)
+    sent = upload_volume(conn, vol, src, progress=progress, cancel=cancel, pace=pace)
     if sent != rec.blake3:
         raise CopyError(
             f"{rec.file} of {plan.version.guest} version {plan.version.number} hashed "

@@ -4,7 +4,8 @@ Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
 ``copier_child.py [--wait] hash PATH``, ``copier_child.py [--wait] verify PATH``,
 ``copier_child.py [--wait] backup SRC DST PREV``, or
 ``copier_child.py [--wait] download URI VOLUME-PATH DST`` (a volume streamed over
-libvirt's connection, as a remote backup reads it; connected before ``ready``).
+libvirt's connection, as a remote backup reads it; connected before ``ready``;
+its chunk table in ``DST.chunks`` too).
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
 ``copy`` also writes the copy's chunk table to ``DST.chunks``, as a backup writes it
 beside the disk; ``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe
@@ -60,7 +61,10 @@ def main(argv: list[str]) -> int:
     elif download is not None:
         conn, vol = download
         length = int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
-        result = download_volume(conn, vol, Path(argv[3]), length=length, total=vol.info()[2])
+        dst = Path(argv[3])
+        result = download_volume(conn, vol, dst, length=length, total=vol.info()[2])
+        assert result.chunks is not None
+        dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(result.chunks))
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes, "cloned": False}
     elif argv[:1] == ["backup"] and len(argv) == 4:
         out = backup(Path(argv[1]), Path(argv[2]), Path(argv[3]))

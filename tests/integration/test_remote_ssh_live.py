@@ -160,6 +160,9 @@ def test_remote_backup_verified_and_clone_restored_by_upload(
     copy = (version / "vdb.raw").stat()
     assert copy.st_size == 128 * MiB
     assert copy.st_blocks * 512 < 40 * MiB, "the holes crossed the wire as data"
+    # Format 3: the stream made the chunk table a local copy makes, so verify goes by chunks.
+    assert disks["vdb"]["chunks"]["file"] == "vdb.raw.chunks"
+    assert (version / "vdb.raw.chunks").is_file()
     verify = user.guestsafe(host.uri, "verify", original.name, "1")
     assert verify.returncode == 0, verify.stderr
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import blake3
 import libvirt
 import pytest
 
+from guestsafe.engine.archive.chunks import table_bytes
 from guestsafe.engine.backup import stream_copy
 from guestsafe.engine.backup.guest_run import GuestRun
 from guestsafe.engine.backup.remote_plan import plan_remote_disks
@@ -32,6 +34,7 @@ from guestsafe.engine.hypervisor.volume_streams import (
     upload_volume,
 )
 from guestsafe.engine.modes import Mode
+from guestsafe.engine.throttle import HostPacer, TokenBucket
 
 MiB = 1024 * 1024
 
@@ -291,6 +294,82 @@ def test_upload_sends_holes_as_holes_and_hashes_what_was_sent(source: Path) -> N
     assert digest == blake3.blake3(source.read_bytes()).hexdigest()
     holes = sum(p for k, p in stream.pieces if k == "hole")  # type: ignore[misc]
     assert holes > 20 * MiB
+
+
+def test_the_stream_makes_the_local_copiers_chunk_table(source: Path, tmp_path: Path) -> None:
+    result = download_volume(
+        FakeConn(FakeDownloadStream(source)),  # type: ignore[arg-type]
+        FakeVolume(),  # type: ignore[arg-type]
+        tmp_path / "vdb.raw",
+        length=source.stat().st_size,
+        total=source.stat().st_blocks * 512,
+    )
+
+    local = copy_file(source, tmp_path / "local.raw")
+    assert result.chunks is not None and local.chunks is not None
+    assert table_bytes(result.chunks) == table_bytes(local.chunks)
+    assert result.blake3 == local.blake3
+
+
+class RecordingPacer:
+    """A Pacer that holds nothing back and remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.paced = 0
+        self.threads: list[str] = []
+
+    def thread_started(self) -> None:
+        self.threads.append(threading.current_thread().name)
+
+    def wrote(self, nbytes: int, stop: threading.Event) -> None:
+        self.paced += nbytes
+
+
+def _strict_pacer(rate: int) -> HostPacer:
+    pace = HostPacer("best-effort", rate)
+    pace.bucket = TokenBucket(rate, burst=0)  # no head start: the time is all pacing
+    return pace
+
+
+def test_bwlimit_paces_the_download_and_ionice_only_the_local_writer(
+    source: Path, tmp_path: Path
+) -> None:
+    data = sum(length for kind, _, length in _sections(source) if kind == "data")
+    recording = RecordingPacer()
+    download_volume(
+        FakeConn(FakeDownloadStream(source)),  # type: ignore[arg-type]
+        FakeVolume(),  # type: ignore[arg-type]
+        tmp_path / "a.raw",
+        length=source.stat().st_size,
+        total=data,
+        pace=recording,
+    )
+    assert recording.paced == data
+    assert recording.threads == ["stream-writer"]  # not the caller's thread
+
+    rate = 8 * MiB  # the source's ~4.1 MiB of data take about half a second
+    started = time.monotonic()
+    download_volume(
+        FakeConn(FakeDownloadStream(source)),  # type: ignore[arg-type]
+        FakeVolume(),  # type: ignore[arg-type]
+        tmp_path / "b.raw",
+        length=source.stat().st_size,
+        total=data,
+        pace=_strict_pacer(rate),
+    )
+    assert time.monotonic() - started >= 0.9 * (data - volume_streams.PACKET) / rate
+
+
+def test_bwlimit_paces_the_upload(source: Path) -> None:
+    data = sum(length for kind, _, length in _sections(source) if kind == "data")
+    recording = RecordingPacer()
+    upload_volume(FakeConn(FakeUploadStream()), FakeVolume(), source, pace=recording)  # type: ignore[arg-type]
+    assert recording.paced == data and recording.threads == []
+
+    rate = 8 * MiB
+    started = time.monotonic()
+    upload_volume(FakeConn(FakeUploadStream()), FakeVolume(), source, pace=_strict_pacer(rate))  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 0.9 * (data - volume_streams.SEND) / rate
 
 
 @pytest.mark.parametrize(
