@@ -82,7 +82,7 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor import remote_disks
-from guestsafe.engine.hypervisor.cluster_macs import mac_owners_across
+from guestsafe.engine.hypervisor.cluster_macs import mac_census
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.hypervisor.hosts import (
@@ -447,8 +447,9 @@ class Engine:
         return pick_series(archive.guests(), guest, host)
 
     def _macs_in_use(self, target: str) -> Callable[[], dict[str, list[str]]]:
-        """Every known host's MACs, read when called, for a clone defined on ``target``."""
-        return lambda: mac_owners_across(target, self.hosts.connected())
+        """Every known host's MACs, read when called, for a clone defined on ``target``;
+        the hosts that do not answer are named in what it returns (MacOwners)."""
+        return lambda: mac_census(target, self.hosts)
 
     def uncovered_guests(self, guests: list[GuestInfo] | None = None) -> list[str]:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
@@ -838,6 +839,7 @@ class Engine:
                 force=force,
                 reporter=reporter,
                 cancel=cancel,
+                macs_in_use=self._macs_in_use(plan.host),
             )
         if target_pool is not None:
             raise RestoreError("--target-pool is for restores onto a remote host")

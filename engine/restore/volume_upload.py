@@ -29,11 +29,17 @@ from guestsafe.engine.events import PhaseChanged, Progress, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.volume_streams import upload_volume
 from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore.clone import MACS_LOCK, MACS_LOCK_WAIT, recheck_macs
+from guestsafe.engine.restore.clone import (
+    MACS_LOCK,
+    MACS_LOCK_WAIT,
+    recheck_macs,
+    warning_census,
+)
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified
 from guestsafe.engine.restore.plan import (
     NEW,
+    MacsInUse,
     RestorePlan,
     RestoreResult,
     accept_damage,
@@ -54,8 +60,13 @@ def restore_clone_remote(
     force: bool = False,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
+    macs_in_use: MacsInUse | None = None,
 ) -> RestoreResult:
-    """Upload the version's disks into volumes on ``hv``'s host and define the clone there."""
+    """Upload the version's disks into volumes on ``hv``'s host and define the clone there.
+
+    ``macs_in_use`` reads the MACs of every known host just before the clone is
+    defined (default: ``hv``'s alone): a clone there clashes with any host's guest.
+    """
     _refuse_unsupported(plan)
     macs = choose_macs(plan, mac_policy, mac_choices)
     new_uuid = str(uuid.uuid4())
@@ -83,7 +94,8 @@ def restore_clone_remote(
                     raise RestoreError(
                         f"a guest named {name!r} was defined meanwhile on {hv.uri}; nothing defined"
                     )
-                macs = recheck_macs(plan, macs, hv.mac_owners())
+                census = warning_census(macs_in_use or hv.mac_owners, reporter, name, warnings)
+                macs = recheck_macs(plan, macs, census())
                 clone = build_clone_xml(replace(plan, disks=new_disks), new_uuid, macs)
                 hv.define(clone.xml)
         except BaseException:
