@@ -378,14 +378,31 @@ class Engine:
             self._hv = None
 
     def recover(
-        self, reporter: Reporter = events.null_reporter, *, start: bool = False
+        self,
+        reporter: Reporter = events.null_reporter,
+        *,
+        start: bool = False,
+        host: str | None = None,
     ) -> list[str]:
-        """Finish what interrupted runs left; ``start``: also start guests the rule leaves off."""
+        """Finish what interrupted runs left; ``start``: also start guests the rule leaves off.
+
+        ``host``: only what runs left on that host (a backup whose connection was lost
+        mid-stream and could not start the guest again), once the host answers again.
+        """
+        if host is not None and host != LOCAL_HOST:
+            return recovery.recover(self.paths, reporter, start=start, uri=self.hosts.uri(host))
         return (
-            recovery.recover(self.paths, reporter, start=start)
+            recovery.recover(
+                self.paths, reporter, start=start, uri=self.uri if host is not None else None
+            )
             + recover_restores(self.paths, reporter)
             + recover_restore_tests(self.paths, lambda: self.hv, reporter)
         )
+
+    def left_to_recover(self, host: str | None = None) -> list[str]:
+        """The guests whose interrupted runs recovery could not finish yet (on ``host``)."""
+        uri = None if host is None else self.uri if host == LOCAL_HOST else self.hosts.uri(host)
+        return [entry.guest for entry in recovery.pending(self.paths, uri)]
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
@@ -396,7 +413,10 @@ class Engine:
     def hosts(self) -> HostRegistry:
         """Every known host's connection: ``local`` and those jobs.toml names now."""
         configured = jobs.load_hosts(self.paths.config_file)
-        self._hosts.configure({name: host.uri for name, host in configured.items()})
+        self._hosts.configure(
+            {name: host.uri for name, host in configured.items()},
+            {n: h.reconnect_wait for n, h in configured.items() if h.reconnect_wait is not None},
+        )
         return self._hosts
 
     def host_names(self) -> list[str]:
