@@ -82,7 +82,7 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor import remote_disks
-from guestsafe.engine.hypervisor.cluster_macs import mac_owners_across
+from guestsafe.engine.hypervisor.cluster_macs import mac_census
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.hypervisor.hosts import (
@@ -379,15 +379,32 @@ class Engine:
             self._hv = None
 
     def recover(
-        self, reporter: Reporter = events.null_reporter, *, start: bool = False
+        self,
+        reporter: Reporter = events.null_reporter,
+        *,
+        start: bool = False,
+        host: str | None = None,
     ) -> list[str]:
-        """Finish what interrupted runs left; ``start``: also start guests the rule leaves off."""
+        """Finish what interrupted runs left; ``start``: also start guests the rule leaves off.
+
+        ``host``: only what runs left on that host (a backup whose connection was lost
+        mid-stream and could not start the guest again), once the host answers again.
+        """
+        if host is not None and host != LOCAL_HOST:
+            return recovery.recover(self.paths, reporter, start=start, uri=self.hosts.uri(host))
         return (
-            recovery.recover(self.paths, reporter, start=start)
+            recovery.recover(
+                self.paths, reporter, start=start, uri=self.uri if host is not None else None
+            )
             + recover_restores(self.paths, reporter)
             + recover_restore_tests(self.paths, lambda: self.hv, reporter)
             + recover_promotes(self.paths, lambda: self.hv, reporter)
         )
+
+    def left_to_recover(self, host: str | None = None) -> list[str]:
+        """The guests whose interrupted runs recovery could not finish yet (on ``host``)."""
+        uri = None if host is None else self.uri if host == LOCAL_HOST else self.hosts.uri(host)
+        return [entry.guest for entry in recovery.pending(self.paths, uri)]
 
     def guests(self) -> list[GuestInfo]:
         return self.hv.guests()
@@ -398,7 +415,10 @@ class Engine:
     def hosts(self) -> HostRegistry:
         """Every known host's connection: ``local`` and those jobs.toml names now."""
         configured = jobs.load_hosts(self.paths.config_file)
-        self._hosts.configure({name: host.uri for name, host in configured.items()})
+        self._hosts.configure(
+            {name: host.uri for name, host in configured.items()},
+            {n: h.reconnect_wait for n, h in configured.items() if h.reconnect_wait is not None},
+        )
         return self._hosts
 
     def host_names(self) -> list[str]:
@@ -449,8 +469,9 @@ class Engine:
         return pick_series(archive.guests(), guest, host)
 
     def _macs_in_use(self, target: str) -> Callable[[], dict[str, list[str]]]:
-        """Every known host's MACs, read when called, for a clone defined on ``target``."""
-        return lambda: mac_owners_across(target, self.hosts.connected())
+        """Every known host's MACs, read when called, for a clone defined on ``target``;
+        the hosts that do not answer are named in what it returns (MacOwners)."""
+        return lambda: mac_census(target, self.hosts)
 
     def uncovered_guests(self, guests: list[GuestInfo] | None = None) -> list[str]:
         """The persistent guests no job backs up (``guests``: a listing already made)."""
@@ -845,6 +866,7 @@ class Engine:
                 force=force,
                 reporter=reporter,
                 cancel=cancel,
+                macs_in_use=self._macs_in_use(plan.host),
             )
         if target_pool is not None:
             raise RestoreError("--target-pool is for restores onto a remote host")

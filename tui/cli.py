@@ -48,7 +48,13 @@ from guestsafe.engine.api import (
     space_of,
     split_series,
 )
-from guestsafe.engine.errors import ConfigError, GuestsafeError, RestoreError, RunFailed
+from guestsafe.engine.errors import (
+    ConfigError,
+    GuestsafeError,
+    HypervisorError,
+    RestoreError,
+    RunFailed,
+)
 from guestsafe.engine.events import (
     Event,
     GuestOutcome,
@@ -208,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also start a guest an interrupted backup left off that recovery would not "
         "start by itself (it says why)",
+    )
+    recover.add_argument(
+        "--host",
+        metavar="NAME",
+        help="only what interrupted runs left on that host ([hosts.NAME] in jobs.toml), "
+        "e.g. once it answers again after a connection lost mid-copy",
     )
     prune = sub.add_parser(
         "prune", help="apply the job's retention now: delete the versions its rules let go"
@@ -671,7 +683,16 @@ def _say_clashes(clashes: Iterable[Any], mac: str) -> None:
 
 
 def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:
-    recovered = engine.recover(reporter, start=args.start)
+    recovered = engine.recover(reporter, start=args.start, host=args.host)
+    # A host named: the operator waits for its guests, so what is left fails the command.
+    left = engine.left_to_recover(args.host) if args.host is not None else []
+    if left:
+        print(
+            f"guestsafe: still to recover on host {escape(args.host)}: {escape(', '.join(left))} "
+            "(the lines above say why; run guestsafe recover again)",
+            file=sys.stderr,
+        )
+        return HypervisorError.exit_code
     print("recovered" if recovered else "nothing left to recover")
     return 0
 

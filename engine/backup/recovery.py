@@ -114,16 +114,18 @@ def recover(
     *,
     start: bool = False,
     connect: Connect = Hypervisor,
+    uri: str | None = None,
 ) -> list[str]:
     """Finish what dead runners left; the guests put back as they were, by name.
 
     ``start``: start a shut-off guest of an entry even where the rule above
-    says recovery may not (``guestsafe recover --start``).
+    says recovery may not (``guestsafe recover --start``). ``uri``: only the
+    entries of the host that URI reaches (``guestsafe recover --host NAME``).
     """
     mounts.recover_mounts(paths.state_dir, reporter)
     journal = Journal(paths.state_dir)
     done: list[str] = []
-    for entry in journal.orphans():
+    for entry in pending(paths, uri):
         log = _guest_log(reporter, entry.guest)
         try:
             lock = locks.acquire(
@@ -135,6 +137,15 @@ def recover(
             if _recover_entry(journal, entry, log, start, connect):
                 done.append(entry.guest)
     return done
+
+
+def pending(paths: Paths, uri: str | None = None) -> list[JournalEntry]:
+    """The entries recovery acts on (of the host ``uri`` reaches, if given).
+
+    An entry names the URI its run used; a host's entries are the ones naming its URI.
+    """
+    entries = Journal(paths.state_dir).orphans()
+    return [e for e in entries if uri is None or e.uri == uri]
 
 
 def _guest_log(reporter: Reporter, guest: str) -> Log:

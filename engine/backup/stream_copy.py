@@ -173,7 +173,8 @@ class StreamCopy:
         """Wait for a dropped connection, so the runner can start the guest again."""
         if self.run.was_state != RUNNING:
             return
-        deadline = time.monotonic() + RECONNECT_WAIT
+        wait = self.hv.reconnect_wait  # [hosts.NAME] reconnect_wait; 0: no wait at all
+        deadline = time.monotonic() + (RECONNECT_WAIT if wait is None else wait)
         warned = False
         while True:
             try:

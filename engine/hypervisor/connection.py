@@ -134,6 +134,10 @@ class Hypervisor:
         # off such a guest is gone from libvirt; it counts as shut off here and
         # start() creates it again from the XML read before the shutdown.
         self._transient: dict[str, tuple[str, str]] = {}
+        # How long a copy that lost this connection waits for it to come back before it
+        # leaves the guest's restart to recover ([hosts.NAME] reconnect_wait); None: the
+        # copy's own default.
+        self.reconnect_wait: float | None = None
 
     def _subscribe(self) -> int:
         return int(

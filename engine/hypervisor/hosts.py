@@ -57,11 +57,20 @@ class HostRegistry:
         self._lock = threading.Lock()
         self._open: dict[str, Hypervisor] = {}
         self._failed: dict[str, str] = {}
+        self._waits: dict[str, float] = {}
         self.configure(remotes or {})
 
-    def configure(self, remotes: Mapping[str, str]) -> None:
-        """Take the hosts jobs.toml names now; a host gone or moved is disconnected."""
+    def configure(
+        self, remotes: Mapping[str, str], reconnect_waits: Mapping[str, float] | None = None
+    ) -> None:
+        """Take the hosts jobs.toml names now; a host gone or moved is disconnected.
+
+        ``reconnect_waits``: a host's ``reconnect_wait``, set on its connection.
+        """
         with self._lock:
+            self._waits = dict(reconnect_waits or {})
+            for name, hv in self._open.items():
+                hv.reconnect_wait = self._waits.get(name)
             wanted = {LOCAL_HOST: self._uris[LOCAL_HOST], **remotes}
             for name in list(self._open):
                 if wanted.get(name) != self._uris.get(name):
@@ -101,6 +110,7 @@ class HostRegistry:
                 self._failed[name] = reason
                 raise HostUnreachable(f"host {name!r} is unreachable: {reason}") from exc
             self._failed.pop(name, None)
+            hv.reconnect_wait = self._waits.get(name)
             self._open[name] = hv
             return hv
 

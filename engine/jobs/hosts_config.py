@@ -4,6 +4,7 @@
 
     [hosts.node2]
     uri = "qemu+ssh://root@node2/system"   # libvirt's own remote protocol
+    reconnect_wait = 60                    # seconds a lost connection is waited for
 
 The host guestsafe runs on is implicit: ``local``, on the ``--connect`` (or
 ``LIBVIRT_DEFAULT_URI``) URI, and never a table here. A job names its host with
@@ -26,7 +27,9 @@ from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
 
 __all__ = ["LOCAL_HOST", "Host", "check_host_name", "check_uri", "host_names", "parse_hosts"]
 
-HOST_KEYS = ("uri",)
+HOST_KEYS = ("uri", "reconnect_wait")
+# The longest reconnect_wait: a stopped guest waits that long for its restart.
+MAX_RECONNECT_WAIT = 3600
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 # The hypervisor drivers guestsafe backs up (test: libvirt's test driver, for the demo
 # and tests), and the transports libvirt's remote driver knows.
@@ -41,6 +44,9 @@ class Host:
 
     name: str
     uri: str
+    # Seconds a copy that lost the connection waits for it before leaving the guest's
+    # restart to ``guestsafe recover``; None: the copy's default (60 s).
+    reconnect_wait: float | None = None
 
 
 def parse_hosts(table: object) -> tuple[dict[str, Host], list[tuple[str, str]]]:
@@ -79,7 +85,17 @@ def _parse_host(name: str, entry: object) -> tuple[Host | None, str | None]:
     wrong_uri = check_uri(uri)
     if wrong_uri is not None:
         return None, f"{where}: {wrong_uri}"
-    return Host(name, uri), None
+    wait = entry.get("reconnect_wait")
+    if wait is not None and (
+        isinstance(wait, bool)
+        or not isinstance(wait, int | float)
+        or not 0 <= wait <= MAX_RECONNECT_WAIT
+    ):
+        return None, (
+            f"{where}: reconnect_wait must be a number of seconds from 0 to "
+            f"{MAX_RECONNECT_WAIT}, not {wait!r}"
+        )
+    return Host(name, uri, None if wait is None else float(wait)), None
 
 
 def check_host_name(name: object) -> str | None:
@@ -129,6 +145,13 @@ def host_names(hosts: Mapping[str, Host]) -> list[str]:
     return [LOCAL_HOST, *hosts]
 
 
-def host_table(hosts: Mapping[str, Host]) -> dict[str, dict[str, str]]:
+def host_table(hosts: Mapping[str, Host]) -> dict[str, dict[str, str | float]]:
     """``hosts`` as the ``[hosts]`` table of jobs.toml."""
-    return {name: {"uri": host.uri} for name, host in hosts.items()}
+    return {name: _host_entry(host) for name, host in hosts.items()}
+
+
+def _host_entry(host: Host) -> dict[str, str | float]:
+    entry: dict[str, str | float] = {"uri": host.uri}
+    if host.reconnect_wait is not None:
+        entry["reconnect_wait"] = host.reconnect_wait
+    return entry

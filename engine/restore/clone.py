@@ -13,6 +13,7 @@ from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor import tpm_state
+from guestsafe.engine.hypervisor.cluster_macs import MacOwners, unchecked_warning
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import TpmInfo
 from guestsafe.engine.hypervisor.remote_disks import require_local_disks
@@ -94,7 +95,8 @@ def restore_clone(
                     raise RestoreError(
                         f"a guest named {name!r} was defined meanwhile; nothing defined"
                     )
-                macs = recheck_macs(plan, macs, (macs_in_use or hv.mac_owners)())
+                census = warning_census(macs_in_use or hv.mac_owners, reporter, name, warnings)
+                macs = recheck_macs(plan, macs, census())
                 clone = build_clone_xml(plan, new_uuid, macs)
                 hv.define(clone.xml)
         except BaseException:
@@ -107,6 +109,23 @@ def restore_clone(
         hv.start(name)
     reporter(events.RunEnded(events.RunKind.RESTORE, True, "restore successful", name))
     return RestoreResult(name, new_uuid, macs, copied, start, warnings, clone.notes)
+
+
+def warning_census(
+    macs_in_use: MacsInUse, reporter: Reporter, who: str, warnings: list[str]
+) -> MacsInUse:
+    """``macs_in_use``, warning (once) of the hosts it could not read when it is read."""
+
+    def read() -> Mapping[str, list[str]]:
+        owners = macs_in_use()
+        unreachable = owners.unreachable if isinstance(owners, MacOwners) else []
+        message = unchecked_warning(unreachable)
+        if message is not None and message not in warnings:
+            events.warn(reporter, message, who)
+            warnings.append(message)
+        return owners
+
+    return read
 
 
 def recheck_macs(plan: RestorePlan, macs: list[str], in_use: Mapping[str, list[str]]) -> list[str]:

@@ -45,7 +45,12 @@ from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.qemu_access import grant_read, qemu_uid, revoke_read
 from guestsafe.engine.hypervisor.remote_disks import require_local_disks
 from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore.clone import MACS_LOCK, MACS_LOCK_WAIT, recheck_macs
+from guestsafe.engine.restore.clone import (
+    MACS_LOCK,
+    MACS_LOCK_WAIT,
+    recheck_macs,
+    warning_census,
+)
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified, restore_file
 from guestsafe.engine.restore.plan import (
@@ -123,7 +128,7 @@ def boot_clone(
             )
         write_record(paths.state_dir, record)  # first: whatever follows can be undone
         try:
-            macs_now = macs_in_use or hv.mac_owners
+            macs_now = warning_census(macs_in_use or hv.mac_owners, reporter, name, warnings)
             record, notes = _build(
                 plan,
                 record,

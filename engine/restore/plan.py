@@ -28,6 +28,7 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.errors import RestoreError, VerifyError
 from guestsafe.engine.events import Reporter
+from guestsafe.engine.hypervisor.cluster_macs import MacOwners
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
 from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
@@ -79,6 +80,8 @@ class RestorePlan:
     overwrite_devices: bool = False
     # The host the clone is defined on ([hosts.NAME] of jobs.toml, "local" for this one).
     host: str = LOCAL_HOST
+    # Hosts whose MACs could not be read when planning ("node3: <reason>").
+    macs_unchecked: list[str] = field(default_factory=list)
 
     @property
     def clashes(self) -> list[InterfacePlan]:
@@ -167,8 +170,18 @@ def plan_restore(
         for i, mac in enumerate(m.mac or "" for m in xml_interfaces)
     ]
     problem = domain_xml_problem(version, xml)
+    unchecked = list(owners.unreachable) if isinstance(owners, MacOwners) else []
     return RestorePlan(
-        version, new_name, disk_plan, nvram_plan, interfaces, xml, problem, devices, host=host
+        version,
+        new_name,
+        disk_plan,
+        nvram_plan,
+        interfaces,
+        xml,
+        problem,
+        devices,
+        host=host,
+        macs_unchecked=unchecked,
     )
 
 

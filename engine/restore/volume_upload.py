@@ -29,11 +29,17 @@ from guestsafe.engine.events import PhaseChanged, Progress, Reporter
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.volume_streams import upload_volume
 from guestsafe.engine.paths import Paths
-from guestsafe.engine.restore.clone import MACS_LOCK, MACS_LOCK_WAIT, recheck_macs
+from guestsafe.engine.restore.clone import (
+    MACS_LOCK,
+    MACS_LOCK_WAIT,
+    recheck_macs,
+    warning_census,
+)
 from guestsafe.engine.restore.clone_xml import build_clone_xml
 from guestsafe.engine.restore.files import check_verified
 from guestsafe.engine.restore.plan import (
     NEW,
+    MacsInUse,
     RestorePlan,
     RestoreResult,
     accept_damage,
@@ -56,10 +62,13 @@ def restore_clone_remote(
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
     bwlimit: int | None = None,
+    macs_in_use: MacsInUse | None = None,
 ) -> RestoreResult:
     """Upload the version's disks into volumes on ``hv``'s host and define the clone there.
 
     ``bwlimit``: bytes per second sent at most (a token bucket, as a job's cap).
+    ``macs_in_use`` reads the MACs of every known host just before the clone is
+    defined (default: ``hv``'s alone): a clone there clashes with any host's guest.
     """
     pace = HostPacer("best-effort", bwlimit) if bwlimit else None
     _refuse_unsupported(plan)
@@ -89,7 +98,8 @@ def restore_clone_remote(
                     raise RestoreError(
                         f"a guest named {name!r} was defined meanwhile on {hv.uri}; nothing defined"
                     )
-                macs = recheck_macs(plan, macs, hv.mac_owners())
+                census = warning_census(macs_in_use or hv.mac_owners, reporter, name, warnings)
+                macs = recheck_macs(plan, macs, census())
                 clone = build_clone_xml(replace(plan, disks=new_disks), new_uuid, macs)
                 hv.define(clone.xml)
         except BaseException:

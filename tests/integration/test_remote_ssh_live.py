@@ -95,6 +95,24 @@ def _save_job(user: RemoteUser, guest: TestGuest, **options: object) -> None:
             os.chown(Path(folder) / name, user.uid, user.gid)
 
 
+# The local host of the runs that name node2: libvirt's test driver, which gsremote
+# may open, so that node2 alone is this machine's libvirtd (over the test sshd).
+LOCAL_TEST = "test:///default"
+
+
+def _save_host_job(user: RemoteUser, guest: TestGuest, hosts: str, **options: object) -> None:
+    """``hosts`` ([hosts.NAME] tables) in the user's jobs.toml, then a job on node2."""
+    config = user.gs_home / "config" / "jobs.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(hosts)
+    _save_job(user, guest, hosts=["node2"], **options)
+
+
+def _node2(host: SshHost, **settings: object) -> str:
+    extra = "".join(f"{key} = {value}\n" for key, value in settings.items())
+    return f'[hosts.node2]\nuri = "{host.uri}"\n{extra}'
+
+
 def _versions(user: RemoteUser) -> list[Path]:
     return sorted(p for p in user.archive.glob("*/*") if p.name.isdigit())
 
@@ -184,6 +202,48 @@ def test_remote_backup_verified_and_clone_restored_by_upload(
     assert _b3(clone_vdb) == source_b3
 
 
+def test_a_job_naming_host_node2_backs_it_up_over_ssh_end_to_end(
+    pooled: list[libvirt.virStoragePool],
+    remote: tuple[SshHost, RemoteUser],
+    guest_factory: GuestFactory,
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    """``guestsafe run JOB`` for a job with ``host = "node2"`` (no --connect to node2):
+    the series is node2's, the manifest names the host, and a clone restored to node2
+    has its MACs checked across every host, the one that does not answer named."""
+    host, user = remote
+    guest = _guest(guest_factory, "remhost", 8)
+    _into_pool(libvirt_conn, guest, pooled)
+    guest.start()
+    down = '[hosts.down]\nuri = "qemu+ssh://root@127.0.0.1:1/system"\n'
+    _save_host_job(user, guest, _node2(host) + down)
+    before = guest.console_size()
+
+    run = user.guestsafe(LOCAL_TEST, "run", "remote")
+
+    assert run.returncode == 0, run.stderr
+    assert shutdown_counter(guest, before) > 0 and guest.is_running()
+    (version,) = _versions(user)
+    assert version.parent.name == f"node2%2F{guest.name}"
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["host_name"] == "node2" and manifest["uuid"] == guest.dom.UUIDString()
+    verify = user.guestsafe(LOCAL_TEST, "verify", guest.name, "1", "--host", "node2")
+    assert verify.returncode == 0 and "version 1: ok" in verify.stdout, verify.stderr
+
+    clone_name = guest.name + "-c"
+    guest_factory.adopt(clone_name)
+    restore = user.guestsafe(
+        LOCAL_TEST, "restore", guest.name, "1", clone_name, "--host", "node2", "--to-host", "node2"
+    )
+
+    assert restore.returncode == 0, restore.stderr
+    mac = guest.dom.XMLDesc(0).split("mac address='")[1].split("'")[0]
+    assert f"MAC {mac} is already used by guest {guest.name}" in restore.stderr
+    assert "MACs not checked on 1 unreachable host(s) (down: " in restore.stderr
+    clone_xml = libvirt_conn.lookupByName(clone_name).XMLDesc(0)
+    assert mac not in clone_xml
+
+
 def test_remote_disk_outside_any_pool_is_refused_before_the_stop(
     remote: tuple[SshHost, RemoteUser], guest_factory: GuestFactory
 ) -> None:
@@ -270,19 +330,20 @@ def test_a_host_gone_for_good_leaves_the_restart_to_recover(
     guest_factory: GuestFactory,
     libvirt_conn: libvirt.virConnect,
 ) -> None:
-    """sshd itself stops mid-stream and stays away past the reconnect wait: the run
-    fails, the journal keeps the guest, and recover starts it once the host is back."""
+    """sshd itself stops mid-stream and stays away past node2's reconnect_wait: the run
+    fails, the journal keeps the guest, and ``recover --host node2`` starts it once the
+    host is back (and says what is left while it is not)."""
     host, user = remote
     guest = _guest(guest_factory, "remgone", 96)
     _into_pool(libvirt_conn, guest, pooled)
     guest.start()
-    _save_job(user, guest)
+    _save_host_job(user, guest, _node2(host, reconnect_wait=3))  # not the 60 s default
     proc = user.popen(
         sys.executable,
         "-m",
         "guestsafe.tui",
         "--connect",
-        host.uri,
+        LOCAL_TEST,
         "run",
         "remote",
         env={"GUESTSAFE_FAILPOINTS": "stream.chunk=slow"},
@@ -290,7 +351,10 @@ def test_a_host_gone_for_good_leaves_the_restart_to_recover(
     try:
         _wait_for_partial_data(user, proc)
         host.stop()
+        gone_at = time.monotonic()
         out, err = proc.communicate(timeout=300)
+        waited = time.monotonic() - gone_at
+        while_down = user.guestsafe(LOCAL_TEST, "recover", "--host", "node2")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -300,15 +364,19 @@ def test_a_host_gone_for_good_leaves_the_restart_to_recover(
 
     assert proc.returncode != 0
     assert "still unreachable" in err + out
+    assert waited < 40, f"the run waited {waited:.0f} s, not node2's reconnect_wait"
     assert guest.state() == libvirt.VIR_DOMAIN_SHUTOFF  # nobody could start it
     assert list((user.gs_home / "state" / "journal").iterdir()), "no journal entry was left"
     assert _versions(user) == []
+    assert while_down.returncode == 4
+    assert f"still to recover on host node2: {guest.name}" in while_down.stderr
 
-    recover = user.guestsafe(host.uri, "recover")
+    recover = user.guestsafe(LOCAL_TEST, "recover", "--host", "node2")
 
     assert recover.returncode == 0, recover.stderr
     guest.wait_until_state(libvirt.VIR_DOMAIN_RUNNING, timeout=60)
     assert list(user.archive.glob("*/.partial-*")) == []
+    assert not list((user.gs_home / "state" / "journal").iterdir())
 
 
 def _wait_for_partial_data(user: RemoteUser, proc: object, timeout: float = 120) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
 import test_hosts_archive as archives
 
 from guestsafe.engine.archive.store import Archive
+from guestsafe.engine.backup.journal import Journal, JournalEntry
+from guestsafe.engine.hypervisor.domain_xml import RUNNING
 from guestsafe.tui.cli import main
 
 DOWN_URI = "qemu+ssh://root@127.0.0.1:1/system"
@@ -66,3 +69,30 @@ def test_list_asks_for_the_host_where_two_hosts_backed_up_one_name(
 def _version_rows(out: str) -> list[str]:
     """The table's rows: not its header, nor the space total printed per archive below it."""
     return [line for line in out.splitlines()[1:] if " version(s) take " not in line]
+
+
+TEST_GUEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # test:///default's guest "test"
+
+
+def test_recover_host_acts_on_that_hosts_journal_entries_alone(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run that lost node2 mid-stream left its guest to recover: --host node2 takes it
+    up once node2 answers, and says what is left while it does not."""
+    journal = Journal(tmp_path / "home" / "state")
+    gone = JournalEntry("nightly", "web1", str(uuid.uuid4()), DOWN_URI, RUNNING, detached=True)
+    back = JournalEntry("nightly", "test", TEST_GUEST_UUID, "test:///default", RUNNING)
+    back.detached = True
+    journal.write(gone)
+    journal.write(back)
+
+    assert main(_gs(config, "recover", "--host", "down")) == 4
+    err = capsys.readouterr().err
+    assert "still to recover on host down: web1" in err
+    assert {e.guest for e in journal.entries()} == {"web1", "test"}  # t2's untouched
+
+    assert main(_gs(config, "recover", "--host", "t2")) == 0
+    assert capsys.readouterr().out.strip() == "recovered"
+    assert [e.guest for e in journal.entries()] == ["web1"]  # down's kept for later
+    assert main(_gs(config, "recover", "--host", "node9")) == 3
+    assert "'node9' is not defined" in capsys.readouterr().err

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from guestsafe.engine.api import Engine
 from guestsafe.engine.errors import JobConfigError
+from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs import jobs_file
 from guestsafe.engine.jobs.hosts_config import LOCAL_HOST, check_uri
 from guestsafe.engine.jobs.model import Job, job_hosts
+from guestsafe.engine.paths import Paths
 
 NODE2 = 'uri = "qemu+ssh://root@node2/system"'
 
@@ -141,3 +144,41 @@ def test_libvirt_uris_are_accepted(uri: str) -> None:
 def test_uris_guestsafe_will_not_use_are_refused(uri: str, expected: str) -> None:
     problem = check_uri(uri)
     assert problem is not None and expected in problem
+
+
+def test_a_hosts_reconnect_wait_is_read_checked_and_reaches_its_connection(
+    tmp_path: Path,
+) -> None:
+    path = _write(
+        tmp_path,
+        f"[hosts.node2]\n{NODE2}\nreconnect_wait = 5\n"
+        f"[hosts.node3]\n{NODE2.replace('node2', 'node3')}\n" + _job('host = "node2"'),
+    )
+    hosts = jobs_file.load_hosts(path)
+    assert hosts["node2"].reconnect_wait == 5.0 and hosts["node3"].reconnect_wait is None
+    cluster = Job("cluster", ["db1"], Path("/srv/backup"), hosts=["node2"])
+    jobs_file.upsert_job(path, cluster)  # the [hosts] tables are kept as they were
+    assert jobs_file.load_hosts(path)["node2"].reconnect_wait == 5.0
+
+    engine = Engine(uri="test:///default", paths=_paths(tmp_path, path))
+    try:
+        registry = engine.hosts
+        opened = []
+        registry._opener = lambda uri: opened.append(uri) or Hypervisor("test:///default")  # type: ignore[method-assign]
+        assert registry.get("node2").reconnect_wait == 5.0
+        assert registry.get("node3").reconnect_wait is None
+        assert engine.hv.reconnect_wait is None  # --connect: the copy's own default
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "3601", '"soon"', "true"])
+def test_a_wrong_reconnect_wait_is_refused(tmp_path: Path, value: str) -> None:
+    path = _write(tmp_path, f"[hosts.node2]\n{NODE2}\nreconnect_wait = {value}\n" + _job())
+    (problem,) = _problems(path)
+    assert "reconnect_wait must be a number of seconds from 0 to 3600" in problem
+
+
+def _paths(tmp_path: Path, config: Path) -> Paths:
+    home = tmp_path / "home"
+    return Paths(config, home / "state", home / "log", home / "cache")

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from logging import WARNING
 from pathlib import Path
 from typing import cast
 
 import pytest
 import test_restoring as restoring
 
-from guestsafe.engine.errors import RemoteDisksUnsupported, RestoreError
-from guestsafe.engine.hypervisor.cluster_macs import mac_owners_across
+from guestsafe.engine import events
+from guestsafe.engine.errors import HypervisorError, RemoteDisksUnsupported, RestoreError
+from guestsafe.engine.hypervisor.cluster_macs import (
+    mac_census,
+    mac_owners_across,
+    unchecked_warning,
+)
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
+from guestsafe.engine.hypervisor.hosts import HostRegistry
+from guestsafe.engine.restore import volume_upload
 from guestsafe.engine.restore.clone import restore_clone
-from guestsafe.engine.restore.plan import KEEP, NEW, plan_restore
+from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, plan_restore
 
 Setup = restoring.Setup
 FakeHypervisor = restoring.FakeHypervisor
@@ -141,3 +150,124 @@ def _xml(name: str, mac: str) -> str:
         f"<domain type='kvm'><name>{name}</name><devices><interface type='network'>"
         f"<mac address='{mac}'/><source network='default'/></interface></devices></domain>"
     )
+
+
+# --- every host in the registry, the silent ones named ---------------------------------
+
+
+def _registry(setup: Setup, node2: FakeHypervisor) -> HostRegistry:
+    """local (setup.hv, defining web), node2 and node3, which never answers."""
+
+    def opener(uri: str) -> Hypervisor:
+        if uri == "fake://node2":
+            return cast(Hypervisor, node2)
+        raise HypervisorError(f"cannot connect to {uri}: Connection refused")
+
+    registry = HostRegistry("test:///fake", local=lambda: cast(Hypervisor, setup.hv), opener=opener)
+    registry.configure({"node2": "fake://node2", "node3": "fake://node3"})
+    return registry
+
+
+def test_the_census_reads_every_host_and_names_the_one_that_did_not_answer(
+    setup: Setup,
+) -> None:
+    node2 = FakeHypervisor(guests={"db": _xml("db", restoring.MAC_WEB)})
+
+    owners = mac_census("node2", _registry(setup, node2))
+
+    assert owners[restoring.MAC_WEB] == ["db", "web on local"]
+    assert owners.unreachable == ["node3: cannot connect to fake://node3: Connection refused"]
+    warning = unchecked_warning(owners.unreachable)
+    assert warning is not None and "node3" in warning and "Connection refused" in warning
+    assert unchecked_warning([]) is None
+
+
+def test_a_restore_with_a_silent_host_warns_and_names_it(setup: Setup) -> None:
+    node2 = FakeHypervisor()
+    registry = _registry(setup, node2)
+    macs_now = lambda: mac_census("node2", registry)  # noqa: E731
+    plan = plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web-copy",
+        cast(Hypervisor, node2),
+        target_dir=setup.root / "restored",
+        macs_in_use=macs_now,
+        host="node2",
+    )
+    assert plan.macs_unchecked == ["node3: cannot connect to fake://node3: Connection refused"]
+    assert [i.clash_with for i in plan.interfaces] == ["web on local", "web on local"]
+    said: list[events.Event] = []
+
+    result = restore_clone(
+        plan, cast(Hypervisor, node2), setup.paths, macs_in_use=macs_now, reporter=said.append
+    )
+
+    warned = [e.message for e in said if isinstance(e, events.LogLine) and e.level == WARNING]
+    assert len(warned) == 1 and "node3" in warned[0] and warned[0] in result.warnings
+    assert not set(result.macs) & set(setup.hv.mac_owners())
+
+
+def test_a_restore_by_upload_checks_the_macs_of_every_host(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remote path's last check before define spans the hosts, not its target alone."""
+    import libvirt
+
+    conn = libvirt.open("test:///default")  # its storage pool takes the volumes
+    node2 = FakeHypervisor(uri="qemu+ssh://root@node2/system")
+    node2.connection = conn  # type: ignore[attr-defined]
+    node3 = FakeHypervisor()
+    hosts = [*_hosts(setup, node2), ("node3", cast(Hypervisor, node3))]
+    macs_now = lambda: mac_owners_across("node2", hosts)  # noqa: E731
+    plan = _no_nvram(
+        plan_restore(
+            setup.archive,
+            "web",
+            setup.version.number,
+            "web-copy",
+            cast(Hypervisor, node2),
+            target_dir=setup.root / "restored",
+            macs_in_use=macs_now,
+            host="node2",
+        )
+    )
+    by_file = {rec.file: rec.blake3 for rec in setup.version.manifest.disks}
+    monkeypatch.setattr(
+        volume_upload,
+        "upload_volume",
+        lambda _conn, _vol, src, **_kw: by_file[Path(src).name],
+    )
+    node3.guests["late"] = _xml("late", restoring.MAC_WEB)  # taken after planning
+    before = {v.name() for v in conn.storagePoolLookupByName("default-pool").listAllVolumes()}
+
+    with pytest.raises(RestoreError, match="late on node3"):
+        volume_upload.restore_clone_remote(
+            plan,
+            cast(Hypervisor, node2),
+            setup.paths,
+            target_pool="default-pool",
+            mac_policy=KEEP,
+            macs_in_use=macs_now,
+        )
+    assert not node2.guests
+    after = {v.name() for v in conn.storagePoolLookupByName("default-pool").listAllVolumes()}
+    assert after == before  # the uploaded volumes are deleted again
+
+    result = volume_upload.restore_clone_remote(
+        plan,
+        cast(Hypervisor, node2),
+        setup.paths,
+        target_pool="default-pool",
+        macs_in_use=macs_now,
+    )
+    assert list(node2.guests) == ["web-copy"]
+    in_use_elsewhere = set(setup.hv.mac_owners()) | set(node3.mac_owners())
+    assert not set(result.macs) & in_use_elsewhere
+
+
+def _no_nvram(plan: RestorePlan) -> RestorePlan:
+    """The plan of a version without UEFI variables, which a remote host takes."""
+    manifest = replace(plan.version.manifest, nvram=None)
+    return replace(plan, version=replace(plan.version, manifest=manifest), nvram=None)

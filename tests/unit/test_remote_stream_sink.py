@@ -444,9 +444,10 @@ class FlakyHv:
 
     uri = "qemu+ssh://root@node2/system"
 
-    def __init__(self, down: int) -> None:
+    def __init__(self, down: int, reconnect_wait: float | None = None) -> None:
         self.down = down
         self.calls = 0
+        self.reconnect_wait = reconnect_wait  # [hosts.NAME] reconnect_wait
 
     def state(self, name: str) -> str:
         self.calls += 1
@@ -482,6 +483,25 @@ def test_settle_gives_up_after_the_reconnect_wait(monkeypatch: pytest.MonkeyPatc
     copy.settle()  # returns: the runner's restart then fails and the journal keeps it
 
     assert any("still unreachable" in line for line in said)
+
+
+def test_settle_waits_as_long_as_the_hosts_reconnect_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stream_copy, "RECONNECT_PAUSE", 0.01)
+    monkeypatch.setattr(stream_copy, "RECONNECT_WAIT", 3600.0)  # never reached below
+    hv = FlakyHv(down=10**9, reconnect_wait=0.05)
+    copy, said = _stream_copy(hv)
+
+    started = time.monotonic()
+    copy.settle()
+
+    assert time.monotonic() - started < 5 and hv.calls >= 2
+    assert any("still unreachable" in line for line in said)
+    none = FlakyHv(down=10**9, reconnect_wait=0)  # 0: no wait, one try
+    copy, said = _stream_copy(none)
+    copy.settle()
+    assert none.calls == 1 and any("still unreachable" in line for line in said)
 
 
 def test_the_remote_plan_refuses_what_preflight_refuses() -> None:
