@@ -20,7 +20,7 @@ import libvirt
 import pytest
 from rig import GuestFactory, TestGuest, require
 from rig.disks import DiskSpec
-from rig.gs import BOOT, GS, shutdown_counter
+from rig.gs import BOOT, GS, shutdown_counter, wait_counted_past
 
 pytestmark = pytest.mark.integration
 
@@ -209,7 +209,7 @@ def test_restore_over_the_original_writes_its_block_device_back_in_place(
     gs.cli("run", "over", check=True)
     backed_up = shutdown_counter(guest, before)
     # The guest runs on and counts further on its device; then it is shut off.
-    guest.wait_for_console(r"GS-COUNTER (\d+)", timeout=60, after=guest.console_size())
+    wait_counted_past(guest, backed_up, before)
     guest.shutdown()
     assert guest.read_counter(device) > backed_up
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from rig import DiskSpec, GuestFactory, TestGuest, read_first_line
-from rig.gs import BOOT, GS, shutdown_counter
+from rig.gs import BOOT, GS, shutdown_counter, wait_counted_past
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +141,7 @@ def test_kept_chain_restored_over_the_original_boots_its_state(
     gs.cli("run", "chains", check=True)
     at_backup = shutdown_counter(original, before)
     original.wait_for_console(r"^GS-READY", after=before)  # it hears the power button now
-    time.sleep(2)  # the counter runs on past the backup
+    wait_counted_past(original, at_backup, before)  # the counter runs on past the backup
     later = original.console_size()
     original.shutdown()
     assert shutdown_counter(original, later) > at_backup

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import email
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from rig import GuestFactory, TestGuest
+from rig import TestGuest
 from rig.gs import GS
 from rig.host import LIBVIRT_URI
 
@@ -71,15 +72,17 @@ def _powered_off_since(guest: TestGuest, offset: int) -> bool:
 
 
 def test_phase_order_and_environment(
-    gs: GS, guest_factory: GuestFactory, recorder: Recorder
+    gs: GS, shared_guest: Callable[..., TestGuest], recorder: Recorder
 ) -> None:
-    guest = guest_factory("hookenv")
+    guest = shared_guest("hooks")
     gs.job("hooked", [guest], hooks=recorder.hooks())
+    offset = guest.console_size()
 
     result = gs.engine.run_job("hooked")
 
     assert result.ok, result.outcomes
     assert guest.is_running()
+    guest.wait_for_console(r"^GS-READY", timeout=60, after=offset)  # as the next test wants it
     [version] = gs.versions(guest)
     records = {r["GUESTSAFE_PHASE"]: r for r in recorder.records()}
     assert recorder.phases() == [
@@ -117,9 +120,9 @@ def test_phase_order_and_environment(
 
 
 def test_failing_pre_stop_leaves_the_guest_running_without_a_version(
-    gs: GS, guest_factory: GuestFactory, recorder: Recorder, tmp_path: Path
+    gs: GS, shared_guest: Callable[..., TestGuest], recorder: Recorder, tmp_path: Path
 ) -> None:
-    guest = guest_factory("veto")
+    guest = shared_guest("hooks")
     offset = guest.console_size()
     sendmail = _sendmail_stand_in(tmp_path)
     gs.engine.paths.config_file.parent.mkdir(parents=True, exist_ok=True)
@@ -147,9 +150,9 @@ def test_failing_pre_stop_leaves_the_guest_running_without_a_version(
 
 
 def test_failing_job_start_stops_no_guest(
-    gs: GS, guest_factory: GuestFactory, recorder: Recorder
+    gs: GS, shared_guest: Callable[..., TestGuest], recorder: Recorder
 ) -> None:
-    guest = guest_factory("jobveto")
+    guest = shared_guest("hooks")
     offset = guest.console_size()
     gs.job("jobveto", [guest], hooks=recorder.hooks({"job-start": 3}))
 
@@ -164,10 +167,11 @@ def test_failing_job_start_stops_no_guest(
 
 
 def test_failing_post_start_keeps_the_guest_running_and_the_version(
-    gs: GS, guest_factory: GuestFactory, recorder: Recorder
+    gs: GS, shared_guest: Callable[..., TestGuest], recorder: Recorder
 ) -> None:
-    guest = guest_factory("thaw")
+    guest = shared_guest("hooks")
     gs.job("thaw", [guest], hooks=recorder.hooks({"post-start": 1}))
+    offset = guest.console_size()
 
     result = gs.engine.run_job("thaw")
 
@@ -177,6 +181,7 @@ def test_failing_post_start_keeps_the_guest_running_and_the_version(
     assert "guest is running, version 1 committed" in outcome.message
     assert outcome.version == 1 and outcome.downtime is not None
     assert guest.is_running()
+    guest.wait_for_console(r"^GS-READY", timeout=60, after=offset)  # as the next test wants it
     [version] = gs.versions(guest)
     assert version.verified is True
     phases = recorder.phases()
@@ -186,9 +191,9 @@ def test_failing_post_start_keeps_the_guest_running_and_the_version(
 
 
 def test_world_writable_hook_refuses_the_job(
-    gs: GS, guest_factory: GuestFactory, recorder: Recorder
+    gs: GS, shared_guest: Callable[..., TestGuest], recorder: Recorder
 ) -> None:
-    guest = guest_factory("open")
+    guest = shared_guest("hooks")
     offset = guest.console_size()
     recorder.program.chmod(0o777)
     gs.job("open", [guest], hooks=recorder.hooks(pre_stop=True, job_start=True))

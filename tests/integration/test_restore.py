@@ -9,7 +9,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from rig import GuestFactory
-from rig.gs import BOOT, GS, shutdown_counter
+from rig.gs import BOOT, GS, shutdown_counter, wait_counted_past
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_restore_over_the_original_puts_the_old_disk_back(
     assert gs.engine.run_job("over").ok
     backed_up = shutdown_counter(guest, before)
     # The guest runs on and counts further; then it is shut off.
-    guest.wait_for_console(r"GS-COUNTER (\d+)", timeout=60, after=guest.console_size())
+    wait_counted_past(guest, backed_up, before)
     guest.shutdown()
     assert guest.read_counter() > backed_up
 

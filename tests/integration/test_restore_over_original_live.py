@@ -11,7 +11,7 @@ import signal
 import libvirt
 import pytest
 from rig import DiskSpec, GuestFactory, MiB, TestGuest
-from rig.gs import BOOT, GS, fill_random, shutdown_counter, wait_stderr
+from rig.gs import BOOT, GS, fill_random, shutdown_counter, wait_counted_past, wait_stderr
 
 pytestmark = pytest.mark.integration
 
@@ -24,13 +24,14 @@ def _backed_up_then_counted_on(gs: GS, guest: TestGuest) -> tuple[int, int]:
     gs.job("over", [guest])
     assert gs.engine.run_job("over").ok
     backed_up = shutdown_counter(guest, before)
-    return backed_up, _count_on_and_shut_down(guest, backed_up)
+    return backed_up, _count_on_and_shut_down(guest, backed_up, before)
 
 
-def _count_on_and_shut_down(guest: TestGuest, above: int) -> int:
+def _count_on_and_shut_down(guest: TestGuest, above: int, after: int) -> int:
+    """Let the guest's latest boot (after console offset ``after``) count past ``above``."""
     if not guest.is_running():
-        guest.start()
-    guest.wait_for_console(r"GS-COUNTER (\d+)", timeout=60, after=guest.console_size())
+        after = guest.start()
+    wait_counted_past(guest, above, after)
     offset = guest.console_size()
     guest.shutdown()
     newer = shutdown_counter(guest, offset)
@@ -38,10 +39,11 @@ def _count_on_and_shut_down(guest: TestGuest, above: int) -> int:
     return newer
 
 
-def _boot_counter(guest: TestGuest) -> int:
+def _boot_counter(guest: TestGuest) -> tuple[int, int]:
+    """Start the guest: the counter it boots with, and the console offset of this boot."""
     offset = guest.start()
     match = guest.wait_for_console(BOOT, timeout=60, after=offset)
-    return int(match.group(1))
+    return int(match.group(1)), offset
 
 
 def _leftovers(guest: TestGuest) -> list[str]:
@@ -82,8 +84,9 @@ def test_case_02_sigkill_at_each_step_then_any_command_then_a_boot_shows_whole_d
         assert "recovered" in listed.stderr, (point, listed.stderr)
         assert _leftovers(guest) == [], point
         expected = backed_up if restored else current
-        assert _boot_counter(guest) == expected, point
-        current = _count_on_and_shut_down(guest, expected)
+        booted, offset = _boot_counter(guest)
+        assert booted == expected, point
+        current = _count_on_and_shut_down(guest, expected, offset)
 
 
 def test_case_01_a_disk_another_guest_shares_is_refused_naming_it(
@@ -151,4 +154,4 @@ def test_case_03_a_managed_save_image_is_refused_and_discarded_with_force(
 
     assert forced.returncode == 0, forced.stderr
     assert not guest.dom.hasManagedSaveImage(0)
-    assert _boot_counter(guest) == backed_up  # a fresh boot of the version, not a resume
+    assert _boot_counter(guest)[0] == backed_up  # a fresh boot of the version, not a resume

@@ -28,6 +28,8 @@ from .host import LIBVIRT_URI
 
 POWEROFF = re.compile(r"GS-POWEROFF counter=(\d+)")
 BOOT = re.compile(r"GS-BOOT counter=(\d+)")
+COUNTER = re.compile(r"GS-COUNTER (\d+)")
+READY = re.compile(r"^GS-READY", re.MULTILINE)
 
 
 @dataclass
@@ -108,6 +110,30 @@ def shutdown_counter(guest: TestGuest, after: int = 0) -> int:
     values = POWEROFF.findall(guest.console_text(after))
     assert values, f"{guest.name} never printed GS-POWEROFF"
     return int(values[-1])
+
+
+def wait_counted_past(guest: TestGuest, above: int, after: int = 0, timeout: float = 60) -> int:
+    """Wait until the guest's latest boot (after console offset ``after``) counts past ``above``.
+
+    Returns the value seen. The guest prints its counter on a boot's first tick and
+    then only every 5th (a second and more under TCG), and the first often comes before
+    GS-READY: so the search starts at the boot's GS-BOOT line, not at the console's
+    end, and needs no wait for a later print. Only the latest boot's lines count,
+    and only once it printed GS-READY too, so a shutdown that follows is heard.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        text = guest.console_text(after)
+        boots = list(BOOT.finditer(text))
+        if boots and READY.search(text, boots[-1].end()):
+            values = [int(v) for v in COUNTER.findall(text, boots[-1].end())]
+            if any(v > above for v in values):
+                return max(values)
+        if time.monotonic() > deadline or not guest.is_running():
+            raise AssertionError(
+                f"{guest.name} did not count past {above}; console tail:\n{text[-2000:]}"
+            )
+        time.sleep(0.05)
 
 
 def file_digests(version: VersionInfo) -> dict[str, str]:

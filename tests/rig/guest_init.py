@@ -10,7 +10,7 @@ console, one ``GS-...`` line per event:
 - ``GS-READY``: setup is done, the counter runs. A power button press before
   this line may be lost (the kernel drops it before acpid listens), so wait for
   it before asking for a shutdown;
-- ``GS-COUNTER <n>``: on the first tick and then every 25th;
+- ``GS-COUNTER <n>``: on the first tick and then every 5th (about a second);
 - ``GS-POWEROFF counter=<n>``: the ACPI power button stopped the counter and
   ``n`` is what /dev/vda holds; the guest powers off right after.
 
@@ -53,7 +53,7 @@ AGENT_PORT = "org.qemu.guest_agent.0"
 # Every module except these must load, or the guest cannot do its job.
 OPTIONAL_MODULES: frozenset[str] = frozenset({"failover", "net_failover", "virtio_net"})
 
-COUNTER_PRINT_EVERY = 25
+COUNTER_PRINT_EVERY = 5
 
 # Shared by /init and the power-button handler.
 LIB_SH = r"""
