@@ -36,7 +36,7 @@ from guestsafe.engine.copier.files import (
     _Source,
     _write_error,
 )
-from guestsafe.engine.copier.hashing import _ChunkHasher, _hash_zeros
+from guestsafe.engine.copier.hashing import _ChunkHasher, _hash_zeros, hash_threads
 from guestsafe.engine.errors import Cancelled, CopyError
 
 NBUF = 4
@@ -115,9 +115,10 @@ class _Pipeline:
         self.abort = threading.Event()
         self.error: BaseException | None = None
         self.error_side = ""
-        self.hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        threads = hash_threads(shared=chunk_table)
+        self.hasher = blake3.blake3(max_threads=threads)
         # Fed the same bytes as ``hasher``: the chunk table costs no extra read.
-        self.chunker = _ChunkHasher(src.size) if chunk_table else None
+        self.chunker = _ChunkHasher(src.size, threads=threads) if chunk_table else None
         self.done = 0
 
     # -- coordination

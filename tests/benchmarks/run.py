@@ -1052,6 +1052,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="guestsafe-bench-", dir=parent))
     bench = Bench(scratch, args.quick, max(2, args.repeat), os.geteuid() == 0)
     bench.downtime_turns = max(2, args.downtime_turns or (3 if args.quick else 5))
+    # Other work on the machine (a shared host) slows CPU-bound contenders such as
+    # b3sum and the hashers: the load averages say how quiet the run was.
+    bench.figures["load_average_1m_start"] = round(os.getloadavg()[0], 2)
     try:
         prepare(bench)
         for section in SECTIONS:
@@ -1061,7 +1064,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     bench.figures.update(
-        quick=args.quick, caches_dropped=bench.drop_caches, downtime_turns=bench.downtime_turns
+        quick=args.quick, caches_dropped=bench.drop_caches, downtime_turns=bench.downtime_turns,
+        load_average_1m_end=round(os.getloadavg()[0], 2),
     )
     print_table(bench)
     print(json.dumps(bench.figures, sort_keys=True))
