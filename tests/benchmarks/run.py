@@ -49,6 +49,7 @@ class Run:
     startup: float = 0.0  # primed runs: spawn to ready, cold (not in seconds)
     page_cache: int = 0  # peak growth of the page cache during the run
     median: float = 0.0  # median seconds over all runs (set by race)
+    runs: tuple[float, ...] = ()  # every run's seconds, in the order taken (set by race)
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,9 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
             runs[contender.name].append(run)
     return {
         name: replace(
-            min(done, key=lambda r: r.seconds), median=statistics.median(r.seconds for r in done)
+            min(done, key=lambda r: r.seconds),
+            median=statistics.median(r.seconds for r in done),
+            runs=tuple(round(r.seconds, 3) for r in done),
         )
         for name, done in runs.items()
     }
@@ -396,6 +399,9 @@ def bench_verify(bench: Bench) -> None:
         verify_reference_seconds=round(theirs.seconds, 3),
         verify_peak_rss_bytes=mine.peak_rss,
         verify_reference_peak_rss_bytes=theirs.peak_rss,
+        # The spread behind best and median: b3sum's page faults on the holes vary most.
+        verify_runs=list(mine.runs),
+        verify_reference_runs=list(theirs.runs),
         verify_ok=verified["ok"],
         digests_agree=theirs.stdout.split()[0] == bench.figures["blake3_raw"],
     )
