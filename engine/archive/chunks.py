@@ -30,8 +30,9 @@ _LINE_BYTES = 65  # 64 hex digits and a newline: the longest line
 _ALIGN = 4096  # O_DIRECT offsets and lengths (as the copier)
 # Chunks read at once. blake3 releases the GIL while it hashes, so the workers
 # overlap reads and hashing, and the disk likes many requests in flight: on two
-# cores eight workers verified the benchmark's 8 GiB file in 0.63 s, four in
-# 0.67 to 0.76 s, two in 0.85 s (issue 13). Each costs one 4 MiB buffer.
+# cores eight workers verified the benchmark's 8 GiB file (1 GiB of data) in 0.57
+# to 0.65 s, four in 0.62 to 0.76 s, two in 0.84 to 0.87 s, sixteen no faster than
+# eight (issue 13). Each costs one 4 MiB buffer.
 MAX_THREADS = 8
 # A disk full of damage names its first chunks and counts the rest.
 MAX_REPORTED = 10
