@@ -147,24 +147,16 @@ class CacheWatch:
 
 
 def run_timed(
-    argv: Sequence[str],
-    bench: Bench,
-    *,
-    then_sync: Path | None = None,
-    primed: bool = False,
-    settle: float = 0.0,
+    argv: Sequence[str], bench: Bench, *, then_sync: Path | None = None, primed: bool = False
 ) -> Run:
     """One cold run of ``argv``, timed until its output is durable.
 
     ``then_sync``: the tool does not fsync, so ``sync FILE`` is part of its time.
     ``primed``: the command is ``copier_child.py --wait``; the clock starts when
     it is told to go, after its interpreter is up and the cache is dropped.
-    ``settle``: seconds to wait after the last cache drop, before the clock starts.
     """
     with tempfile.TemporaryFile() as err:
         drop_caches(bench)
-        if not primed:
-            time.sleep(settle)
         spawned = time.perf_counter()
         proc = subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err
@@ -175,7 +167,6 @@ def run_timed(
             proc.stdout.readline()
             startup = time.perf_counter() - spawned
             drop_caches(bench)
-            time.sleep(settle)
         watch = CacheWatch()
         start = time.perf_counter()
         proc.stdin.write(b"go\n")
@@ -204,7 +195,6 @@ class Contender:
     sync_output: bool = False  # the tool does not fsync: time `sync FILE` too
     primed: bool = False  # copier_child.py --wait: time from "go", not from exec
     cleanup: Callable[[], None] | None = None  # before each run, untimed
-    settle: float = 0.0  # seconds to wait after the cache drop (see SETTLE)
 
 
 def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
@@ -222,8 +212,7 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
             if contender.cleanup is not None:
                 contender.cleanup()
             then_sync = contender.output if contender.sync_output else None
-            run = run_timed(contender.argv, bench, then_sync=then_sync, primed=contender.primed,
-                            settle=contender.settle)
+            run = run_timed(contender.argv, bench, then_sync=then_sync, primed=contender.primed)
             runs[contender.name].append(run)
     return {
         name: replace(
@@ -233,15 +222,6 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
         )
         for name, done in runs.items()
     }
-
-
-# This VM reports freed guest pages to its host (virtio-balloon free page reporting),
-# a few seconds after they are freed. A contender that fills the page cache (b3sum
-# maps the whole 8 GiB file) ran in half the time when it came right after another
-# such run, its freed pages still backed, as when it came after guestsafe's. Waiting
-# this long after the cache drop starts every run from the same state: memory that
-# was freed and handed back, as on a host that has run guests since the last verify.
-SETTLE = 5.0
 
 
 def ours(name: str, *args: str, output: Path | None = None) -> Contender:
@@ -403,20 +383,12 @@ def bench_verify(bench: Bench) -> None:
     data = int(str(bench.figures["source_data_bytes"]))
     b3sum = shutil.which("b3sum")
     if b3sum:
-        ref = Contender("b3sum", [b3sum, "--no-names", str(target)], settle=SETTLE)
+        ref = Contender("b3sum", [b3sum, "--no-names", str(target)])
     else:
         ref = Contender("blake3 module, whole file",
-                        [sys.executable, "-c", PLAIN_HASH, str(target)], settle=SETTLE)
-    runs = race(bench, [replace(ours("ours", "verify", str(target)), settle=SETTLE), ref])
+                        [sys.executable, "-c", PLAIN_HASH, str(target)])
+    runs = race(bench, [ours("ours", "verify", str(target)), ref])
     mine, theirs = runs["ours"], runs[ref.name]
-    # The same race without the wait: the reference's pages then may still be backed
-    # by the host (the state of a host without free page reporting, bare metal).
-    quick = race(bench, [ours("ours", "verify", str(target)), replace(ref, settle=0.0)])
-    set_ratio(bench, "verify_vs_b3sum_ratio_unsettled", quick[ref.name], quick["ours"])
-    bench.figures.update(
-        verify_runs_unsettled=list(quick["ours"].runs),
-        verify_reference_runs_unsettled=list(quick[ref.name].runs),
-    )
     bench.record("verify", "guestsafe verify raw copy (chunks, cold)", mine, data)
     bench.record("verify", f"{ref.name} raw copy (cold)", theirs, data)
     verified = json.loads(mine.stdout)
@@ -427,7 +399,10 @@ def bench_verify(bench: Bench) -> None:
         verify_reference_seconds=round(theirs.seconds, 3),
         verify_peak_rss_bytes=mine.peak_rss,
         verify_reference_peak_rss_bytes=theirs.peak_rss,
-        # The spread behind best and median: b3sum's page faults on the holes vary most.
+        # The spread behind best and median. b3sum maps the whole file: its time
+        # depends on whether its 8 GiB of page cache comes from memory this VM's
+        # host still backs (free page reporting hands freed pages back after a
+        # while), so it runs fastest right after its own run (README, "Freed memory").
         verify_runs=list(mine.runs),
         verify_reference_runs=list(theirs.runs),
         verify_ok=verified["ok"],
