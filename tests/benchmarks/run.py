@@ -49,6 +49,7 @@ class Run:
     startup: float = 0.0  # primed runs: spawn to ready, cold (not in seconds)
     page_cache: int = 0  # peak growth of the page cache during the run
     median: float = 0.0  # median seconds over all runs (set by race)
+    runs: tuple[float, ...] = ()  # every run's seconds, in the order taken (set by race)
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,9 @@ def race(bench: Bench, contenders: Sequence[Contender]) -> dict[str, Run]:
             runs[contender.name].append(run)
     return {
         name: replace(
-            min(done, key=lambda r: r.seconds), median=statistics.median(r.seconds for r in done)
+            min(done, key=lambda r: r.seconds),
+            median=statistics.median(r.seconds for r in done),
+            runs=tuple(round(r.seconds, 3) for r in done),
         )
         for name, done in runs.items()
     }
@@ -396,6 +399,12 @@ def bench_verify(bench: Bench) -> None:
         verify_reference_seconds=round(theirs.seconds, 3),
         verify_peak_rss_bytes=mine.peak_rss,
         verify_reference_peak_rss_bytes=theirs.peak_rss,
+        # The spread behind best and median. b3sum maps the whole file: its time
+        # depends on whether its 8 GiB of page cache comes from memory this VM's
+        # host still backs (free page reporting hands freed pages back after a
+        # while), so it runs fastest right after its own run (README, "Freed memory").
+        verify_runs=list(mine.runs),
+        verify_reference_runs=list(theirs.runs),
         verify_ok=verified["ok"],
         digests_agree=theirs.stdout.split()[0] == bench.figures["blake3_raw"],
     )
@@ -1084,6 +1093,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="guestsafe-bench-", dir=parent))
     bench = Bench(scratch, args.quick, max(2, args.repeat), os.geteuid() == 0)
     bench.downtime_turns = max(2, args.downtime_turns or (3 if args.quick else 5))
+    # Other work on the machine (a shared host) slows CPU-bound contenders such as
+    # b3sum and the hashers: the load averages say how quiet the run was.
+    bench.figures["load_average_1m_start"] = round(os.getloadavg()[0], 2)
     try:
         prepare(bench)
         for section in SECTIONS:
@@ -1093,7 +1105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     bench.figures.update(
-        quick=args.quick, caches_dropped=bench.drop_caches, downtime_turns=bench.downtime_turns
+        quick=args.quick, caches_dropped=bench.drop_caches, downtime_turns=bench.downtime_turns,
+        load_average_1m_end=round(os.getloadavg()[0], 2),
     )
     print_table(bench)
     print(json.dumps(bench.figures, sort_keys=True))

@@ -33,8 +33,10 @@ def loop_fs(scratch: Path, kind: str, size: int) -> Iterator[tuple[Path, str]]:
         f.truncate(size)
     mkfs = ["mkfs.xfs", "-q", "-m", "reflink=1"] if kind == "xfs" else ["mkfs.ext4", "-q", "-F"]
     subprocess.run([*mkfs, str(image)], check=True)
-    device = subprocess.run(["losetup", "--find", "--show", str(image)], check=True,
-                            capture_output=True, text=True).stdout.strip()
+    # Direct I/O to the image, as a real disk takes writes: a buffered loop device
+    # would put every byte the full copy writes through the host's page cache too.
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                            check=True, capture_output=True, text=True).stdout.strip()
     mnt = scratch / f"mnt-{kind}"
     mnt.mkdir()
     subprocess.run(["mount", device, str(mnt)], check=True)
