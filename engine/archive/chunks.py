@@ -165,6 +165,12 @@ def _align_up(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+# Read errors that mean the chunk's blocks are damaged, not that verify cannot run:
+# a device's I/O error, a filesystem's failed data checksum (btrfs: EIO) or a
+# corrupt structure (XFS, ext4: EUCLEAN).
+_DAMAGED = frozenset({errno.EIO, errno.ENODATA, errno.EBADMSG, errno.EUCLEAN})
+
+
 class _Verifier:
     """Worker threads taking chunks from one stream of table entries."""
 
@@ -208,8 +214,9 @@ class _Verifier:
         self._supervise(len(workers))
         for worker in workers:
             worker.join()
-        self.zeros.release()
-        self.zero_map.close()
+        with contextlib.suppress(BufferError):  # a slice in an error's frame: GC frees it
+            self.zeros.release()
+            self.zero_map.close()
         if self.error is not None:
             raise self.error
         self.result.problems = [problem for _, problem in sorted(self.first_bad, reverse=True)]
@@ -255,15 +262,25 @@ class _Verifier:
                 if self.error is None:
                     self.error = exc
         finally:
-            view.release()
-            buf.close()
+            # First: the supervisor waits for every worker's end. The buffer's release
+            # can fail while a stored traceback still holds slices of it.
             self.checked.put(None)
+            with contextlib.suppress(BufferError):
+                view.release()
+                buf.close()
 
     def _check(self, view: memoryview, offset: int, length: int, expected: bytes) -> str | None:
         ranges = list(self.reader.data_in(offset, offset + length))
         if expected == HOLE and not ranges:
             return None  # a hole in the file: nothing to read
-        digest = self._hash(view, offset, length, ranges)
+        try:
+            digest = self._hash(view, offset, length, ranges)
+        except OSError as exc:
+            if exc.errno not in _DAMAGED:
+                raise
+            # The device or the filesystem's own checksum refuses this chunk: it is
+            # named as a bad chunk, and the rest of the file is still checked.
+            return f"cannot be read ({exc.strerror or exc})"
         if expected == HOLE:
             if digest == zero_digest(length):
                 return None  # zeros stored as data (a filesystem without holes)

@@ -43,6 +43,7 @@ from guestsafe.engine.copier.hashing import (
     HOLE,
     TABLE_CHUNK,
     ChunkTable,
+    _ChunkHasher,
     _hash_zeros,
     zero_digest,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "MiB",
     "Pacer",
     "ProgressFn",
+    "_ChunkHasher",
     "_create_dest",
     "_drop_cache",
     "_extents",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import blake3
 import pytest
 
 from guestsafe.engine import events
+from guestsafe.engine.archive import chunks
 from guestsafe.engine.archive.chunks import table_bytes, verify_file
 from guestsafe.engine.archive.manifest import (
     B3SUMS_FILE,
@@ -278,8 +280,11 @@ def test_a_format_1_or_2_manifest_with_a_table_is_refused(
     folder = format_1_version(archive)
     data = json.loads((folder / MANIFEST_FILE).read_text())
     data["format"] = fmt
-    data["disks"][0]["chunks"] = {"file": "vda.raw.chunks", "chunk_size": TABLE_CHUNK,
-                                  "blake3": "ab" * 32}
+    data["disks"][0]["chunks"] = {
+        "file": "vda.raw.chunks",
+        "chunk_size": TABLE_CHUNK,
+        "blake3": "ab" * 32,
+    }
     with pytest.raises(ArchiveError, match=message):
         Manifest.from_json(json.dumps(data))
     data["format"] = CHUNK_TABLE_FORMAT
@@ -287,6 +292,7 @@ def test_a_format_1_or_2_manifest_with_a_table_is_refused(
 
 
 # --- speed and memory ------------------------------------------------------------
+
 
 def sparse_table_text(path: Path) -> bytes:
     """The table written by hand, reading only chunks SEEK_DATA finds data in."""
@@ -375,10 +381,51 @@ def test_verify_progress_comes_from_the_callers_thread_and_reaches_the_size(
     src = source_disk(tmp_path)
     commit_version(archive, src)
     seen: list[tuple[int, int, threading.Thread]] = []
-    archive.verify("web", 1, progress=lambda p: seen.append((p.done, p.total,
-                                                              threading.current_thread())))
+    archive.verify(
+        "web", 1, progress=lambda p: seen.append((p.done, p.total, threading.current_thread()))
+    )
     assert {thread for _, _, thread in seen} == {threading.current_thread()}
     dones = [done for done, _, _ in seen]
     assert dones == sorted(dones) and dones[-1] == seen[-1][1]
     assert src.stat().st_size in dones  # the disk, then domain.xml
     assert len(dones) > 3  # chunk by chunk, not all at the end
+
+
+def test_a_chunk_the_disk_cannot_read_is_named_and_the_rest_still_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src.raw"
+    sparse(src, 16 * MiB, [(0, os.urandom(16 * MiB))])
+    table = tmp_path / "src.raw.chunks"
+    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    flip(src, 3 * TABLE_CHUNK + 9)
+    real_read = chunks._Reader.read
+
+    def failing_read(self: chunks._Reader, view: memoryview, offset: int, length: int) -> None:
+        if offset <= TABLE_CHUNK + 100 < offset + length:  # as btrfs's checksum refuses it
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_read(self, view, offset, length)
+
+    monkeypatch.setattr(chunks._Reader, "read", failing_read)
+    found = verify_file(src, "src.raw", table, TABLE_CHUNK)
+    assert found.bad_chunks == 2
+    assert found.problems == [
+        "src.raw: chunk at offset 4 MiB (4194304) cannot be read (Input/output error)",
+        "src.raw: chunk at offset 12 MiB (12582912) does not match",
+    ]
+
+
+def test_a_read_error_that_is_not_damage_still_stops_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src.raw"
+    sparse(src, 8 * MiB, [(0, os.urandom(8 * MiB))])
+    table = tmp_path / "src.raw.chunks"
+    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+
+    def failing_read(self: chunks._Reader, view: memoryview, offset: int, length: int) -> None:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    monkeypatch.setattr(chunks._Reader, "read", failing_read)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        verify_file(src, "src.raw", table, TABLE_CHUNK)
