@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import libvirt
 import pytest
 from rig import GuestFactory, TestGuest, require
 from rig.disks import DiskSpec
-from rig.gs import BOOT, GS, shutdown_counter, wait_counted_past
+from rig.gs import BOOT, GS, boot_counter, shutdown_counter, wait_counted_past
 
 pytestmark = pytest.mark.integration
 
@@ -83,17 +82,6 @@ def _console_path(xml: str) -> Path:
     return Path(source.get("path", ""))
 
 
-def _wait_boot(console: Path, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        match = BOOT.search(text)
-        if match:
-            return int(match.group(1))
-        time.sleep(0.3)
-    raise AssertionError(f"no GS-BOOT on {console}")
-
-
 def _read(path: Path, length: int) -> bytes:
     with path.open("rb") as f:
         return f.read(length)
@@ -148,7 +136,7 @@ def test_a_block_device_disk_is_backed_up_sparse_and_restored_to_a_file_and_a_de
     clone = libvirt_conn.lookupByName(as_file)
     kind, path = _disk(clone.XMLDesc(0), "vda")
     assert kind == "file" and Path(path).parent == Path(_disk(clone.XMLDesc(0), "vdb")[1]).parent
-    assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+    assert boot_counter(_console_path(clone.XMLDesc(0))) == at_shutdown
     clone.destroy()  # one TCG guest fewer on a small host
 
     # 2. Onto a second device that holds old data everywhere: its content must equal the version.
@@ -166,7 +154,7 @@ def test_a_block_device_disk_is_backed_up_sparse_and_restored_to_a_file_and_a_de
     clone = libvirt_conn.lookupByName(on_device)
     assert _disk(clone.XMLDesc(0), "vda") == ("block", str(target))
     clone.create()
-    assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+    assert boot_counter(_console_path(clone.XMLDesc(0))) == at_shutdown
 
 
 def test_stop_short_pushes_a_block_device_disk_into_the_version(
@@ -195,7 +183,7 @@ def test_stop_short_pushes_a_block_device_disk_into_the_version(
     guest_factory.adopt(clone_name)
     gs.cli("restore", guest.name, "1", clone_name, "--start", check=True)
     clone = libvirt_conn.lookupByName(clone_name)
-    assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+    assert boot_counter(_console_path(clone.XMLDesc(0))) == at_shutdown
 
 
 def test_restore_over_the_original_writes_its_block_device_back_in_place(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from rig import (
     require,
     unique_name,
 )
-from rig.gs import BOOT, GS, shutdown_counter
+from rig.gs import GS, boot_counter, shutdown_counter
 from rig.loopdisk import LoopDisks, Part, make_loop_disks, mount_points
 from rig.sessionhost import SessionHost, start_session_host
 
@@ -85,17 +84,6 @@ def node2_guest(
         if pool is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 pool.destroy()
-
-
-def _boot_counter(console: Path, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        match = BOOT.search(text)
-        if match:
-            return int(match.group(1))
-        time.sleep(0.3)
-    raise AssertionError(f"no GS-BOOT on {console}")
 
 
 def test_one_job_backs_up_two_hosts_guests_onto_the_device(
@@ -162,5 +150,5 @@ def test_one_job_backs_up_two_hosts_guests_onto_the_device(
     assert sources and all(p.parent == target for p in sources), sources
     console = root.find("./devices/serial/source")
     assert console is not None
-    assert _boot_counter(Path(console.get("path", ""))) == at_shutdown
+    assert boot_counter(Path(console.get("path", ""))) == at_shutdown
     assert not mount_points(part.node)

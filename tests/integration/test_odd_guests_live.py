@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import blake3
 import libvirt
 import pytest
 from rig import DiskSpec, GuestFactory, MiB, TestGuest
-from rig.gs import BOOT, GS, shutdown_counter
+from rig.gs import BOOT, GS, boot_counter, shutdown_counter
 from rig.guest import find_domain
 
 pytestmark = pytest.mark.integration
@@ -65,18 +64,6 @@ def _state_file(guest: TestGuest) -> Path:
 
 def _boot_counter(guest: TestGuest, offset: int) -> int:
     return int(guest.wait_for_console(BOOT, timeout=90, after=offset).group(1))
-
-
-def _wait_boot(console: Path, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        match = BOOT.search(text)
-        if match:
-            return int(match.group(1))
-        time.sleep(0.3)
-    raise AssertionError(f"no GS-BOOT on {console}: {text[-1500:]}")
 
 
 def _nothing_written(gs: GS, guest: TestGuest) -> None:
@@ -290,4 +277,4 @@ def test_a_raw_disk_starting_with_a_qcow2_header_is_backed_up_and_restored_as_ra
     clone.create()
     console = clone_root.find("./devices/serial/source")
     assert console is not None
-    assert _wait_boot(Path(console.get("path", ""))) == at_shutdown
+    assert boot_counter(Path(console.get("path", ""))) == at_shutdown

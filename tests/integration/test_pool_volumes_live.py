@@ -4,7 +4,6 @@ backed up, verified, and restored as a clone (a plain file) that boots."""
 from __future__ import annotations
 
 import json
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from rig import GuestFactory, TestGuest, unique_name
-from rig.gs import BOOT, GS, shutdown_counter
+from rig.gs import GS, boot_counter, shutdown_counter
 
 pytestmark = pytest.mark.integration
 
@@ -85,18 +84,7 @@ def test_volume_disk_backed_up_verified_and_restored_as_a_file(
     assert Path(source.get("file", "")).is_file()
     console = root.find("./devices/serial/source")
     assert console is not None
-    assert _boot_counter(Path(console.get("path", ""))) == at_shutdown
-
-
-def _boot_counter(console: Path, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        match = BOOT.search(text)
-        if match:
-            return int(match.group(1))
-        time.sleep(0.3)
-    raise AssertionError(f"no GS-BOOT on {console}")
+    assert boot_counter(Path(console.get("path", ""))) == at_shutdown
 
 
 def test_volume_disk_in_stop_short_is_read_by_qemu(

@@ -20,7 +20,7 @@ import libvirt
 import pytest
 from rig import DiskSpec, GuestFactory, MiB, TestGuest, require, unique_name
 from rig.errors import RigError
-from rig.gs import BOOT, fill_random, shutdown_counter
+from rig.gs import boot_counter, fill_random, shutdown_counter
 from rig.sshhost import RemoteUser, SshHost, make_remote_user, start_sshd
 
 from guestsafe.engine.api import Engine
@@ -125,17 +125,6 @@ def _b3(path: Path) -> str:
     return str(hasher.hexdigest())
 
 
-def _boot_counter(console: Path, timeout: float = 90) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        match = BOOT.search(text)
-        if match:
-            return int(match.group(1))
-        time.sleep(0.3)
-    raise AssertionError(f"no GS-BOOT on {console}")
-
-
 def _guest(guest_factory: GuestFactory, label: str, data_mib: int) -> TestGuest:
     guest = guest_factory(
         label,
@@ -197,7 +186,7 @@ def test_remote_backup_verified_and_clone_restored_by_upload(
     assert {p.name for p in sources} <= names
     console = root.find("./devices/serial/source")
     assert console is not None
-    assert _boot_counter(Path(console.get("path", ""))) == at_shutdown
+    assert boot_counter(Path(console.get("path", ""))) == at_shutdown
     clone_vdb = next(p for p in sources if p.name.endswith("vdb.raw"))
     assert _b3(clone_vdb) == source_b3
 

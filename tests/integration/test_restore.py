@@ -9,7 +9,7 @@ from pathlib import Path
 import libvirt
 import pytest
 from rig import GuestFactory
-from rig.gs import BOOT, GS, shutdown_counter, wait_counted_past
+from rig.gs import BOOT, GS, boot_counter, shutdown_counter, wait_counted_past
 
 pytestmark = pytest.mark.integration
 
@@ -26,19 +26,6 @@ def _disk_paths(xml: str) -> list[str]:
 
 def _macs(xml: str) -> list[str]:
     return [m.get("address", "") for m in ET.fromstring(xml).findall("./devices/interface/mac")]
-
-
-def _wait_boot(console: Path, timeout: float = 60) -> int:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = console.read_text(errors="replace") if console.exists() else ""
-        match = BOOT.search(text)
-        if match:
-            return int(match.group(1))
-        time.sleep(0.3)
-    raise AssertionError(f"no GS-BOOT on {console}")
 
 
 def test_cli_restore_as_new_guest_boots_with_the_original_counter(
@@ -59,7 +46,7 @@ def test_cli_restore_as_new_guest_boots_with_the_original_counter(
     clone = libvirt_conn.lookupByName(clone_name)
     clone_xml = clone.XMLDesc(0)
     assert clone.isActive()
-    assert _wait_boot(_console_path(clone_xml)) == at_shutdown
+    assert boot_counter(_console_path(clone_xml)) == at_shutdown
     assert clone.UUIDString() != original.dom.UUIDString()
     clone_macs = _macs(clone_xml)
     assert len(clone_macs) == 2 and len(set(clone_macs)) == 2
@@ -197,7 +184,7 @@ def test_case_04_a_clone_of_a_guest_with_an_smbios_uuid_is_defined_and_boots(
     assert clone.isActive()
     [entry] = ET.fromstring(clone.XMLDesc(0)).findall("./sysinfo/system/entry[@name='uuid']")
     assert entry.text == clone.UUIDString() != original.dom.UUIDString()
-    _wait_boot(_console_path(clone.XMLDesc(0)))
+    boot_counter(_console_path(clone.XMLDesc(0)))
 
 
 def test_case_05_a_clone_with_a_fixed_vnc_port_and_tcp_serial_starts_beside_the_original(
@@ -221,7 +208,7 @@ def test_case_05_a_clone_with_a_fixed_vnc_port_and_tcp_serial_starts_beside_the_
     clone = libvirt_conn.lookupByName(clone_name)
     live = ET.fromstring(clone.XMLDesc(0))
     assert clone.isActive() and original.is_running()
-    assert _wait_boot(_console_path(clone.XMLDesc(0))) == at_shutdown
+    assert boot_counter(_console_path(clone.XMLDesc(0))) == at_shutdown
     graphics = live.find("./devices/graphics")
     assert graphics is not None and graphics.get("autoport") == "yes"
     assert graphics.get("port") != str(vnc)

@@ -136,6 +136,19 @@ def wait_counted_past(guest: TestGuest, above: int, after: int = 0, timeout: flo
         time.sleep(0.05)
 
 
+def boot_counter(console: Path, timeout: float = 90) -> int:
+    """The counter a guest booted with: its GS-BOOT line on the console file ``console``."""
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        text = console.read_text(errors="replace") if console.exists() else ""
+        match = BOOT.search(text)
+        if match:
+            return int(match.group(1))
+        time.sleep(0.3)
+    raise AssertionError(f"no GS-BOOT on {console}: {text[-1500:]}")
+
+
 def file_digests(version: VersionInfo) -> dict[str, str]:
     """BLAKE3 of every file a version holds, computed independently of guestsafe."""
     digests = {}
