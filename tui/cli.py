@@ -360,10 +360,14 @@ def cmd_run(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter)
     if result.restore_tests_failed:
         # The backups are fine, but cron must hear that a version did not boot:
         # the code test-restore gives for the same verdict.
-        for line in result.restore_tests_failed:
-            print(f"guestsafe: {escape(line)}", file=sys.stderr)
+        _say_failed_tests(result.restore_tests_failed)
         return RestoreError.exit_code
     return 0
+
+
+def _say_failed_tests(lines: Iterable[str]) -> None:
+    for line in lines:
+        print(f"guestsafe: {escape(line)}", file=sys.stderr)
 
 
 def cancel_on_signals() -> threading.Event:
@@ -783,8 +787,7 @@ def cmd_run_due(engine: Engine, args: argparse.Namespace, reporter: ConsoleRepor
         if run.ok and run.restore_tests_failed:
             status = "ok, but a restore test did not pass"
         print(f"job {escape(run.job)} (due {run.due:%Y-%m-%d %H:%M %Z}): {status}")
-        for line in run.restore_tests_failed:
-            print(f"guestsafe: {escape(line)}", file=sys.stderr)
+        _say_failed_tests(run.restore_tests_failed)
     if not all(run.ok for run in done):
         return RunFailed.exit_code
     # As for run: cron must hear that a version did not boot.

@@ -9,7 +9,7 @@ A host that does not answer cannot be checked: it is named, never silently skipp
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.hosts import HostRegistry
@@ -44,6 +44,11 @@ def mac_owners_across(
             names = owners.setdefault(mac, [])
             names += [g if host == target else f"{g} on {host}" for g in guests]
     return MacOwners(owners, unreachable)
+
+
+def unreachable_hosts(owners: Mapping[str, list[str]]) -> list[str]:
+    """The hosts a MAC reading could not ask (none for one host's own ``mac_owners``)."""
+    return list(owners.unreachable) if isinstance(owners, MacOwners) else []
 
 
 def mac_census(target: str, registry: HostRegistry) -> MacOwners:

@@ -13,7 +13,7 @@ from guestsafe.engine.archive.names import printable
 from guestsafe.engine.errors import RestoreError
 from guestsafe.engine.events import PhaseChanged, Reporter
 from guestsafe.engine.hypervisor import tpm_state
-from guestsafe.engine.hypervisor.cluster_macs import MacOwners, unchecked_warning
+from guestsafe.engine.hypervisor.cluster_macs import unchecked_warning, unreachable_hosts
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import TpmInfo
 from guestsafe.engine.hypervisor.remote_disks import require_local_disks
@@ -118,8 +118,7 @@ def warning_census(
 
     def read() -> Mapping[str, list[str]]:
         owners = macs_in_use()
-        unreachable = owners.unreachable if isinstance(owners, MacOwners) else []
-        message = unchecked_warning(unreachable)
+        message = unchecked_warning(unreachable_hosts(owners))
         if message is not None and message not in warnings:
             events.warn(reporter, message, who)
             warnings.append(message)

@@ -28,7 +28,7 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.errors import RestoreError, VerifyError
 from guestsafe.engine.events import Reporter
-from guestsafe.engine.hypervisor.cluster_macs import MacOwners
+from guestsafe.engine.hypervisor.cluster_macs import unreachable_hosts
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
 from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
@@ -170,7 +170,6 @@ def plan_restore(
         for i, mac in enumerate(m.mac or "" for m in xml_interfaces)
     ]
     problem = domain_xml_problem(version, xml)
-    unchecked = list(owners.unreachable) if isinstance(owners, MacOwners) else []
     return RestorePlan(
         version,
         new_name,
@@ -181,7 +180,7 @@ def plan_restore(
         problem,
         devices,
         host=host,
-        macs_unchecked=unchecked,
+        macs_unchecked=unreachable_hosts(owners),
     )
 
 

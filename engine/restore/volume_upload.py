@@ -46,7 +46,6 @@ from guestsafe.engine.restore.plan import (
     check_plain_files,
     choose_macs,
 )
-from guestsafe.engine.throttle import HostPacer
 
 
 def restore_clone_remote(
@@ -61,16 +60,13 @@ def restore_clone_remote(
     force: bool = False,
     reporter: Reporter = events.null_reporter,
     cancel: threading.Event | None = None,
-    bwlimit: int | None = None,
     macs_in_use: MacsInUse | None = None,
 ) -> RestoreResult:
     """Upload the version's disks into volumes on ``hv``'s host and define the clone there.
 
-    ``bwlimit``: bytes per second sent at most (a token bucket, as a job's cap).
     ``macs_in_use`` reads the MACs of every known host just before the clone is
     defined (default: ``hv``'s alone): a clone there clashes with any host's guest.
     """
-    pace = HostPacer("best-effort", bwlimit) if bwlimit else None
     _refuse_unsupported(plan)
     macs = choose_macs(plan, mac_policy, mac_choices)
     new_uuid = str(uuid.uuid4())
@@ -90,7 +86,7 @@ def restore_clone_remote(
                 pool = _pool_for(conn, rec, target_pool)
                 vol = _create_volume(pool, planned.name, plan.version.path / rec.file)
                 made.append(vol)
-                _upload(conn, vol, plan, rec, reporter, name, cancel, pace)
+                _upload(conn, vol, plan, rec, reporter, name, cancel)
                 new_disks.append((rec, Path(str(vol.path()))))
             reporter(PhaseChanged(name, "define"))
             with locks.acquire(paths.state_dir, MACS_LOCK, purpose, wait=MACS_LOCK_WAIT):
@@ -193,7 +189,6 @@ def _upload(
     reporter: Reporter,
     who: str,
     cancel: threading.Event | None,
-    pace: HostPacer | None = None,
 ) -> None:
     src = plan.version.path / rec.file
     events.info(reporter, f"uploading {rec.target} into volume {vol.path()}", who)
@@ -201,7 +196,7 @@ def _upload(
     def progress(done: int, total: int) -> None:
         reporter(Progress(who, rec.target, done, total))
 
-    sent = upload_volume(conn, vol, src, progress=progress, cancel=cancel, pace=pace)
+    sent = upload_volume(conn, vol, src, progress=progress, cancel=cancel)
     if sent != rec.blake3:
         raise CopyError(
             f"{rec.file} of {plan.version.guest} version {plan.version.number} hashed "
