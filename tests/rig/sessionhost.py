@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .errors import RigError
-from .sshhost import SSHD, _free_port, _keygen, _launch, _wait_listening
+from .sshhost import SSHD, _keygen, serve_sshd
 
 SESSION_USER = "gsnode2"
 
@@ -98,32 +98,9 @@ def start_session_host(workdir: Path, name: str = SESSION_USER) -> SessionHost:
     authorized = directory / "authorized_keys"
     authorized.write_text(key.with_suffix(".pub").read_text())
     authorized.chmod(0o644)
-    port = _free_port()
-    config = directory / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {directory / 'host_ed25519'}",
-                f"PidFile {directory / 'sshd.pid'}",
-                f"AuthorizedKeysFile {directory / 'authorized_keys'}",
-                "AuthenticationMethods publickey",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                f"AllowUsers {name}",
-                "UsePAM no",
-                "StrictModes no",  # the folders sit under /var/tmp
-                "",
-            ]
-        )
-    )
-    host_pub = (directory / "host_ed25519.pub").read_text().split()
+    port, proc, _, host_key = serve_sshd(directory, name)
     known = directory / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    log = directory / "sshd.log"
-    proc = _launch(config, log)
-    _wait_listening(port, proc, log)
+    known.write_text(host_key)
     query = f"keyfile={quote(str(key))}&known_hosts={quote(str(known))}&sshauth=privkey"
     uri = f"qemu+libssh://{name}@127.0.0.1:{port}/session?{query}"
     return SessionHost(uri, home, entry.pw_uid, entry.pw_gid, proc)

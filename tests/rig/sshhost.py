@@ -194,40 +194,47 @@ def start_sshd(workdir: Path, user: RemoteUser) -> SshHost:
     for path in (key, key.with_suffix(".pub")):
         os.chown(path, user.uid, user.gid)
     shutil.copy(key.with_suffix(".pub"), directory / "authorized_keys")
-    port = _free_port()
-    config = directory / "sshd_config"
-    config.write_text(
-        "\n".join(
-            [
-                f"Port {port}",
-                "ListenAddress 127.0.0.1",
-                f"HostKey {directory / 'host_ed25519'}",
-                f"PidFile {directory / 'sshd.pid'}",
-                f"AuthorizedKeysFile {directory / 'authorized_keys'}",
-                "AuthenticationMethods publickey",
-                "PubkeyAuthentication yes",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PermitRootLogin prohibit-password",
-                "AllowUsers root",
-                "UsePAM no",
-                # The test's folders sit under /var/tmp (world-writable): sshd's path check
-                # would refuse the authorized_keys there.
-                "StrictModes no",
-                "",
-            ]
-        )
-    )
-    host_pub = (directory / "host_ed25519.pub").read_text().split()
+    port, proc, log, host_key = serve_sshd(directory, "root", "PermitRootLogin prohibit-password")
     known = user.home / ".ssh" / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    known.write_text(host_key)
     os.chown(known, user.uid, user.gid)
-    log = directory / "sshd.log"
-    proc = _launch(config, log)
-    _wait_listening(port, proc, log)
     query = f"keyfile={quote(str(key))}&known_hosts={quote(str(known))}&no_tty=1"
     uri = f"qemu+ssh://root@127.0.0.1:{port}/system?{query}"
     return SshHost(port, uri, proc, directory, log)
+
+
+def serve_sshd(
+    directory: Path, allow_user: str, *extra: str
+) -> tuple[int, subprocess.Popen[bytes], Path, str]:
+    """sshd on a spare loopback port, key logins of ``allow_user`` only, with the
+    host key and authorized_keys in ``directory``: (port, process, log, the
+    known_hosts line for its host key)."""
+    port = _free_port()
+    config = directory / "sshd_config"
+    lines = [
+        f"Port {port}",
+        "ListenAddress 127.0.0.1",
+        f"HostKey {directory / 'host_ed25519'}",
+        f"PidFile {directory / 'sshd.pid'}",
+        f"AuthorizedKeysFile {directory / 'authorized_keys'}",
+        "AuthenticationMethods publickey",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        *extra,
+        f"AllowUsers {allow_user}",
+        "UsePAM no",
+        # The test's folders sit under /var/tmp (world-writable): sshd's path check
+        # would refuse the authorized_keys there.
+        "StrictModes no",
+        "",
+    ]
+    config.write_text("\n".join(lines))
+    host_pub = (directory / "host_ed25519.pub").read_text().split()
+    log = directory / "sshd.log"
+    proc = _launch(config, log)
+    _wait_listening(port, proc, log)
+    return port, proc, log, f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n"
 
 
 def _launch(config: Path, log: Path) -> subprocess.Popen[bytes]:
