@@ -68,6 +68,16 @@ def source_disk(tmp_path: Path) -> Path:
     return src
 
 
+def tabled(tmp_path: Path, data: bytes | None = None) -> tuple[Path, Path]:
+    """``src.raw`` (``data``, else ``source_disk``'s) and its chunk table beside it."""
+    src = source_disk(tmp_path) if data is None else tmp_path / "src.raw"
+    if data is not None:
+        sparse(src, len(data), [(0, data)])
+    table = tmp_path / "src.raw.chunks"
+    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    return src, table
+
+
 def test_copier_table_matches_an_independent_computation(tmp_path: Path) -> None:
     src = source_disk(tmp_path)
     result = copy_file(src, tmp_path / "copy.raw")
@@ -350,9 +360,7 @@ def test_a_large_sparse_disk_verifies_fast_in_bounded_memory(tmp_path: Path) -> 
 
 
 def test_a_cancelled_verify_stops_with_cancelled(tmp_path: Path) -> None:
-    src = source_disk(tmp_path)
-    table = tmp_path / "src.raw.chunks"
-    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    src, table = tabled(tmp_path)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
@@ -360,10 +368,7 @@ def test_a_cancelled_verify_stops_with_cancelled(tmp_path: Path) -> None:
 
 
 def test_a_wrecked_file_names_its_first_ten_chunks_and_counts_the_rest(tmp_path: Path) -> None:
-    src = tmp_path / "src.raw"
-    sparse(src, 64 * MiB, [(0, os.urandom(64 * MiB))])
-    table = tmp_path / "src.raw.chunks"
-    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    src, table = tabled(tmp_path, os.urandom(64 * MiB))
     for n in range(16):
         flip(src, n * TABLE_CHUNK + 9)  # a real change: "!" may be the byte already there
     found = verify_file(src, "src.raw", table, TABLE_CHUNK)
@@ -394,10 +399,7 @@ def test_verify_progress_comes_from_the_callers_thread_and_reaches_the_size(
 def test_a_chunk_the_disk_cannot_read_is_named_and_the_rest_still_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = tmp_path / "src.raw"
-    sparse(src, 16 * MiB, [(0, os.urandom(16 * MiB))])
-    table = tmp_path / "src.raw.chunks"
-    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    src, table = tabled(tmp_path, os.urandom(16 * MiB))
     flip(src, 3 * TABLE_CHUNK + 9)
     real_read = chunks._Reader.read
 
@@ -418,10 +420,7 @@ def test_a_chunk_the_disk_cannot_read_is_named_and_the_rest_still_checked(
 def test_a_read_error_that_is_not_damage_still_stops_verify(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = tmp_path / "src.raw"
-    sparse(src, 8 * MiB, [(0, os.urandom(8 * MiB))])
-    table = tmp_path / "src.raw.chunks"
-    table.write_bytes(table_bytes(hash_with_chunks(src).chunks))
+    src, table = tabled(tmp_path, os.urandom(8 * MiB))
 
     def failing_read(self: chunks._Reader, view: memoryview, offset: int, length: int) -> None:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
