@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from logging import WARNING
 from pathlib import Path
@@ -35,6 +36,22 @@ def setup(tmp_path: Path) -> Setup:
 
 def _hosts(setup: Setup, node2: FakeHypervisor) -> list[tuple[str, Hypervisor]]:
     return [("node1", cast(Hypervisor, setup.hv)), ("node2", cast(Hypervisor, node2))]
+
+
+def _plan_on_node2(
+    setup: Setup, node2: FakeHypervisor, macs_now: Callable[[], Mapping[str, list[str]]]
+) -> RestorePlan:
+    """Version ``web`` planned as ``web-copy`` on node2, its MACs read by ``macs_now``."""
+    return plan_restore(
+        setup.archive,
+        "web",
+        setup.version.number,
+        "web-copy",
+        cast(Hypervisor, node2),
+        target_dir=setup.root / "restored",
+        macs_in_use=macs_now,
+        host="node2",
+    )
 
 
 def test_owners_of_other_hosts_are_named_with_their_host() -> None:
@@ -84,16 +101,7 @@ def test_a_clone_planned_on_node2_clashes_with_the_original_on_node1(setup: Setu
 def test_the_clone_is_defined_on_the_target_host_with_macs_no_host_uses(setup: Setup) -> None:
     node2 = FakeHypervisor()
     macs_now = lambda: mac_owners_across("node2", _hosts(setup, node2))  # noqa: E731
-    plan = plan_restore(
-        setup.archive,
-        "web",
-        setup.version.number,
-        "web-copy",
-        cast(Hypervisor, node2),
-        target_dir=setup.root / "restored",
-        macs_in_use=macs_now,
-        host="node2",
-    )
+    plan = _plan_on_node2(setup, node2, macs_now)
 
     result = restore_clone(
         plan, cast(Hypervisor, node2), setup.paths, mac_policy=NEW, macs_in_use=macs_now
@@ -110,16 +118,7 @@ def test_a_mac_taken_on_another_host_after_planning_is_refused(setup: Setup) -> 
     node3 = FakeHypervisor()
     hosts = [*_hosts(setup, node2), ("node3", cast(Hypervisor, node3))]
     macs_now = lambda: mac_owners_across("node2", hosts)  # noqa: E731
-    plan = plan_restore(
-        setup.archive,
-        "web",
-        setup.version.number,
-        "web-copy",
-        cast(Hypervisor, node2),
-        target_dir=setup.root / "restored",
-        macs_in_use=macs_now,
-        host="node2",
-    )
+    plan = _plan_on_node2(setup, node2, macs_now)
     # Meanwhile a guest on node3 took the first MAC (its clash on node1 was accepted).
     node3.guests["late"] = _xml("late", restoring.MAC_WEB)
 
@@ -186,16 +185,7 @@ def test_a_restore_with_a_silent_host_warns_and_names_it(setup: Setup) -> None:
     node2 = FakeHypervisor()
     registry = _registry(setup, node2)
     macs_now = lambda: mac_census("node2", registry)  # noqa: E731
-    plan = plan_restore(
-        setup.archive,
-        "web",
-        setup.version.number,
-        "web-copy",
-        cast(Hypervisor, node2),
-        target_dir=setup.root / "restored",
-        macs_in_use=macs_now,
-        host="node2",
-    )
+    plan = _plan_on_node2(setup, node2, macs_now)
     assert plan.macs_unchecked == ["node3: cannot connect to fake://node3: Connection refused"]
     assert [i.clash_with for i in plan.interfaces] == ["web on local", "web on local"]
     said: list[events.Event] = []
