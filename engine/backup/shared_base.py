@@ -30,11 +30,12 @@ from guestsafe.engine.sizes import byte_size
 
 @dataclass(frozen=True)
 class SharedBase:
-    """The previous version's file of one disk, and its chunk table."""
+    """The previous version's file of one disk, its chunk table and whole-file digest."""
 
     number: int
     file: Path
     table: ChunkTable
+    blake3: str
 
 
 def find_base(
@@ -55,7 +56,9 @@ def find_base(
         if record is None or not _fits(record, fmt, virtual_size):
             return None  # the newest good version decides: older ones are further off
         table = _table(folder, record)
-        return None if table is None else SharedBase(number, folder / record.file, table)
+        if table is None:
+            return None
+        return SharedBase(number, folder / record.file, table, record.blake3)
     return None
 
 
@@ -113,11 +116,14 @@ def copy_shared(
         result = shared_copy(
             source, dst, base.file, base.table,
             progress=run.copy_progress(target), cancel=cancel, pace=pace,
+            previous_blake3=base.blake3,
         )  # fmt: skip
     except OSError as exc:
         dst.unlink(missing_ok=True)
         raise CopyError(f"cannot copy {source} to {dst}: {exc.strerror or exc}") from exc
-    if result is not None:
+    if result is not None and result.unchanged:
+        run.say_info(f"{target}: unchanged since version {base.number}, nothing written")
+    elif result is not None:
         run.say_info(
             f"{target}: shared with version {base.number}, "
             f"wrote {byte_size(result.written)} of {byte_size(result.data_bytes)}"

@@ -4,6 +4,9 @@ The new file starts as a reflink clone of the previous version's file of the sam
 disk. The source is read once by the copier's own read pass (``hash_with_chunks``:
 O_DIRECT, several reads in flight, only data extents), which gives the whole-file
 BLAKE3 and the chunk table from the same buffers, each byte hashed once for each.
+Where the previous version's whole-file digest is known, the whole file is only
+hashed once a chunk differs from the previous table: an unchanged disk takes the
+previous digest (its bytes are the same), and the pass costs the chunk hashes.
 The chunks whose digest differs from the previous version's table are then read
 again, checked against the digest just computed (a source that changed meanwhile
 is an error, not a wrong version), and written into the clone: only the 64 KiB
@@ -35,6 +38,7 @@ from guestsafe.engine.copier import (
     HOLE,
     TABLE_CHUNK,
     ChunkTable,
+    KnownFile,
     Pacer,
     data_ranges,
     hash_with_chunks,
@@ -61,6 +65,7 @@ class SharedResult:
     written: int  # bytes written into the new file: the chunks that changed
     blake3: str
     chunks: ChunkTable
+    unchanged: bool = False  # every chunk equals the previous file's: nothing written
 
 
 @dataclass
@@ -72,8 +77,6 @@ class _Chunk:
     length: int
     ranges: list[tuple[int, int]]
     view: memoryview
-
-
 
 
 def _read_chunk(fd: int, index: int, size: int, buf: memoryview) -> _Chunk:
@@ -182,27 +185,32 @@ def shared_copy(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     pace: Pacer | None = None,
+    previous_blake3: str | None = None,
 ) -> SharedResult | None:
     """Copy ``src`` to ``dst`` as a clone of ``previous``, writing only the changed chunks.
 
     ``previous_table`` is the previous file's chunk table (``TABLE_CHUNK`` chunks),
     checked against its digest by the caller. ``pace`` paces the read as the
-    copier's (a job's I/O class and ``bwlimit``). None, with nothing left behind,
+    copier's (a job's I/O class and ``bwlimit``). ``previous_blake3``: the previous
+    file's whole-file digest, of the same bytes as ``previous_table`` (its manifest's),
+    which an unchanged source then reuses. None, with nothing left behind,
     where ``dst``'s filesystem cannot clone ``previous``: the caller then copies in
     full. On any failure ``dst`` is removed; ``previous`` is never written.
     """
     if not clone_file(previous, dst):
         return None
     try:
-        hashed = hash_with_chunks(src, progress=progress, cancel=cancel, pace=pace)
+        known = None if previous_blake3 is None else KnownFile(previous_table, previous_blake3)
+        hashed = hash_with_chunks(src, progress=progress, cancel=cancel, pace=pace, known=known)
         assert hashed.chunks is not None
         written = _write_changes(src, dst, hashed.chunks, previous_table, cancel)
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
     return SharedResult(
-        hashed.chunks.size, hashed.data_bytes, written, hashed.blake3, hashed.chunks
-    )
+        hashed.chunks.size, hashed.data_bytes, written, hashed.blake3, hashed.chunks,
+        unchanged=hashed.reused,
+    )  # fmt: skip
 
 
 def changed_chunks(new: ChunkTable, old: ChunkTable) -> Iterator[int]:

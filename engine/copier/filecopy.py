@@ -23,7 +23,7 @@ from guestsafe.engine.copier.files import (
     _try_clone,
     _write_error,
 )
-from guestsafe.engine.copier.hashing import ChunkTable
+from guestsafe.engine.copier.hashing import ChunkTable, KnownFile
 from guestsafe.engine.copier.pipeline import (
     Pacer,
     ProgressFn,
@@ -49,6 +49,7 @@ class HashResult:
     blake3: str
     chunks: ChunkTable | None
     data_bytes: int = 0  # the bytes read: the file's data extents
+    reused: bool = False  # every chunk matched the ``known`` file's: its digest reused
 
 
 def copy_file(
@@ -116,9 +117,8 @@ def _copy_into(
     finally:
         dest.close()
     fsync_dir(dst.parent)
-    digest = str(pipe.hasher.hexdigest())
     table = pipe.chunker.table() if pipe.chunker is not None else None
-    return CopyResult(source.size, total, digest, cloned, table)
+    return CopyResult(source.size, total, pipe.digest, cloned, table)
 
 
 def hash_file(
@@ -142,12 +142,16 @@ def hash_with_chunks(
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
     pace: Pacer | None = None,
+    known: KnownFile | None = None,
 ) -> HashResult:
     """``hash_file``, and the file's chunk table from the same read.
 
     ``pace``: a job's I/O class and rate, where the read is a backup's (shared_copy).
+    ``known``: a file ``path`` may equal (the previous version of the disk); while
+    its chunks match, the whole file is not hashed, and if all match, its digest is
+    ``known``'s (``HashResult.reused``).
     """
-    return _hash(path, progress, cancel, None, chunk_table=True, pace=pace)
+    return _hash(path, progress, cancel, None, chunk_table=True, pace=pace, known=known)
 
 
 def _hash(
@@ -158,10 +162,11 @@ def _hash(
     *,
     chunk_table: bool,
     pace: Pacer | None = None,
+    known: KnownFile | None = None,
 ) -> HashResult:
     source = _open_source(path, limit)
     try:
-        pipe = _Pipeline(source, None, cancel, pace, chunk_table=chunk_table)
+        pipe = _Pipeline(source, None, cancel, pace, chunk_table=chunk_table, known=known)
         pipe.run(source.data_bytes, progress)
     finally:
         source.close()
@@ -174,4 +179,4 @@ def _hash(
     if pipe.error is not None:
         raise CopyError(f"reading {path} failed: {pipe.error}") from pipe.error
     table = pipe.chunker.table() if pipe.chunker is not None else None
-    return HashResult(str(pipe.hasher.hexdigest()), table, source.data_bytes)
+    return HashResult(pipe.digest, table, source.data_bytes, pipe.reused)

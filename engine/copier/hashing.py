@@ -56,6 +56,24 @@ class ChunkTable:
         return self.entries[index * 32 : (index + 1) * 32]
 
 
+@dataclass(frozen=True)
+class KnownFile:
+    """A previous version's chunk table and the whole-file BLAKE3 of the same bytes.
+
+    A file of the same size whose every chunk entry comes out equal holds the same
+    bytes (BLAKE3 resists collisions; ``HOLE`` means zeros either way), so its
+    whole-file digest is this one. A shared copy of an unchanged disk then skips
+    the whole-file hash, which for a sparse disk is mostly hashing its holes as
+    zeros: 1.7 s of CPU for the 7 GiB of holes of the benchmark's 8 GiB disk.
+    """
+
+    table: ChunkTable
+    blake3: str
+
+    def same_shape(self, size: int, chunk_size: int) -> bool:
+        return self.table.size == size and self.table.chunk_size == chunk_size
+
+
 # Private and never written, so every page is the kernel's shared zero page and
 # costs no RSS. (A shared anonymous map would allocate real shmem pages on read.)
 _ZEROS = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)

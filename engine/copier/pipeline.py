@@ -36,7 +36,13 @@ from guestsafe.engine.copier.files import (
     _Source,
     _write_error,
 )
-from guestsafe.engine.copier.hashing import _ChunkHasher, _hash_zeros, hash_threads
+from guestsafe.engine.copier.hashing import (
+    TABLE_CHUNK,
+    KnownFile,
+    _ChunkHasher,
+    _hash_zeros,
+    hash_threads,
+)
 from guestsafe.engine.errors import Cancelled, CopyError
 
 NBUF = 4
@@ -88,6 +94,7 @@ class _Pipeline:
         cancel: threading.Event | None,
         pace: Pacer | None = None,
         chunk_table: bool = False,
+        known: KnownFile | None = None,
     ) -> None:
         self.src = src
         self.pace = pace
@@ -120,6 +127,32 @@ class _Pipeline:
         # Fed the same bytes as ``hasher``: the chunk table costs no extra read.
         self.chunker = _ChunkHasher(src.size, threads=threads) if chunk_table else None
         self.done = 0
+        self._init_known(known)
+
+    def _init_known(self, known: KnownFile | None) -> None:
+        """Hash the whole file only once a chunk differs from ``known``'s (``KnownFile``).
+
+        Until then the whole-file hasher only counts the batches it passes over;
+        the first differing chunk makes it read those again and catch up.
+        """
+        if self.chunker is None:
+            known = None  # nothing to compare with: the whole file is hashed as it comes
+        self.known = known
+        self.diverged = threading.Event()  # a chunk differs: the whole file must be hashed
+        if known is not None and not known.same_shape(self.src.size, TABLE_CHUNK):
+            self.diverged.set()
+        self.checked = threading.Event()  # every chunk was compared
+        self.compared = 0  # chunk entries compared with ``known``'s so far
+        self.skipped = 0  # batches the whole-file hasher passed over unhashed
+        self.reused = False  # the digest is ``known.blake3``: no chunk differed
+
+    @property
+    def digest(self) -> str:
+        """The whole-file BLAKE3 (hex), once ``run`` has returned without error."""
+        if self.reused:
+            assert self.known is not None
+            return self.known.blake3
+        return str(self.hasher.hexdigest())
 
     # -- coordination
 
@@ -263,18 +296,66 @@ class _Pipeline:
     def _hash_loop(self) -> None:
         pos = 0  # bytes of the file hashed so far
         for batch in self._in_order(self.to_hash):
-            view = self.views[batch.buf]
-            for span in batch.spans:
-                _hash_zeros(self.hasher, span.offset - pos)
-                self.hasher.update(view[span.start : span.start + span.length])
-                pos = span.offset + span.length
+            if self.known is not None and not self.diverged.is_set():
+                self.skipped += 1
+            else:
+                pos = self._catch_up(pos)
+                pos = self._hash_spans(self.views[batch.buf], batch.spans, pos)
             self._release(batch.buf)
             if not self.writers:
                 self.events.put(batch.nbytes)
                 if self.pace is not None:  # a read-only pass of a backup (shared_copy)
                     self.pace.wrote(batch.nbytes, self.abort)
-        if not self.abort.is_set():
-            _hash_zeros(self.hasher, self.src.size - pos)
+        if self.abort.is_set() or self._settled_by_known():
+            return
+        pos = self._catch_up(pos)
+        _hash_zeros(self.hasher, self.src.size - pos)
+
+    def _hash_spans(self, view: memoryview, spans: tuple[_Piece, ...], pos: int) -> int:
+        """One batch into the whole-file hasher, zeros for the holes before each span."""
+        for span in spans:
+            _hash_zeros(self.hasher, span.offset - pos)
+            self.hasher.update(view[span.start : span.start + span.length])
+            pos = span.offset + span.length
+        return pos
+
+    def _settled_by_known(self) -> bool:
+        """True when nothing is left to hash: every chunk matched ``known``'s table
+        (``reused`` set), or the pipeline failed while the comparison ran."""
+        if self.known is None:
+            return False
+        while not self.checked.wait(_POLL):
+            if self.abort.is_set():
+                return True  # nothing more to hash: the copy has failed
+        self.reused = not self.diverged.is_set()
+        return self.reused
+
+    def _catch_up(self, pos: int) -> int:
+        """Hash the batches passed over while the file matched, reading them again.
+
+        The plan is walked afresh over the same extents, so its first ``skipped``
+        batches are the ones passed over. One buffer of its own: the pool's stay
+        with the readers, which wait meanwhile as they would for a slow hasher.
+        """
+        if not self.skipped:
+            return pos
+        buf = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE)
+        view = memoryview(buf)
+        try:
+            plan = _plan(self.src.fd, self.src.size)
+            for _ in range(self.skipped):
+                if self.abort.is_set():
+                    raise _Cancelled
+                spans, _segments = next(plan)
+                for span in spans:
+                    with view[span.start : span.start + _align_up(span.length)] as room:
+                        self.src.read_into(room, span.offset, span.length)
+                pos = self._hash_spans(view, spans, pos)
+            self.skipped = 0
+            return pos
+        finally:
+            view.release()
+            buf.close()
 
     def _chunk_loop(self) -> None:
         """The chunk table, from the same buffers as ``_hash_loop``, at the same time."""
@@ -288,8 +369,21 @@ class _Pipeline:
                 chunker.data(view[span.start : span.start + span.length])
                 pos = span.offset + span.length
             self._release(batch.buf)
+            self._compare_chunks()
         if not self.abort.is_set():
             chunker.zeros(self.src.size - pos)
+            self._compare_chunks()
+            self.checked.set()
+
+    def _compare_chunks(self) -> None:
+        """Compare the chunks closed since the last call with ``known``'s; note a difference."""
+        if self.known is None or self.diverged.is_set():
+            return
+        assert self.chunker is not None
+        entries, start = self.chunker.entries, self.compared * 32
+        if entries[start:] != self.known.table.entries[start : len(entries)]:
+            self.diverged.set()
+        self.compared = len(entries) // 32
 
 
 def _copy_error(pipe: _Pipeline, src: Path, dst: Path, total: int) -> CopyError:

@@ -7,12 +7,14 @@ Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
 libvirt's connection, as a remote backup reads it; connected before ``ready``;
 its chunk table in ``DST.chunks`` too).
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
-``copy`` also writes the copy's chunk table to ``DST.chunks``, as a backup writes it
-beside the disk; ``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe
-verify`` checks a format-3 version's file.
-``backup`` copies as a backup does when ``PREV`` (with ``PREV.chunks``) is the previous
-version's file: a clone of it with only the changed chunks written where the
-filesystem can reflink (``shared_copy``), else a full ``copy_file``.
+``copy`` also writes the copy's chunk table to ``DST.chunks`` and its whole-file
+digest to ``DST.b3``, as a backup writes them beside the disk (its manifest);
+``verify`` checks ``PATH`` against ``PATH.chunks`` as ``guestsafe verify`` checks
+a format-3 version's file.
+``backup`` copies as a backup does when ``PREV`` (with ``PREV.chunks`` and
+``PREV.b3``) is the previous version's file: a clone of it with only the changed
+chunks written where the filesystem can reflink (``shared_copy``), else a full
+``copy_file``.
 Prints one line of JSON: the result and the seconds the call itself took.
 
 With ``--wait`` it imports everything, prints ``ready``, and starts only when a
@@ -56,6 +58,7 @@ def main(argv: list[str]) -> int:
         result = copy_file(Path(argv[1]), dst, pace=pace)
         assert result.chunks is not None
         dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(result.chunks))
+        _digest_file(dst).write_text(result.blake3)
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
                "cloned": result.cloned}
     elif download is not None:
@@ -93,17 +96,23 @@ def backup(src: Path, dst: Path, prev: Path) -> dict[str, object]:
     table_path = prev.with_name(table_file_name(prev.name))
     entries = read_entries(table_path, chunk_count(size, TABLE_CHUNK))
     table = ChunkTable(size, TABLE_CHUNK, b"".join(entries))
-    shared = shared_copy(src, dst, prev, table)
+    shared = shared_copy(src, dst, prev, table, previous_blake3=_digest_file(prev).read_text())
     if shared is not None:
         chunks, out = shared.chunks, {"blake3": shared.blake3, "written": shared.written,
-                                      "data_bytes": shared.data_bytes, "shared": True}
+                                      "data_bytes": shared.data_bytes, "shared": True,
+                                      "unchanged": shared.unchanged}
     else:
         result = copy_file(src, dst)
         assert result.chunks is not None
         chunks, out = result.chunks, {"blake3": result.blake3, "written": result.data_bytes,
                                       "data_bytes": result.data_bytes, "shared": False}
     dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(chunks))
+    _digest_file(dst).write_text(str(out["blake3"]))
     return out
+
+
+def _digest_file(disk: Path) -> Path:
+    return disk.with_name(disk.name + ".b3")
 
 
 if __name__ == "__main__":

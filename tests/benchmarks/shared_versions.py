@@ -112,11 +112,14 @@ def second_backup(bench: Any, race: Callable[..., Any], ours: Callable[..., Any]
     first, second, full = mnt / "v1.raw", mnt / "v2.raw", mnt / "full.raw"
     child_json([sys.executable, str(child), "copy", str(src), str(first)])
     for path in (second, full):
-        path.with_name(path.name + ".chunks").unlink(missing_ok=True)
+        for side in (".chunks", ".b3"):
+            path.with_name(path.name + side).unlink(missing_ok=True)
     runs = race(bench, [
         ours("second", "backup", str(src), str(second), str(first), output=second),
         ours("full", "copy", str(src), str(full), output=full),
     ])
+    if _digest(second) != _digest(full):
+        raise AssertionError(f"the second backup's BLAKE3 is not the full copy's ({kind})")
     bench.record("shared", f"second backup, unchanged disk ({kind})", runs["second"], data)
     bench.record("shared", f"full copy of the same disk ({kind})", runs["full"], data)
     bench.figures[f"second_backup_vs_full_ratio_{kind}"] = round(
@@ -132,10 +135,16 @@ def second_backup(bench: Any, race: Callable[..., Any], ours: Callable[..., Any]
     written = sectors_written(device) - before
     bench.figures[f"second_backup_written_fraction_{kind}"] = round(written / data, 4)
     bench.figures[f"second_backup_shared_{kind}"] = result["shared"]
+    bench.figures[f"second_backup_unchanged_{kind}"] = result.get("unchanged", False)
     bench.figures[f"second_backup_chunks_written_bytes_{kind}"] = result["written"]
     for path in (first, second, full):
         path.unlink()
-        path.with_name(path.name + ".chunks").unlink(missing_ok=True)
+        for side in (".chunks", ".b3"):
+            path.with_name(path.name + side).unlink(missing_ok=True)
+
+
+def _digest(disk: Path) -> str:
+    return (disk.parent / (disk.name + ".b3")).read_text()
 
 
 def seven_versions(bench: Any, child: Path, src: Path, mnt: Path, kind: str) -> None:

@@ -67,8 +67,8 @@ def test_an_unchanged_disk_writes_nothing_and_shares_every_block(xfs: Path) -> N
     first_disk(src)
     digest, table = full_copy(src, first)
     free_before = shutil.disk_usage(xfs).free
-    result = shared_copy(src, second, first, table)
-    assert result is not None and result.written == 0
+    result = shared_copy(src, second, first, table, previous_blake3=digest)
+    assert result is not None and result.written == 0 and result.unchanged
     assert result.blake3 == digest and result.chunks == table
     assert second.read_bytes() == src.read_bytes()
     assert free_before - shutil.disk_usage(xfs).free < MiB  # the clone's blocks are shared
@@ -79,7 +79,7 @@ def test_an_unchanged_disk_writes_nothing_and_shares_every_block(xfs: Path) -> N
 def test_changed_chunks_are_written_and_the_result_is_a_full_copys_bytes(xfs: Path) -> None:
     src, first, second, reference = (xfs / n for n in ("src.raw", "v1.raw", "v2.raw", "ref.raw"))
     first_disk(src)
-    _, table = full_copy(src, first)
+    first_digest, table = full_copy(src, first)
     before = first.read_bytes()
     rng = random.Random(2)
     with src.open("r+b") as f:
@@ -92,9 +92,9 @@ def test_changed_chunks_are_written_and_the_result_is_a_full_copys_bytes(xfs: Pa
         os_fallocate(fd, 0x03, 3 * TABLE_CHUNK, TABLE_CHUNK)  # data became a hole: chunk 3
     finally:
         os.close(fd)
-    result = shared_copy(src, second, first, table)
+    result = shared_copy(src, second, first, table, previous_blake3=first_digest)
     digest, table2 = full_copy(src, reference)
-    assert result is not None
+    assert result is not None and not result.unchanged
     assert second.read_bytes() == src.read_bytes() == reference.read_bytes()
     assert result.blake3 == digest and result.chunks == table2
     # One 64 KiB block each in chunks 1 and 7; chunk 3 punched, nothing written.
