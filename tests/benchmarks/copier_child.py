@@ -14,7 +14,8 @@ a format-3 version's file.
 ``backup`` copies as a backup does when ``PREV`` (with ``PREV.chunks`` and
 ``PREV.b3``) is the previous version's file: a clone of it with only the changed
 chunks written where the filesystem can reflink (``shared_copy``), else a full
-``copy_file``.
+``copy_file``. ``backup-one-pass`` is ``backup`` without ``PREV.b3``: the whole file
+hashed as it is read, as before the previous digest was reused.
 Prints one line of JSON: the result and the seconds the call itself took.
 
 With ``--wait`` it imports everything, prints ``ready``, and starts only when a
@@ -69,8 +70,8 @@ def main(argv: list[str]) -> int:
         assert result.chunks is not None
         dst.with_name(table_file_name(dst.name)).write_bytes(table_bytes(result.chunks))
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes, "cloned": False}
-    elif argv[:1] == ["backup"] and len(argv) == 4:
-        out = backup(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+    elif argv[:1] in (["backup"], ["backup-one-pass"]) and len(argv) == 4:
+        out = backup(Path(argv[1]), Path(argv[2]), Path(argv[3]), argv[0] == "backup")
     elif argv[:1] == ["hash"] and len(argv) == 2:
         out = {"blake3": hash_file(Path(argv[1]))}
     elif argv[:1] == ["verify"] and len(argv) == 2:
@@ -91,12 +92,13 @@ def _connect(argv: list[str]) -> tuple[libvirt.virConnect, libvirt.virStorageVol
     return conn, conn.storageVolLookupByPath(argv[2])
 
 
-def backup(src: Path, dst: Path, prev: Path) -> dict[str, object]:
+def backup(src: Path, dst: Path, prev: Path, known: bool = True) -> dict[str, object]:
     size = prev.stat().st_size
     table_path = prev.with_name(table_file_name(prev.name))
     entries = read_entries(table_path, chunk_count(size, TABLE_CHUNK))
     table = ChunkTable(size, TABLE_CHUNK, b"".join(entries))
-    shared = shared_copy(src, dst, prev, table, previous_blake3=_digest_file(prev).read_text())
+    digest = _digest_file(prev).read_text() if known else None
+    shared = shared_copy(src, dst, prev, table, previous_blake3=digest)
     if shared is not None:
         chunks, out = shared.chunks, {"blake3": shared.blake3, "written": shared.written,
                                       "data_bytes": shared.data_bytes, "shared": True,
