@@ -5,7 +5,9 @@ Usage: ``copier_child.py [--wait] copy SRC DST [BWLIMIT]``,
 ``copier_child.py [--wait] backup SRC DST PREV``, or
 ``copier_child.py [--wait] download URI VOLUME-PATH DST`` (a volume streamed over
 libvirt's connection, as a remote backup reads it; connected before ``ready``;
-its chunk table in ``DST.chunks`` too).
+its chunk table in ``DST.chunks`` too), or ``copier_child.py [--wait] drain URI
+VOLUME-PATH``: the same stream through the same receive loop into a sink that
+neither writes nor hashes, the transport's own ceiling for the download.
 ``BWLIMIT``: bytes per second, paced as a job's ``bwlimit`` (in the idle I/O class).
 ``copy`` also writes the copy's chunk table to ``DST.chunks`` and its whole-file
 digest to ``DST.b3``, as a backup writes them beside the disk (its manifest);
@@ -41,14 +43,15 @@ from guestsafe.engine.archive.chunks import (
 )
 from guestsafe.engine.backup.shared_copy import shared_copy
 from guestsafe.engine.copier import TABLE_CHUNK, ChunkTable, copy_file, hash_file
-from guestsafe.engine.hypervisor.volume_streams import download_volume
+from guestsafe.engine.hypervisor.volume_streams import SparseSink, download_volume, receive
 from guestsafe.engine.throttle import HostPacer
 
 
 def main(argv: list[str]) -> int:
     wait = argv[:1] == ["--wait"]
     argv = argv[1:] if wait else argv
-    download = _connect(argv) if argv[:1] == ["download"] and len(argv) == 4 else None
+    streamed = argv[:1] in (["download"], ["drain"]) and len(argv) == 3 + (argv[0] == "download")
+    download = _connect(argv) if streamed else None
     if wait:
         print("ready", flush=True)
         sys.stdin.readline()
@@ -62,6 +65,9 @@ def main(argv: list[str]) -> int:
         _digest_file(dst).write_text(result.blake3)
         out = {"blake3": result.blake3, "data_bytes": result.data_bytes,
                "cloned": result.cloned}
+    elif download is not None and argv[0] == "drain":
+        conn, vol = download
+        out = {"data_bytes": drain(conn, vol)}
     elif download is not None:
         conn, vol = download
         length = int(vol.infoFlags(libvirt.VIR_STORAGE_VOL_GET_PHYSICAL)[2])
@@ -85,6 +91,28 @@ def main(argv: list[str]) -> int:
     out["seconds"] = time.perf_counter() - start
     print(json.dumps(out))
     return 0
+
+
+class _Drain(SparseSink):
+    """Counts what arrives, and does nothing else with it."""
+
+    def __init__(self) -> None:
+        self.data_bytes = 0
+
+    def data(self, chunk: bytes) -> None:
+        self.data_bytes += len(chunk)
+
+    def hole(self, length: int) -> None:
+        pass
+
+
+def drain(conn: libvirt.virConnect, vol: libvirt.virStorageVol) -> int:
+    stream = conn.newStream(0)
+    vol.download(stream, 0, 0, libvirt.VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM)
+    sink = _Drain()
+    receive(stream, sink)
+    stream.finish()
+    return sink.data_bytes
 
 
 def _connect(argv: list[str]) -> tuple[libvirt.virConnect, libvirt.virStorageVol]:

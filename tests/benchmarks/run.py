@@ -978,6 +978,9 @@ def bench_remote(bench: Bench) -> None:
         return apply
 
     download = user.argv(*child, "download", host.uri, str(src), str(remote_out))
+    # The same stream and receive loop, nothing written or hashed: the transport's
+    # own ceiling, which no receiver can beat (the SSH pair and libvirtd's RPC).
+    drain = user.argv(*child, "drain", host.uri, str(src))
     # libvirt's own client over the same path: the transport's ceiling (its time
     # includes the SSH handshake, which the primed remote run has done before).
     virsh = user.argv("virsh", "-c", host.uri, "vol-download", "--sparse", str(src),
@@ -986,6 +989,8 @@ def bench_remote(bench: Bench) -> None:
         ours("local", "copy", str(src), str(local_out), output=local_out),
         Contender("remote", download, remote_out, primed=True, cleanup=cipher(False)),
         Contender("remote_tuned", download, remote_out, primed=True, cleanup=cipher(True)),
+        Contender("drain", drain, primed=True, cleanup=cipher(False)),
+        Contender("drain_tuned", drain, primed=True, cleanup=cipher(True)),
         Contender("virsh", virsh, virsh_out, sync_output=True, cleanup=cipher(False)),
         Contender("virsh_tuned", virsh, virsh_out, sync_output=True, cleanup=cipher(True)),
     ]
@@ -1005,11 +1010,18 @@ def bench_remote(bench: Bench) -> None:
     bench.record("remote", "volume stream, qemu+ssh:// default cipher", runs["remote"], data)
     bench.record("remote", f"volume stream, qemu+ssh:// {TUNED_CIPHER}", runs["remote_tuned"],
                  data)
+    bench.record("remote", "stream drained, nothing written or hashed, default", runs["drain"],
+                 data)  # fmt: skip
+    bench.record("remote", "stream drained, nothing written or hashed, tuned",
+                 runs["drain_tuned"], data)  # fmt: skip
     bench.record("remote", "virsh vol-download --sparse (+sync), default", runs["virsh"], data)
     bench.record("remote", "virsh vol-download --sparse (+sync), tuned", runs["virsh_tuned"], data)
     set_ratio(bench, "remote_copy_vs_local_ratio", runs["local"], runs["remote"])
     set_ratio(bench, "remote_tuned_copy_vs_local_ratio", runs["local"], runs["remote_tuned"])
     set_ratio(bench, "remote_copy_vs_virsh_ratio", runs["virsh"], runs["remote"])
+    # The ceiling: what the local copy's time over the bare transport's would give.
+    set_ratio(bench, "remote_drain_vs_local_ratio", runs["local"], runs["drain"])
+    set_ratio(bench, "remote_tuned_drain_vs_local_ratio", runs["local"], runs["drain_tuned"])
     set_ratio(bench, "remote_tuned_copy_vs_virsh_ratio", runs["virsh_tuned"], runs["remote_tuned"])
     bench.figures.update(
         remote_copy_seconds=round(runs["remote"].seconds, 3),
