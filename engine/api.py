@@ -142,7 +142,14 @@ from guestsafe.engine.restore.clone import restore_clone
 from guestsafe.engine.restore.instant_boot import boot_clone, discard_clone
 from guestsafe.engine.restore.over_original import OverwriteNotice, restore_over_original
 from guestsafe.engine.restore.over_recovery import recover_restores
-from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, RestoreResult, plan_restore
+from guestsafe.engine.restore.plan import (
+    KEEP,
+    NEW,
+    InterfacePlan,
+    RestorePlan,
+    RestoreResult,
+    plan_restore,
+)
 from guestsafe.engine.restore.promote import promote_clone
 from guestsafe.engine.restore.promote_moves import recover_promotes
 from guestsafe.engine.restore.volume_upload import restore_clone_remote
@@ -186,6 +193,7 @@ __all__ = [
     "HostSite",
     "HostState",
     "HostStatus",
+    "InterfacePlan",
     "IoClass",
     "Job",
     "JobConfigError",

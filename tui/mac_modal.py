@@ -1,4 +1,8 @@
-"""Settle MAC clashes before a restore: keep each clashing MAC, or take a new one."""
+"""Settle MAC clashes before a restore: keep each clashing MAC, or take a new one.
+
+Shown too when some host's MACs could not be read: every interface is then
+offered, since the original guest may be on the host that did not answer.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Footer, RadioSet, Static
 
-from guestsafe.engine.api import KEEP, NEW, RestorePlan
+from guestsafe.engine.api import KEEP, NEW, InterfacePlan, RestorePlan
 
 from .choice_button import ChoiceButton
 from .formatting import literal
@@ -38,18 +42,21 @@ class MacClashScreen(ModalScreen[dict[int, str] | None]):
 
     def compose(self) -> ComposeResult:
         plan = self._plan
-        title = Text("MAC address clash: restoring ")
+        what = "MAC address clash" if plan.clashes else "MACs not checked on every host"
+        title = Text(f"{what}: restoring ")
         title.append_text(literal(plan.version.guest))
         title.append(f" version {plan.version.number} as ")
         title.append_text(literal(plan.new_name))
         with Vertical(id="mac-dialog", classes="dialog"):
             yield Static(title, classes="dialog-title")
             yield Static(WHY, id="mac-why", classes="dialog-body")
+            if plan.unchecked_note is not None:
+                yield Static(
+                    literal(plan.unchecked_note), id="mac-unchecked", classes="dialog-body"
+                )
             with VerticalScroll(id="mac-rows"):
-                for iface in plan.clashes:
-                    line = Text(f"Interface {iface.index}: {iface.mac} is used by ")
-                    line.append_text(literal(iface.clash_with or "?"))
-                    yield Static(line, classes="mac-clash")
+                for iface in plan.to_settle:
+                    yield Static(_row_text(iface), classes="mac-clash")
                     # The safe choice first: the cursor starts on it, and it is pressed.
                     yield RadioSet(
                         ChoiceButton(
@@ -72,7 +79,7 @@ class MacClashScreen(ModalScreen[dict[int, str] | None]):
 
     def choices(self) -> dict[int, str]:
         chosen: dict[int, str] = {}
-        for iface in self._plan.clashes:
+        for iface in self._plan.to_settle:
             pressed = self.query_one(f"#mac-{iface.index}", RadioSet).pressed_button
             keep = pressed is not None and pressed.id == f"mac-{iface.index}-keep"
             chosen[iface.index] = KEEP if keep else NEW
@@ -90,3 +97,11 @@ class MacClashScreen(ModalScreen[dict[int, str] | None]):
 
     def action_cancel(self) -> None:
         self.dismiss(None)
+
+
+def _row_text(iface: InterfacePlan) -> Text:
+    if iface.clash_with is None:
+        return Text(f"Interface {iface.index}: {iface.mac} is not used on the hosts that answered")
+    line = Text(f"Interface {iface.index}: {iface.mac} is used by ")
+    line.append_text(literal(iface.clash_with))
+    return line

@@ -464,7 +464,7 @@ class RestorePane(ReportsWorkerErrors, Vertical):
         self.app.call_from_thread(self._planned, plan, source)
 
     def _planned(self, plan: RestorePlan, source: Source | None = None) -> None:
-        if not plan.clashes:
+        if not plan.to_settle:  # no clash, and every host's MACs were read
             self._start_restore(plan, {}, source)
             return
 

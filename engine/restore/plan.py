@@ -28,7 +28,7 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.archive.versions import VersionInfo
 from guestsafe.engine.errors import RestoreError, VerifyError
 from guestsafe.engine.events import Reporter
-from guestsafe.engine.hypervisor.cluster_macs import unreachable_hosts
+from guestsafe.engine.hypervisor.cluster_macs import unchecked_warning, unreachable_hosts
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
 from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
@@ -86,6 +86,20 @@ class RestorePlan:
     @property
     def clashes(self) -> list[InterfacePlan]:
         return [i for i in self.interfaces if i.clashes]
+
+    @property
+    def to_settle(self) -> list[InterfacePlan]:
+        """The interfaces whose MAC the operator chooses before the restore: the
+        clashing ones, and every one with a MAC while some host did not answer
+        (the original may be a guest of that host)."""
+        if self.macs_unchecked:
+            return [i for i in self.interfaces if i.mac or i.clashes]
+        return self.clashes
+
+    @property
+    def unchecked_note(self) -> str | None:
+        """The warning for the hosts whose MACs were not read, or None if all answered."""
+        return unchecked_warning(self.macs_unchecked)
 
 
 @dataclass
