@@ -49,6 +49,7 @@ NBUF = 4
 READERS = 2
 WRITERS = 2
 _POLL = 0.1  # seconds between cancel checks while waiting on the pipeline
+CATCH_UP_PIECE = 1024 * 1024  # the read-again of ``_Pipeline._catch_up``, O_DIRECT-aligned
 
 ProgressFn = Callable[[int, int], None]
 
@@ -334,28 +335,37 @@ class _Pipeline:
         """Hash the batches passed over while the file matched, reading them again.
 
         The plan is walked afresh over the same extents, so its first ``skipped``
-        batches are the ones passed over. One buffer of its own: the pool's stay
-        with the readers, which wait meanwhile as they would for a slow hasher.
+        batches are the ones passed over. A small buffer of its own, read a piece
+        at a time: the pool's stay with the readers (which wait meanwhile, as for a
+        slow hasher), and the copy's memory grows by ``CATCH_UP_PIECE`` only.
         """
         if not self.skipped:
             return pos
-        buf = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE)
+        buf = mmap.mmap(-1, CATCH_UP_PIECE, flags=mmap.MAP_PRIVATE)
         view = memoryview(buf)
         try:
             plan = _plan(self.src.fd, self.src.size)
             for _ in range(self.skipped):
-                if self.abort.is_set():
-                    raise _Cancelled
                 spans, _segments = next(plan)
                 for span in spans:
-                    with view[span.start : span.start + _align_up(span.length)] as room:
-                        self.src.read_into(room, span.offset, span.length)
-                pos = self._hash_spans(view, spans, pos)
+                    _hash_zeros(self.hasher, span.offset - pos)
+                    self._hash_read_again(view, span.offset, span.length)
+                    pos = span.offset + span.length
             self.skipped = 0
             return pos
         finally:
             view.release()
             buf.close()
+
+    def _hash_read_again(self, view: memoryview, offset: int, length: int) -> None:
+        for start in range(offset, offset + length, CATCH_UP_PIECE):
+            if self.abort.is_set():
+                raise _Cancelled
+            count = min(CATCH_UP_PIECE, offset + length - start)
+            with view[: _align_up(count)] as room:
+                self.src.read_into(room, start, count)
+            with view[:count] as piece:
+                self.hasher.update(piece)
 
     def _chunk_loop(self) -> None:
         """The chunk table, from the same buffers as ``_hash_loop``, at the same time."""
