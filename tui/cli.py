@@ -17,7 +17,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from guestsafe.engine.api import (
     KEEP,
@@ -33,6 +32,7 @@ from guestsafe.engine.api import (
     LastResult,
     OverwriteNotice,
     Paths,
+    RestorePlan,
     VerifyReport,
     VersionInfo,
     __version__,
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mac",
         choices=(NEW, KEEP),
         default=NEW,
-        help="new (default): new MACs where they clash; keep: keep them all",
+        help="new (default): new MACs where they clash, and for every interface while some "
+        "host's MACs cannot be read; keep: keep them all",
     )
     restore.add_argument("--start", action="store_true", help="start the restored guest")
     restore.add_argument("--target-dir", type=Path, help="where the disk files go")
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mac",
         choices=(NEW, KEEP),
         default=NEW,
-        help="new (default): new MACs where they clash; keep: keep them all",
+        help="new (default): new MACs where they clash, and for every interface while some "
+        "host's MACs cannot be read; keep: keep them all",
     )
     boot.add_argument("--target-dir", type=Path, help="where the overlays go")
     boot.add_argument("--force", action="store_true", help="boot a version that fails its checks")
@@ -604,7 +606,7 @@ def _restore_from(
         disk_targets=args.disk_target,
         to_host=args.to_host,
     )
-    _say_clashes(plan.clashes, args.mac)
+    _say_macs(plan, args.mac)
     result = engine.restore(
         plan,
         mac_policy=args.mac,
@@ -639,7 +641,7 @@ def cmd_boot(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter
         target_dir=args.target_dir,
         to_host=args.to_host,
     )
-    _say_clashes(plan.clashes, args.mac)
+    _say_macs(plan, args.mac)
     result = engine.boot(plan, mac_policy=args.mac, force=args.force, reporter=reporter)
     print(
         f"booted {escape(result.name)} (uuid {result.uuid}, MACs {', '.join(result.macs) or '-'})"
@@ -676,14 +678,15 @@ def cmd_test_restore(engine: Engine, args: argparse.Namespace, reporter: Console
     return 0
 
 
-def _say_clashes(clashes: Iterable[Any], mac: str) -> None:
-    for iface in clashes:
+def _say_macs(plan: RestorePlan, mac: str) -> None:
+    """A line for each interface whose MAC is not known to be free, and what it gets."""
+    for iface in plan.to_settle:
         action = "keeping it (--mac keep)" if mac == KEEP else f"using {iface.new_mac}"
-        print(
-            f"interface {iface.index}: MAC {iface.mac} is already used by guest "
-            f"{escape(iface.clash_with or '')}; {action}",
-            file=sys.stderr,
-        )
+        if iface.clash_with is not None:
+            why = f"is already used by guest {escape(iface.clash_with)}"
+        else:
+            why = "could not be checked on every host (the original may run there)"
+        print(f"interface {iface.index}: MAC {iface.mac} {why}; {action}", file=sys.stderr)
 
 
 def cmd_recover(engine: Engine, args: argparse.Namespace, reporter: ConsoleReporter) -> int:

@@ -329,13 +329,15 @@ def choose_macs(plan: RestorePlan, policy: str, choices: Mapping[int, str] | Non
     """The MAC each interface ends up with.
 
     ``choices`` (interface index -> keep/new) wins; otherwise ``policy`` new
-    replaces clashing MACs only and ``policy`` keep keeps them all.
+    replaces the MACs of ``plan.to_settle`` (the clashing ones, and every one
+    while some host's MACs could not be read) and ``policy`` keep keeps them all.
     """
+    unsafe = {iface.index for iface in plan.to_settle}
     macs = []
     for iface in plan.interfaces:
         choice = (choices or {}).get(iface.index)
         if choice is None:
-            choice = NEW if policy == NEW and iface.clashes else KEEP
+            choice = NEW if policy == NEW and iface.index in unsafe else KEEP
         if choice not in tuple(MacChoice):
             raise RestoreError(f"interface {iface.index}: choose 'keep' or 'new', not {choice!r}")
         macs.append(iface.new_mac if choice == NEW or not iface.mac else iface.mac)

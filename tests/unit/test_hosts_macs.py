@@ -23,7 +23,8 @@ from guestsafe.engine.hypervisor.domain_xml import parse_domain_xml
 from guestsafe.engine.hypervisor.hosts import HostRegistry
 from guestsafe.engine.restore import volume_upload
 from guestsafe.engine.restore.clone import restore_clone
-from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, plan_restore
+from guestsafe.engine.restore.plan import KEEP, NEW, RestorePlan, choose_macs, plan_restore
+from guestsafe.tui.cli import _say_macs
 
 Setup = restoring.Setup
 FakeHypervisor = restoring.FakeHypervisor
@@ -197,6 +198,31 @@ def test_a_restore_with_a_silent_host_warns_and_names_it(setup: Setup) -> None:
     warned = [e.message for e in said if isinstance(e, events.LogLine) and e.level == WARNING]
     assert len(warned) == 1 and "node3" in warned[0] and warned[0] in result.warnings
     assert not set(result.macs) & set(setup.hv.mac_owners())
+
+
+def test_new_macs_for_every_interface_while_the_original_may_be_on_a_silent_host(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No reachable host uses web's MACs, but node3 did not answer: web may run there."""
+    setup.hv.guests.pop("web")
+    node2 = FakeHypervisor()
+    macs_now = lambda: mac_census("node2", _registry(setup, node2))  # noqa: E731
+    plan = _plan_on_node2(setup, node2, macs_now)
+    assert plan.clashes == [] and plan.macs_unchecked
+    assert [i.index for i in plan.to_settle] == [0, 1]
+    assert choose_macs(plan, KEEP, None) == [restoring.MAC_WEB, restoring.MAC_OTHER]
+
+    _say_macs(plan, NEW)
+    result = restore_clone(plan, cast(Hypervisor, node2), setup.paths, macs_in_use=macs_now)
+
+    assert not set(result.macs) & {restoring.MAC_WEB, restoring.MAC_OTHER}
+    assert result.macs == [i.new_mac for i in plan.interfaces]
+    said = capsys.readouterr().err.splitlines()
+    assert said == [
+        f"interface {i.index}: MAC {i.mac} could not be checked on every host "
+        f"(the original may run there); using {i.new_mac}"
+        for i in plan.interfaces
+    ]
 
 
 def test_a_restore_by_upload_checks_the_macs_of_every_host(
