@@ -62,7 +62,7 @@ from guestsafe.engine.backup.journal import (
 )
 from guestsafe.engine.backup.phases import PUSH_LEFTOVER_PHASES, Phase
 from guestsafe.engine.devices import mounts
-from guestsafe.engine.errors import GuestsafeError, LockBusy
+from guestsafe.engine.errors import GuestsafeError, HypervisorError, LockBusy
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor import push_jobs
 from guestsafe.engine.hypervisor.connection import Hypervisor
@@ -124,6 +124,7 @@ def recover(
     """
     mounts.recover_mounts(paths.state_dir, reporter)
     journal = Journal(paths.state_dir)
+    connect = _once_per_host(connect)
     done: list[str] = []
     for entry in pending(paths, uri):
         log = _guest_log(reporter, entry.guest)
@@ -137,6 +138,26 @@ def recover(
             if _recover_entry(journal, entry, log, start, connect):
                 done.append(entry.guest)
     return done
+
+
+def _once_per_host(connect: Connect) -> Connect:
+    """``connect``, failing at once for a URI that did not answer earlier in this pass.
+
+    A host that is off costs each command's recovery one connect timeout, not one
+    per guest it left to recover.
+    """
+    failed: dict[str, str] = {}
+
+    def attempt(uri: str) -> AbstractContextManager[_Hv]:
+        if uri in failed:
+            raise HypervisorError(failed[uri])
+        try:
+            return connect(uri)
+        except GuestsafeError as exc:
+            failed[uri] = exc.message
+            raise
+
+    return attempt
 
 
 def pending(paths: Paths, uri: str | None = None) -> list[JournalEntry]:

@@ -20,6 +20,12 @@ import libvirt
 
 from guestsafe.engine import failpoints
 from guestsafe.engine.errors import Cancelled, HypervisorError, NotFoundError, ShutdownTimeout
+from guestsafe.engine.hypervisor.bounded_open import (
+    CONNECT_TIMEOUT,
+    OpenTimedOut,
+    is_remote,
+    open_within,
+)
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
 from guestsafe.engine.hypervisor.volumes import resolve_volumes
 from guestsafe.engine.modes import OnTimeout
@@ -123,8 +129,10 @@ class _LifecycleBoard:
 class Hypervisor:
     """One libvirt connection plus the lifecycle events it delivers."""
 
-    def __init__(self, uri: str | None = None) -> None:
+    def __init__(self, uri: str | None = None, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.uri = resolve_uri(uri)
+        # A remote host that does not answer within this fails the open (bounded_open.py).
+        self.connect_timeout = connect_timeout
         _EventLoop.ensure()
         self._board = _LifecycleBoard()
         self._conn_lock = threading.Lock()
@@ -174,7 +182,14 @@ class Hypervisor:
 
     def _open(self) -> libvirt.virConnect:
         try:
-            conn = libvirt.open(self.uri)
+            if is_remote(self.uri):
+                conn = open_within(self.uri, self.connect_timeout)
+            else:
+                conn = libvirt.open(self.uri)
+        except OpenTimedOut as exc:
+            raise HypervisorError(
+                f"cannot connect to {self.uri}: {exc} (is the host up and on the network?)"
+            ) from exc
         except libvirt.libvirtError as exc:
             raise HypervisorError(
                 f"cannot connect to {self.uri}: {_libvirt_message(exc)} "

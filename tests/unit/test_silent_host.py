@@ -1,0 +1,112 @@
+"""Issue 16: a remote host that never answers costs one bounded wait, not a hang.
+
+ssh waits out TCP's retries for a host that is off (about two minutes) and, for
+one that takes the TCP connection but never speaks, forever. The mute host
+here is a listening socket on 127.0.0.1 that never accepts: the kernel
+completes the handshake, then nothing comes. The real ssh client and the real
+libvirt client are used; no libvirtd is reached.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from rig.host import require
+
+from guestsafe.engine.backup import recovery
+from guestsafe.engine.backup.journal import Journal, JournalEntry
+from guestsafe.engine.errors import HypervisorError
+from guestsafe.engine.events import Event, LogLine
+from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.domain_xml import RUNNING
+from guestsafe.engine.paths import Paths
+
+LIMIT = 1.5
+
+
+@pytest.fixture
+def mute_uri() -> Iterator[str]:
+    require(shutil.which("ssh"), "ssh is missing (apt-get install openssh-client)")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        yield f"qemu+ssh://root@127.0.0.1:{port}/system?no_tty=1"
+    finally:
+        listener.close()  # resets the waiting ssh: the abandoned open ends
+
+
+def _opening_threads(uri: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"open {uri}"]
+
+
+def _returns(call: Callable[[], object], seconds: float) -> list[BaseException]:
+    """Run ``call`` in a thread; fail the test if it has not returned within ``seconds``."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # handed to the test, which asserts on it
+            raised.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"still waiting after {seconds} s"
+    return raised
+
+
+def test_a_host_that_never_answers_fails_the_open_at_the_limit(mute_uri: str) -> None:
+    raised = _returns(lambda: Hypervisor(mute_uri, connect_timeout=LIMIT), 30)
+
+    assert len(raised) == 1 and isinstance(raised[0], HypervisorError)
+    assert f"cannot connect to {mute_uri}: no answer within {LIMIT:g} s" in str(raised[0])
+    assert _opening_threads(mute_uri)  # libvirt's open still waits in the background
+
+
+def test_the_abandoned_open_ends_once_the_host_goes_away(tmp_path: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    uri = f"qemu+ssh://root@127.0.0.1:{listener.getsockname()[1]}/system?no_tty=1"
+    require(shutil.which("ssh"), "ssh is missing (apt-get install openssh-client)")
+    with pytest.raises(HypervisorError, match="no answer"):
+        Hypervisor(uri, connect_timeout=LIMIT)
+    (waiting,) = _opening_threads(uri)
+
+    listener.close()
+
+    waiting.join(30)
+    assert not waiting.is_alive()
+
+
+def test_recovery_asks_a_silent_host_once_for_all_its_guests(mute_uri: str, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    paths = Paths(home / "jobs.toml", home / "state", home / "log", home / "cache")
+    journal = Journal(paths.state_dir)
+    for guest in ("web1", "db1", "mail1"):
+        entry = JournalEntry("nightly", guest, str(uuid.uuid4()), mute_uri, RUNNING)
+        entry.detached = True  # its run lost the host mid-stream
+        journal.write(entry)
+    tries: list[str] = []
+
+    def connect(uri: str) -> Hypervisor:
+        tries.append(uri)
+        return Hypervisor(uri, connect_timeout=LIMIT)
+
+    said: list[Event] = []
+    raised = _returns(lambda: recovery.recover(paths, said.append, connect=connect), 30)
+
+    assert raised == [] and tries == [mute_uri]
+    lines = {(e.guest, e.message) for e in said if isinstance(e, LogLine)}
+    for guest in ("web1", "db1", "mail1"):
+        assert any(g == guest and "no answer within" in m for g, m in lines), lines
+    assert {e.guest for e in journal.entries()} == {"web1", "db1", "mail1"}  # kept for later
