@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +82,7 @@ from guestsafe.engine.errors import (
 )
 from guestsafe.engine.events import Reporter
 from guestsafe.engine.hypervisor import remote_disks
+from guestsafe.engine.hypervisor.bounded_open import CONNECT_TIMEOUT
 from guestsafe.engine.hypervisor.cluster_macs import mac_census
 from guestsafe.engine.hypervisor.connection import Hypervisor, resolve_uri
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
@@ -398,11 +399,17 @@ class Engine:
         ``host``: only what runs left on that host (a backup whose connection was lost
         mid-stream and could not start the guest again), once the host answers again.
         """
+        connect = self._connect_by_uri
         if host is not None and host != LOCAL_HOST:
-            return recovery.recover(self.paths, reporter, start=start, uri=self.hosts.uri(host))
+            uri = self.hosts.uri(host)
+            return recovery.recover(self.paths, reporter, start=start, connect=connect, uri=uri)
         return (
             recovery.recover(
-                self.paths, reporter, start=start, uri=self.uri if host is not None else None
+                self.paths,
+                reporter,
+                start=start,
+                connect=connect,
+                uri=self.uri if host is not None else None,
             )
             + recover_restores(self.paths, reporter)
             + recover_restore_tests(self.paths, lambda: self.hv, reporter)
@@ -426,8 +433,22 @@ class Engine:
         self._hosts.configure(
             {name: host.uri for name, host in configured.items()},
             {n: h.reconnect_wait for n, h in configured.items() if h.reconnect_wait is not None},
+            {n: h.connect_timeout for n, h in configured.items() if h.connect_timeout is not None},
         )
         return self._hosts
+
+    def _connect_by_uri(self, uri: str) -> Hypervisor:
+        """A connection to ``uri`` (a journal entry's), with its host's connect_timeout.
+
+        A jobs.toml that does not load now must not keep recovery from restarting a
+        guest: the default limit serves then.
+        """
+        timeout = CONNECT_TIMEOUT
+        with suppress(GuestsafeError):
+            hosts = self.hosts
+            named = [name for name in hosts.names() if hosts.uri(name) == uri]
+            timeout = hosts.connect_timeout(named[0]) if named else timeout
+        return Hypervisor(uri, timeout)
 
     def host_names(self) -> list[str]:
         """``local`` first, then the hosts of jobs.toml in file order."""

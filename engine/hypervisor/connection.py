@@ -129,7 +129,7 @@ class _LifecycleBoard:
 class Hypervisor:
     """One libvirt connection plus the lifecycle events it delivers."""
 
-    def __init__(self, uri: str | None = None, *, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, uri: str | None = None, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.uri = resolve_uri(uri)
         # A remote host that does not answer within this fails the open (bounded_open.py).
         self.connect_timeout = connect_timeout

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from guestsafe.engine.errors import GuestsafeError, HostUnreachable, NotFoundError
+from guestsafe.engine.hypervisor.bounded_open import CONNECT_TIMEOUT
 from guestsafe.engine.hypervisor.connection import Hypervisor
 
 LOCAL_HOST = "local"
@@ -49,7 +50,7 @@ class HostRegistry:
         remotes: Mapping[str, str] | None = None,
         *,
         local: Callable[[], Hypervisor] | None = None,
-        opener: Callable[[str], Hypervisor] = Hypervisor,
+        opener: Callable[[str, float], Hypervisor] = Hypervisor,
     ) -> None:
         self._uris: dict[str, str] = {LOCAL_HOST: local_uri}
         self._local = local
@@ -58,17 +59,23 @@ class HostRegistry:
         self._open: dict[str, Hypervisor] = {}
         self._failed: dict[str, str] = {}
         self._waits: dict[str, float] = {}
+        self._timeouts: dict[str, float] = {}
         self.configure(remotes or {})
 
     def configure(
-        self, remotes: Mapping[str, str], reconnect_waits: Mapping[str, float] | None = None
+        self,
+        remotes: Mapping[str, str],
+        reconnect_waits: Mapping[str, float] | None = None,
+        connect_timeouts: Mapping[str, float] | None = None,
     ) -> None:
         """Take the hosts jobs.toml names now; a host gone or moved is disconnected.
 
         ``reconnect_waits``: a host's ``reconnect_wait``, set on its connection.
+        ``connect_timeouts``: a host's ``connect_timeout``, for opening its connection.
         """
         with self._lock:
             self._waits = dict(reconnect_waits or {})
+            self._timeouts = dict(connect_timeouts or {})
             for name, hv in self._open.items():
                 hv.reconnect_wait = self._waits.get(name)
             wanted = {LOCAL_HOST: self._uris[LOCAL_HOST], **remotes}
@@ -88,6 +95,10 @@ class HostRegistry:
         self._known(name)
         return self._uris[name]
 
+    def connect_timeout(self, name: str) -> float:
+        """Seconds opening host ``name``'s connection may take ([hosts.NAME] connect_timeout)."""
+        return self._timeouts.get(name, CONNECT_TIMEOUT)
+
     def _known(self, name: str) -> None:
         if name not in self._uris:
             known = ", ".join(self._uris)
@@ -104,7 +115,7 @@ class HostRegistry:
                 return hv
             uri = self._uris[name]
             try:
-                hv = self._opener(uri)
+                hv = self._opener(uri, self.connect_timeout(name))
             except GuestsafeError as exc:
                 reason = _remote_reason(exc.message)
                 self._failed[name] = reason

@@ -5,6 +5,7 @@
     [hosts.node2]
     uri = "qemu+ssh://root@node2/system"   # libvirt's own remote protocol
     reconnect_wait = 60                    # seconds a lost connection is waited for
+    connect_timeout = 30                   # seconds a connection may take to open
 
 The host guestsafe runs on is implicit: ``local``, on the ``--connect`` (or
 ``LIBVIRT_DEFAULT_URI``) URI, and never a table here. A job names its host with
@@ -27,9 +28,11 @@ from guestsafe.engine.hypervisor.hosts import LOCAL_HOST
 
 __all__ = ["LOCAL_HOST", "Host", "check_host_name", "check_uri", "host_names", "parse_hosts"]
 
-HOST_KEYS = ("uri", "reconnect_wait")
+HOST_KEYS = ("uri", "reconnect_wait", "connect_timeout")
 # The longest reconnect_wait: a stopped guest waits that long for its restart.
 MAX_RECONNECT_WAIT = 3600
+# connect_timeout's range: at least a handshake's time, at most what a command may hang.
+MIN_CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT = 1, 600
 _HOST_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 # The hypervisor drivers guestsafe backs up (test: libvirt's test driver, for the demo
 # and tests), and the transports libvirt's remote driver knows.
@@ -47,6 +50,9 @@ class Host:
     # Seconds a copy that lost the connection waits for it before leaving the guest's
     # restart to ``guestsafe recover``; None: the copy's default (60 s).
     reconnect_wait: float | None = None
+    # Seconds opening the connection may take before the host counts as unreachable;
+    # None: the default (30 s, engine/hypervisor/bounded_open.py).
+    connect_timeout: float | None = None
 
 
 def parse_hosts(table: object) -> tuple[dict[str, Host], list[tuple[str, str]]]:
@@ -85,17 +91,30 @@ def _parse_host(name: str, entry: object) -> tuple[Host | None, str | None]:
     wrong_uri = check_uri(uri)
     if wrong_uri is not None:
         return None, f"{where}: {wrong_uri}"
-    wait = entry.get("reconnect_wait")
-    if wait is not None and (
-        isinstance(wait, bool)
-        or not isinstance(wait, int | float)
-        or not 0 <= wait <= MAX_RECONNECT_WAIT
-    ):
+    try:
+        wait = _seconds(entry.get("reconnect_wait"), 0, MAX_RECONNECT_WAIT)
+    except ValueError:
         return None, (
             f"{where}: reconnect_wait must be a number of seconds from 0 to "
-            f"{MAX_RECONNECT_WAIT}, not {wait!r}"
+            f"{MAX_RECONNECT_WAIT}, not {entry['reconnect_wait']!r}"
         )
-    return Host(name, uri, None if wait is None else float(wait)), None
+    try:
+        timeout = _seconds(entry.get("connect_timeout"), MIN_CONNECT_TIMEOUT, MAX_CONNECT_TIMEOUT)
+    except ValueError:
+        return None, (
+            f"{where}: connect_timeout must be a number of seconds from "
+            f"{MIN_CONNECT_TIMEOUT} to {MAX_CONNECT_TIMEOUT}, not {entry['connect_timeout']!r}"
+        )
+    return Host(name, uri, wait, timeout), None
+
+
+def _seconds(value: object, low: float, high: float) -> float | None:
+    """``value`` as seconds, None when absent; ValueError unless a number from low to high."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ValueError(value)
+    return float(value)
 
 
 def check_host_name(name: object) -> str | None:
@@ -154,4 +173,6 @@ def _host_entry(host: Host) -> dict[str, str | float]:
     entry: dict[str, str | float] = {"uri": host.uri}
     if host.reconnect_wait is not None:
         entry["reconnect_wait"] = host.reconnect_wait
+    if host.connect_timeout is not None:
+        entry["connect_timeout"] = host.connect_timeout
     return entry

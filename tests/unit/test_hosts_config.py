@@ -8,6 +8,7 @@ import pytest
 
 from guestsafe.engine.api import Engine
 from guestsafe.engine.errors import JobConfigError
+from guestsafe.engine.hypervisor.bounded_open import CONNECT_TIMEOUT
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.jobs import jobs_file
 from guestsafe.engine.jobs.hosts_config import LOCAL_HOST, check_uri
@@ -146,12 +147,12 @@ def test_uris_guestsafe_will_not_use_are_refused(uri: str, expected: str) -> Non
     assert problem is not None and expected in problem
 
 
-def test_a_hosts_reconnect_wait_is_read_checked_and_reaches_its_connection(
+def test_a_hosts_reconnect_wait_and_connect_timeout_are_read_and_reach_its_connection(
     tmp_path: Path,
 ) -> None:
     path = _write(
         tmp_path,
-        f"[hosts.node2]\n{NODE2}\nreconnect_wait = 5\n"
+        f"[hosts.node2]\n{NODE2}\nreconnect_wait = 5\nconnect_timeout = 7\n"
         f"[hosts.node3]\n{NODE2.replace('node2', 'node3')}\n" + _job('host = "node2"'),
     )
     hosts = jobs_file.load_hosts(path)
@@ -159,14 +160,16 @@ def test_a_hosts_reconnect_wait_is_read_checked_and_reaches_its_connection(
     cluster = Job("cluster", ["db1"], Path("/srv/backup"), hosts=["node2"])
     jobs_file.upsert_job(path, cluster)  # the [hosts] tables are kept as they were
     assert jobs_file.load_hosts(path)["node2"].reconnect_wait == 5.0
+    assert jobs_file.load_hosts(path)["node2"].connect_timeout == 7.0
 
     engine = Engine(uri="test:///default", paths=_paths(tmp_path, path))
     try:
         registry = engine.hosts
         opened = []
-        registry._opener = lambda uri: opened.append(uri) or Hypervisor("test:///default")  # type: ignore[method-assign]
+        registry._opener = lambda uri, t: opened.append((uri, t)) or Hypervisor("test:///default")  # type: ignore[method-assign]
         assert registry.get("node2").reconnect_wait == 5.0
         assert registry.get("node3").reconnect_wait is None
+        assert [t for _uri, t in opened] == [7.0, CONNECT_TIMEOUT]
         assert engine.hv.reconnect_wait is None  # --connect: the copy's own default
     finally:
         engine.close()
@@ -177,6 +180,13 @@ def test_a_wrong_reconnect_wait_is_refused(tmp_path: Path, value: str) -> None:
     path = _write(tmp_path, f"[hosts.node2]\n{NODE2}\nreconnect_wait = {value}\n" + _job())
     (problem,) = _problems(path)
     assert "reconnect_wait must be a number of seconds from 0 to 3600" in problem
+
+
+@pytest.mark.parametrize("value", ["0.5", "601", '"soon"', "false"])
+def test_a_wrong_connect_timeout_is_refused(tmp_path: Path, value: str) -> None:
+    path = _write(tmp_path, f"[hosts.node2]\n{NODE2}\nconnect_timeout = {value}\n" + _job())
+    (problem,) = _problems(path)
+    assert "connect_timeout must be a number of seconds from 1 to 600, not " in problem
 
 
 def _paths(tmp_path: Path, config: Path) -> Paths:

@@ -158,7 +158,7 @@ def _xml(name: str, mac: str) -> str:
 def _registry(setup: Setup, node2: FakeHypervisor) -> HostRegistry:
     """local (setup.hv, defining web), node2 and node3, which never answers."""
 
-    def opener(uri: str) -> Hypervisor:
+    def opener(uri: str, _connect_timeout: float) -> Hypervisor:
         if uri == "fake://node2":
             return cast(Hypervisor, node2)
         raise HypervisorError(f"cannot connect to {uri}: Connection refused")

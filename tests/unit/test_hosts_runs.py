@@ -46,7 +46,7 @@ class Opener:
         self.down = False
         self.opened: list[str] = []
 
-    def __call__(self, uri: str) -> Hypervisor:
+    def __call__(self, uri: str, _connect_timeout: float) -> Hypervisor:
         self.opened.append(uri)
         if self.down:
             raise HypervisorError(REFUSED)
@@ -159,7 +159,7 @@ def test_all_guests_means_each_reachable_hosts_and_names_the_unreachable_one() -
     node1 = _Listed("test:///node1", ["db1"])
     opened = {"test:///node1": node1}
 
-    def opener(uri: str) -> Hypervisor:
+    def opener(uri: str, _connect_timeout: float) -> Hypervisor:
         if uri not in opened:
             raise HypervisorError(REFUSED)
         return cast(Hypervisor, opened[uri])

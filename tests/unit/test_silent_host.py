@@ -26,6 +26,7 @@ from guestsafe.engine.events import Event, LogLine
 from guestsafe.engine.hypervisor.connection import Hypervisor
 from guestsafe.engine.hypervisor.domain_xml import RUNNING
 from guestsafe.engine.paths import Paths
+from guestsafe.tui.cli import main
 
 LIMIT = 1.5
 
@@ -110,3 +111,30 @@ def test_recovery_asks_a_silent_host_once_for_all_its_guests(mute_uri: str, tmp_
     for guest in ("web1", "db1", "mail1"):
         assert any(g == guest and "no answer within" in m for g, m in lines), lines
     assert {e.guest for e in journal.entries()} == {"web1", "db1", "mail1"}  # kept for later
+
+
+def test_a_command_asks_a_silent_host_within_its_connect_timeout(
+    mute_uri: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`guests` with a guest left to recover on the silent host: the recovery at the
+    command's start and the listing each wait [hosts.mute] connect_timeout, then go on."""
+    monkeypatch.setenv("GUESTSAFE_HOME", str(tmp_path / "home"))
+    config = tmp_path / "jobs.toml"
+    config.write_text(f'[hosts.mute]\nuri = "{mute_uri}"\nconnect_timeout = {LIMIT}\n')
+    journal = Journal(tmp_path / "home" / "state")
+    entry = JournalEntry("nightly", "web1", str(uuid.uuid4()), mute_uri, RUNNING, detached=True)
+    journal.write(entry)
+    codes: list[int] = []
+    argv = ["--connect", "test:///default", "--config", str(config), "guests"]
+
+    raised = _returns(lambda: codes.append(main(argv)), 30)
+
+    assert raised == [] and codes == [4]  # a host did not answer
+    out, err = capsys.readouterr()
+    assert f"host mute ({mute_uri}): unreachable" in out
+    assert f"no answer within {LIMIT:g} s" in out
+    assert "host local (test:///default): connected" in out
+    assert [e.guest for e in journal.entries()] == ["web1"]  # kept for when it answers
