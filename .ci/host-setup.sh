@@ -15,7 +15,7 @@ PACKAGES=(
     python3-venv python3-dev b3sum
     swtpm swtpm-tools
     python3-guestfs linux-image-amd64
-    openssh-server
+    openssh-server openssh-client
 )
 LIBVIRT_URI=qemu:///system
 WAIT_SECONDS=30
