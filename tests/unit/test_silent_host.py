@@ -138,3 +138,4 @@ def test_a_command_asks_a_silent_host_within_its_connect_timeout(
     assert f"no answer within {LIMIT:g} s" in out
     assert "host local (test:///default): connected" in out
     assert [e.guest for e in journal.entries()] == ["web1"]  # kept for when it answers
+    assert f"web1: recovery could not restart the guest: cannot connect to {mute_uri}" in err
