@@ -12,7 +12,6 @@ the thread, when libvirt finally answers, closes what it got.
 from __future__ import annotations
 
 import threading
-from urllib.parse import urlsplit
 
 import libvirt
 
@@ -23,11 +22,6 @@ CONNECT_TIMEOUT = 30.0
 
 class OpenTimedOut(Exception):
     """The host did not answer within the limit."""
-
-
-def is_remote(uri: str) -> bool:
-    """True for a URI that reaches another machine's libvirt (``qemu+ssh://node2/system``)."""
-    return bool(urlsplit(uri).hostname)
 
 
 class _Attempt:

@@ -15,17 +15,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
 from guestsafe.engine import failpoints
 from guestsafe.engine.errors import Cancelled, HypervisorError, NotFoundError, ShutdownTimeout
-from guestsafe.engine.hypervisor.bounded_open import (
-    CONNECT_TIMEOUT,
-    OpenTimedOut,
-    is_remote,
-    open_within,
-)
+from guestsafe.engine.hypervisor.bounded_open import CONNECT_TIMEOUT, OpenTimedOut, open_within
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo, GuestState, parse_domain_xml
 from guestsafe.engine.hypervisor.volumes import resolve_volumes
 from guestsafe.engine.modes import OnTimeout
@@ -61,6 +57,19 @@ _STATE_RECHECK_SECONDS = 1.0
 def resolve_uri(uri: str | None) -> str:
     """--connect wins, then LIBVIRT_DEFAULT_URI, then qemu:///system."""
     return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
+def uri_is_remote(uri: str) -> bool:
+    """Whether a libvirt URI names a transport or a host (``qemu+ssh://``, ``qemu://node2/``).
+
+    ``qemu:///system``, ``qemu+unix:///system`` and ``test:///default`` are local:
+    the daemon runs here and its paths are this machine's.
+    """
+    parts = urlsplit(uri)
+    transport = parts.scheme.partition("+")[2]
+    if transport and transport != "unix":
+        return True
+    return bool(parts.hostname)
 
 
 @dataclass(frozen=True)
@@ -182,7 +191,7 @@ class Hypervisor:
 
     def _open(self) -> libvirt.virConnect:
         try:
-            if is_remote(self.uri):
+            if uri_is_remote(self.uri):
                 conn = open_within(self.uri, self.connect_timeout)
             else:
                 conn = libvirt.open(self.uri)

@@ -12,27 +12,13 @@ from __future__ import annotations
 import posixpath
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import libvirt
 
 from guestsafe.engine.errors import PreflightError, RemoteDisksUnsupported
-from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.connection import Hypervisor, uri_is_remote
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo
 from guestsafe.engine.modes import Mode
-
-
-def uri_is_remote(uri: str) -> bool:
-    """Whether a libvirt URI names a transport or a host (``qemu+ssh://``, ``qemu://node2/``).
-
-    ``qemu:///system``, ``qemu+unix:///system`` and ``test:///default`` are local:
-    the daemon runs here and its paths are this machine's.
-    """
-    parts = urlsplit(uri)
-    transport = parts.scheme.partition("+")[2]
-    if transport and transport != "unix":
-        return True
-    return bool(parts.hostname)
 
 
 def is_remote(hv: Hypervisor) -> bool:

@@ -13,10 +13,10 @@ from guestsafe.engine.archive.store import Archive
 from guestsafe.engine.backup import runner
 from guestsafe.engine.backup.host_plan import plan_hosts
 from guestsafe.engine.errors import HostUnreachable, HypervisorError, NotFoundError
-from guestsafe.engine.hypervisor.connection import Hypervisor
+from guestsafe.engine.hypervisor.connection import Hypervisor, uri_is_remote
 from guestsafe.engine.hypervisor.domain_xml import GuestInfo
 from guestsafe.engine.hypervisor.hosts import LOCAL_HOST, HostRegistry, HostState
-from guestsafe.engine.hypervisor.remote_disks import is_remote, uri_is_remote
+from guestsafe.engine.hypervisor.remote_disks import is_remote
 from guestsafe.engine.jobs.model import Job
 
 REFUSED = "cannot connect to qemu+ssh://root@node2/system: Connection refused"

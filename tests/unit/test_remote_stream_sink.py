@@ -21,12 +21,9 @@ from guestsafe.engine.backup.stream_copy import StreamCopy
 from guestsafe.engine.copier import copy_file
 from guestsafe.engine.errors import Cancelled, CopyError, HypervisorError, PreflightError
 from guestsafe.engine.hypervisor import volume_streams
+from guestsafe.engine.hypervisor.connection import uri_is_remote
 from guestsafe.engine.hypervisor.domain_xml import DiskInfo, GuestInfo, GuestState
-from guestsafe.engine.hypervisor.remote_disks import (
-    check_remote_mode,
-    remote_disks,
-    uri_is_remote,
-)
+from guestsafe.engine.hypervisor.remote_disks import check_remote_mode, remote_disks
 from guestsafe.engine.hypervisor.volume_streams import (
     SparseSink,
     download_volume,
