@@ -399,7 +399,7 @@ class Engine:
         ``host``: only what runs left on that host (a backup whose connection was lost
         mid-stream and could not start the guest again), once the host answers again.
         """
-        connect = self._connect_by_uri
+        connect = self._connect_with_host_timeouts()
         if host is not None and host != LOCAL_HOST:
             uri = self.hosts.uri(host)
             return recovery.recover(self.paths, reporter, start=start, connect=connect, uri=uri)
@@ -437,18 +437,19 @@ class Engine:
         )
         return self._hosts
 
-    def _connect_by_uri(self, uri: str) -> Hypervisor:
-        """A connection to ``uri`` (a journal entry's), with its host's connect_timeout.
+    def _connect_with_host_timeouts(self) -> Callable[[str], Hypervisor]:
+        """Connections for journal entries' URIs, each with its host's connect_timeout.
 
-        A jobs.toml that does not load now must not keep recovery from restarting a
-        guest: the default limit serves then.
+        jobs.toml is read once per recovery, not once per entry. A jobs.toml that
+        does not load now must not keep recovery from restarting a guest: the
+        default limit serves then.
         """
-        timeout = CONNECT_TIMEOUT
+        by_uri: dict[str, float] = {}
         with suppress(GuestsafeError):
             hosts = self.hosts
-            named = [name for name in hosts.names() if hosts.uri(name) == uri]
-            timeout = hosts.connect_timeout(named[0]) if named else timeout
-        return Hypervisor(uri, timeout)
+            for name in hosts.names():  # the first host naming a URI wins
+                by_uri.setdefault(hosts.uri(name), hosts.connect_timeout(name))
+        return lambda uri: Hypervisor(uri, by_uri.get(uri, CONNECT_TIMEOUT))
 
     def host_names(self) -> list[str]:
         """``local`` first, then the hosts of jobs.toml in file order."""

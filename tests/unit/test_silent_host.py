@@ -31,15 +31,20 @@ from guestsafe.tui.cli import main
 LIMIT = 1.5
 
 
-@pytest.fixture
-def mute_uri() -> Iterator[str]:
+def _mute_host() -> tuple[socket.socket, str]:
+    """A listening socket that never accepts, and the qemu+ssh:// URI that reaches it."""
     require(shutil.which("ssh"), "ssh is missing (apt-get install openssh-client)")
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
-    port = listener.getsockname()[1]
+    return listener, f"qemu+ssh://root@127.0.0.1:{listener.getsockname()[1]}/system?no_tty=1"
+
+
+@pytest.fixture
+def mute_uri() -> Iterator[str]:
+    listener, uri = _mute_host()
     try:
-        yield f"qemu+ssh://root@127.0.0.1:{port}/system?no_tty=1"
+        yield uri
     finally:
         listener.close()  # resets the waiting ssh: the abandoned open ends
 
@@ -73,12 +78,8 @@ def test_a_host_that_never_answers_fails_the_open_at_the_limit(mute_uri: str) ->
     assert _opening_threads(mute_uri)  # libvirt's open still waits in the background
 
 
-def test_the_abandoned_open_ends_once_the_host_goes_away(tmp_path: Path) -> None:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    uri = f"qemu+ssh://root@127.0.0.1:{listener.getsockname()[1]}/system?no_tty=1"
-    require(shutil.which("ssh"), "ssh is missing (apt-get install openssh-client)")
+def test_the_abandoned_open_ends_once_the_host_goes_away() -> None:
+    listener, uri = _mute_host()
     with pytest.raises(HypervisorError, match="no answer"):
         Hypervisor(uri, connect_timeout=LIMIT)
     (waiting,) = _opening_threads(uri)
